@@ -1,0 +1,226 @@
+"""Command line: ``clipforget <command>`` — argparse -> config dataclasses -> the library API."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("clipforget")
+
+# glibc's default malloc thresholds make CPU training steps erratic (0.9-2.8 s instead of 0.6 s)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded",
+                   help="'embedded', an open_clip architecture (RN50, ViT-B-32, ...) or local-dir:PATH")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag (needs the hub) or a local checkpoint (.safetensors; .pt via weights-only load)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow full unpickling of a trusted .pt checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--gallery", default=None,
+                   help="embedded (default), an image folder root/superclass/subgroup[/style]/*, or a CSV manifest")
+
+
+def _bundle(args):
+    from .models import load_clip
+    return load_clip(args.model, args.pretrained, args.device, args.precision, allow_pickle=args.allow_pickle)
+
+
+def _gallery(args):
+    from .data.gallery import Gallery
+    return Gallery.open(args.gallery)
+
+
+def _config(method: str, args):
+    """Method config from --config JSON (file or inline) plus --set key.path=value overrides."""
+    from .methods.base import config_from_dict, get_method
+    cls = get_method(method).Config
+    data: dict = {}
+    if getattr(args, "config", None):
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        data = json.loads(text)
+    for item in getattr(args, "set", None) or []:
+        key, _, value = item.partition("=")
+        if not _:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        try:
+            node[last] = json.loads(value)
+        except json.JSONDecodeError:
+            node[last] = value
+    return config_from_dict(cls, data)
+
+
+def _progress(event: dict) -> None:
+    if event.get("message") == "start":
+        log.info("stage %s ...", event["stage"])
+
+
+def cmd_forget(args) -> int:
+    from .data.task import ForgetRequest
+    from .pipeline import forget, save_run
+    out = Path(args.out)
+    _check_writable(out)
+    bundle = _bundle(args)
+    gallery = _gallery(args)
+    retain = tuple(args.retain.split(",")) if args.retain else None
+    request = ForgetRequest(args.superclass, args.subgroup, args.style, retain)
+    run = forget(bundle, request, args.method, _config(args.method, args), gallery, callbacks=[_progress])
+    save_run(run, bundle, out, export=not args.no_export)
+    r = run.report
+    print(f"forget {request.label} with {args.method}: Score {r['score']:.1f}, alpha {r['alpha']:.2f}")
+    for name, c in r["columns"].items():
+        print(f"  {name:20s} before {c['before']:.3f}  after {c['after']:.3f}")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
+    print(f"wrote {out}/report.json, report.md, delta.safetensors, run.json" + ("" if args.no_export else ", export/"))
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output folder {out} is not writable (no write permission on {parent}); "
+                              "choose another --out")
+
+
+def cmd_eval(args) -> int:
+    from .eval.embedded import evaluate_model, format_table
+    bundle = _bundle(args)
+    t0 = time.perf_counter()
+    rows = evaluate_model(bundle, _gallery(args), views=args.views)
+    print(format_table(rows))
+    print(f"({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_build_gallery(args) -> int:
+    from .data.build import build_gallery
+    summary = build_gallery(Path(args.out), Path(args.icons) if args.icons else None, size=args.size)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_train_embedded(args) -> int:
+    from .train.embedded import TrainEmbeddedConfig, train_embedded
+    from .models import EMBEDDED_WEIGHTS
+    cfg = TrainEmbeddedConfig(steps=args.steps, seed=args.seed)
+    out = Path(args.out) if args.out else EMBEDDED_WEIGHTS
+    res = train_embedded(cfg, out, callback=lambda r: print(
+        f"step {r['step']}/{r['steps']}  loss {r['loss']:.4f}  {r['seconds']:.0f}s", flush=True))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_list_methods(args) -> int:
+    from .methods.base import get_method, list_methods
+    for name in list_methods():
+        print(f"{name:14s} {get_method(name).summary}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .models import export_open_clip
+    from .pipeline import edited_model, merge_runs
+    bundle = _bundle(args)
+    delta = merge_runs(args.runs, args.mode)
+    model = edited_model(bundle, delta, 1.0)
+    export_open_clip(bundle, model.state_dict(), args.out, {"merged_runs": [str(r) for r in args.runs],
+                                                           "mode": args.mode})
+    print(f"wrote {args.out} (open_clip export of {len(args.runs)} merged forget edits)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods.base import list_methods
+    p = argparse.ArgumentParser(prog="clipforget", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("forget", help="unlearn a subgroup / style and write the report")
+    _model_args(f)
+    f.add_argument("--superclass", required=True)
+    f.add_argument("--subgroup", default=None)
+    f.add_argument("--style", default=None, help="forget only this style (with or without --subgroup)")
+    f.add_argument("--retain", default=None, help="comma-separated retain subgroups (default: the siblings)")
+    f.add_argument("--method", default="ours", choices=list_methods())
+    f.add_argument("--config", default=None, help="method config as JSON (file or inline)")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set forget.top_k_layers=2 --set remind.enabled=false")
+    f.add_argument("--out", required=True)
+    f.add_argument("--no-export", action="store_true", help="skip the open_clip export of the unlearned model")
+    f.set_defaults(fn=cmd_forget)
+
+    e = sub.add_parser("eval", help="zero-shot table of a model on held-out augmented views")
+    _model_args(e)
+    e.add_argument("--views", type=int, default=2, help="augmented views per image")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("build-gallery", help="render the embedded gallery from the iconify npm packages")
+    g.add_argument("--out", default="gallery")
+    g.add_argument("--icons", default=None, help="folder with <set>/icons.json (default: npm pack the pinned versions)")
+    g.add_argument("--size", type=int, default=96)
+    g.set_defaults(fn=cmd_build_gallery)
+
+    t = sub.add_parser("train-embedded", help="train the embedded model on the gallery (~15 min on 2 cores)")
+    t.add_argument("--steps", type=int, default=2200)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="weights file (default: the package's embedded weights)")
+    t.set_defaults(fn=cmd_train_embedded)
+
+    m = sub.add_parser("merge", help="merge several forget runs into one model (continual forgetting)")
+    _model_args(m)
+    m.add_argument("runs", nargs="+", help="run folders written by `clipforget forget`")
+    m.add_argument("--mode", choices=["sum", "average"], default="sum")
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=cmd_merge)
+
+    lm = sub.add_parser("list-methods", help="the registered unlearning methods")
+    lm.set_defaults(fn=cmd_list_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-embedded"] and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execvpe(sys.executable, [sys.executable, "-m", "clipforget.cli", *argv], {**os.environ, **MALLOC_ENV})
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("clipforget").setLevel(logging.INFO)
+        logging.getLogger("clipforget.stages").setLevel(logging.WARNING)
+        logging.getLogger("clipforget.methods").setLevel(logging.WARNING)
+    from .data.images import ImageError
+    from .io import OutputError
+    from .models import ModelLoadError
+    from .train.loop import NonFiniteLoss
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, PermissionError, ModelLoadError, ImageError, OutputError,
+            NonFiniteLoss) as e:
+        print(f"clipforget {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except torch_oom() as e:
+        print(f"clipforget {args.command}: out of memory ({e}). Use a smaller batch (--set "
+              "forget.batch_size=16), --precision fp16 on a GPU, or --device cpu.", file=sys.stderr)
+        return 3
+
+
+def torch_oom():
+    import torch
+    return (torch.OutOfMemoryError, MemoryError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

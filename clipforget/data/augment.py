@@ -1,0 +1,87 @@
+"""Batched, seeded image augmentation (rotation, scale/crop, shift, flip, background, contrast).
+
+Used both to train the embedded model (random views) and to build deterministic held-out views
+for evaluation and for the forget / retain / calibration / test splits (a view is fully defined by
+its seed, so the splits never share a view).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_deg: float = 15.0            # uniform in [-r, r]
+    scale: tuple[float, float] = (0.75, 1.2)   # >1 zooms in (crops), <1 zooms out
+    shift: float = 0.12                   # fraction of the image, per axis
+    hflip: float = 0.5                    # probability
+    bg_white: float = 0.55                # probability of a white background
+    bg_light: float = 0.35                # probability of a light random colour; the rest: any colour
+    contrast: tuple[float, float] = (0.85, 1.15)
+    brightness: float = 0.05
+
+    def __post_init__(self):
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
+        if self.bg_white + self.bg_light > 1:
+            raise ValueError("bg_white + bg_light must be <= 1")
+        if self.scale[0] <= 0 or self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi, got {self.scale}")
+
+
+CLEAN = AugmentConfig(0.0, (1.0, 1.0), 0.0, 0.0, 1.0, 0.0, (1.0, 1.0), 0.0)
+# Held-out views for evaluation and for the forget / retain / calibration / test splits: the same
+# kinds of change as training (crop/scale, rotation, shift, flip, background, contrast) but milder,
+# and only white or light backgrounds. `clipforget eval` also reports the training distribution.
+VIEWS = AugmentConfig(rotation_deg=10.0, scale=(0.85, 1.1), shift=0.08, bg_white=0.6, bg_light=0.4)
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, out_size: int,
+            generator: torch.Generator | None = None, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+    """uint8 (N,3,S,S) images + (N,1,S,S) foreground masks -> float (N,3,out,out) in [0, 1]."""
+    n = images.shape[0]
+    g = generator
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
+
+    x = images.float() / 255.0
+    m = masks.float()
+    # background colour
+    pick = torch.rand(n, generator=g)
+    light = 0.75 + 0.25 * torch.rand(n, 3, generator=g)
+    anyc = torch.rand(n, 3, generator=g)
+    bg = torch.where((pick < cfg.bg_white)[:, None], torch.ones(n, 3),
+                     torch.where((pick < cfg.bg_white + cfg.bg_light)[:, None], light, anyc))
+    # affine: output coords -> input coords
+    angle = u(-cfg.rotation_deg, cfg.rotation_deg) * math.pi / 180
+    scale = torch.exp(u(math.log(cfg.scale[0]), math.log(cfg.scale[1])))
+    flip = torch.where(torch.rand(n, generator=g) < cfg.hflip, -1.0, 1.0)
+    tx, ty = u(-cfg.shift, cfg.shift) * 2, u(-cfg.shift, cfg.shift) * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], -1),
+                         torch.stack([sin * flip, cos, ty], -1)], 1)
+    grid = F.affine_grid(theta, (n, 3, out_size, out_size), align_corners=False)
+    fg = F.grid_sample(torch.cat([x * m, m], 1), grid, mode="bilinear", padding_mode="zeros",
+                       align_corners=False)
+    out = fg[:, :3] + (1 - fg[:, 3:]) * bg[:, :, None, None]
+    # photometric
+    c = u(*cfg.contrast)[:, None, None, None]
+    b = u(-cfg.brightness, cfg.brightness)[:, None, None, None]
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * c + mean + b).clamp(0, 1)
+
+
+def views(images: torch.Tensor, masks: torch.Tensor, out_size: int, seeds: list[int],
+          cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+    """Deterministic views: one augmented copy of every image per seed, seed-major order
+    (len(seeds) * N images). The same seed always gives the same view."""
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        out.append(augment(images, masks, out_size, g, CLEAN if s < 0 else cfg))
+    return torch.cat(out)

@@ -1,0 +1,253 @@
+"""Forget requests and their deterministic data splits.
+
+A :class:`ForgetRequest` names what to forget: a subgroup of a superclass (*poodle* of *dog*), a
+style within a superclass (line-art *car*s), or a subgroup in one style. :func:`build_task` turns it
+into images: the forget set D_f, the retain set D_r (sibling subgroups by default), a calibration
+set D_m, and test sets for every column of the report. Every image is an augmented *view* of a
+gallery image defined by (image path, split, view index), so splits never share a view and the
+same request always gives the same pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .augment import CLEAN, VIEWS, AugmentConfig, augment
+from .gallery import Gallery, Item, display
+from .prompts import class_prompts, coarse_prompt, fill
+
+log = logging.getLogger(__name__)
+
+SPLIT_OFFSETS = {"train": 1_000_000, "calib": 2_000_000, "test": 3_000_000}
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    superclass: str
+    subgroup: str | None = None          # None: every subgroup of the superclass (a style request)
+    style: str | None = None             # None: every style
+    retain: tuple[str, ...] | None = None  # retain subgroups; None: the siblings
+
+    def __post_init__(self):
+        if not self.superclass:
+            raise ValueError("superclass is required")
+        if self.subgroup is None and self.style is None:
+            raise ValueError("name a subgroup, a style, or both: forgetting a whole superclass is "
+                             "not a subgroup request")
+        if self.retain is not None:
+            object.__setattr__(self, "retain", tuple(self.retain))
+
+    @property
+    def label(self) -> str:
+        what = display(self.subgroup) if self.subgroup else display(self.superclass)
+        return f"{what} ({self.style})" if self.style else what
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ForgetRequest":
+        return cls(d["superclass"], d.get("subgroup"), d.get("style"),
+                   tuple(d["retain"]) if d.get("retain") is not None else None)
+
+
+@dataclass
+class SplitConfig:
+    train_views: int = 8        # augmented views per forget / retain image used for training
+    calib_views: int = 2        # views per image in the calibration set D_m
+    calib_target_views: int = 8  # views per forget image in D_m (the forget set has few images)
+    test_views: int = 4         # views per image in the test columns
+    calib_other_images: int = 120   # other-superclass images in D_m
+    calib_concept_images: int = 120  # other-concept images in D_m
+    max_other_images: int | None = None  # cap on test images of the other columns (None: all)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("train_views", "calib_views", "calib_target_views", "test_views"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ViewSet:
+    """Augmented views (uint8, N x 3 x S x S) and the gallery item each came from."""
+    images: torch.Tensor
+    items: list[Item]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __add__(self, other: "ViewSet") -> "ViewSet":
+        return ViewSet(torch.cat([self.images, other.images]), self.items + other.items)
+
+    def subset(self, idx) -> "ViewSet":
+        idx = list(idx)
+        return ViewSet(self.images[idx], [self.items[i] for i in idx])
+
+
+@dataclass
+class Column:
+    """One column of the report: test images, the classes they are classified among, labels."""
+    name: str
+    views: ViewSet
+    classes: list[str]                 # class names (prompts made by class_prompts)
+    labels: torch.Tensor               # index into classes per image
+    kind: str = "superclass"           # superclass | concept
+
+
+@dataclass
+class Task:
+    request: ForgetRequest
+    gallery: Gallery
+    image_size: int
+    superclasses: list[str]
+    forget: ViewSet                    # D_f (training views)
+    retain: ViewSet                    # D_r (training views)
+    retain_subgroups: list[str]
+    calib: dict[str, Column]           # D_m, split into columns
+    test: dict[str, Column]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def coarse_text(self) -> str:
+        return coarse_prompt(self.request.superclass)
+
+    @property
+    def target_index(self) -> int:
+        return self.superclasses.index(self.request.superclass)
+
+    def caption(self, item: Item) -> str:
+        """The text paired with a retain image in the CLIP loss: its own subgroup."""
+        return fill("a {}", display(item.concept))
+
+    def superclass_labels(self, views: ViewSet) -> torch.Tensor:
+        return torch.tensor([self.superclasses.index(it.superclass) for it in views.items])
+
+
+class ViewCache:
+    """Loaded gallery pixels per (path, size), shared by the tasks built on one gallery."""
+
+    def __init__(self, gallery: Gallery, source_size: int = 96):
+        self.gallery = gallery
+        self.source_size = source_size
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pixels(self, items: list[Item]):
+        todo = [it for it in dict.fromkeys(items) if it.path not in self._cache]
+        if todo:
+            imgs, masks = self.gallery.load(todo, self.source_size)
+            for it, im, m in zip(todo, imgs, masks):
+                self._cache[it.path] = (im, m)
+        return (torch.stack([self._cache[it.path][0] for it in items]),
+                torch.stack([self._cache[it.path][1] for it in items]))
+
+    def views(self, items: list[Item], split: str, n: int, size: int, aug: AugmentConfig = VIEWS,
+              clean_first: bool = False) -> ViewSet:
+        """``n`` views per item; view k of an item is seeded by (path, split, k) alone."""
+        if not items:
+            return ViewSet(torch.zeros(0, 3, size, size, dtype=torch.uint8), [])
+        imgs, masks = self.pixels(items)
+        out, out_items = [], []
+        for k in range(n):
+            for i, it in enumerate(items):
+                g = torch.Generator().manual_seed(view_seed(it.path, split, k))
+                cfg = CLEAN if (clean_first and k == 0) else aug
+                out.append(augment(imgs[i:i + 1], masks[i:i + 1], size, g, cfg))
+                out_items.append(it)
+        return ViewSet((torch.cat(out) * 255).round().to(torch.uint8), out_items)
+
+
+def view_seed(path: str, split: str, k: int) -> int:
+    h = int(hashlib.sha256(path.encode()).hexdigest()[:8], 16)
+    return (h + SPLIT_OFFSETS[split] + k * 7919) % (2**63)
+
+
+def resolve(gallery: Gallery, request: ForgetRequest) -> tuple[list[Item], list[Item], list[str], list[str]]:
+    """forget items, retain items, retain subgroup names, warnings."""
+    r = request
+    gallery.check(superclass=r.superclass, subgroup=r.subgroup, style=r.style)
+    warnings = []
+    forget = gallery.select(superclass=r.superclass, subgroup=r.subgroup, style=r.style)
+    if not forget:
+        raise ValueError(f"no images for {r.label}: the gallery has no {r.subgroup or r.superclass!r} "
+                         f"in style {r.style!r}; pick another style or subgroup")
+    siblings = [s for s in gallery.subgroups(r.superclass) if s != r.subgroup] if r.subgroup else \
+        gallery.subgroups(r.superclass)
+    names = list(r.retain) if r.retain is not None else siblings
+    for n in names:
+        gallery.check(superclass=r.superclass if r.retain is None else None, subgroup=n)
+    if r.subgroup and r.subgroup in names and r.style is None:
+        raise ValueError(f"retain set contains the forget subgroup {r.subgroup!r}; remove it")
+    forget_paths = {it.path for it in forget}
+    retain = [it for n in names for it in gallery.select(subgroup=n) if it.path not in forget_paths]
+    if r.style and r.subgroup:
+        # a subgroup in one style: the same subgroup in the other styles is kept too
+        retain += [it for it in gallery.select(subgroup=r.subgroup, exclude_style=r.style)
+                   if it.path not in {x.path for x in retain}]
+    if not retain:
+        warnings.append(f"nothing to retain for {r.label}: the superclass {r.superclass!r} has no other "
+                        "subgroup or style; only the other columns guard against over-forgetting")
+    return forget, retain, names, warnings
+
+
+def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
+               cache: ViewCache | None = None) -> Task:
+    cache = cache or ViewCache(gallery)
+    forget_items, retain_items, retain_names, warnings = resolve(gallery, request)
+    for w in warnings:
+        log.warning(w)
+    r = request
+    rng = random.Random(cfg.seed)
+    superclasses = gallery.superclasses()
+    sc_index = {s: i for i, s in enumerate(superclasses)}
+    forget_paths = {it.path for it in forget_items}
+    retain_paths = {it.path for it in retain_items}
+
+    def sc_column(name, items, split, n):
+        v = cache.views(items, split, n, image_size)
+        return Column(name, v, superclasses, torch.tensor([sc_index[it.superclass] for it in v.items]))
+
+    others = [it for it in gallery.select(kind="hierarchy") if it.superclass != r.superclass
+              and it.path not in forget_paths and it.path not in retain_paths]
+    concepts_all = gallery.other_concepts()
+    concept_items = gallery.select(kind="other", unseen=False)
+    c_index = {c: i for i, c in enumerate(concepts_all)}
+
+    def concept_column(name, items, split, n):
+        v = cache.views(items, split, n, image_size)
+        return Column(name, v, concepts_all, torch.tensor([c_index[it.concept] for it in v.items]), "concept")
+
+    def cap(items, k):
+        return items if k is None or len(items) <= k else sorted(rng.sample(items, k), key=items.index)
+
+    test = {"target": sc_column("target", forget_items, "test", cfg.test_views)}
+    if retain_items:
+        main_retain = [it for it in retain_items if not (r.subgroup and it.subgroup == r.subgroup)]
+        same_sub = [it for it in retain_items if r.subgroup and it.subgroup == r.subgroup]
+        if main_retain:
+            test["retain"] = sc_column("retain", main_retain, "test", cfg.test_views)
+        if same_sub:
+            test["other_styles"] = sc_column("other_styles", same_sub, "test", cfg.test_views)
+    test["other_superclasses"] = sc_column("other_superclasses", cap(others, cfg.max_other_images), "test", 1)
+    if concept_items:
+        test["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.max_other_images), "test", 1)
+
+    calib = {"target": sc_column("target", forget_items, "calib", cfg.calib_target_views)}
+    if retain_items:
+        calib["retain"] = sc_column("retain", retain_items, "calib", cfg.calib_views)
+    calib["other_superclasses"] = sc_column("other_superclasses", cap(others, cfg.calib_other_images), "calib", 1)
+    if concept_items:
+        calib["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.calib_concept_images),
+                                                 "calib", 1)
+    return Task(request, gallery, image_size, superclasses,
+                forget=cache.views(forget_items, "train", cfg.train_views, image_size),
+                retain=cache.views(retain_items, "train", cfg.train_views, image_size),
+                retain_subgroups=retain_names, calib=calib, test=test, warnings=warnings)
+
+
+def superclass_prompts(superclasses: list[str]) -> list[list[str]]:
+    return class_prompts(superclasses)

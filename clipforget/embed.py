@@ -1,0 +1,59 @@
+"""Images | texts -> L2-normalised embeddings, batched, on the bundle's device and precision."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import ClipBundle
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.visual.parameters()).dtype
+
+
+def to_input(bundle: ClipBundle, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """uint8 or [0, 1] float images (N,3,H,W) -> normalised model input on the bundle's device."""
+    model = model or bundle.model
+    x = images.to(bundle.device)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return bundle.normalize(x).to(_dtype(model))
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, images: torch.Tensor, model: nn.Module | None = None,
+                  batch_size: int = 256) -> torch.Tensor:
+    """Normalised image embeddings (N, D) in float32 on the CPU. ``model`` defaults to the
+    bundle's; pass an edited copy to encode with it."""
+    if len(images) == 0:
+        raise ValueError("no images to encode")
+    model = model or bundle.model
+    was_training = model.training
+    model.eval()
+    out = [F.normalize(model.encode_image(to_input(bundle, images[i:i + batch_size], model)).float(), dim=-1).cpu()
+           for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(bundle: ClipBundle, texts: list[str], model: nn.Module | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
+    model = model or bundle.model
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = bundle.tokenizer(texts[i:i + batch_size]).to(bundle.device)
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def class_embeddings(bundle: ClipBundle, prompt_lists: list[list[str]], model: nn.Module | None = None) -> torch.Tensor:
+    """One embedding per class: the normalised mean of its prompts' embeddings (prompt ensemble)."""
+    flat = [p for ps in prompt_lists for p in ps]
+    emb = encode_texts(bundle, flat, model)
+    out, i = [], 0
+    for ps in prompt_lists:
+        out.append(F.normalize(emb[i:i + len(ps)].mean(0), dim=-1))
+        i += len(ps)
+    return torch.stack(out)

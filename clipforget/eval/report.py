@@ -1,0 +1,41 @@
+"""The paper-style report of one run: columns before/after, Score, α, seconds — JSON and Markdown."""
+from __future__ import annotations
+
+from ..data.gallery import display
+
+COLUMN_TITLES = {
+    "target": "Target (forget)",
+    "retain": "Retain (siblings)",
+    "other_styles": "Same subgroup, other styles",
+    "other_superclasses": "Other superclasses",
+    "other_concepts": "Other concepts",
+}
+
+
+def column_title(name: str) -> str:
+    return COLUMN_TITLES.get(name, display(name))
+
+
+def markdown(report: dict) -> str:
+    req = report["request"]
+    what = req.get("subgroup") or req["superclass"]
+    lines = [f"# clipforget report: forget {what}"
+             + (f" in style {req['style']}" if req.get("style") else "") + f" ({req['superclass']})", "",
+             f"- method: `{report['method']}`",
+             f"- model: `{report.get('model', '?')}`",
+             f"- unlearning strength α: {report['alpha']:.2f}",
+             f"- Score: **{report['score']:.1f}** (0–100; 100 = target gone, everything else kept)",
+             f"- chance level (1 / superclasses): {report.get('chance', float('nan')):.3f}", "",
+             "| column | images | before | after | after / before |", "|---|---:|---:|---:|---:|"]
+    for name, c in report["columns"].items():
+        ratio = c["after"] / c["before"] if c["before"] else float("nan")
+        lines.append(f"| {column_title(name)} | {c.get('images', '')} | {c['before']:.3f} | {c['after']:.3f} | {ratio:.2f} |")
+    secs = report.get("seconds", {})
+    if secs:
+        lines += ["", "| stage | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in secs.items()]
+    if report.get("retain_subgroups"):
+        lines += ["", f"Retain set: {', '.join(report['retain_subgroups'])}"]
+    for w in report.get("warnings", []):
+        lines += ["", f"> warning: {w}"]
+    return "\n".join(lines) + "\n"

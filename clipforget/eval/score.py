@@ -1,0 +1,23 @@
+"""The paper's Score (reproduced from its own tables; see METHOD.md).
+
+With a = accuracy before and a' = after, target column T and K columns in all:
+    Score = 100/K · [ (1 − a'_T / a_T) + Σ_{j ≠ T} min(1, a'_j / a_j) ]
+"""
+from __future__ import annotations
+
+
+def score(columns: dict[str, dict[str, float]], target: str = "target") -> float:
+    """``columns``: {name: {"before": a, "after": a'}}; accuracies as fractions."""
+    if target not in columns:
+        raise ValueError(f"columns must include the target column {target!r}")
+    total = 0.0
+    for name, c in columns.items():
+        before, after = float(c["before"]), float(c["after"])
+        if before <= 0:
+            if name == target:
+                raise ValueError(f"the target column has accuracy 0 before unlearning: the model does not "
+                                 "recognise the subgroup, so there is nothing to forget and no Score")
+            total += 1.0      # nothing known before, nothing lost
+            continue
+        total += (1 - after / before) if name == target else min(1.0, after / before)
+    return 100.0 * total / len(columns)

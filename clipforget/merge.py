@@ -1,0 +1,51 @@
+"""Merging weights: pure functions over state dicts (no model, no device).
+
+θ(α) = θ₀ + α·(θ_u − θ₀) is the soup of the restore stage; deltas (θ_u − θ₀) are what the
+methods return and what continual forgetting adds up.
+"""
+from __future__ import annotations
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def delta(theta0: StateDict, theta1: StateDict) -> StateDict:
+    """θ₁ − θ₀ over the floating-point entries that changed shape-compatibly (others are skipped)."""
+    return {k: (theta1[k].float() - theta0[k].float()) for k in theta1
+            if k in theta0 and theta0[k].is_floating_point() and not torch.equal(theta0[k], theta1[k])}
+
+
+def apply_delta(theta0: StateDict, d: StateDict, alpha: float = 1.0) -> StateDict:
+    """θ₀ + α·Δ; entries without a delta are returned unchanged (same tensor)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (unlearning strength) must be in [0, 1], got {alpha}")
+    out = dict(theta0)
+    for k, v in d.items():
+        if k not in theta0:
+            raise KeyError(f"delta entry {k!r} is not a weight of this model")
+        out[k] = (theta0[k].float() + alpha * v.to(theta0[k].device)).to(theta0[k].dtype)
+    return out
+
+
+def interpolate(theta0: StateDict, theta1: StateDict, alpha: float) -> StateDict:
+    """The soup θ₀ + α(θ₁ − θ₀); non-float entries (BN counters) come from θ₁."""
+    return {k: theta0[k] + alpha * (theta1[k] - theta0[k]) if theta0[k].is_floating_point() else theta1[k]
+            for k in theta0}
+
+
+def sum_deltas(deltas: list[StateDict], weights: list[float] | None = None) -> StateDict:
+    """Continual forgetting by task arithmetic: Σ_i w_i Δ_i (w_i = 1 by default)."""
+    weights = weights or [1.0] * len(deltas)
+    if len(weights) != len(deltas):
+        raise ValueError("one weight per delta")
+    out: StateDict = {}
+    for w, d in zip(weights, deltas):
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + w * v.float()
+    return out
+
+
+def average_deltas(deltas: list[StateDict]) -> StateDict:
+    """The plain average of the unlearned models θ_i, expressed as a delta: mean_i Δ_i."""
+    return sum_deltas(deltas, [1.0 / len(deltas)] * len(deltas))

@@ -1,0 +1,233 @@
+"""The method interface, the registry, and the context every method works in.
+
+A method is a subclass of :class:`Unlearner` with
+
+- ``name``: the registry key (``clipforget forget --method NAME``),
+- ``Config``: a dataclass of its knobs (each field commented; ``__post_init__`` validates),
+- ``unlearn(ctx)``: edits ``ctx.model`` — an editable copy whose image tower is private to the
+  run — using the data and helpers of ``ctx`` (:class:`Context`). It may set ``ctx.alpha`` and
+  ``ctx.alpha_curve`` (methods with a restore stage); otherwise α = 1.
+
+``Unlearner.run`` does the rest: seeding, the copy (the given model is never mutated), timing,
+and the result with the weights as a delta θ_u − θ₀ over the image tower.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.prompts import fill
+from ..data.gallery import display
+from ..data.task import Task, ViewSet
+from ..embed import encode_texts, to_input
+from ..eval.zeroshot import TextCache, predict
+from ..merge import StateDict, apply_delta, delta as state_delta
+from ..models import ClipBundle
+from ..train.loop import Callback, emit
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, type["Unlearner"]] = {}
+
+
+def register_method(cls: type["Unlearner"]) -> type["Unlearner"]:
+    if not getattr(cls, "name", None) or not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise TypeError(f"{cls.__name__} needs a `name` and a dataclass `Config`")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods: the single source for the CLI, the app and the tests."""
+    from . import _load_all  # noqa: F401 - importing registers every method
+    return sorted(_REGISTRY, key=lambda n: (n != "ours", n))
+
+
+def get_method(name: str) -> type["Unlearner"]:
+    methods = list_methods()
+    if name not in _REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(name, methods, n=2)
+        raise ValueError(f"unknown method {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
+                         f"; available: {', '.join(methods)}")
+    return _REGISTRY[name]
+
+
+def config_from_dict(cls, d: dict | None):
+    """Build a (nested) config dataclass from a dict, rejecting unknown fields by name."""
+    d = dict(d or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for k, v in d.items():
+        ft = fields[k].type
+        sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
+        if isinstance(v, dict) and sub is not None and dataclasses.is_dataclass(sub()):
+            kwargs[k] = config_from_dict(type(sub()), v)
+        elif isinstance(v, list) and "tuple" in str(ft):
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+@dataclass
+class UnlearnResult:
+    method: str
+    request: dict
+    delta: StateDict                      # θ_u − θ₀ (full strength), keys of model.state_dict()
+    alpha: float                          # chosen unlearning strength: the model is θ₀ + α·Δ
+    alpha_curve: list[dict]               # [{"alpha", <column>: acc, ...}] on the calibration set
+    history: dict[str, list[dict]]        # per stage
+    seconds: dict[str, float]             # per stage and "total"
+    config: dict
+    info: dict = field(default_factory=dict)
+
+    def weights(self, theta0: StateDict, alpha: float | None = None) -> StateDict:
+        return apply_delta(theta0, self.delta, self.alpha if alpha is None else alpha)
+
+
+def editable_copy(model: nn.Module) -> nn.Module:
+    """A model sharing the (frozen) text tower with ``model`` but owning a deep copy of its image
+    tower. Methods edit only the image tower, so the original is never touched."""
+    new = copy.copy(model)
+    new._modules = copy.copy(model._modules)
+    new._parameters = copy.copy(model._parameters)
+    new._buffers = copy.copy(model._buffers)
+    new.visual = copy.deepcopy(model.visual)
+    for p in new.visual.parameters():
+        p.requires_grad_(False)
+    return new
+
+
+class Context:
+    """Everything a method needs: the data, the original and the editable model, cached text
+    embeddings, differentiable zero-shot logits, batches, stage timing and progress events."""
+
+    def __init__(self, bundle: ClipBundle, task: Task, callbacks: Iterable[Callback] = (),
+                 texts: TextCache | None = None, seed: int = 0):
+        self.bundle = bundle
+        self.task = task
+        self.callbacks = list(callbacks)
+        self.texts = texts or TextCache(bundle)
+        self.original = bundle.model
+        self.model = editable_copy(bundle.model)
+        self.theta0 = {k: v.detach().clone() for k, v in bundle.model.visual.state_dict().items()}
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.history: dict[str, list[dict]] = {}
+        self.seconds: dict[str, float] = {}
+        self.alpha = 1.0
+        self.alpha_curve: list[dict] = []
+        self.info: dict = {}
+        self.superclass_emb = self.texts.classes(task.superclasses).to(bundle.device)
+        self.coarse_emb = self.superclass_emb[task.target_index]
+        with torch.no_grad():
+            self.logit_scale = float(bundle.model.logit_scale.exp().clamp(max=100))
+
+    # ---- progress and timing ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        emit(self.callbacks, stage=name, step=0, total=0, fraction=0.0, message="start")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        log.info("stage %s: %.2fs", name, self.seconds[name])
+
+    def log_history(self, name: str, records: list[dict]) -> None:
+        self.history.setdefault(name, []).extend(records)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def inputs(self, views: ViewSet, idx=None, model: nn.Module | None = None) -> torch.Tensor:
+        images = views.images if idx is None else views.images[idx]
+        return to_input(self.bundle, images, model or self.model)
+
+    def sample(self, views: ViewSet, batch_size: int) -> torch.Tensor:
+        """Random indices of a minibatch (all of them when the set is smaller)."""
+        n = len(views)
+        if n <= batch_size:
+            return torch.arange(n)
+        return torch.randperm(n, generator=self.generator)[:batch_size]
+
+    def caption_embeddings(self, views: ViewSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique caption embeddings of ``views`` (each image's own subgroup text) and the caption
+        index of every image."""
+        caps = [self.task.caption(it) for it in views.items]
+        uniq = list(dict.fromkeys(caps))
+        emb = encode_texts(self.bundle, uniq, self.original).to(self.bundle.device)
+        return emb, torch.tensor([uniq.index(c) for c in caps], device=self.bundle.device)
+
+    # ---- model outputs ------------------------------------------------------------------------
+    def image_features(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        model = model or self.model
+        return F.normalize(model.encode_image(x).float(), dim=-1)
+
+    def superclass_logits(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Zero-shot logits over all superclass prompts (differentiable w.r.t. the image tower)."""
+        return self.logit_scale * self.image_features(x, model) @ self.superclass_emb.t()
+
+    @torch.no_grad()
+    def accuracy(self, views: ViewSet, model: nn.Module | None = None, batch_size: int = 256) -> float:
+        """Zero-shot superclass accuracy of ``views`` (eval mode, restored afterwards)."""
+        model = model or self.model
+        was = model.visual.training
+        model.visual.eval()
+        labels = self.task.superclass_labels(views)
+        preds = torch.cat([predict(self.image_features(self.inputs(views, slice(i, i + batch_size), model), model),
+                                   self.superclass_emb).cpu() for i in range(0, len(views), batch_size)])
+        model.visual.train(was)
+        return float((preds == labels).float().mean())
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.task.superclasses)
+
+    def current_delta(self) -> StateDict:
+        return state_delta(self.theta0, self.model.visual.state_dict())
+
+    def set_visual(self, state: StateDict) -> None:
+        self.model.visual.load_state_dict(state)
+
+
+class Unlearner:
+    """Base class of every method (see the module docstring for what a method overrides)."""
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    summary: ClassVar[str] = ""          # one line for `clipforget list-methods`
+
+    def __init__(self, config=None):
+        if isinstance(config, dict):
+            config = config_from_dict(self.Config, config)
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{self.name}: config must be a {self.Config.__name__}, got {type(self.config).__name__}")
+
+    def unlearn(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def run(self, bundle: ClipBundle, task: Task, callbacks: Iterable[Callback] = (),
+            texts: TextCache | None = None) -> UnlearnResult:
+        seed = getattr(self.config, "seed", 0)
+        torch.manual_seed(seed)
+        ctx = Context(bundle, task, callbacks, texts, seed)
+        t0 = time.perf_counter()
+        self.unlearn(ctx)
+        d = {f"visual.{k}": v for k, v in ctx.current_delta().items()}
+        ctx.seconds["total"] = time.perf_counter() - t0
+        return UnlearnResult(self.name, task.request.to_dict(), d, ctx.alpha, ctx.alpha_curve, ctx.history,
+                             ctx.seconds, dataclasses.asdict(self.config), ctx.info)

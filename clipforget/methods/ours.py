@@ -1,0 +1,38 @@
+"""Ours: forget (LoRA on relative-Fisher layers) -> remind (aligned retain, KD, EMA) -> restore (soup).
+
+Every stage and ingredient can be switched off for ablations: ``forget.layer_selection``
+("relative" | "plain" | "all"), ``forget.use_lora``, ``remind.enabled``, ``remind.align.enabled``,
+``remind.kd_weight = 0``, ``remind.ema``, ``restore.enabled``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..stages.forget import ForgetConfig, forget_stage
+from ..stages.remind import RemindConfig, remind_stage
+from ..stages.restore import RestoreConfig, restore_stage
+from .base import Context, Unlearner, register_method
+
+
+@dataclass
+class OursConfig:
+    forget: ForgetConfig = field(default_factory=ForgetConfig)
+    remind: RemindConfig = field(default_factory=RemindConfig)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)
+    seed: int = 0
+
+
+@register_method
+class Ours(Unlearner):
+    name, Config = "ours", OursConfig
+    summary = "three stages of the paper: forget (LoRA on relative-Fisher layers), remind, restore (soup)"
+
+    def unlearn(self, ctx: Context) -> None:
+        cfg = self.config
+        with ctx.stage("forget"):
+            ctx.info["forget"] = forget_stage(ctx, cfg.forget)
+        if cfg.remind.enabled:
+            with ctx.stage("remind"):
+                ctx.info["remind"] = remind_stage(ctx, cfg.remind)
+        with ctx.stage("restore"):
+            ctx.info["restore"] = restore_stage(ctx, cfg.restore)

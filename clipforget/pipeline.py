@@ -1,0 +1,164 @@
+"""One call from a loaded model and a request to an evaluated, saved unlearning run.
+
+    bundle = load_clip("embedded")
+    run = forget(bundle, ForgetRequest("dog", "poodle"), method="ours")
+    save_run(run, bundle, "runs/poodle")       # report.json / report.md / delta / export / run.json
+
+``forget`` never mutates ``bundle.model``: methods edit a private copy of the image tower.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .data.gallery import Gallery
+from .data.task import ForgetRequest, SplitConfig, Task, ViewCache, build_task
+from .eval.report import markdown
+from .eval.score import score
+from .eval.zeroshot import TextCache, evaluate_columns
+from .io import atomic_dir, save_safetensors, write_json, write_text
+from .merge import StateDict, apply_delta, sum_deltas
+from .methods.base import UnlearnResult, editable_copy, get_method
+from .models import ClipBundle, export_open_clip, trainable_state_dict
+from .train.loop import Callback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    result: UnlearnResult
+    report: dict
+    task: Task = field(repr=False)
+
+
+def edited_model(bundle: ClipBundle, delta: StateDict, alpha: float = 1.0) -> nn.Module:
+    """A model equal to ``bundle.model`` with θ₀ + α·Δ in its image tower (the original untouched)."""
+    model = editable_copy(bundle.model)
+    visual_delta = {k.removeprefix("visual."): v for k, v in delta.items()}
+    model.visual.load_state_dict(apply_delta(bundle.model.visual.state_dict(), visual_delta, alpha))
+    return model.eval()
+
+
+class Evaluator:
+    """Before/after accuracy of a task's columns; caches text embeddings and the 'before' row."""
+
+    def __init__(self, bundle: ClipBundle):
+        self.bundle = bundle
+        self.texts = TextCache(bundle)
+        self._before: dict[int, dict[str, float]] = {}
+
+    def before(self, task: Task, split: str = "test") -> dict[str, float]:
+        key = id(getattr(task, split))
+        if key not in self._before:
+            self._before[key] = evaluate_columns(self.bundle, getattr(task, split), self.texts)
+        return self._before[key]
+
+    def after(self, task: Task, delta: StateDict, alpha: float, split: str = "test") -> dict[str, float]:
+        return evaluate_columns(self.bundle, getattr(task, split), self.texts, edited_model(self.bundle, delta, alpha))
+
+    def report(self, task: Task, result: UnlearnResult, alpha: float | None = None) -> dict:
+        alpha = result.alpha if alpha is None else alpha
+        t0 = time.perf_counter()
+        before = self.before(task)
+        after = self.after(task, result.delta, alpha)
+        cols = {n: {"before": before[n], "after": after[n], "images": len(task.test[n].views)} for n in before}
+        seconds = dict(result.seconds)
+        seconds["evaluate"] = time.perf_counter() - t0
+        return {"method": result.method, "request": result.request, "model": self.bundle.arch,
+                "score": score(cols), "alpha": alpha, "chance": 1 / len(task.superclasses),
+                "columns": cols, "seconds": seconds, "retain_subgroups": task.retain_subgroups,
+                "warnings": task.warnings, "alpha_curve": result.alpha_curve}
+
+
+def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
+           gallery: Gallery | None = None, split: SplitConfig | None = None,
+           callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,
+           evaluator: Evaluator | None = None) -> Run:
+    """Build the task, run the method, evaluate before/after on the test columns."""
+    gallery = gallery or (cache.gallery if cache else Gallery.embedded())
+    t0 = time.perf_counter()
+    task = build_task(gallery, request, bundle.image_size, split or SplitConfig(), cache)
+    t_data = time.perf_counter() - t0
+    evaluator = evaluator or Evaluator(bundle)
+    unlearner = get_method(method)(config)
+    result = unlearner.run(bundle, task, callbacks, evaluator.texts)
+    result.seconds["data"] = t_data
+    report = evaluator.report(task, result)
+    report["seconds"]["total"] = time.perf_counter() - t0
+    report["seed"] = getattr(unlearner.config, "seed", 0)
+    return Run(result, report, task)
+
+
+def versions() -> dict:
+    import open_clip
+    import peft
+    from . import __version__
+    return {"clipforget": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def save_run(run: Run, bundle: ClipBundle, out: str | Path, export: bool = True) -> Path:
+    """Write report.json, report.md, delta.safetensors, run.json and (optionally) an open_clip
+    export of the unlearned model at the chosen α — all or nothing (atomic folder swap)."""
+    out = Path(out)
+    result = run.result
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "report.json", run.report)
+        write_text(tmp / "report.md", markdown(run.report))
+        save_safetensors(result.delta, tmp / "delta.safetensors",
+                         {"method": result.method, "alpha": result.alpha, "arch": bundle.arch})
+        write_json(tmp / "run.json", {
+            "method": result.method, "request": result.request, "config": result.config,
+            "alpha": result.alpha, "seed": run.report.get("seed"), "model": bundle.arch,
+            "pretrained": bundle.pretrained, "gallery": run.task.gallery.name,
+            "gallery_hash": run.task.gallery.content_hash, "versions": versions(),
+            "history": result.history, "info": _jsonable(result.info)})
+        if export:
+            model = edited_model(bundle, result.delta, result.alpha)
+            export_open_clip(bundle, {k: v for k, v in model.state_dict().items()}, tmp / "export",
+                             {"method": result.method, "alpha": result.alpha, "request": result.request})
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def load_delta(path: str | Path) -> tuple[StateDict, dict]:
+    """A delta saved by :func:`save_run` and its metadata (method, alpha, arch)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = Path(path)
+    if path.is_dir():
+        path = path / "delta.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
+
+
+def merge_runs(run_dirs: list[str | Path], mode: str = "sum") -> StateDict:
+    """Continual forgetting [paper A.2]: one delta that forgets every run's target.
+    ``sum``: Σ_i α_i Δ_i (task arithmetic); ``average``: mean_i α_i Δ_i (a plain average of θ_i)."""
+    deltas = []
+    for d in run_dirs:
+        delta, meta = load_delta(d)
+        a = float(meta.get("alpha", 1.0))
+        deltas.append({k: a * v for k, v in delta.items()})
+    if mode not in ("sum", "average"):
+        raise ValueError(f"merge mode must be 'sum' or 'average', got {mode!r}")
+    return sum_deltas(deltas, None if mode == "sum" else [1 / len(deltas)] * len(deltas))

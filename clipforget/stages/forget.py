@@ -1,0 +1,158 @@
+"""Stage 1 — forget: LoRA on the layers ranked by relative Fisher; push D_f away from t_c.
+
+Loss [paper Eq. 3]: L_f = mean_i s(x_i, t_c) over the forget images, t_c the coarse label
+("a dog"). Stops as soon as the zero-shot forget accuracy is at or below the target (default:
+chance) or after the step budget; the LoRA weights are then merged (``merge_and_unload``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..train.loop import LoopConfig, optimize
+from .fisher import layer_fisher, prunable_layers, rank_layers, relative_fisher
+
+log = logging.getLogger(__name__)
+
+LAYER_SELECTIONS = ("relative", "plain", "all")
+
+
+@dataclass
+class ForgetConfig:
+    layer_selection: str = "relative"   # relative Fisher (ours) | plain Fisher on D_f | all layers
+    top_k_layers: int = 3               # layers kept by the ranking (ignored for "all")
+    layers: tuple[str, ...] | None = None  # explicit layer names (relative to the image tower); skips the ranking
+    candidate_fraction: float = 0.35    # rank only the last fraction of layers in forward order [recon]; 1: all
+    fisher_samples: int = 32            # images per set for the Fisher estimate
+    fisher_retain_text: str = "coarse"  # text paired with retain images in F(D_r): coarse label | own [recon]
+    use_lora: bool = True               # LoRA on the chosen layers; False: update them fully
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    batch_size: int = 64
+    target_accuracy: float | None = 0.0   # stop when forget accuracy (train views) <= this; None: chance
+    bn_mode: str = "eval"               # BatchNorm during the stage: eval (frozen stats) | train
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-4, grad_clip=None, check_every=1))
+
+    def __post_init__(self):
+        if self.layer_selection not in LAYER_SELECTIONS:
+            raise ValueError(f"layer_selection must be one of {LAYER_SELECTIONS}, got {self.layer_selection!r}")
+        if self.top_k_layers < 1:
+            raise ValueError(f"top_k_layers must be >= 1, got {self.top_k_layers}")
+        if not 0 < self.candidate_fraction <= 1:
+            raise ValueError(f"candidate_fraction must be in (0, 1], got {self.candidate_fraction}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.fisher_retain_text not in ("coarse", "own"):
+            raise ValueError(f"fisher_retain_text must be 'coarse' or 'own', got {self.fisher_retain_text!r}")
+        if self.bn_mode not in ("eval", "train"):
+            raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+
+
+def called_layers(visual: nn.Module, x: torch.Tensor, names: list[str]) -> set[str]:
+    """Layers whose ``forward`` runs in a forward pass. Some towers use a layer's weight
+    functionally (open_clip's attention pool calls ``F.multi_head_attention_forward`` with the
+    q/k/v/c projections' weights), so a LoRA wrapper around them would never be applied."""
+    seen: set[str] = set()
+    mods = dict(visual.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen.add(n)) for n in names]
+    was = visual.training
+    visual.eval()
+    try:
+        with torch.no_grad():
+            visual(x[:1])
+    finally:
+        visual.train(was)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
+    visual = ctx.model.visual
+    layers = prunable_layers(visual)
+    if cfg.layers:
+        unknown = [n for n in cfg.layers if n not in layers]
+        if unknown:
+            raise ValueError(f"forget.layers: {unknown} are not Conv2d/Linear layers of the image tower; "
+                             f"choose from {list(layers)}")
+        return list(cfg.layers), {}
+    if cfg.layer_selection == "all":
+        return list(layers), {}
+    # Subgroups differ in late, specific features; early layers serve every class. Unrestricted, the
+    # ranking on the embedded model picks the first convolution, whose edit hurts every class.
+    names = list(layers)
+    layers = {n: layers[n] for n in names[int(len(names) * (1 - cfg.candidate_fraction)):]}
+    visual.eval()
+    task = ctx.task
+    gen = torch.Generator().manual_seed(ctx.seed)
+    fi = torch.randperm(len(task.forget), generator=gen)[:cfg.fisher_samples]
+    f_forget = layer_fisher(ctx.model, ctx.inputs(task.forget, fi), ctx.coarse_emb, layers)
+    info = {"fisher_forget": f_forget}
+    if cfg.layer_selection == "relative" and len(task.retain):
+        ri = torch.randperm(len(task.retain), generator=gen)[:cfg.fisher_samples]
+        sub = task.retain.subset(ri.tolist())
+        if cfg.fisher_retain_text == "own":
+            cap_emb, cap_ids = ctx.caption_embeddings(sub)
+            text = cap_emb[cap_ids]
+        else:   # the same coarse label as D_f: which layers carry "dog" for poodles but not other dogs
+            text = ctx.coarse_emb
+        f_retain = layer_fisher(ctx.model, ctx.inputs(sub), text, layers)
+        importance = relative_fisher(f_forget, f_retain)
+        info.update(fisher_retain=f_retain, relative_fisher=importance)
+    else:
+        importance = f_forget
+    return rank_layers(importance, cfg.top_k_layers), info
+
+
+def forget_stage(ctx, cfg: ForgetConfig) -> dict:
+    """Edit ``ctx.model.visual`` in place; return what was chosen (layers, Fisher values)."""
+    chosen, info = select_layers(ctx, cfg)
+    visual = ctx.model.visual
+    task = ctx.task
+    target = ctx.chance if cfg.target_accuracy is None else cfg.target_accuracy
+    lora_layers = sorted(called_layers(visual, ctx.inputs(task.forget, slice(0, 1)), chosen)) if cfg.use_lora else []
+    full_layers = [n for n in chosen if n not in lora_layers]
+    if cfg.use_lora and full_layers:
+        log.info("layers used functionally (no LoRA possible), updated fully: %s", full_layers)
+    peft_model = None
+    if lora_layers:
+        from peft import LoraConfig, get_peft_model
+        peft_model = get_peft_model(visual, LoraConfig(target_modules=lora_layers, r=cfg.lora_rank,
+                                                       lora_alpha=cfg.lora_alpha, lora_dropout=0.0))
+        ctx.model.visual = peft_model
+    mods = dict(visual.named_modules())
+    params = [p for n, m in mods.items() if n in full_layers for p in m.parameters(recurse=False)]
+    for p in params:
+        p.requires_grad_(True)
+    if peft_model is not None:
+        params += [p for p in peft_model.parameters() if p.requires_grad]
+    ctx.model.visual.train(cfg.bn_mode == "train")
+    records = {}
+
+    def loss_fn(step):
+        idx = ctx.sample(task.forget, cfg.batch_size)
+        img = ctx.image_features(ctx.inputs(task.forget, idx))
+        return (img @ ctx.coarse_emb).mean()
+
+    def should_stop(step):
+        acc = ctx.accuracy(task.forget)
+        records[step] = acc
+        return acc <= target
+
+    history = optimize(params, loss_fn, cfg.loop, "forget", ctx.callbacks, should_stop=should_stop)
+    for rec in history:
+        if rec["step"] - 1 in records:
+            rec["forget_acc_before_step"] = records[rec["step"] - 1]
+    final_acc = ctx.accuracy(task.forget)
+    if peft_model is not None:
+        ctx.model.visual = peft_model.merge_and_unload()
+    for p in ctx.model.visual.parameters():
+        p.requires_grad_(False)
+    ctx.log_history("forget", history)
+    return {"layers": chosen, "lora_layers": lora_layers, "full_layers": full_layers, "steps": len(history),
+            "forget_train_accuracy": final_acc, "target_accuracy": target, **info}

@@ -1,0 +1,240 @@
+"""Stage 2 — remind: fine-tune on retain images aligned to the pre-training statistics.
+
+1. Alignment [paper Eq. 4]: an additive perturbation δ per retain image, optimised so that,
+   through the ORIGINAL image tower, each BatchNorm layer's batch mean/variance of its input
+   matches that layer's running mean/variance:
+       min_δ Σ_l ‖μ_l(x+δ) − μ_l^BN‖₂ + ‖σ²_l(x+δ) − σ²_l^BN‖₂     (x+δ clamped to [0, 1]).
+   Towers without BatchNorm (ViT) [recon]: the same with each LayerNorm's input moments matched to
+   moments measured on a reference image set (``vit_fallback="layernorm"``), or no alignment
+   (``"skip"``), with a logged note either way.
+2. Fine-tune on the aligned images: CLIP loss against their own texts + knowledge distillation from
+   the frozen original, L = L_clip + λ·τ²·KL(softmax(z₀/τ) ‖ softmax(z/τ)) over the zero-shot
+   logits of the superclass prompts [paper; form recon].
+3. EMA of the weights [paper Eq. 5]: θ_ema ← β θ_ema + (1−β) θ, θ_ema starting at the ORIGINAL
+   weights; the model ends as θ_ema. Few steps: 5–20 help, 30+ hurt (the paper's ablation).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..losses import distillation
+from ..train.loop import LoopConfig, optimize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = True
+    steps: int = 15                  # Adam steps on δ
+    lr: float = 0.01                 # in [0, 1] pixel units
+    chunk: int = 256                 # images whose statistics are matched together
+    vit_fallback: str = "layernorm"  # towers without BatchNorm: layernorm | skip
+
+    def __post_init__(self):
+        if self.vit_fallback not in ("layernorm", "skip"):
+            raise ValueError(f"vit_fallback must be 'layernorm' or 'skip', got {self.vit_fallback!r}")
+        if self.steps < 0 or self.chunk < 2:
+            raise ValueError("align steps must be >= 0 and chunk >= 2")
+
+
+@dataclass
+class RemindConfig:
+    enabled: bool = True
+    align: AlignConfig = field(default_factory=AlignConfig)
+    kd_weight: float = 1.0           # λ; 0 disables distillation
+    kd_tau: float = 2.0              # τ
+    forget_weight: float = 5.0       # μ·mean s(x_f, t_c) keeps D_f forgotten while reminding [recon]; 0: off
+    scope: str = "all"               # what is fine-tuned: the whole image tower | forget_layers (those the forget stage edited) [recon]
+    ema: bool = True
+    ema_decay: float = 0.5           # β; 1.0 keeps the original weights
+    batch_size: int = 64
+    bn_mode: str = "eval"            # BatchNorm during fine-tuning: eval | train
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, lr=1e-4, grad_clip=1.0))
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.kd_weight < 0 or self.kd_tau <= 0:
+            raise ValueError("kd_weight must be >= 0 and kd_tau > 0")
+        if self.bn_mode not in ("eval", "train"):
+            raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.scope not in ("forget_layers", "all"):
+            raise ValueError(f"scope must be 'forget_layers' or 'all', got {self.scope!r}")
+        if self.forget_weight < 0:
+            raise ValueError(f"forget_weight must be >= 0, got {self.forget_weight}")
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """No gradient flows into ``module``'s parameters inside the block (flags restored after)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+class NormStats:
+    """Forward hooks that record the per-channel batch mean/var of each norm layer's input, and
+    the target moments to match (BatchNorm running stats, or LayerNorm moments of a reference)."""
+
+    def __init__(self, visual: nn.Module):
+        self.bn = [m for m in visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.ln = [m for m in visual.modules() if isinstance(m, nn.LayerNorm)]
+        self.layers = self.bn or self.ln
+        self.kind = "batchnorm" if self.bn else ("layernorm" if self.ln else "none")
+        self.targets: list[tuple[torch.Tensor, torch.Tensor]] = (
+            [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in self.bn] if self.bn else [])
+        self.current: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._hooks = []
+
+    @staticmethod
+    def moments(x: torch.Tensor, layernorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.float()
+        if layernorm:                 # (..., C): statistics over every position
+            flat = x.reshape(-1, x.shape[-1])
+            return flat.mean(0), flat.var(0, unbiased=False)
+        dims = [0] + list(range(2, x.ndim))   # (N, C, ...)
+        return x.mean(dims), x.var(dims, unbiased=False)
+
+    def __enter__(self):
+        ln = self.kind == "layernorm"
+        self.current = []
+        self._hooks = [m.register_forward_pre_hook(lambda m, inp: self.current.append(self.moments(inp[0], ln)))
+                       for m in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+    def loss(self) -> torch.Tensor:
+        return sum(torch.linalg.vector_norm(mu - tm) + torch.linalg.vector_norm(var - tv)
+                   for (mu, var), (tm, tv) in zip(self.current, self.targets))
+
+
+def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: torch.Tensor | None = None):
+    """Return (aligned images in [0, 1], info). ``images01``: float (N, 3, H, W)."""
+    visual = ctx.original.visual
+    stats = NormStats(visual)
+    if not cfg.enabled or cfg.steps == 0:
+        return images01, {"aligned": False}
+    if stats.kind == "none" or (stats.kind == "layernorm" and cfg.vit_fallback == "skip"):
+        log.warning("image tower has no BatchNorm; alignment skipped (vit_fallback=%s)", cfg.vit_fallback)
+        return images01, {"aligned": False, "note": "no BatchNorm: alignment skipped"}
+    was = visual.training
+    visual.eval()
+    device = ctx.bundle.device
+    dtype = next(visual.parameters()).dtype
+    with frozen(visual):
+        if stats.kind == "layernorm":
+            log.warning("image tower has no BatchNorm; aligning LayerNorm input moments to a reference set [recon]")
+            if reference01 is None:
+                raise ValueError("LayerNorm alignment needs reference images")
+            with torch.no_grad(), stats:
+                visual(ctx.bundle.normalize(reference01.to(device)).to(dtype))
+            stats.targets = [(m.detach(), v.detach()) for m, v in stats.current]
+        out, before, after = [], [], []
+        for i in range(0, len(images01), cfg.chunk):
+            x = images01[i:i + cfg.chunk].to(device)
+            delta = torch.zeros_like(x, requires_grad=True)
+
+            def loss_fn(step, x=x, delta=delta):
+                with stats:
+                    visual(ctx.bundle.normalize((x + delta).clamp(0, 1)).to(dtype))
+                    loss = stats.loss()
+                if step == 0:
+                    before.append(float(loss))
+                return loss
+
+            optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
+                     ctx.callbacks)
+            with torch.no_grad(), stats:
+                final = (x + delta).clamp(0, 1)
+                visual(ctx.bundle.normalize(final).to(dtype))
+                after.append(float(stats.loss()))
+            out.append(final.detach().cpu())
+    visual.train(was)
+    info = {"aligned": True, "norm": stats.kind, "stat_loss_before": sum(before) / len(before),
+            "stat_loss_after": sum(after) / len(after)}
+    log.info("alignment: statistics loss %.4f -> %.4f", info["stat_loss_before"], info["stat_loss_after"])
+    return torch.cat(out), info
+
+
+def remind_stage(ctx, cfg: RemindConfig) -> dict:
+    task = ctx.task
+    if not len(task.retain):
+        log.warning("remind skipped: the retain set is empty")
+        return {"skipped": "empty retain set"}
+    images01 = task.retain.images.float() / 255.0
+    reference = None
+    if NormStats(ctx.original.visual).kind == "layernorm":
+        col = task.calib.get("other_superclasses") or next(iter(task.calib.values()))
+        reference = col.views.images.float() / 255.0
+    aligned, info = align_images(ctx, images01, cfg.align, reference)
+    device = ctx.bundle.device
+    dtype = next(ctx.model.visual.parameters()).dtype
+    # CLIP loss of each retain image against its own text, contrasted with every superclass prompt
+    # too (a batch of retain images has only a handful of distinct captions); its own caption and
+    # its superclass prompt are both positives.
+    cap_emb, cap_ids = ctx.caption_embeddings(task.retain)
+    texts = torch.cat([cap_emb, ctx.superclass_emb])
+    sc_ids = task.superclass_labels(task.retain).to(device) + len(cap_emb)
+    pos_all = torch.zeros(len(task.retain), len(texts), device=device)
+    pos_all[torch.arange(len(task.retain)), cap_ids] = 1
+    pos_all[torch.arange(len(task.retain)), sc_ids] = 1
+    with torch.no_grad():
+        x_all = ctx.bundle.normalize(aligned.to(device)).to(dtype)
+        teacher = torch.cat([ctx.superclass_logits(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
+    visual = ctx.model.visual
+    if cfg.scope == "forget_layers" and ctx.info.get("forget", {}).get("layers"):
+        mods = dict(visual.named_modules())
+        params = [p for n in ctx.info["forget"]["layers"] for p in mods[n].parameters(recurse=False)]
+    else:
+        params = list(visual.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    visual.train(cfg.bn_mode == "train")
+    ema = {k: v.detach().clone().float() for k, v in ctx.theta0.items()} if cfg.ema else None
+    live = visual.state_dict()
+
+    def loss_fn(step):
+        idx = ctx.sample(task.retain, cfg.batch_size).to(device)
+        img = ctx.image_features(x_all[idx])
+        logits = ctx.logit_scale * img @ texts.t()
+        pos = pos_all[idx]
+        loss = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        if cfg.kd_weight > 0:
+            z = ctx.logit_scale * img @ ctx.superclass_emb.t()
+            loss = loss + cfg.kd_weight * distillation(z, teacher[idx], cfg.kd_tau)
+        if cfg.forget_weight > 0:
+            fidx = ctx.sample(task.forget, cfg.batch_size)
+            loss = loss + cfg.forget_weight * (ctx.image_features(ctx.inputs(task.forget, fidx)) @ ctx.coarse_emb).mean()
+        return loss
+
+    def after_step(step):
+        if ema is None:
+            return
+        with torch.no_grad():
+            for k, v in ema.items():
+                if v.is_floating_point():
+                    v.mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
+
+    history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, after_step=after_step)
+    for p in params:
+        p.requires_grad_(False)
+    if ema is not None:
+        final = {k: ema[k].to(v.dtype) if v.is_floating_point() else v for k, v in live.items()}
+        visual.load_state_dict(final)
+    ctx.log_history("remind", history)
+    info.update(steps=len(history), ema=cfg.ema)
+    return info

@@ -1,0 +1,79 @@
+"""Stage 3 — restore: the model soup θ(α) = θ₀ + α·(θ_u − θ₀) with a calibrated α.
+
+α ∈ [0, 1] is the unlearning strength (0: original, 1: fully unlearned; the paper's Table 5 writes
+the same line with its α = 1 − ours). [recon of Eq. 6] On the calibration set D_m, α is the grid
+value that maximises the mean accuracy of the non-target columns while the target accuracy stays
+at or below the forget target (default: chance). The whole α-curve is kept in the result.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..eval.zeroshot import column_accuracy
+from ..merge import apply_delta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreConfig:
+    enabled: bool = True                 # False: α = 1 (no soup)
+    grid_points: int = 21                # α on an even grid over [0, 1]
+    target_accuracy: float | None = 0.0   # forget target on D_m; None: chance level. 0 leaves a margin:
+                                          # D_m holds few forget images, the test must stay <= chance
+
+    def __post_init__(self):
+        if self.grid_points < 2:
+            raise ValueError(f"grid_points must be >= 2, got {self.grid_points}")
+        if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+
+
+def alpha_grid(points: int) -> list[float]:
+    return [round(i / (points - 1), 6) for i in range(points)]
+
+
+@torch.no_grad()
+def alpha_curve(ctx, delta: dict, alphas: list[float]) -> list[dict]:
+    """Calibration accuracy of every column at each α (the model is left at θ_u)."""
+    theta_u = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
+    curve = []
+    for i, a in enumerate(alphas):
+        ctx.set_visual(apply_delta(ctx.theta0, delta, a))
+        row = {"alpha": a}
+        for name, col in ctx.task.calib.items():
+            row[name] = column_accuracy(ctx.bundle, col, ctx.texts, ctx.model)
+        curve.append(row)
+        from ..train.loop import emit
+        emit(ctx.callbacks, stage="restore", step=i + 1, total=len(alphas), fraction=(i + 1) / len(alphas))
+    ctx.set_visual(theta_u)
+    return curve
+
+
+def choose_alpha(curve: list[dict], target: float) -> tuple[float, bool]:
+    """(α, feasible): best mean non-target accuracy with target <= ``target``; ties -> larger α.
+    Infeasible everywhere -> the α with the lowest target accuracy (largest on ties)."""
+    def keep(row):
+        vals = [v for k, v in row.items() if k not in ("alpha", "target")]
+        return sum(vals) / len(vals) if vals else 0.0
+    feasible = [r for r in curve if r["target"] <= target + 1e-9]
+    if feasible:
+        return max(feasible, key=lambda r: (round(keep(r), 9), r["alpha"]))["alpha"], True
+    return min(curve, key=lambda r: (r["target"], -r["alpha"]))["alpha"], False
+
+
+def restore_stage(ctx, cfg: RestoreConfig) -> dict:
+    target = ctx.chance if cfg.target_accuracy is None else cfg.target_accuracy
+    delta = ctx.current_delta()
+    if not cfg.enabled:
+        ctx.alpha = 1.0
+        return {"alpha": 1.0, "soup": False}
+    curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points))
+    alpha, feasible = choose_alpha(curve, target)
+    if not feasible:
+        log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, alpha)
+    ctx.alpha, ctx.alpha_curve = alpha, curve
+    return {"alpha": alpha, "feasible": feasible, "target_accuracy": target}
