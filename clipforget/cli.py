@@ -122,6 +122,21 @@ def cmd_train_embedded(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep, sweep_requests
+    bundle, gallery = _bundle(args), _gallery(args)
+    reqs = sweep_requests(gallery, args.superclass, args.every, args.style)
+    print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
+
+    def row(r):
+        print(f"  {r['superclass']}/{r['subgroup']}: Score {r['score']:.1f}, target {r['columns']['target']['before']:.2f}"
+              f" -> {r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s", flush=True)
+    s = run_sweep(bundle, gallery, reqs, args.method, _config(args.method, args), args.out, row)
+    print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, target <= chance in "
+          f"{s['target_at_or_below_chance']}/{s['runs']}, median {s['median_seconds']:.1f}s per job")
+    return 0
+
+
 def cmd_list_methods(args) -> int:
     from .methods.base import get_method, list_methods
     for name in list_methods():
@@ -184,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mode", choices=["sum", "average"], default="sum")
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_merge)
+
+    sw = sub.add_parser("sweep", help="one forget run per subgroup; median / minimum Score")
+    _model_args(sw)
+    sw.add_argument("--method", default="ours", choices=list_methods())
+    sw.add_argument("--superclass", default=None, help="only this superclass's subgroups")
+    sw.add_argument("--style", default=None, help="forget each subgroup in this style only")
+    sw.add_argument("--every", type=int, default=1, help="every N-th subgroup (a quicker sample)")
+    sw.add_argument("--config", default=None)
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sw.add_argument("--out", default=None, help="folder for sweep.json / sweep.md")
+    sw.set_defaults(fn=cmd_sweep)
 
     lm = sub.add_parser("list-methods", help="the registered unlearning methods")
     lm.set_defaults(fn=cmd_list_methods)

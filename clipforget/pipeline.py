@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import time
@@ -23,11 +22,11 @@ from .data.gallery import Gallery
 from .data.task import ForgetRequest, SplitConfig, Task, ViewCache, build_task
 from .eval.report import markdown
 from .eval.score import score
-from .eval.zeroshot import TextCache, evaluate_columns
+from .eval.zeroshot import TextCache, column_accuracy, evaluate_columns
 from .io import atomic_dir, save_safetensors, write_json, write_text
 from .merge import StateDict, apply_delta, sum_deltas
 from .methods.base import UnlearnResult, editable_copy, get_method
-from .models import ClipBundle, export_open_clip, trainable_state_dict
+from .models import ClipBundle, export_open_clip
 from .train.loop import Callback
 
 log = logging.getLogger(__name__)
@@ -54,13 +53,19 @@ class Evaluator:
     def __init__(self, bundle: ClipBundle):
         self.bundle = bundle
         self.texts = TextCache(bundle)
-        self._before: dict[int, dict[str, float]] = {}
+        self._before: dict[int, tuple[object, float]] = {}   # id(views) -> (views, accuracy)
 
     def before(self, task: Task, split: str = "test") -> dict[str, float]:
-        key = id(getattr(task, split))
-        if key not in self._before:
-            self._before[key] = evaluate_columns(self.bundle, getattr(task, split), self.texts)
-        return self._before[key]
+        """Accuracy of the original model per column; memoised per ViewSet (a ViewCache returns
+        the same object for the same images, so columns shared by tasks are encoded once)."""
+        out = {}
+        for name, col in getattr(task, split).items():
+            hit = self._before.get(id(col.views))
+            if hit is None or hit[0] is not col.views:
+                hit = (col.views, column_accuracy(self.bundle, col, self.texts))
+                self._before[id(col.views)] = hit
+            out[name] = hit[1]
+        return out
 
     def after(self, task: Task, delta: StateDict, alpha: float, split: str = "test") -> dict[str, float]:
         return evaluate_columns(self.bundle, getattr(task, split), self.texts, edited_model(self.bundle, delta, alpha))

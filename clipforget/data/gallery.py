@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .hierarchy import load_hierarchy
-from .images import ImageError, open_image
+from .images import open_image
 
 GALLERY_ENV = "CLIPFORGET_GALLERY"
 MASKS_FILE = "masks.npz"

@@ -57,7 +57,7 @@ class ForgetRequest:
 
 @dataclass
 class SplitConfig:
-    train_views: int = 8        # augmented views per forget / retain image used for training
+    train_views: int = 6        # augmented views per forget / retain image used for training
     calib_views: int = 2        # views per image in the calibration set D_m
     calib_target_views: int = 8  # views per forget image in D_m (the forget set has few images)
     test_views: int = 4         # views per image in the test columns
@@ -135,6 +135,7 @@ class ViewCache:
         self.gallery = gallery
         self.source_size = source_size
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple, ViewSet] = {}
 
     def pixels(self, items: list[Item]):
         todo = [it for it in dict.fromkeys(items) if it.path not in self._cache]
@@ -147,9 +148,16 @@ class ViewCache:
 
     def views(self, items: list[Item], split: str, n: int, size: int, aug: AugmentConfig = VIEWS,
               clean_first: bool = False) -> ViewSet:
-        """``n`` views per item; view k of an item is seeded by (path, split, k) alone."""
+        """``n`` views per item; view k of an item is seeded by (path, split, k) alone. Memoised:
+        the same request returns the same ViewSet object."""
         if not items:
             return ViewSet(torch.zeros(0, 3, size, size, dtype=torch.uint8), [])
+        key = (tuple(it.path for it in items), split, n, size, aug, clean_first)
+        if key not in self._views:
+            self._views[key] = self._make_views(items, split, n, size, aug, clean_first)
+        return self._views[key]
+
+    def _make_views(self, items, split, n, size, aug, clean_first) -> ViewSet:
         imgs, masks = self.pixels(items)
         out, out_items = [], []
         for k in range(n):

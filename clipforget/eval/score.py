@@ -15,7 +15,7 @@ def score(columns: dict[str, dict[str, float]], target: str = "target") -> float
         before, after = float(c["before"]), float(c["after"])
         if before <= 0:
             if name == target:
-                raise ValueError(f"the target column has accuracy 0 before unlearning: the model does not "
+                raise ValueError("the target column has accuracy 0 before unlearning: the model does not "
                                  "recognise the subgroup, so there is nothing to forget and no Score")
             total += 1.0      # nothing known before, nothing lost
             continue

@@ -19,14 +19,12 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.prompts import fill
-from ..data.gallery import display
 from ..data.task import Task, ViewSet
 from ..embed import encode_texts, to_input
 from ..eval.zeroshot import TextCache, predict

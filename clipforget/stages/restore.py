@@ -21,13 +21,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class RestoreConfig:
     enabled: bool = True                 # False: α = 1 (no soup)
-    grid_points: int = 21                # α on an even grid over [0, 1]
+    grid_points: int = 11                # α on an even grid over [0, 1]
+    margin: float = 0.1                  # added to the chosen α (capped at 1): D_m holds few forget
+                                         # images, so the boundary α forgets the test views less reliably [recon]
     target_accuracy: float | None = 0.0   # forget target on D_m; None: chance level. 0 leaves a margin:
                                           # D_m holds few forget images, the test must stay <= chance
 
     def __post_init__(self):
         if self.grid_points < 2:
             raise ValueError(f"grid_points must be >= 2, got {self.grid_points}")
+        if not 0 <= self.margin <= 1:
+            raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
 
@@ -72,8 +76,9 @@ def restore_stage(ctx, cfg: RestoreConfig) -> dict:
         ctx.alpha = 1.0
         return {"alpha": 1.0, "soup": False}
     curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points))
-    alpha, feasible = choose_alpha(curve, target)
+    best, feasible = choose_alpha(curve, target)
     if not feasible:
-        log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, alpha)
+        log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, best)
+    alpha = min(1.0, round(best + cfg.margin, 6)) if feasible else best
     ctx.alpha, ctx.alpha_curve = alpha, curve
-    return {"alpha": alpha, "feasible": feasible, "target_accuracy": target}
+    return {"alpha": alpha, "calibrated_alpha": best, "feasible": feasible, "target_accuracy": target}

@@ -1,0 +1,221 @@
+"""Ours: each stage's defining property, and the method end to end on the embedded world."""
+import hashlib
+import json
+
+import open_clip
+import pytest
+import torch
+
+from clipforget.cli import main as cli_main
+from clipforget.data.task import ForgetRequest, build_task
+from clipforget.eval.score import score
+from clipforget.merge import apply_delta, interpolate
+from clipforget.methods.base import Context, config_from_dict, get_method, list_methods
+from clipforget.methods.ours import OursConfig
+from clipforget.pipeline import Evaluator, edited_model, forget, merge_runs, save_run
+from clipforget.stages.fisher import relative_fisher, rank_layers
+from clipforget.stages.forget import ForgetConfig, forget_stage, select_layers
+from clipforget.stages.remind import AlignConfig, RemindConfig, align_images, remind_stage
+from clipforget.stages.restore import choose_alpha
+from clipforget.train.loop import LoopConfig
+
+
+def state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- pure pieces ----------------------------------------------------------------------------
+def test_score_formula():
+    cols = {"target": {"before": 0.8, "after": 0.0}, "retain": {"before": 0.9, "after": 0.9},
+            "other": {"before": 0.5, "after": 0.25}}
+    assert score(cols) == pytest.approx(100 / 3 * (1 + 1 + 0.5))
+    cols["other"]["after"] = 0.9          # gains are capped at 1
+    assert score(cols) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="target"):
+        score({"retain": {"before": 1, "after": 1}})
+
+
+def test_relative_fisher_ranking():
+    ff = {"a": 4.0, "b": 1.0, "c": 3.0}
+    fr = {"a": 4.0, "b": 0.1, "c": 1.0}
+    rel = relative_fisher(ff, fr)
+    assert rank_layers(rel, 2) == ["b", "c"]          # relative: b (10x), c (3x)
+    assert rank_layers(ff, 2) == ["a", "c"]           # plain Fisher would pick a
+
+
+def test_choose_alpha_prefers_kept_accuracy_under_the_target():
+    curve = [{"alpha": 0.0, "target": 1.0, "retain": 1.0}, {"alpha": 0.5, "target": 0.0, "retain": 0.9},
+             {"alpha": 1.0, "target": 0.0, "retain": 0.6}]
+    assert choose_alpha(curve, 0.04) == (0.5, True)
+    assert choose_alpha([{"alpha": 0.0, "target": 1.0, "retain": 1.0}, {"alpha": 1.0, "target": 0.5, "retain": 0.4}],
+                        0.04) == (1.0, False)
+
+
+def test_soup_endpoints():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    assert torch.equal(interpolate(a, b, 0.0)["w"], a["w"]) and torch.equal(interpolate(a, b, 1.0)["w"], b["w"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        apply_delta(a, {"w": b["w"] - a["w"]}, 1.5)
+
+
+def test_configs_name_the_bad_field():
+    with pytest.raises(ValueError, match="top_k_layers"):
+        ForgetConfig(top_k_layers=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        RemindConfig(ema_decay=1.5)
+    with pytest.raises(ValueError, match="unknown field"):
+        config_from_dict(OursConfig, {"forgett": {}})
+    cfg = config_from_dict(OursConfig, {"forget": {"top_k_layers": 2, "loop": {"steps": 3}}, "remind": {"enabled": False}})
+    assert cfg.forget.top_k_layers == 2 and cfg.forget.loop.steps == 3 and not cfg.remind.enabled
+    assert "ours" in list_methods() and get_method("ours").summary
+
+
+# ---- stages on the embedded model -----------------------------------------------------------
+def test_lora_touches_only_the_chosen_layers(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    cfg = ForgetConfig(top_k_layers=2, fisher_samples=8, loop=LoopConfig(steps=4, lr=1e-3, grad_clip=None))
+    info = forget_stage(ctx, cfg)
+    assert len(info["layers"]) == 2
+    changed = {k.rsplit(".", 1)[0] for k in ctx.current_delta()}
+    assert changed and changed <= set(info["layers"])
+    assert not any("lora" in k for k in ctx.model.visual.state_dict())     # merged and unloaded
+
+
+def test_relative_fisher_prefers_other_layers_than_plain(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    rel, info = select_layers(ctx, ForgetConfig(top_k_layers=3, fisher_samples=8, candidate_fraction=1.0))
+    plain, _ = select_layers(ctx, ForgetConfig(layer_selection="plain", top_k_layers=3, fisher_samples=8,
+                                               candidate_fraction=1.0))
+    assert set(info["relative_fisher"]) == set(info["fisher_forget"])
+    assert rel != plain
+
+
+def test_alignment_lowers_the_bn_statistics_loss(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    x = poodle_task.retain.images[:48].float() / 255
+    aligned, info = align_images(ctx, x, AlignConfig(steps=8))
+    assert info["norm"] == "batchnorm"
+    assert info["stat_loss_after"] < 0.8 * info["stat_loss_before"]
+    assert aligned.min() >= 0 and aligned.max() <= 1 and not torch.equal(aligned, x)
+
+
+def test_ema_with_decay_one_returns_the_original(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    remind_stage(ctx, RemindConfig(ema_decay=1.0, align=AlignConfig(enabled=False),
+                                   loop=LoopConfig(steps=3, lr=1e-3)))
+    assert ctx.current_delta() == {}
+    ctx2 = Context(bundle, poodle_task)
+    remind_stage(ctx2, RemindConfig(ema=False, align=AlignConfig(enabled=False), loop=LoopConfig(steps=3, lr=1e-3)))
+    assert ctx2.current_delta()       # without EMA the same steps do change the weights
+
+
+def test_alpha_zero_reproduces_the_original_exactly(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=3, lr=1e-3, grad_clip=None)))
+    delta = {f"visual.{k}": v for k, v in ctx.current_delta().items()}
+    assert delta
+    x = poodle_task.forget.images[:4].float() / 255
+    with torch.no_grad():
+        ref = bundle.model.encode_image(bundle.normalize(x))
+        assert torch.equal(edited_model(bundle, delta, 0.0).encode_image(bundle.normalize(x)), ref)
+        assert not torch.equal(edited_model(bundle, delta, 1.0).encode_image(bundle.normalize(x)), ref)
+
+
+def test_layernorm_fallback_for_towers_without_batchnorm(gallery):
+    from clipforget.models import load_clip
+    torch.manual_seed(0)
+    vit = load_clip("test-tiny-vit", device="cpu")
+    task = build_task(gallery, ForgetRequest("dog", "poodle"), vit.image_size)
+    ctx = Context(vit, task)
+    ref = task.calib["other_superclasses"].views.images.float() / 255
+    _, info = align_images(ctx, task.retain.images[:32].float() / 255, AlignConfig(steps=5), ref)
+    assert info["norm"] == "layernorm" and info["stat_loss_after"] < info["stat_loss_before"]
+    _, skipped = align_images(ctx, task.retain.images[:8].float() / 255, AlignConfig(vit_fallback="skip"))
+    assert skipped["aligned"] is False
+
+
+# ---- end to end -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(bundle, gallery, view_cache, tmp_path_factory):
+    """Default-config runs of ours, saved like the CLI does."""
+    out = {}
+    ev = Evaluator(bundle)
+    for sc, sg in (("dog", "poodle"), ("car", "taxi")):
+        before = state_hash(bundle.model)
+        run = forget(bundle, ForgetRequest(sc, sg), gallery=gallery, cache=view_cache, evaluator=ev)
+        assert state_hash(bundle.model) == before, "forget() mutated the model it was given"
+        d = tmp_path_factory.mktemp(sg)
+        save_run(run, bundle, d)
+        out[sg] = (run, d)
+    return out
+
+
+@pytest.mark.slow
+def test_ours_forgets_the_subgroup_and_keeps_the_rest(runs):
+    run, _ = runs["poodle"]
+    r = run.report
+    c = r["columns"]
+    assert c["target"]["before"] >= 0.9
+    assert c["target"]["after"] <= r["chance"]
+    assert c["retain"]["after"] >= c["retain"]["before"] - 0.1
+    assert c["other_superclasses"]["after"] >= c["other_superclasses"]["before"] - 0.05
+    assert r["score"] >= 85
+    assert 0 < r["alpha"] <= 1 and len(r["alpha_curve"]) >= 2
+    assert set(r["seconds"]) >= {"forget", "remind", "restore", "total"}
+    hist = run.result.history
+    assert hist["forget"] and hist["remind"]
+
+
+@pytest.mark.slow
+def test_run_folder_and_plain_open_clip_export(runs, bundle):
+    run, d = runs["poodle"]
+    report = json.loads((d / "report.json").read_text())
+    assert {"method", "request", "score", "alpha", "seconds", "columns"} <= set(report)
+    assert {"target", "retain", "other_superclasses", "other_concepts"} <= set(report["columns"])
+    assert all(0 <= v["before"] <= 1 and 0 <= v["after"] <= 1 for v in report["columns"].values())
+    record = json.loads((d / "run.json").read_text())
+    assert {"config", "seed", "versions", "gallery_hash"} <= set(record)
+    assert "| Target (forget) |" in (d / "report.md").read_text()
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{d / 'export'}")
+    plain.eval()
+    x = run.task.forget.images[:4].float() / 255
+    with torch.no_grad():
+        ours = edited_model(bundle, run.result.delta, run.result.alpha).encode_image(bundle.normalize(x))
+        assert torch.allclose(plain.encode_image(bundle.normalize(x)), ours, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_merging_two_forget_edits_forgets_both(runs, bundle, view_cache):
+    (p_run, p_dir), (t_run, t_dir) = runs["poodle"], runs["taxi"]
+    merged = merge_runs([p_dir, t_dir])
+    model = edited_model(bundle, merged, 1.0)
+    ev = Evaluator(bundle)
+    from clipforget.eval.zeroshot import evaluate_columns
+    p = evaluate_columns(bundle, p_run.task.test, ev.texts, model)
+    t = evaluate_columns(bundle, t_run.task.test, ev.texts, model)
+    assert p["target"] <= 0.15 and t["target"] <= 0.15
+    assert p["other_superclasses"] >= 0.85
+
+
+@pytest.mark.slow
+def test_cli_style_request_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "lineart-cars"
+    code = cli_main(["forget", "--superclass", "car", "--style", "line-art", "--out", str(out), "--no-export",
+                     "--set", "remind.loop.steps=5", "--set", "restore.grid_points=5"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["request"]["style"] == "line-art" and report["request"]["subgroup"] is None
+    assert report["columns"]["target"]["images"] > 0 and "retain" in report["columns"]
+    assert "Score" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    code = cli_main(["forget", "--superclass", "dog", "--subgroup", "poodel", "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "did you mean 'poodle'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
