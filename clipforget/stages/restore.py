@@ -14,6 +14,7 @@ import torch
 
 from ..eval.zeroshot import column_accuracy
 from ..merge import apply_delta
+from ..train.loop import emit
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,7 @@ class RestoreConfig:
     grid_points: int = 11                # α on an even grid over [0, 1]
     margin: float = 0.1                  # added to the chosen α (capped at 1): D_m holds few forget
                                          # images, so the boundary α forgets the test views less reliably [recon]
-    target_accuracy: float | None = 0.0   # forget target on D_m; None: chance level. 0 leaves a margin:
-                                          # D_m holds few forget images, the test must stay <= chance
+    target_accuracy: float | None = None  # forget target on D_m; None: chance level
 
     def __post_init__(self):
         if self.grid_points < 2:
@@ -51,7 +51,6 @@ def alpha_curve(ctx, delta: dict, alphas: list[float]) -> list[dict]:
         for name, col in ctx.task.calib.items():
             row[name] = column_accuracy(ctx.bundle, col, ctx.texts, ctx.model)
         curve.append(row)
-        from ..train.loop import emit
         emit(ctx.callbacks, stage="restore", step=i + 1, total=len(alphas), fraction=(i + 1) / len(alphas))
     ctx.set_visual(theta_u)
     return curve

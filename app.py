@@ -1,0 +1,326 @@
+"""clipforget web app: pick a subgroup, forget it in the background, compare retrieval, slide α.
+
+    python app.py                                   # embedded model + gallery on http://127.0.0.1:7860
+    python app.py --model RN50 --pretrained /path/rn50.safetensors --gallery /path/images
+
+Layout and wiring only: every handler calls :class:`clipforget.appcore.AppCore`, which does the
+work without gradio (and is what the tests and ``gr.api`` endpoints exercise).
+"""
+from __future__ import annotations
+
+import os
+
+for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "TRANSFORMERS_OFFLINE": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import ipaddress  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from clipforget.appcore import AppCore, NotReady  # noqa: E402
+from clipforget.jobs import JobBusy, JobError  # noqa: E402
+
+log = logging.getLogger("clipforget.app")
+
+K = 12                      # images per grid
+ALL_STYLES = "all styles"
+CSS = """
+#left-grid, #right-grid {min-height: 330px}
+#left-grid .grid-container, #right-grid .grid-container {grid-template-columns: repeat(4, minmax(0, 1fr)) !important}
+#cards .grid-container {grid-template-columns: repeat(3, minmax(0, 1fr)) !important}
+.gallery-item, .thumbnail-item {min-width: 0 !important}
+#left-grid .caption-label, #right-grid .caption-label, #cards .caption-label {font-size: 11px; max-width: 96%;
+  white-space: normal; line-height: 1.15}
+.recall {font-size: 1.05em}
+#alpha-note p {margin: 0; color: var(--body-text-color-subdued)}
+footer {display: none !important}
+"""
+
+
+def _errors(fn):
+    """Turn the library's errors into gr.Error messages the page shows."""
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, JobBusy, JobError, NotReady) as e:
+            raise gr.Error(str(e)) from None
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _grid(hits):
+    return [(h["path"], h["caption"]) for h in hits]
+
+
+def _recall(search: dict, side: str) -> str:
+    r = search.get(f"recall_{side}")
+    if r is None:
+        return "recall@k of the forgotten subgroup: run or reopen a job to mark it"
+    n = search["forget_count"]
+    return f"**recall@{search['k']} of the forgotten subgroup: {r:.2f}** ({round(r * n)}/{n} of its images in the top {search['k']})"
+
+
+def build_app(core: AppCore) -> gr.Blocks:
+    superclasses = core.superclasses()
+    sc0 = "dog" if "dog" in superclasses else superclasses[0]
+    subs0 = core.subgroups(sc0)
+    sg0 = "poodle" if "poodle" in subs0 else subs0[0]
+
+    # ---- handlers: thin calls into the core -------------------------------------------------------
+    def on_pick_superclass(sc):
+        subs = core.subgroups(sc)
+        return gr.update(value=core.subgroup_cards(sc), selected_index=None), gr.update(choices=subs, value=subs[0])
+
+    def on_pick_card(sc, evt: gr.SelectData):
+        return core.subgroups(sc)[evt.index]
+
+    def on_describe(sc, sg, style):
+        style = "" if style == ALL_STYLES else style
+        try:
+            info = core.describe_retain(sc, sg, style)
+        except ValueError as e:
+            return f"⚠️ {e}", gr.update(), gr.update()
+        return core.retain_markdown(info), info["query"], gr.update(choices=info["queries"], value=info["query"])
+
+    @_errors
+    def on_start(sc, sg, style, method):
+        job = core.start_job(sc, sg, "" if style == ALL_STYLES else style, method)
+        return job.id, job.id, f"Started job `{job.id[:8]}` {job.label}; progress below (a reload re-attaches)."
+
+    def on_watch(job_id, progress=gr.Progress()):
+        """Observe the job until it ends; closing the tab stops this, never the job."""
+        if not job_id:
+            yield ""
+            return
+        while True:
+            st = core.job_status(job_id)
+            if st["status"] not in ("queued", "running"):
+                yield ""              # the final status goes to the status line (on_show)
+                return
+            progress(st["fraction"], desc=f"{st['stage'] or 'starting'} ({len(st['stages'])} stages so far)")
+            yield st["text"]
+            time.sleep(0.5)
+
+    @_errors
+    def on_cancel(job_id):
+        if not job_id:
+            raise gr.Error("no job to cancel")
+        return core.cancel(job_id)["text"]
+
+    def on_search(query, job_id, alpha):
+        try:
+            done = bool(job_id) and core.job_status(job_id)["status"] == "done"
+            res = core.search(query, job_id if done else None, alpha, K)
+        except (ValueError, NotReady, JobError) as e:
+            raise gr.Error(str(e)) from None
+        right = _grid(res["right"]) if done else []
+        note = res.get("alpha_note", "no finished job yet: the right grid fills when one is done")
+        return _grid(res["left"]), _recall(res, "left"), right, _recall(res, "right") if done else "", note
+
+    def on_slide(query, job_id, alpha):
+        if not job_id or core.job_status(job_id)["status"] != "done":
+            return gr.update(), gr.update(), "no finished job yet: the right grid fills when one is done"
+        res = core.search(query, job_id, alpha, K)
+        return _grid(res["right"]), _recall(res, "right"), res["alpha_note"]
+
+    def on_show(job_id, query):
+        """Fill the results of a finished job (or clear them)."""
+        hist = gr.update(choices=core.history(), value=job_id or None)
+        if not job_id or core.job_status(job_id)["status"] != "done":
+            st = core.job_status(job_id)["text"] if job_id else ""
+            empty = (None, "", None, gr.update(), gr.update(), gr.update(), gr.update())
+            return (st,) + empty + on_search(query, "", 1.0) + (hist,)
+        st = core.job_status(job_id)
+        table = core.metrics_table(job_id)
+        files = core.export(job_id)
+        alpha = st["summary"].get("alpha", 1.0)
+        score = (f"**Score {table['score']:.1f}** / 100 · method `{table['method']}` · calibrated α = "
+                 f"{table['alpha']:.2f} · {st['summary'].get('alpha_grid_points')} α-grid points precomputed in "
+                 f"{st['summary'].get('alpha_grid_seconds', 0):.1f}s")
+        return (st["text"], str(core.alpha_plot(job_id)), score, {"headers": table["headers"], "data": table["rows"]},
+                gr.update(value=alpha), files["model_zip"], files["report_md"], files["report_json"]) + \
+            on_search(query, job_id, alpha) + (hist,)
+
+    def on_reattach(saved):
+        """After a reload: pick up the job this browser last ran or opened."""
+        try:
+            core.job_status(saved)
+            return saved
+        except (JobError, TypeError):
+            return ""
+
+    def on_reopen(job_id):
+        if not job_id:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        req = core.jobs.get(job_id).spec["request"]
+        qs = core.suggested_queries(req["superclass"], req.get("subgroup"), req.get("style"))
+        return job_id, job_id, qs[0], gr.update(choices=qs, value=qs[0])
+
+    # ---- layout ---------------------------------------------------------------------------------
+    with gr.Blocks(title="clipforget") as demo:
+        job_state = gr.State("")
+        # a stable secret per runs folder, so a job id stored in the browser survives an app restart
+        saved_job = gr.BrowserState("", storage_key="clipforget-job",
+                                    secret=hashlib.sha256(str(core.runs_dir).encode()).hexdigest())
+        gr.Markdown("# clipforget · make CLIP forget one subgroup\n"
+                    "Pick a subgroup (poodles, not other dogs), forget it in the background, then compare "
+                    "text-to-image retrieval of the original and the unlearned encoder and slide the soup "
+                    "coefficient α.")
+        model_md = gr.Markdown(core.model_status(), elem_id="model-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=360):
+                gr.Markdown("### 1 · Pick what to forget")
+                superclass = gr.Dropdown(superclasses, value=sc0, label="Superclass", elem_id="superclass")
+                cards = gr.Gallery(core.subgroup_cards(sc0), label="Subgroups, every style — click one",
+                                   columns=3, height="auto", allow_preview=False, object_fit="contain",
+                                   elem_id="cards")
+                with gr.Row():
+                    subgroup = gr.Dropdown(subs0, value=sg0, label="Subgroup", elem_id="subgroup")
+                    style = gr.Dropdown([ALL_STYLES] + core.styles(), value=ALL_STYLES, label="Style",
+                                        elem_id="style")
+                method = gr.Dropdown(core.methods(), value="ours", label="Method", info=core.method_summary("ours"),
+                                     elem_id="method")
+                retain_md = gr.Markdown(elem_id="retain")
+                with gr.Row():
+                    run_btn = gr.Button("Forget it", variant="primary", elem_id="run")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status_md = gr.Markdown(elem_id="status")
+                progress_md = gr.Markdown(elem_id="progress")
+                history = gr.Dropdown(core.history(), value=None, label="Reopen a past job", elem_id="history")
+            with gr.Column(scale=5):
+                gr.Markdown("### 2 · Compare retrieval")
+                with gr.Row():
+                    query = gr.Textbox(core.default_query(sc0, sg0), label="Query", scale=5, elem_id="query")
+                    search_btn = gr.Button("Search", scale=1, elem_id="search")
+                suggestions = gr.Radio(core.suggested_queries(sc0, sg0), value=core.default_query(sc0, sg0),
+                                       label="Suggested queries: the coarse label, the subgroup name, both",
+                                       elem_id="suggestions")
+                alpha = gr.Slider(0, 1, value=1.0, step=0.05, label="α · unlearning strength (0 = original, "
+                                  "1 = fully unlearned)", elem_id="alpha")
+                alpha_md = gr.Markdown(elem_id="alpha-note")
+                with gr.Row():
+                    with gr.Column():
+                        left = gr.Gallery(label="Original encoder", columns=4, height="auto", allow_preview=False,
+                                          object_fit="contain", elem_id="left-grid")
+                        left_md = gr.Markdown(elem_classes="recall", elem_id="left-recall")
+                    with gr.Column():
+                        right = gr.Gallery(label="Unlearned encoder at α", columns=4, height="auto",
+                                           allow_preview=False, object_fit="contain", elem_id="right-grid")
+                        right_md = gr.Markdown(elem_classes="recall", elem_id="right-recall")
+                gr.Markdown("### 3 · Results")
+                score_md = gr.Markdown(elem_id="score")
+                with gr.Row():
+                    plot = gr.Image(label="α-curve (calibration set)", type="filepath", height=320,
+                                    buttons=["download"], elem_id="alpha-plot")
+                    table = gr.Dataframe(headers=["column", "images", "before", "after", "ratio"],
+                                         label="Zero-shot accuracy per column (test set)", interactive=False,
+                                         elem_id="metrics")
+                gr.Markdown("### 4 · Export")
+                with gr.Row():
+                    dl_model = gr.DownloadButton("Unlearned model (open_clip export, .zip)", elem_id="dl-model")
+                    dl_md = gr.DownloadButton("Report (.md)", elem_id="dl-md")
+                    dl_json = gr.DownloadButton("Report (.json)", elem_id="dl-json")
+
+        results = [status_md, plot, score_md, table, alpha, dl_model, dl_md, dl_json,
+                   left, left_md, right, right_md, alpha_md, history]
+        private = {"api_visibility": "private"}
+
+        # ---- wiring -------------------------------------------------------------------------------
+        superclass.change(on_pick_superclass, superclass, [cards, subgroup], **private)
+        cards.select(on_pick_card, superclass, subgroup, **private)
+        for comp in (subgroup, style):
+            comp.change(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private)
+        run_btn.click(on_start, [superclass, subgroup, style, method], [job_state, saved_job, status_md], **private) \
+            .success(on_watch, job_state, progress_md, concurrency_limit=None, **private) \
+            .then(on_show, [job_state, query], results, **private)
+        cancel_btn.click(on_cancel, job_state, status_md, **private)
+        method.change(lambda m: gr.update(info=core.method_summary(m)), method, method, **private)
+        gr.on([search_btn.click, query.submit], on_search, [query, job_state, alpha],
+              [left, left_md, right, right_md, alpha_md], **private)
+        alpha.input(on_slide, [query, job_state, alpha], [right, right_md, alpha_md],
+                    trigger_mode="always_last", show_progress="hidden", **private)
+        history.input(on_reopen, history, [job_state, saved_job, query, suggestions], **private) \
+            .then(on_show, [job_state, query], results, **private)
+        demo.load(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private)
+        suggestions.input(lambda q: q, suggestions, query, **private) \
+            .then(on_search, [query, job_state, alpha], [left, left_md, right, right_md, alpha_md], **private)
+        demo.load(on_reattach, saved_job, job_state, **private) \
+            .then(on_watch, job_state, progress_md, concurrency_limit=None, **private) \
+            .then(on_show, [job_state, query], results, **private)
+        timer = gr.Timer(1.0, active=not core.ready)
+        timer.tick(lambda: (core.model_status(), gr.Timer(active=not core.ready)), None, [model_md, timer],
+                   show_progress="hidden", **private)
+
+        # ---- the same functions for scripts -----------------------------------------------------------
+        def search_api(query: str, job_id: str = "", alpha: float = -1.0, k: int = K) -> dict:
+            """Top-k gallery images for a query: original encoder, and unlearned at α for a finished job."""
+            return _errors(core.search)(query, job_id or None, None if alpha < 0 else alpha, int(k))
+
+        def start_job_api(superclass: str, subgroup: str = "", style: str = "", method: str = "ours") -> dict:
+            """Start forgetting in the background; returns the job (id, status)."""
+            job = _errors(core.start_job)(superclass, subgroup, style, method)
+            return core.job_status(job.id)
+
+        def job_status_api(job_id: str) -> dict:
+            """Status, stage and progress of a job; the summary once done."""
+            return _errors(core.job_status)(job_id)
+
+        def cancel_api(job_id: str) -> dict:
+            """Cancel a queued or running job (it stops mid-stage; nothing is saved)."""
+            return _errors(core.cancel)(job_id)
+
+        gr.api(search_api, api_name="search")
+        gr.api(start_job_api, api_name="start_job")
+        gr.api(job_status_api, api_name="job_status", concurrency_limit=None)
+        gr.api(cancel_api, api_name="cancel", concurrency_limit=None)
+    return demo
+
+
+def theme() -> gr.themes.Base:
+    """System fonts only: nothing fetched from the network."""
+    return gr.themes.Soft(font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+                          font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
+
+
+def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prevent_thread_lock: bool = False,
+           quiet: bool = False):
+    demo = build_app(core)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, quiet=quiet,
+                prevent_thread_lock=prevent_thread_lock, theme=theme(), css=CSS, footer_links=["api"],
+                allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="clipforget web app")
+    p.add_argument("--model", default="embedded", help="'embedded', an open_clip architecture, or local-dir:PATH")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or local checkpoint for --model")
+    p.add_argument("--gallery", default=None, help="image folder or manifest CSV (default: the embedded gallery)")
+    p.add_argument("--runs-dir", default="runs/app", help="job history and results (default: runs/app)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--alpha-points", type=int, default=11, help="α values precomputed per job (0..1, plus the calibrated α)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            log.warning("binding to %s: the app (and starting jobs) is reachable from other machines; "
+                        "there is no authentication", args.host)
+    except ValueError:
+        log.warning("binding to host name %r: make sure it is not reachable by people you do not trust", args.host)
+    core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points)
+    try:
+        launch(core, args.host, args.port)
+    finally:
+        core.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The app in a real browser (Debian chromium + PyPI playwright): load, pick a subgroup, run the job
+(reloading the page mid-job), check the forgotten subgroup is gone from the right grid but not the
+left, slide α to 0 and check both grids agree. Screenshots go to $CLIPFORGET_SCREENSHOTS or
+bench/out/screenshots."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from test_app_client import ROOT, free_port, load_app_module
+from test_app_core import QUICK_CONFIG, QUICK_SPLIT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} missing: install Debian chromium (apt-get install -y chromium)"),
+]
+
+
+def shots_dir() -> Path:
+    d = Path(os.environ.get("CLIPFORGET_SCREENSHOTS", ROOT / "bench" / "out" / "screenshots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from clipforget.appcore import AppCore
+    app = load_app_module()
+    core = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu", alpha_points=3,
+                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
+    port = free_port()
+    demo = app.launch(core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    core.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pw = pytest.importorskip("playwright.sync_api")
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def captions(page, grid: str) -> list[str]:
+    return [c.strip() for c in page.locator(f"#{grid} .caption-label").all_inner_texts()]
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_full_flow(app_url, browser):
+    out = shots_dir()
+    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    page.goto(app_url)
+    page.wait_for_selector("#cards img", timeout=30_000)
+
+    # pick: another subgroup's card first, then poodle's; the retain set follows the pick
+    page.locator("#cards button", has=page.locator("img[alt='dog face']")).click()
+    wait_for(lambda: "dog face" in page.locator("#retain").inner_text().split("Retain")[0], 15, "retain set for dog face")
+    page.locator("#cards button", has=page.locator("img[alt='poodle']")).click()
+    wait_for(lambda: page.locator("#retain").inner_text().startswith("Forget poodle"), 15, "retain set for poodle")
+    retain = page.locator("#retain").inner_text()
+    assert "guide dog" in retain and "poodle" not in retain.split("Retain")[1]
+    assert page.locator("#query textarea, #query input").first.input_value() == "a dog"
+    wait_for(lambda: len(captions(page, "left-grid")) == 12, 120, "the original grid (model loading)")
+    page.screenshot(path=str(out / "01-picked.png"), full_page=True)
+
+    # run, and reload mid-job: the page re-attaches to the job from the browser's storage
+    page.locator("#run").click()
+    wait_for(lambda: "running" in page.locator("#status, #progress").all_inner_texts().__str__(), 60, "job running")
+    page.screenshot(path=str(out / "02-running.png"), full_page=True)
+    page.reload()
+    page.wait_for_selector("#cards img", timeout=30_000)
+    wait_for(lambda: "Score" in page.locator("#score").inner_text(), 600, "job results after reload", poll=1.0)
+    wait_for(lambda: len(captions(page, "right-grid")) == 12, 30, "the unlearned grid")
+    left, right = captions(page, "left-grid"), captions(page, "right-grid")
+    assert any("FORGOTTEN" in c for c in left), left            # the subgroup is there originally...
+    assert not any("FORGOTTEN" in c for c in right), right      # ...and gone after unlearning
+    assert page.locator("#metrics").inner_text().count("Target") == 1
+    page.screenshot(path=str(out / "03-done.png"), full_page=True)
+
+    # slide α to 0: the unlearned encoder at α = 0 is the original one
+    page.locator("#alpha input[type=range]").focus()
+    page.keyboard.press("Home")
+    wait_for(lambda: "α = 0.00" in page.locator("#alpha-note").inner_text(), 15, "α = 0 shown")
+    wait_for(lambda: captions(page, "right-grid") == captions(page, "left-grid"), 15, "right grid == left grid")
+    page.screenshot(path=str(out / "04-alpha0.png"), full_page=True)
+    page.close()

@@ -1,0 +1,108 @@
+"""The launched app through gradio_client: the gr.api endpoints (search, start_job, job_status,
+cancel) and what the server serves, on 127.0.0.1."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from test_app_core import QUICK_CONFIG, QUICK_SPLIT
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def load_app_module():
+    spec = importlib.util.spec_from_file_location("clipforget_app", ROOT / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from clipforget.appcore import AppCore
+    app = load_app_module()
+    core = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu", alpha_points=3,
+                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
+    port = free_port()
+    demo = app.launch(core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", core
+    demo.close()
+    core.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+    return Client(server[0], analytics_enabled=False, verbose=False, download_files=False)
+
+
+def test_endpoints_are_published(client):
+    named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/search", "/start_job", "/job_status", "/cancel"} <= set(named)
+    assert not any(n.startswith("/on_") for n in named)        # UI handlers stay private
+
+
+def test_bad_job_ids_are_refused(client):
+    for bad in ["../../etc/passwd", "x" * 32]:
+        with pytest.raises(Exception, match="invalid job id"):
+            client.predict(bad, api_name="/job_status")
+    with pytest.raises(Exception, match="no job"):
+        client.predict("0" * 32, api_name="/cancel")
+
+
+def test_only_gallery_and_runs_are_served(server, client):
+    import httpx
+    url, core = server
+    res = client.predict("a dog", "", -1.0, 4, api_name="/search")
+    assert len(res["left"]) == 4 and res.get("right") is None
+    img = res["left"][0]["path"]
+    assert httpx.get(f"{url}gradio_api/file={img}").status_code == 200
+    secret = core.runs_dir.parent / "secret.txt"
+    secret.write_text("not for the web")
+    for path in [secret, Path("/etc/passwd"), ROOT / "pyproject.toml"]:
+        assert httpx.get(f"{url}gradio_api/file={path}").status_code in (403, 404), path
+
+
+def test_job_lifecycle_over_the_api(client):
+    job = client.predict("dog", "poodle", "", "ours", api_name="/start_job")
+    assert job["status"] in ("queued", "running") and len(job["id"]) == 32
+    with pytest.raises(Exception, match=job["id"]):
+        client.predict("car", "taxi", "", "ours", api_name="/start_job")
+    seen = set()
+    t0 = time.monotonic()
+    while True:
+        st = client.predict(job["id"], api_name="/job_status")
+        seen.add(st["stage"])
+        if st["status"] not in ("queued", "running"):
+            break
+        assert time.monotonic() - t0 < 600
+        time.sleep(0.5)
+    assert st["status"] == "done", st["error"]
+    assert {"forget", "alpha-grid"} <= seen | set(st["stages"])
+    res = client.predict("a dog", job["id"], -1.0, 12, api_name="/search")
+    assert res["alpha_shown"] == pytest.approx(st["summary"]["alpha"])
+    assert res["recall_right"] < res["recall_left"]
+    zero = client.predict("a dog", job["id"], 0.0, 12, api_name="/search")
+    assert [h["path"] for h in zero["right"]] == [h["path"] for h in zero["left"]]
+
+
+def test_cancel_over_the_api(client):
+    job = client.predict("car", "taxi", "", "ours", api_name="/start_job")
+    time.sleep(1.0)
+    client.predict(job["id"], api_name="/cancel")
+    t0 = time.monotonic()
+    while (st := client.predict(job["id"], api_name="/job_status"))["status"] in ("queued", "running"):
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.3)
+    assert st["status"] == "cancelled"
