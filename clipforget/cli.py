@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, help="folder for sweep.json / sweep.md")
     sw.set_defaults(fn=cmd_sweep)
 
+    from .benchmark import add_bench_parser
+    add_bench_parser(sub)
+
     lm = sub.add_parser("list-methods", help="the registered unlearning methods")
     lm.set_defaults(fn=cmd_list_methods)
     return p

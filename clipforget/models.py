@@ -165,6 +165,7 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
             model, preprocess = _create(name, pretrained, precision, device, text_pretrained=False)
         arch, source = name, pretrained
     model.eval()
+    model.requires_grad_(False)   # an inference model: methods train copies, never these weights
     cfg = getattr(model.visual, "preprocess_cfg", None) or open_clip.get_model_preprocess_cfg(model)
     image_size = _image_size(model)
     tokenizer = open_clip.get_tokenizer(arch if not arch.startswith("local-dir:") else name)

@@ -131,6 +131,7 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
         p.requires_grad_(True)
     if peft_model is not None:
         params += [p for p in peft_model.parameters() if p.requires_grad]
+    params = list({id(p): p for p in params}.values())   # a fully updated layer is also seen via peft
     ctx.model.visual.train(cfg.bn_mode == "train")
     records = {}
 

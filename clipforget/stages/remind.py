@@ -153,7 +153,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                     visual(ctx.bundle.normalize((x + delta).clamp(0, 1)).to(dtype))
                     loss = stats.loss()
                 if step == 0:
-                    before.append(float(loss))
+                    before.append(float(loss.detach()))
                 return loss
 
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",

@@ -1,0 +1,427 @@
+"""``clipforget bench``: every method on one task, one paper-style table (Markdown, CSV, JSON, PNG).
+
+    bundle, gallery = load_clip("embedded"), Gallery.embedded()
+    run_bench("dog/poodle", ["ours", "ga", "ccup"], bundle, gallery, "bench/poodle")
+
+A task is named by a spec:
+
+- ``SUPER/SUB``          in-domain subgroup forgetting (``monkey/gorilla``: the paper's marmoset)
+- ``SUPER@STYLE``        style forgetting (``car@line-art``: the paper's sketch cars); ``SUPER/SUB@STYLE`` too
+- ``class:SUPER``        whole-class forgetting (CCUP's setting): every image of the superclass
+- ``continual:A+B+...``  continual forgetting by merging single-request runs [paper A.2]
+- ``ablation:SPEC``      the ablation table of ours on one request (each ingredient switched off)
+
+or by a preset name of :data:`PRESETS` (``all`` runs every preset into its own sub-folder).
+Rows: one per method (or merge / ablation variant); columns: each report column's after-accuracy
+and its ratio to before, and the Score.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .data.gallery import Gallery, display
+from .data.task import Column, ForgetRequest, SplitConfig, Task, ViewCache, build_task
+from .eval.report import column_title
+from .eval.score import score
+from .io import write_json, write_text
+from .methods.base import config_from_dict, get_method, list_methods
+from .models import ClipBundle
+from .pipeline import Evaluator, Run, merge_runs, save_run
+from .train.loop import Callback
+
+log = logging.getLogger(__name__)
+
+PRESETS = {
+    "in-domain-monkey": "monkey/gorilla",      # the paper's marmoset (a primate subgroup)
+    "in-domain-reptile": "reptile/turtle",     # the paper's box turtle
+    "in-domain-dog": "dog/poodle",
+    "style": "car@line-art",                   # the paper's sketch cars
+    "whole-class": "class:dog",                # CCUP's setting
+    "continual": "continual:dog/poodle+monkey/gorilla+reptile/turtle",
+    "ablation": "ablation:dog/poodle",
+}
+
+# Ours with one ingredient off, as OursConfig overrides (nested dicts).
+ABLATIONS = {
+    "ours (full)": {},
+    "plain Fisher (no retain ratio)": {"forget": {"layer_selection": "plain"}},
+    "all layers": {"forget": {"layer_selection": "all"}},
+    "no LoRA (full update)": {"forget": {"use_lora": False}},
+    "no alignment": {"remind": {"align": {"enabled": False}}},
+    "no distillation": {"remind": {"kd_weight": 0.0}},
+    "no EMA": {"remind": {"ema": False}},
+    "no remind": {"remind": {"enabled": False}},
+    "no restore (α = 1)": {"restore": {"enabled": False}},
+}
+
+
+# ---- task specs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClassRequest:
+    """Forget a whole superclass (CCUP's setting). ForgetRequest refuses it on purpose — it is not a
+    subgroup request — so the benchmark builds this task itself (:func:`build_class_task`)."""
+    superclass: str
+    subgroup: None = None
+    style: None = None
+    retain: None = None
+
+    @property
+    def label(self) -> str:
+        return f"every {display(self.superclass)}"
+
+    def to_dict(self) -> dict:
+        return {"superclass": self.superclass, "subgroup": None, "style": None, "retain": None, "whole_class": True}
+
+
+def parse_request(spec: str) -> ForgetRequest | ClassRequest:
+    """'dog/poodle' | 'car@line-art' | 'dog/poodle@noto' | 'class:dog' -> a request."""
+    if spec.startswith("class:"):
+        return ClassRequest(spec.removeprefix("class:"))
+    body, _, style = spec.partition("@")
+    superclass, _, subgroup = body.partition("/")
+    if not superclass or (not subgroup and not style):
+        raise ValueError(f"task {spec!r}: expected SUPER/SUB, SUPER@STYLE, SUPER/SUB@STYLE or class:SUPER")
+    return ForgetRequest(superclass, subgroup or None, style or None)
+
+
+def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
+                     cache: ViewCache | None = None, retain_per_superclass: int = 4) -> Task:
+    """D_f: every image of the superclass; D_r: a few images of every other superclass (with their own
+    texts; the "similar" data a user would keep); columns target / other superclasses (minus D_r's
+    images) / other concepts, built as :func:`build_task` builds them."""
+    cache = cache or ViewCache(gallery)
+    gallery.check(superclass=request.superclass)
+    rng = random.Random(cfg.seed)
+    superclasses = gallery.superclasses()
+    sc_index = {s: i for i, s in enumerate(superclasses)}
+    forget = gallery.select(superclass=request.superclass, kind="hierarchy")
+    retain = []
+    for s in superclasses:
+        if s != request.superclass:
+            items = gallery.select(superclass=s, kind="hierarchy")
+            retain += sorted(rng.sample(items, min(retain_per_superclass, len(items))), key=items.index)
+    used = {it.path for it in forget} | {it.path for it in retain}
+    others = [it for it in gallery.select(kind="hierarchy") if it.path not in used]
+    concepts_all = gallery.other_concepts()
+    concept_items = gallery.select(kind="other", unseen=False)
+
+    def cap(items, k):
+        return items if k is None or len(items) <= k else sorted(rng.sample(items, k), key=items.index)
+
+    def sc_column(name, items, split, n):
+        v = cache.views(items, split, n, image_size)
+        return Column(name, v, superclasses, torch.tensor([sc_index[it.superclass] for it in v.items]))
+
+    def concept_column(name, items, split, n):
+        v = cache.views(items, split, n, image_size)
+        return Column(name, v, concepts_all, torch.tensor([concepts_all.index(it.concept) for it in v.items]),
+                      "concept")
+
+    test = {"target": sc_column("target", forget, "test", 1),
+            "other_superclasses": sc_column("other_superclasses", cap(others, cfg.max_other_images), "test", 1)}
+    calib = {"target": sc_column("target", cap(forget, cfg.calib_other_images), "calib", 1),
+             "retain": sc_column("retain", retain, "calib", cfg.calib_views),
+             "other_superclasses": sc_column("other_superclasses", cap(others, cfg.calib_other_images), "calib", 1)}
+    if concept_items:
+        test["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.max_other_images), "test", 1)
+        calib["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.calib_concept_images),
+                                                 "calib", 1)
+    train_views = max(1, cfg.train_views // 4)     # the forget set is a whole class: fewer views each
+    return Task(request, gallery, image_size, superclasses,    # type: ignore[arg-type]
+                forget=cache.views(forget, "train", train_views, image_size),
+                retain=cache.views(retain, "train", cfg.train_views, image_size),
+                retain_subgroups=[], calib=calib, test=test)
+
+
+def make_task(spec: str, bundle: ClipBundle, gallery: Gallery, split: SplitConfig, cache: ViewCache) -> Task:
+    request = parse_request(spec)
+    if isinstance(request, ClassRequest):
+        return build_class_task(gallery, request, bundle.image_size, split, cache)
+    return build_task(gallery, request, bundle.image_size, split, cache)
+
+
+# ---- rows and tables -------------------------------------------------------------------------------
+
+def row_from_report(name: str, report: dict, **extra) -> dict:
+    row = {"method": name, "score": report["score"], "alpha": report.get("alpha", 1.0)}
+    for col, c in report["columns"].items():
+        row[f"{col}_before"] = c["before"]
+        row[f"{col}_after"] = c["after"]
+        row[f"{col}_ratio"] = c["after"] / c["before"] if c["before"] else float("nan")
+    row["seconds"] = report.get("seconds", {}).get("total", float("nan"))
+    row.update(extra)
+    return row
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    order = ["target", "retain", "other_styles", "other_superclasses", "other_concepts"]
+    seen = {k.removesuffix("_after") for r in rows for k in r if k.endswith("_after")}
+    return [c for c in order if c in seen] + sorted(seen - set(order))
+
+
+def table_markdown(title: str, rows: list[dict], note: str = "") -> str:
+    cols = columns_of(rows)
+    head = ["method"] + [column_title(c) for c in cols] + ["Score", "α", "seconds"]
+    lines = [f"# {title}", ""]
+    if rows and cols:
+        lines.append("Before: " + ", ".join(f"{column_title(c)} {rows[0][f'{c}_before']:.3f}" for c in cols
+                                            if f"{c}_before" in rows[0]))
+        lines.append("Cells: accuracy after (after / before).")
+        lines.append("")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [f"{r[f'{c}_after']:.3f} ({r[f'{c}_ratio']:.2f})" if f"{c}_after" in r else "" for c in cols]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) +
+                     f" | **{r['score']:.1f}** | {r.get('alpha', 1.0):.2f} | {r.get('seconds', float('nan')):.0f} |")
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_table(out: Path, stem: str, title: str, rows: list[dict], meta: dict, note: str = "") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{stem}.md", table_markdown(title, rows, note))
+    write_text(out / f"{stem}.csv", table_csv(rows))
+    write_json(out / f"{stem}.json", {**meta, "title": title, "rows": rows})
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+def plot_alpha_curve(curve: list[dict], chosen: float, path: Path, title: str) -> Path | None:
+    if not curve:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    alphas = [r["alpha"] for r in curve]
+    for col in [k for k in curve[0] if k != "alpha"]:
+        ax.plot(alphas, [r[col] for r in curve], marker="o", ms=3, label=column_title(col))
+    ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen α = {chosen:.2f}")
+    ax.set(xlabel="unlearning strength α (0: original, 1: fully unlearned)", ylabel="calibration accuracy",
+           title=title, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_relative_fisher(importance: dict[str, float], chosen: list[str], path: Path, title: str) -> Path | None:
+    if not importance:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(importance)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(names)), 3.6))
+    ax.bar(range(len(names)), [importance[n] for n in names],
+           color=["tab:red" if n in chosen else "tab:blue" for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=75, fontsize=6)
+    ax.set(ylabel="relative Fisher F(D_f) / F(D_r)", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plots_for_ours(run: Run, out: Path, label: str) -> list[str]:
+    paths = []
+    res = run.result
+    p = plot_alpha_curve(res.alpha_curve, res.alpha, out / "alpha_curve.png", f"ours: forget {label}")
+    if p:
+        paths.append(p.name)
+    forget = res.info.get("forget", {})
+    p = plot_relative_fisher(forget.get("relative_fisher", {}), forget.get("layers", []),
+                             out / "relative_fisher.png", f"relative Fisher per layer ({label}); red: chosen")
+    if p:
+        paths.append(p.name)
+    return paths
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------
+
+def deep_update(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_update(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_method(bundle: ClipBundle, task: Task, method: str, config, evaluator: Evaluator,
+               callbacks: Iterable[Callback] = ()) -> Run:
+    t0 = time.perf_counter()
+    unlearner = get_method(method)(config)
+    result = unlearner.run(bundle, task, callbacks, evaluator.texts)
+    report = evaluator.report(task, result)
+    report["seconds"]["total"] = time.perf_counter() - t0
+    return Run(result, report, task)
+
+
+def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gallery: Gallery,
+              out_dir: str | Path, configs: dict[str, dict] | None = None, split: SplitConfig | None = None,
+              callbacks: Iterable[Callback] = (), cache: ViewCache | None = None) -> dict:
+    """Run ``methods`` (default: every registered one) on the task ``task_name`` (a spec or a preset
+    of :data:`PRESETS`; ``all``: every preset) and write the table to ``out_dir``. ``configs``: per
+    method config dicts. Returns {"title", "rows", ...} (for ``all``: {preset: that})."""
+    out = Path(out_dir)
+    split = split or SplitConfig()
+    cache = cache or ViewCache(gallery)
+    configs = configs or {}
+    if task_name == "all":
+        return {name: run_bench(spec, methods, bundle, gallery, out / name, configs, split, callbacks, cache)
+                for name, spec in PRESETS.items()}
+    spec = PRESETS.get(task_name, task_name)
+    evaluator = Evaluator(bundle)
+    meta = {"task": spec, "model": bundle.arch, "gallery": gallery.name, "split": dataclasses.asdict(split)}
+    if spec.startswith("continual:"):
+        return _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, cache, evaluator, meta)
+    if spec.startswith("ablation:"):
+        return _ablation(spec.removeprefix("ablation:"), bundle, gallery, out, configs, split, callbacks, cache,
+                         evaluator, meta)
+    methods = list(methods or list_methods())
+    for m in methods:
+        get_method(m)      # unknown names fail before any work, with a suggestion
+    task = make_task(spec, bundle, gallery, split, cache)
+    label = task.request.label
+    rows, plots = [], []
+    for m in methods:
+        log.info("bench %s: %s", spec, m)
+        run = run_method(bundle, task, m, configs.get(m), evaluator, callbacks)
+        rows.append(row_from_report(m, run.report))
+        if m == "ours":
+            plots = plots_for_ours(run, _mkdir(out), label)
+    title = f"forget {label} ({spec}) — {bundle.arch}"
+    note = ("Score = 100/K·[(1 − a'_T/a_T) + Σ_j min(1, a'_j/a_j)] over the K columns (the paper's). "
+            f"Chance (1 / superclasses) = {1 / len(task.superclasses):.3f}.")
+    write_table(out, "table", title, rows, {**meta, "plots": plots}, note)
+    return {"title": title, "rows": rows, "plots": plots}
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _ablation(spec, bundle, gallery, out, configs, split, callbacks, cache, evaluator, meta) -> dict:
+    task = make_task(spec, bundle, gallery, split, cache)
+    base = configs.get("ours") or {}
+    rows = []
+    for name, over in ABLATIONS.items():
+        log.info("ablation %s: %s", spec, name)
+        run = run_method(bundle, task, "ours", deep_update(base, over), evaluator, callbacks)
+        rows.append(row_from_report(name, run.report, overrides=json.dumps(over)))
+    title = f"ablation of ours: forget {task.request.label} ({spec}) — {bundle.arch}"
+    write_table(out, "ablation", title, rows, meta, "Each row switches one ingredient of ours off (OursConfig overrides).")
+    return {"title": title, "rows": rows}
+
+
+def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, cache, evaluator, meta) -> dict:
+    """Each request alone, then their deltas merged (sum: task arithmetic; average: mean of θ_i),
+    every model evaluated on every request's columns; a row's Score is the mean over requests."""
+    specs = spec.removeprefix("continual:").split("+")
+    if len(specs) < 2:
+        raise ValueError(f"continual task {spec!r}: name at least two requests joined by '+'")
+    tasks = [make_task(s, bundle, gallery, split, cache) for s in specs]
+    rows = []
+    for m in list(methods or ["ours"]):
+        run_dirs = []
+        for s, task in zip(specs, tasks):
+            run = run_method(bundle, task, m, configs.get(m), evaluator, callbacks)
+            d = out / "runs" / m / s.replace("/", "_").replace("@", "_")
+            save_run(run, bundle, d, export=False)
+            run_dirs.append(d)
+        candidates = {f"{m}: {s} alone": _scaled(d) for s, d in zip(specs, run_dirs)}
+        candidates[f"{m}: merged (sum)"] = merge_runs(run_dirs, "sum")
+        candidates[f"{m}: merged (average)"] = merge_runs(run_dirs, "average")
+        for name, delta in candidates.items():
+            row = {"method": name}
+            scores = []
+            for s, task in zip(specs, tasks):
+                before = evaluator.before(task)
+                after = evaluator.after(task, delta, 1.0)
+                cols = {c: {"before": before[c], "after": after[c]} for c in before}
+                sc = score(cols)
+                scores.append(sc)
+                row[f"{s} target_after"] = after["target"]
+                row[f"{s} target_ratio"] = after["target"] / before["target"] if before["target"] else float("nan")
+                row[f"{s} score"] = sc
+            row["score"] = sum(scores) / len(scores)
+            rows.append(row)
+    title = f"continual forgetting by merging: {' + '.join(specs)} — {bundle.arch}"
+    md = [f"# {title}", "", "Cells: target accuracy after (after / before) and the Score of each request's "
+          "columns; last column: the mean Score.", "",
+          "| model | " + " | ".join(f"{s}: target | {s}: Score" for s in specs) + " | mean Score |",
+          "|---|" + "---:|---:|" * len(specs) + "---:|"]
+    for r in rows:
+        cells = [f"{r[f'{s} target_after']:.3f} ({r[f'{s} target_ratio']:.2f}) | {r[f'{s} score']:.1f}" for s in specs]
+        md.append(f"| {r['method']} | " + " | ".join(cells) + f" | **{r['score']:.1f}** |")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "continual.md", "\n".join(md) + "\n")
+    write_text(out / "continual.csv", table_csv(rows))
+    write_json(out / "continual.json", {**meta, "title": title, "rows": rows})
+    return {"title": title, "rows": rows}
+
+
+def _scaled(run_dir: Path) -> dict:
+    from .pipeline import load_delta
+    delta, meta = load_delta(run_dir)
+    a = float(meta.get("alpha", 1.0))
+    return {k: a * v for k, v in delta.items()}
+
+
+# ---- CLI wiring (cli.py calls add_bench_parser) ----------------------------------------------------
+
+def add_bench_parser(subparsers) -> None:
+    """``clipforget bench --task SPEC [--methods a,b] --out DIR``."""
+    from .cli import _model_args
+    b = subparsers.add_parser("bench", help="every method on one task: the paper-style table (md/csv/json/png)")
+    _model_args(b)
+    b.add_argument("--task", required=True,
+                   help=f"a preset ({', '.join(PRESETS)}, all) or a spec: SUPER/SUB, SUPER@STYLE, class:SUPER, "
+                        "continual:A+B, ablation:SPEC")
+    b.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(list_methods())}")
+    b.add_argument("--config", default=None, help='per-method configs as JSON (file or inline): {"ga": {...}}')
+    b.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"train_views\": 4}'")
+    b.add_argument("--out", required=True)
+    b.set_defaults(fn=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .cli import _bundle, _gallery
+
+    def load(text):
+        if not text:
+            return {}
+        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    split = config_from_dict(SplitConfig, load(args.split))
+    result = run_bench(args.task, methods, _bundle(args), _gallery(args), args.out, load(args.config), split)
+    results = result.values() if args.task == "all" else [result]
+    for r in results:
+        best = max(r["rows"], key=lambda row: row["score"])
+        log.info("%s: best %s (Score %.1f)", r["title"], best["method"], best["score"])
+    log.warning("wrote the benchmark tables to %s", args.out)
+    return 0

@@ -1,0 +1,247 @@
+"""The baselines and CCUP: one test of each method's defining property, and one table test that
+runs every registered method on a tiny model and task and checks the shared interface."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from clipforget.data.gallery import Gallery
+from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_task
+from clipforget.methods.base import Context, get_method, list_methods
+from clipforget.train.loop import LoopConfig
+
+TINY_SPLIT = SplitConfig(train_views=2, calib_views=1, calib_target_views=1, test_views=1,
+                         calib_other_images=12, calib_concept_images=12, max_other_images=16)
+QUICK = LoopConfig(steps=3, lr=1e-3, grad_clip=1.0)
+# few steps and samples per method: the table test checks the interface, not the quality
+QUICK_CONFIGS = {
+    "ours": {"forget": {"fisher_samples": 4, "loop": QUICK, "target_accuracy": None},
+             "remind": {"loop": QUICK, "align": {"steps": 2}}, "restore": {"grid_points": 3}},
+    "ft": {"loop": QUICK}, "ga": {"loop": QUICK, "early_stop": False},
+    "fisher": {"samples": 4}, "lip": {"loop": QUICK, "copies": 2, "batch_size": 4},
+    "emmn": {"noise_images": 4, "noise_loop": LoopConfig(steps=3, lr=0.1, grad_clip=None),
+             "impair": QUICK, "repair": QUICK},
+    "clip_lip": {"synthetic": 4, "synth_loop": LoopConfig(steps=2, lr=0.05, grad_clip=None), "copies": 2,
+                 "batch_size": 4, "loop": QUICK},
+    "task_negation": {"loop": QUICK, "lam_grid": (0.5, 1.0)},
+    "ccup": {},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from clipforget.models import load_clip
+    torch.manual_seed(0)
+    return load_clip("test-tiny-rn", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_gallery(gallery):
+    """Four superclasses of the embedded gallery, one style, plus a few other concepts."""
+    keep = {"dog", "cat", "car", "fruit"}
+    items = [it for it in gallery.items if it.kind == "hierarchy" and it.superclass in keep and it.style == "noto"]
+    items += [it for it in gallery.items if it.kind == "other"][:8]
+    return Gallery(gallery.root, items, "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tiny, tiny_gallery):
+    return build_task(tiny_gallery, ForgetRequest("dog", "poodle"), tiny.image_size, TINY_SPLIT,
+                      ViewCache(tiny_gallery, source_size=32))
+
+
+def state_hash(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def with_weights(bundle, result, alpha=1.0):
+    from clipforget.pipeline import edited_model
+    return edited_model(bundle, result.delta, alpha)
+
+
+# ---- the table: every registered method, one interface --------------------------------------------
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_runs_and_keeps_the_interface(name, tiny, tiny_task):
+    cls = get_method(name)
+    assert cls.summary, f"{name} needs a one-line summary"
+    assert dataclasses.is_dataclass(cls.Config)
+    before = state_hash(tiny.model)
+    result = cls(QUICK_CONFIGS.get(name)).run(tiny, tiny_task)
+    assert state_hash(tiny.model) == before, f"{name} mutated the model it was given"
+    assert all(p.grad is None for p in tiny.model.parameters()), f"{name} left gradients on the given model"
+    assert result.delta, f"{name} changed nothing"
+    assert all(k.startswith("visual.") for k in result.delta)
+    assert all(torch.isfinite(v).all() for v in result.delta.values())
+    assert 0.0 <= result.alpha <= 1.0 and result.method == name
+
+
+def test_configs_name_the_bad_field():
+    cases = {"ft": {"batch_size": 0}, "ga": {"target_accuracy": 2.0}, "fisher": {"scale": 0.0},
+             "lip": {"sigma": 0.0}, "emmn": {"noise_images": 0}, "clip_lip": {"top_k_layers": 0},
+             "task_negation": {"lam": -1.0}, "ccup": {"strength": 1.5}}
+    for name, bad in cases.items():
+        field = next(iter(bad))
+        with pytest.raises(ValueError, match=field):
+            get_method(name)(bad)
+
+
+# ---- defining properties -------------------------------------------------------------------------
+
+def test_ft_never_sees_a_forget_image(tiny, tiny_task, monkeypatch):
+    """FT's only data is D_r: every image it feeds the model is a retain view."""
+    seen = []
+    real = Context.inputs
+
+    def spy(self, views, idx=None, model=None):
+        seen.append(views)
+        return real(self, views, idx, model)
+    monkeypatch.setattr(Context, "inputs", spy)
+    get_method("ft")({"loop": QUICK}).run(tiny, tiny_task)
+    assert seen and all(v is tiny_task.retain for v in seen)
+    assert not any(it.subgroup == "poodle" for v in seen for it in v.items)
+
+
+def _forget_loss(bundle, task, model):
+    from clipforget.methods.common import forget_loss
+    ctx = Context(bundle, task)
+    with torch.no_grad():
+        return float(forget_loss(ctx, ctx.inputs(task.forget), model))
+
+
+def test_ga_raises_the_forget_loss(tiny, tiny_task):
+    result = get_method("ga")({"loop": LoopConfig(steps=5, lr=1e-3), "early_stop": False}).run(tiny, tiny_task)
+    before = _forget_loss(tiny, tiny_task, tiny.model.eval())
+    after = _forget_loss(tiny, tiny_task, with_weights(tiny, result))
+    assert after > before + 1e-3
+
+
+def test_fisher_noise_variance_scales_with_inverse_fisher():
+    from clipforget.methods.fisher import noise_std
+    f = torch.tensor([1.0, 4.0, 100.0, 1e-9])
+    std = noise_std(f, scale=0.2, cap=0.5)
+    assert torch.allclose(std[:3] ** 2 * f[:3], torch.full((3,), 0.2), rtol=1e-5)   # σ² = scale / F
+    assert std[3] == 0.5                                                           # capped
+    assert std[0] > std[1] > std[2]
+
+
+def test_fisher_method_perturbs_less_where_retain_fisher_is_large(tiny, tiny_task):
+    from clipforget.methods.common import diagonal_fisher
+    cfg = {"samples": 8, "scale": 1e-6, "cap": 1.0}
+    result = get_method("fisher")(cfg).run(tiny, tiny_task)
+    assert result.info["mean_noise_std"] > 0
+    # the noise on each entry is N(0, min(scale/F, cap²)); normalised by that std it is N(0, 1)
+    ctx = Context(tiny, tiny_task)
+    params = dict(ctx.model.visual.named_parameters())
+    name = "attnpool.c_proj.weight"
+    idx = ctx.sample(tiny_task.retain, 8)
+    labels = tiny_task.superclass_labels(tiny_task.retain)
+
+    def per_sample(i):
+        logits = ctx.superclass_logits(ctx.inputs(tiny_task.retain, idx[i:i + 1]))
+        return torch.nn.functional.cross_entropy(logits, labels[idx[i:i + 1]])
+    f = diagonal_fisher([params[name]], per_sample, len(idx))[0]
+    z = result.delta[f"visual.{name}"] / (1e-6 / (f + 1e-8)).sqrt().clamp(max=1.0)
+    assert 0.8 < float(z.std()) < 1.2
+
+
+def test_lip_lowers_the_lipschitz_ratio(tiny, tiny_task):
+    from clipforget.methods.common import lipschitz_ratio
+    result = get_method("lip")({"loop": LoopConfig(steps=4, lr=1e-3), "copies": 3, "batch_size": 4}).run(tiny, tiny_task)
+    ctx = Context(tiny, tiny_task)
+    x = ctx.inputs(tiny_task.forget)
+
+    def ratio(model):
+        with torch.no_grad():
+            return float(lipschitz_ratio(ctx, x, 4, 1.0, torch.Generator().manual_seed(7), model.eval()))
+    assert ratio(with_weights(tiny, result)) < ratio(tiny.model)
+
+
+def test_emmn_noise_raises_the_forget_loss(tiny, tiny_task):
+    from clipforget.methods.emmn import EMMNConfig, error_maximising_noise
+    ctx = Context(tiny, tiny_task)
+    cfg = EMMNConfig(noise_images=4, noise_loop=LoopConfig(steps=5, lr=0.1, grad_clip=None))
+    noise, info = error_maximising_noise(ctx, cfg)
+    assert info["forget_loss_learned_noise"] > info["forget_loss_initial_noise"]
+    assert noise.shape == (4, 3, tiny.image_size, tiny.image_size)
+
+
+def test_task_negation_with_zero_lambda_is_the_original(tiny, tiny_task):
+    result = get_method("task_negation")({"lam": 0.0, "loop": QUICK}).run(tiny, tiny_task)
+    assert result.delta == {}
+    assert result.info["lam"] == 0.0
+    moved = get_method("task_negation")({"lam": 1.0, "loop": QUICK}).run(tiny, tiny_task)
+    assert moved.delta    # the same fine-tuning with λ = 1 does change the weights
+
+
+def _raw_image_embeddings(model, x):
+    with torch.no_grad():
+        return model.eval().encode_image(x).float()
+
+
+def test_ccup_projects_forget_prompts_out_and_keeps_retained_ones(tiny, tiny_task):
+    from clipforget.methods.ccup import revert
+    from clipforget.methods.common import prompt_embeddings
+    retained = ("cat", "car")
+    cfg = {"forget_prompts": ("dog",), "retained_prompts": retained}
+    result = get_method("ccup")(cfg).run(tiny, tiny_task)
+    ctx = Context(tiny, tiny_task)
+    x = torch.cat([ctx.inputs(tiny_task.forget), ctx.inputs(tiny_task.retain)])
+    e0 = _raw_image_embeddings(tiny.model, x)
+    e1 = _raw_image_embeddings(with_weights(tiny, result), x)
+    t_r = prompt_embeddings(ctx, list(retained))
+    t_f = prompt_embeddings(ctx, ["dog"])
+    # retained prompts: raw image–text similarity unchanged
+    assert torch.allclose(e1 @ t_r.t(), e0 @ t_r.t(), atol=1e-5)
+    # forget prompts: their part outside the retained span is no longer seen at all
+    u = result.info["U"]
+    assert float((e1 @ u).abs().max()) < 1e-4 and float((e0 @ u).abs().max()) > 1e-3
+    ur = torch.linalg.svd(t_r.t().double(), full_matrices=False)[0].float()
+    resid = torch.nn.functional.normalize(t_f - (t_f @ ur) @ ur.t(), dim=-1)
+    assert float((e1 @ resid.t()).abs().max()) < 1e-4
+    # low rank and reversible
+    assert result.info["rank"] == u.shape[1] <= len(t_f)
+    for v in result.delta.values():
+        # float32 rounding of θ_u − θ₀ leaves singular values ~1e-7 of the largest
+        assert torch.linalg.matrix_rank(v.reshape(v.shape[0], -1).double(), rtol=1e-4) <= u.shape[1]
+    theta0 = tiny.model.visual.state_dict()
+    edited = with_weights(tiny, result).visual.state_dict()
+    back = revert(edited, result.info)
+    assert all(torch.allclose(back[k], theta0[k], atol=1e-6) for k in theta0 if theta0[k].is_floating_point())
+
+
+def test_ccup_without_retained_prompts_zeroes_the_forget_similarity(tiny, tiny_task):
+    from clipforget.methods.common import prompt_embeddings
+    result = get_method("ccup")({"forget_prompts": ("dog",), "retained_prompts": ()}).run(tiny, tiny_task)
+    ctx = Context(tiny, tiny_task)
+    e1 = _raw_image_embeddings(with_weights(tiny, result), ctx.inputs(tiny_task.forget))
+    t_f = prompt_embeddings(ctx, ["dog"])
+    assert float((torch.nn.functional.normalize(e1, dim=-1) @ t_f.t()).abs().max()) < 1e-5
+
+
+def test_ccup_strength_zero_is_the_identity_and_strength_is_linear(tiny, tiny_task):
+    zero = get_method("ccup")({"strength": 0.0}).run(tiny, tiny_task)
+    assert zero.delta == {}
+    full = get_method("ccup")({"strength": 1.0}).run(tiny, tiny_task)
+    half = get_method("ccup")({"strength": 0.5}).run(tiny, tiny_task)
+    for k, v in full.delta.items():
+        assert torch.allclose(half.delta[k], 0.5 * v, atol=1e-6)
+
+
+def test_ccup_on_a_vit_edits_proj():
+    from clipforget.models import load_clip
+    from clipforget.methods.ccup import forget_basis, low_rank_delta, projection_site
+    vit = load_clip("test-tiny-vit", device="cpu")
+    site = projection_site(vit.model.visual)
+    assert site == ("proj", "in_out")
+    u = forget_basis(torch.nn.functional.normalize(torch.randn(16, 2), dim=0), None)
+    d = low_rank_delta(vit.model.visual.state_dict(), site, u, 1.0)
+    new = vit.model.visual.proj.detach().double() + d["proj"]
+    assert torch.allclose(new @ u, torch.zeros(new.shape[0], 2, dtype=torch.double), atol=1e-10)

@@ -1,0 +1,56 @@
+"""The benchmark's task specs, the whole-class task and the table writers (no training here)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from clipforget.benchmark import (ABLATIONS, ClassRequest, build_class_task, deep_update, parse_request,
+                                  row_from_report, write_table)
+from clipforget.data.gallery import Gallery
+from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache
+from clipforget.methods.base import config_from_dict
+from clipforget.methods.ours import OursConfig
+
+
+def test_specs_parse():
+    assert parse_request("dog/poodle") == ForgetRequest("dog", "poodle")
+    assert parse_request("car@line-art") == ForgetRequest("car", None, "line-art")
+    assert parse_request("class:dog") == ClassRequest("dog")
+    with pytest.raises(ValueError, match="expected SUPER/SUB"):
+        parse_request("dog")
+
+
+def test_every_ablation_is_a_valid_ours_config():
+    for name, over in ABLATIONS.items():
+        cfg = config_from_dict(OursConfig, deep_update({"forget": {"top_k_layers": 2}}, over))
+        assert cfg.forget.top_k_layers == 2, name
+    off = config_from_dict(OursConfig, ABLATIONS["no alignment"])
+    assert off.remind.align.enabled is False and off.remind.enabled is True
+
+
+def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_test(gallery):
+    keep = {"dog", "cat", "car"}
+    items = [it for it in gallery.items if it.kind == "hierarchy" and it.superclass in keep and it.style == "noto"]
+    items += [it for it in gallery.items if it.kind == "other"][:4]
+    g = Gallery(gallery.root, items, "tiny")
+    split = SplitConfig(train_views=1, calib_views=1, test_views=1, calib_other_images=8, calib_concept_images=4)
+    task = build_class_task(g, ClassRequest("dog"), 32, split, ViewCache(g, 32), retain_per_superclass=2)
+    assert {it.subgroup for it in task.forget.items} == set(g.subgroups("dog"))
+    assert {it.superclass for it in task.retain.items} == {"cat", "car"}
+    retain_paths = {it.path for it in task.retain.items}
+    assert not retain_paths & {it.path for it in task.test["other_superclasses"].views.items}
+    assert set(task.test) == {"target", "other_superclasses", "other_concepts"}
+    assert task.request.to_dict()["whole_class"] is True
+
+
+def test_tables_are_written_in_three_formats(tmp_path):
+    report = {"score": 80.0, "alpha": 0.5, "seconds": {"total": 3.0},
+              "columns": {"target": {"before": 0.9, "after": 0.0}, "retain": {"before": 0.8, "after": 0.4}}}
+    rows = [row_from_report("ours", report)]
+    write_table(tmp_path, "table", "t", rows, {"task": "dog/poodle"})
+    md = (tmp_path / "table.md").read_text()
+    assert "| ours | 0.000 (0.00) | 0.400 (0.50) | **80.0** | 0.50 |" in md
+    assert list(csv.DictReader(open(tmp_path / "table.csv")))[0]["retain_ratio"] == "0.5"
+    assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["score"] == 80.0
