@@ -23,8 +23,9 @@ def test_random_rn50_saved_and_loaded_back(tmp_path):
     save_safetensors(model.state_dict(), tmp_path / "rn50.safetensors")
     b = load_clip("RN50", str(tmp_path / "rn50.safetensors"), device="cpu")
     assert b.image_size == 224 and b.arch == "RN50"
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in model.state_dict().items())
     for a, c in zip(_outputs(model, 224, 77), _outputs(b.model, 224, 77)):
-        assert torch.equal(a, c)
+        assert torch.allclose(a, c, atol=1e-5)    # same weights; multithreaded CPU kernels may differ in the last bits
 
 
 def test_tiny_config_pt_checkpoint_weights_only(tmp_path):

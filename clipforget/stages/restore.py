@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class RestoreConfig:
     enabled: bool = True                 # False: α = 1 (no soup)
     grid_points: int = 11                # α on an even grid over [0, 1]
-    margin: float = 0.1                  # added to the chosen α (capped at 1): D_m holds few forget
+    margin: float = 0.2                  # added to the chosen α (capped at 1): D_m holds few forget
                                          # images, so the boundary α forgets the test views less reliably [recon]
     target_accuracy: float | None = None  # forget target on D_m; None: chance level
 
