@@ -120,9 +120,12 @@ def test_alpha_zero_reproduces_the_original_exactly(bundle, poodle_task):
     delta = {f"visual.{k}": v for k, v in ctx.current_delta().items()}
     assert delta
     x = poodle_task.forget.images[:4].float() / 255
+    original = bundle.model.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in edited_model(bundle, delta, 0.0).state_dict().items())
     with torch.no_grad():
         ref = bundle.model.encode_image(bundle.normalize(x))
-        assert torch.equal(edited_model(bundle, delta, 0.0).encode_image(bundle.normalize(x)), ref)
+        # identical weights; outputs to 1e-6 because CPU kernels may pick another algorithm per call
+        assert torch.allclose(edited_model(bundle, delta, 0.0).encode_image(bundle.normalize(x)), ref, atol=1e-6)
         assert not torch.equal(edited_model(bundle, delta, 1.0).encode_image(bundle.normalize(x)), ref)
 
 

@@ -33,8 +33,9 @@ def test_tiny_config_pt_checkpoint_weights_only(tmp_path):
     model.eval()
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
     b = load_clip("test-tiny-rn", str(tmp_path / "tiny.pt"), device="cpu")
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in model.state_dict().items())
     for a, c in zip(_outputs(model, 32), _outputs(b.model, 32)):
-        assert torch.equal(a, c)
+        assert torch.allclose(a, c, atol=1e-5)    # same weights; CPU kernels may differ in the last bits
 
 
 class Payload:  # a class only full unpickling can rebuild
