@@ -1,0 +1,174 @@
+"""Retain-set suggestions: exactly the siblings for gallery subgroups, at-risk warnings, sensible
+neighbours for a user's folder and for example images with a coarse label."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from clipforget.data.gallery import Gallery, Item
+from clipforget.data.task import ForgetRequest, resolve
+from clipforget.suggest import (GalleryEmbeddings, SuggestConfig, suggest_for_examples, suggest_for_request)
+
+
+@pytest.fixture(scope="module")
+def emb(bundle, gallery):
+    return GalleryEmbeddings.compute(bundle, gallery)
+
+
+# ---- without a model: the rules on hand-made embeddings ---------------------------------------------
+
+def _toy():
+    """dog/{poodle, guide-dog}, cat/{cat, twin}, _other/{rock}: 'twin' sits right on the poodles."""
+    items, vecs = [], []
+
+    def add(sc, sg, vec, n=3, kind="hierarchy"):
+        for i in range(n):
+            items.append(Item(f"{sc or '_other'}/{sg}/{i}.png", sg, sc, sg if sc else "", f"s{i}", kind))
+            vecs.append(torch.tensor(vec) + 0.05 * torch.randn(4, generator=gen))
+
+    gen = torch.Generator().manual_seed(0)
+    add("dog", "poodle", [1.0, 0.0, 0.0, 0.0])
+    add("dog", "guide-dog", [0.6, 0.8, 0.0, 0.0])
+    add("cat", "cat", [0.0, 0.0, 1.0, 0.0])
+    add("cat", "twin", [1.0, 0.05, 0.0, 0.0])
+    add("", "rock", [0.0, 0.0, 0.0, 1.0], kind="other")
+    g = Gallery("/nonexistent", items, "toy")
+    return g, GalleryEmbeddings(items, torch.nn.functional.normalize(torch.stack(vecs), dim=-1))
+
+
+def test_at_risk_is_a_neighbour_as_close_as_the_forget_images_are_to_each_other():
+    g, emb = _toy()
+    s = suggest_for_request(None, g, ForgetRequest("dog", "poodle"), embeddings=emb)
+    assert s.retain == ["guide-dog"] and s.retain_source == "siblings"
+    names = [n.name for n in s.neighbours]
+    assert names[0] == "twin" and "poodle" not in names and "guide-dog" not in names
+    twin = s.neighbours[0]
+    assert twin.at_risk and twin.ratio >= 0.9
+    assert not any(n.at_risk for n in s.neighbours if n.name in ("cat", "rock"))
+    assert any("twin" in w and "over-forgotten" in w for w in s.warnings)
+    # a stricter ratio warns about nothing; a retain set that protects 'twin' does not warn about it
+    strict = suggest_for_request(None, g, ForgetRequest("dog", "poodle"), SuggestConfig(risk_ratio=1.5), emb)
+    assert not strict.at_risk and not strict.warnings
+    mine = suggest_for_request(None, g, ForgetRequest("dog", "poodle", retain=("guide-dog", "twin")), embeddings=emb)
+    assert mine.retain == ["guide-dog"]                  # the suggestion is still the siblings
+    assert "twin" not in [n.name for n in mine.neighbours] and not mine.warnings
+
+
+def test_config_names_the_bad_field():
+    with pytest.raises(ValueError, match="risk_ratio"):
+        SuggestConfig(risk_ratio=0)
+    with pytest.raises(ValueError, match="neighbours"):
+        SuggestConfig(neighbours=0)
+
+
+# ---- the embedded world ----------------------------------------------------------------------------
+
+def test_suggestion_is_exactly_the_siblings_for_every_gallery_subgroup(bundle, gallery, emb):
+    for sc in gallery.superclasses():
+        for sg in gallery.subgroups(sc):
+            req = ForgetRequest(sc, sg)
+            s = suggest_for_request(bundle, gallery, req, embeddings=emb)
+            assert s.retain == resolve(gallery, req)[2] == [x for x in gallery.subgroups(sc) if x != sg], (sc, sg)
+            assert s.request["retain"] is None                       # the default request, as the sweep runs it
+            assert all(n.superclass != sc for n in s.neighbours)      # neighbours are outside the retain set
+            sims = [n.similarity for n in s.neighbours]
+            assert sims == sorted(sims, reverse=True)
+
+
+def test_style_request_compares_within_the_style(bundle, gallery, emb):
+    s = suggest_for_request(bundle, gallery, ForgetRequest("car", style="line-art"), embeddings=emb)
+    assert s.retain == gallery.subgroups("car") and s.forget_images == len(gallery.subgroups("car"))
+    assert s.neighbours and all(n.style == "line-art" for n in s.neighbours)
+    # the nearest line-art concepts outside the cars are vehicles (trucks first of all)
+    assert s.neighbours[0].superclass in ("truck", "aircraft", "boat", "train")
+
+
+def _user_folder(gallery, root, picks):
+    for sc, sg in picks:
+        for it in gallery.select(superclass=sc, subgroup=sg):
+            dst = root / sc / sg / f"{it.style}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(gallery.root / it.path, dst)
+    return Gallery.open(root)
+
+
+def test_user_folder_gets_its_siblings_and_sensible_neighbours(bundle, gallery, tmp_path):
+    user = _user_folder(gallery, tmp_path / "mine", [
+        ("dog", "poodle"), ("dog", "dog"), ("dog", "guide-dog"), ("cat", "cat"), ("cat", "black-cat"),
+        ("car", "taxi"), ("car", "police-car"), ("fruit", "banana"), ("flower", "rose")])
+    assert user.styles() == []                                       # root/superclass/subgroup/*.png
+    s = suggest_for_request(bundle, user, ForgetRequest("dog", "poodle"))
+    assert s.retain == ["dog", "guide-dog"]
+    order = [n.superclass for n in s.neighbours]
+    assert order[:2] == ["cat", "cat"], order                        # animals before cars, fruit, flowers
+    s_taxi = suggest_for_request(bundle, user, ForgetRequest("car", "taxi"))
+    assert s_taxi.retain == ["police-car"] and s_taxi.neighbours[0].superclass != "flower"
+
+
+def test_example_images_with_a_gallery_coarse_label(bundle, gallery, emb):
+    paths = [gallery.root / it.path for it in gallery.select(superclass="dog", subgroup="poodle")]
+    s = suggest_for_examples(bundle, gallery, paths, "dog", embeddings=emb)
+    assert s.match and (s.match["superclass"], s.match["subgroup"]) == ("dog", "poodle")
+    assert s.retain == [x for x in gallery.subgroups("dog") if x != "poodle"]     # the siblings again
+    assert s.request is None and s.forget_images == len(paths)
+
+
+def test_example_images_with_an_unknown_coarse_label(bundle, gallery, emb):
+    paths = [gallery.root / it.path for it in gallery.select(superclass="dog", subgroup="poodle")]
+    s = suggest_for_examples(bundle, gallery, paths, "canine", SuggestConfig(retain_neighbours=4), emb)
+    assert len(s.retain) == 4 and "poodle" not in s.retain
+    dogs = set(gallery.subgroups("dog"))
+    assert sum(r in dogs for r in s.retain) >= 3, s.retain           # the nearest subgroups are other dogs
+    assert any("not a superclass" in w for w in s.warnings)
+
+
+def test_example_images_need_a_label_and_two_images(bundle, gallery, emb):
+    paths = [gallery.root / it.path for it in gallery.select(superclass="dog", subgroup="poodle")]
+    with pytest.raises(ValueError, match="coarse label"):
+        suggest_for_examples(bundle, gallery, paths, " ", embeddings=emb)
+    with pytest.raises(ValueError, match="at least 2 example images"):
+        suggest_for_examples(bundle, gallery, paths[:1], "dog", embeddings=emb)
+
+
+# ---- in the app: the editable retain set and uploaded examples ------------------------------------------
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    from clipforget.appcore import AppCore
+    c = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu")
+    c.resources(timeout=600)
+    yield c
+    c.close()
+
+
+@pytest.mark.slow
+def test_app_retain_editor_and_edited_retain_set(core, gallery):
+    ed = core.retain_editor("dog", "poodle")
+    siblings = [x for x in gallery.subgroups("dog") if x != "poodle"]
+    assert ed["value"] == siblings and ed["choices"][:len(siblings)] == siblings
+    assert set(ed["choices"]) == set(gallery.subgroups()) and "Suggested retain set" in ed["markdown"]
+    req = core.request("dog", "poodle")
+    assert core.with_retain(req, siblings[::-1]) is req                  # the siblings: retain=None, as the sweep
+    assert core.with_retain(req, siblings[:2] + ["tiger"]).retain == (*siblings[:2], "tiger")
+    with pytest.raises(ValueError, match="poodel"):
+        core.with_retain(req, ["poodel"])
+    with pytest.raises(ValueError, match="forget subgroup"):
+        core.with_retain(req, ["poodle"])
+
+
+@pytest.mark.slow
+def test_app_upload_examples_for_a_retain_suggestion(core, gallery, tmp_path):
+    from clipforget.uploads import UploadError
+    paths = [str(gallery.root / it.path) for it in gallery.select(superclass="dog", subgroup="poodle")]
+    res = core.suggest_uploads(paths, "dog")
+    assert res["match"]["subgroup"] == "poodle"
+    assert res["retain"] == [x for x in gallery.subgroups("dog") if x != "poodle"]
+    assert "pick **poodle**" in res["markdown"]
+    stored = list((core.runs_dir / "uploads" / res["batch"]).iterdir())
+    assert len(stored) == len(paths) and all(p.suffix == ".png" for p in stored)
+    bad = tmp_path / "evil.png"
+    bad.write_text("<script>alert(1)</script>" * 10)
+    with pytest.raises(UploadError, match="not an image"):
+        core.suggest_uploads(paths[:2] + [str(bad)], "dog")
