@@ -1,0 +1,213 @@
+"""The forgetting certificate: its pieces on small inputs, then a real unlearning run against a
+sham (the same run at α = 0, i.e. the original model) on the embedded world."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from clipforget.certify import (CertifyConfig, ProbeConfig, RelearnConfig, Thresholds, balanced_accuracy, certify,
+                                checks, fit_probe, load_certificate, read_run, retrieval_queries, split_groups,
+                                verdict_line, _probe_predict)
+from clipforget.cli import main as cli_main
+from clipforget.data.gallery import Item
+from clipforget.data.task import ForgetRequest, SplitConfig
+
+# small enough for seconds, big enough to separate a real run from a sham
+SMALL = {"relearn": {"steps": 4, "eval_every": 2, "batch_size": 8, "train_views": 2, "eval_views": 2,
+                     "anchor_images": 16},
+         "probe": {"train_views": 1, "eval_views": 1, "steps": 60, "max_negatives": 40},
+         "retrieval": {"pool": 100}}
+QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
+QUICK_SPLIT = {"train_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
+               "calib_concept_images": 40, "max_other_images": 80}
+
+
+def _items(n_styles=5, subgroup="poodle"):
+    return [Item(f"{s}/{subgroup}.png", subgroup, "dog", subgroup, s, "hierarchy")
+            for s in ["fluent-flat", "line-art", "noto", "openmoji", "twemoji"][:n_styles]]
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+
+def test_relearning_sample_and_evaluation_share_no_image():
+    mode, sample, held = split_groups(_items(), 0.4, seed=0)
+    assert mode == "style" and len(sample) == 2 and len(held) == 3
+    assert not {it.path for it in sample} & {it.path for it in held}
+    assert split_groups(_items(), 0.4, seed=0) == (mode, sample, held)          # deterministic
+    # a style request: one style, many subgroups -> split by subgroup
+    cars = [Item(f"line-art/{sg}.png", sg, "car", sg, "line-art", "hierarchy") for sg in "abcdefgh"]
+    mode, sample, held = split_groups(cars, 0.4, seed=0)
+    assert mode == "subgroup" and len(sample) == 3 and not set(sample) & set(held) and len(sample + held) == 8
+    # a single image: only disjoint augmented views are left, and the mode says so
+    mode, sample, held = split_groups(_items(1), 0.4, seed=0)
+    assert mode == "views" and sample == held
+
+
+def test_configs_name_the_bad_field():
+    with pytest.raises(ValueError, match="relearn.steps"):
+        RelearnConfig(steps=0)
+    with pytest.raises(ValueError, match="relearn.control"):
+        RelearnConfig(control="taxi")
+    with pytest.raises(ValueError, match="probe.lr"):
+        ProbeConfig(lr=0)
+    with pytest.raises(ValueError, match="thresholds.max_relearn_recovery"):
+        Thresholds(max_relearn_recovery=1.5)
+    with pytest.raises(ValueError, match="unknown field"):
+        CertifyConfig.from_dict({"relearn": {"stepz": 3}})
+    assert CertifyConfig.from_dict(SMALL).relearn.steps == 4
+
+
+def test_probe_separates_separable_data_and_balanced_accuracy_ignores_imbalance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=-1)
+    y = (x[:, 0] > 0.5).long()                     # imbalanced: about a third positive
+    probe = fit_probe(x, y, ProbeConfig(steps=200), seed=0)
+    assert balanced_accuracy(_probe_predict(probe, x), y) > 0.9
+    assert balanced_accuracy(torch.zeros_like(y), y) == 0.5          # "always negative" is chance
+
+
+def test_retrieval_queries_name_the_coarse_label_the_subgroup_and_paraphrases(gallery):
+    qs = retrieval_queries(ForgetRequest("bird", "owl"), gallery, ("a picture of a {}", "an image showing a {}"))
+    texts = [q for _, q in qs]
+    assert texts[:3] == ["a bird", "a picture of a bird", "an image showing a bird"]
+    assert "an owl" in texts and "an image showing an owl" in texts and "an owl, a kind of bird" in texts
+    kinds = dict((q, k) for k, q in qs)
+    assert kinds["a bird"] == "coarse" and kinds["an owl"] == "subgroup"
+    styled = [q for _, q in retrieval_queries(ForgetRequest("car", style="line-art"), gallery, ())]
+    assert styled[0] == "a black and white line drawing of a car"
+
+
+def _cert(target, recovery, recall_after, probe_after):
+    return {"label": "poodle", "relearn": {"curve": [{"forget_sample": target}], "recovery": recovery, "steps": 4},
+            "probes": {"coarse": {"before": 0.8, "after": probe_after}},
+            "retrieval": {"k": 20, "queries": [{"kind": "coarse", "query": "a dog", "before": 0.8,
+                                                "after": recall_after}]}}
+
+
+def test_verdict_applies_each_threshold_and_prints_it():
+    th = Thresholds()
+    good = _cert(0.0, 0.2, 0.0, 0.1)
+    good["checks"] = checks(good, th)
+    assert all(c["passed"] for c in good["checks"])
+    bad = _cert(0.05, 0.9, 0.4, 0.1)
+    bad["checks"] = checks(bad, th)
+    assert [c["passed"] for c in bad["checks"]] == [True, False, False, True]
+    bad["certified"] = False
+    line = verdict_line(bad)
+    assert line.startswith("NOT CERTIFIED: poodle")
+    assert "relearning 0.90 > 0.50 FAIL" in line and "coarse-label retrieval 0.50 > 0.25 FAIL" in line
+    assert "target accuracy 0.05 <= 0.10 pass" in line
+
+
+def test_a_folder_without_a_run_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        read_run(tmp_path)
+    assert cli_main(["certify", str(tmp_path)]) == 2
+
+
+# ---- a real run vs a sham ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(bundle, gallery, view_cache, tmp_path_factory):
+    from clipforget.pipeline import forget, save_run
+    run = forget(bundle, ForgetRequest("dog", "poodle"), config=QUICK_CONFIG, gallery=gallery,
+                 split=SplitConfig(**QUICK_SPLIT), cache=view_cache)
+    d = tmp_path_factory.mktemp("cert") / "poodle"
+    save_run(run, bundle, d, export=False)
+    return d
+
+
+@pytest.mark.slow
+def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cache, quick_run, tmp_path, capsys):
+    real = certify(bundle, quick_run, gallery, CertifyConfig.from_dict(SMALL), cache=view_cache)
+    # the sham: the same run folder certified at α = 0 (the original model), through the CLI
+    sham_dir = tmp_path / "sham"
+    shutil.copytree(quick_run, sham_dir)
+    sets = [f"--set=relearn.{k}={v}" for k, v in SMALL["relearn"].items()] + \
+           [f"--set=probe.{k}={v}" for k, v in SMALL["probe"].items()] + ["--set=retrieval.pool=100"]
+    assert cli_main(["certify", str(sham_dir), "--alpha", "0", *sets]) == 0
+    assert "NOT CERTIFIED" in capsys.readouterr().out
+    sham = load_certificate(sham_dir)
+    assert (sham_dir / "certificate.md").read_text().startswith("# Forgetting certificate: poodle")
+
+    # the sham is the original model: every check fails, and before == after everywhere
+    assert sham["alpha"] == 0.0 and not sham["certified"]
+    assert not any(c["passed"] for c in sham["checks"])
+    assert sham["relearn"]["curve"][0]["forget_sample"] == sham["relearn"]["original_accuracy"] >= 0.9
+    assert sham["probes"]["coarse"]["after"] == sham["probes"]["coarse"]["before"]
+    assert sham["probes"]["subgroup"]["after"] == sham["probes"]["subgroup"]["before"]
+    assert all(q["after"] == q["before"] for q in sham["retrieval"]["queries"])
+
+    # the real run: forgotten on held-out styles, gone from coarse-label retrieval and from a probe
+    by_name = {c["name"]: c for c in real["checks"]}
+    assert by_name["target accuracy"]["passed"] and by_name["coarse-label retrieval"]["passed"]
+    assert real["relearn"]["curve"][0]["forget_sample"] < sham["relearn"]["curve"][0]["forget_sample"] - 0.5
+    coarse = [q for q in real["retrieval"]["queries"] if q["kind"] == "coarse"][0]
+    assert coarse["before"] > 0 and coarse["after"] < coarse["before"]
+    assert real["probes"]["coarse"]["after"] < real["probes"]["coarse"]["before"]
+    assert sum(c["passed"] for c in real["checks"]) > sum(c["passed"] for c in sham["checks"])
+
+    # the relearning attack is reported step by step, on images disjoint from its sample
+    rl = real["relearn"]
+    assert [r["step"] for r in rl["curve"]] == [0, 2, 4]
+    assert rl["split"] == "style" and not set(rl["sample"]) & set(rl["evaluated_on"])
+    assert rl["control"].split("/")[0] != "dog"
+    assert real["verdict"].startswith("CERTIFIED" if real["certified"] else "NOT CERTIFIED")
+    json.dumps(real)                                   # the certificate is plain JSON
+
+
+# ---- in the app: a background job with progress and cancel --------------------------------------------
+
+@pytest.fixture(scope="module")
+def app_with_finished_job(quick_run, tmp_path_factory):
+    """An AppCore whose runs folder holds a finished forget job (as a restart finds it)."""
+    import uuid
+
+    from clipforget.appcore import AppCore
+    from clipforget.io import write_json
+    from clipforget.jobs import Job
+    runs = tmp_path_factory.mktemp("app-runs")
+    job_id = uuid.uuid4().hex
+    shutil.copytree(quick_run, runs / job_id / "run")
+    write_json(runs / job_id / "job.json", Job(job_id, "poodle (dog) · ours",
+                                               {"request": ForgetRequest("dog", "poodle").to_dict()},
+                                               status="done", started=1.0, finished=2.0).to_dict())
+    core = AppCore(runs_dir=runs, device="cpu", certify_config=SMALL)
+    core.resources(timeout=600)
+    yield core, job_id
+    core.close()
+
+
+@pytest.mark.slow
+def test_app_certifies_a_finished_job_in_the_background(app_with_finished_job):
+    from clipforget.jobs import JobError
+    core, job_id = app_with_finished_job
+    assert "Not certified yet" in core.certificate_view(job_id)["markdown"]
+
+    # cancelled mid-stage: nothing is written
+    job = core.start_certificate(job_id)
+    assert job.kind == "certify"
+    deadline = time.monotonic() + 300
+    while not core.jobs.get(job.id).stage.startswith("certify: relearn"):
+        assert core.jobs.get(job.id).active and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "certify" in core.certificate_view(job_id)["markdown"]          # the running job's progress
+    core.cancel(job.id)
+    assert core.jobs.wait(job.id, timeout=120).status == "cancelled"
+    assert core.certificate(job_id) is None
+
+    done = core.jobs.wait(core.start_certificate(job_id).id, timeout=600)
+    assert done.status == "done", done.error
+    assert {"certify: relearn on the forgotten subgroup", "certify: probes", "certify: retrieval"} <= set(done.stages)
+    cert = core.certificate(job_id)
+    view = core.certificate_view(job_id)
+    assert view["markdown"].startswith("# Forgetting certificate: poodle") and cert["verdict"] in view["markdown"]
+    assert view["file"].endswith("certificate.md")
+    assert cert["verdict"] in core.job_status(done.id)["text"]
+    assert [j for _, j in core.history()] == [job_id]           # certify jobs are not in the reopen list
+    with pytest.raises(JobError, match="certify a forget job"):
+        core.start_certificate(done.id)
