@@ -24,6 +24,7 @@ import gradio as gr  # noqa: E402
 
 from clipforget.appcore import AppCore, NotReady  # noqa: E402
 from clipforget.jobs import JobBusy, JobError  # noqa: E402
+from clipforget.uploads import UploadConfig  # noqa: E402
 
 log = logging.getLogger("clipforget.app")
 
@@ -87,10 +88,36 @@ def build_app(core: AppCore) -> gr.Blocks:
             return f"⚠️ {e}", gr.update(), gr.update()
         return core.retain_markdown(info), info["query"], gr.update(choices=info["queries"], value=info["query"])
 
+    def on_retain(sc, sg, style):
+        """The editable retain set (the siblings selected) and the over-forgetting warnings."""
+        try:
+            ed = core.retain_editor(sc, sg, "" if style == ALL_STYLES else style)
+        except ValueError:
+            return gr.update(), ""        # on_describe shows the error
+        return gr.update(choices=ed["choices"], value=ed["value"]), ed["markdown"]
+
     @_errors
-    def on_start(sc, sg, style, method):
-        job = core.start_job(sc, sg, "" if style == ALL_STYLES else style, method)
+    def on_upload(files, label):
+        res = core.suggest_uploads(files, label)
+        return res["markdown"], gr.update(value=res["retain"])
+
+    @_errors
+    def on_start(sc, sg, style, method, retain):
+        job = core.start_job(sc, sg, "" if style == ALL_STYLES else style, method, retain=retain)
         return job.id, job.id, f"Started job `{job.id[:8]}` {job.label}; progress below (a reload re-attaches)."
+
+    @_errors
+    def on_certify(job_id):
+        if not job_id or core.job_status(job_id)["status"] != "done":
+            raise gr.Error("run or reopen a finished job first, then certify it")
+        job = core.start_certificate(job_id)
+        return job.id, f"Certifying in the background (job `{job.id[:8]}`)…"
+
+    def on_show_cert(job_id):
+        if not job_id or core.job_status(job_id)["status"] != "done":
+            return "", None
+        view = core.certificate_view(job_id)
+        return view["markdown"], view["file"]
 
     def on_watch(job_id, progress=gr.Progress()):
         """Observe the job until it ends; closing the tab stops this, never the job."""
@@ -186,6 +213,18 @@ def build_app(core: AppCore) -> gr.Blocks:
                 method = gr.Dropdown(core.methods(), value="ours", label="Method", info=core.method_summary("ours"),
                                      elem_id="method")
                 retain_md = gr.Markdown(elem_id="retain")
+                ed0 = core.retain_editor(sc0, sg0)
+                retain_pick = gr.Dropdown(ed0["choices"], value=ed0["value"], multiselect=True,
+                                          elem_id="retain-pick",
+                                          label="Retain set: the siblings by default; add at-risk concepts, "
+                                                "remove subgroups — the job uses this set")
+                suggest_md = gr.Markdown(ed0["markdown"], elem_id="retain-suggestion")
+                with gr.Accordion("Example images instead? Upload them for a retain suggestion", open=False):
+                    uploads = gr.File(file_count="multiple", file_types=["image"], elem_id="uploads",
+                                      label="A few images of what to forget (checked: size, type, pixels)")
+                    upload_label = gr.Textbox(label="Their coarse label, e.g. dog", elem_id="upload-label")
+                    upload_btn = gr.Button("Suggest a retain set", elem_id="upload-suggest")
+                    upload_md = gr.Markdown(elem_id="upload-suggestion")
                 with gr.Row():
                     run_btn = gr.Button("Forget it", variant="primary", elem_id="run")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -225,6 +264,13 @@ def build_app(core: AppCore) -> gr.Blocks:
                     dl_model = gr.DownloadButton("Unlearned model (open_clip export, .zip)", elem_id="dl-model")
                     dl_md = gr.DownloadButton("Report (.md)", elem_id="dl-md")
                     dl_json = gr.DownloadButton("Report (.json)", elem_id="dl-json")
+                gr.Markdown("### 5 · Forgetting certificate")
+                with gr.Row():
+                    cert_btn = gr.Button("Certify this run (relearning attack, probes, retrieval)", elem_id="certify")
+                    dl_cert = gr.DownloadButton("Certificate (.md)", elem_id="dl-cert")
+                cert_progress = gr.Markdown(elem_id="cert-progress")
+                cert_md = gr.Markdown(elem_id="certificate")
+                cert_state = gr.State("")
 
         results = [status_md, plot, score_md, table, alpha, dl_model, dl_md, dl_json,
                    left, left_md, right, right_md, alpha_md, history]
@@ -235,9 +281,18 @@ def build_app(core: AppCore) -> gr.Blocks:
         cards.select(on_pick_card, superclass, subgroup, **private)
         for comp in (subgroup, style):
             comp.change(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private)
-        run_btn.click(on_start, [superclass, subgroup, style, method], [job_state, saved_job, status_md], **private) \
+            comp.change(on_retain, [superclass, subgroup, style], [retain_pick, suggest_md], **private)
+        model_md.change(on_retain, [superclass, subgroup, style], [retain_pick, suggest_md], **private)
+        upload_btn.click(on_upload, [uploads, upload_label], [upload_md, retain_pick], **private)
+        cert_outputs = [cert_md, dl_cert]
+        run_btn.click(on_start, [superclass, subgroup, style, method, retain_pick], [job_state, saved_job, status_md],
+                      **private) \
             .success(on_watch, job_state, progress_md, concurrency_limit=None, **private) \
-            .then(on_show, [job_state, query], results, **private)
+            .then(on_show, [job_state, query], results, **private) \
+            .then(on_show_cert, job_state, cert_outputs, **private)
+        cert_btn.click(on_certify, job_state, [cert_state, cert_progress], **private) \
+            .success(on_watch, cert_state, cert_progress, concurrency_limit=None, **private) \
+            .then(on_show_cert, job_state, cert_outputs, **private)
         cancel_btn.click(on_cancel, job_state, status_md, **private)
         method.change(lambda m: gr.update(info=core.method_summary(m)), method, method, **private)
         gr.on([search_btn.click, query.submit], on_search, [query, job_state, alpha],
@@ -245,13 +300,16 @@ def build_app(core: AppCore) -> gr.Blocks:
         alpha.input(on_slide, [query, job_state, alpha], [right, right_md, alpha_md],
                     trigger_mode="always_last", show_progress="hidden", **private)
         history.input(on_reopen, history, [job_state, saved_job, query, suggestions], **private) \
-            .then(on_show, [job_state, query], results, **private)
+            .then(on_show, [job_state, query], results, **private) \
+            .then(on_show_cert, job_state, cert_outputs, **private)
         demo.load(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private)
+        demo.load(on_retain, [superclass, subgroup, style], [retain_pick, suggest_md], **private)
         suggestions.input(lambda q: q, suggestions, query, **private) \
             .then(on_search, [query, job_state, alpha], [left, left_md, right, right_md, alpha_md], **private)
         demo.load(on_reattach, saved_job, job_state, **private) \
             .then(on_watch, job_state, progress_md, concurrency_limit=None, **private) \
-            .then(on_show, [job_state, query], results, **private)
+            .then(on_show, [job_state, query], results, **private) \
+            .then(on_show_cert, job_state, cert_outputs, **private)
         timer = gr.Timer(1.0, active=not core.ready)
         timer.tick(lambda: (core.model_status(), gr.Timer(active=not core.ready)), None, [model_md, timer],
                    show_progress="hidden", **private)
@@ -261,10 +319,22 @@ def build_app(core: AppCore) -> gr.Blocks:
             """Top-k gallery images for a query: original encoder, and unlearned at α for a finished job."""
             return _errors(core.search)(query, job_id or None, None if alpha < 0 else alpha, int(k))
 
-        def start_job_api(superclass: str, subgroup: str = "", style: str = "", method: str = "ours") -> dict:
-            """Start forgetting in the background; returns the job (id, status)."""
-            job = _errors(core.start_job)(superclass, subgroup, style, method)
+        def start_job_api(superclass: str, subgroup: str = "", style: str = "", method: str = "ours",
+                          retain: str = "") -> dict:
+            """Start forgetting in the background; returns the job (id, status). ``retain``:
+            comma-separated retain subgroups (empty: the siblings)."""
+            job = _errors(core.start_job)(superclass, subgroup, style, method,
+                                          retain=[r.strip() for r in retain.split(",")] if retain.strip() else None)
             return core.job_status(job.id)
+
+        def certify_api(job_id: str) -> dict:
+            """Certify a finished forget job in the background; returns the certify job (id, status)."""
+            job = _errors(core.start_certificate)(job_id)
+            return core.job_status(job.id)
+
+        def certificate_api(job_id: str) -> dict:
+            """The saved certificate of a finished forget job ({} when it has none yet)."""
+            return _errors(core.certificate)(job_id) or {}
 
         def job_status_api(job_id: str) -> dict:
             """Status, stage and progress of a job; the summary once done."""
@@ -278,6 +348,8 @@ def build_app(core: AppCore) -> gr.Blocks:
         gr.api(start_job_api, api_name="start_job")
         gr.api(job_status_api, api_name="job_status", concurrency_limit=None)
         gr.api(cancel_api, api_name="cancel", concurrency_limit=None)
+        gr.api(certify_api, api_name="certify")
+        gr.api(certificate_api, api_name="certificate", concurrency_limit=None)
     return demo
 
 
@@ -293,7 +365,8 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, quiet=quiet,
                 prevent_thread_lock=prevent_thread_lock, theme=theme(), css=CSS, footer_links=["api"],
-                allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)])
+                allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)],
+                max_file_size=UploadConfig().max_bytes)
     return demo
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,9 @@ from .data.task import ForgetRequest, ViewCache, resolve
 from .embed import encode_images, encode_texts
 from .eval.report import column_title
 from .io import atomic_file, save_safetensors
-from .jobs import ForgetWork, Job, JobRegistry, Resources
+from .certify import CertifyWork, load_certificate
+from .certify import markdown as certificate_markdown
+from .jobs import ForgetWork, Job, JobError, JobRegistry, Resources
 from .methods.base import get_method, list_methods
 from .models import load_clip
 
@@ -68,7 +70,8 @@ class AppCore:
 
     def __init__(self, model: str = "embedded", pretrained: str | None = None, gallery: str | None = None,
                  runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = 11,
-                 job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512):
+                 job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512,
+                 certify_config: dict | None = None):
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.gallery = Gallery.open(gallery)
         self.runs_dir = Path(runs_dir).resolve()
@@ -87,7 +90,9 @@ class AppCore:
         self._max_texts = max_text_cache
         self._grids: OrderedDict[str, tuple[list[float], dict]] = OrderedDict()
         self._forget_paths: dict[str, set[str]] = {}
-        self.jobs = JobRegistry(self.runs_dir, ForgetWork(self.resources, alpha_points))
+        self._suggest_emb = None                # original gallery embeddings for retain suggestions
+        self.jobs = JobRegistry(self.runs_dir, {"forget": ForgetWork(self.resources, alpha_points),
+                                                "certify": CertifyWork(self.resources, certify_config)})
         self._loader = threading.Thread(target=self._load, name="clipforget-load", daemon=True)
         self._loader.start()
 
@@ -255,8 +260,10 @@ class AppCore:
 
     # ---- jobs --------------------------------------------------------------------------------
     def start_job(self, superclass: str, subgroup: str | None = None, style: str | None = None,
-                  method: str = "ours", config: dict | None = None) -> Job:
-        req = self.request(superclass, subgroup, style)
+                  method: str = "ours", config: dict | None = None, retain: list[str] | None = None) -> Job:
+        """``retain``: the edited retain subgroups (None, or the siblings themselves: the default
+        request with ``retain=None``, exactly what the CLI and the sweep run)."""
+        req = self.with_retain(self.request(superclass, subgroup, style), retain)
         get_method(method)       # raises for unknown names
         spec = {"request": req.to_dict(), "method": method, "config": config or self.job_config,
                 "split": self.job_split,
@@ -276,9 +283,98 @@ class AppCore:
         return self.job_status(job_id)
 
     def history(self) -> list[tuple[str, str]]:
-        """(label, id) of every job, newest first, for the reopen dropdown."""
+        """(label, id) of every forget job, newest first, for the reopen dropdown."""
         return [(f"{time.strftime('%m-%d %H:%M', time.localtime(j.created))} · {j.label} · {j.status}", j.id)
-                for j in self.jobs.jobs()]
+                for j in self.jobs.jobs() if j.kind == "forget"]
+
+    # ---- retain set: suggestion and editing -------------------------------------------------------
+    def _gallery_embeddings(self):
+        from .suggest import GalleryEmbeddings
+        res = self.resources(timeout=0.01)          # raises NotReady while loading
+        if self._suggest_emb is None:
+            self._suggest_emb = GalleryEmbeddings(list(self.gallery.items), res.original)
+        return res.bundle, self._suggest_emb
+
+    def suggestion(self, superclass: str, subgroup: str | None = None, style: str | None = None):
+        """The retain suggestion for a request (siblings + at-risk neighbours); NotReady while the
+        model loads."""
+        from .suggest import suggest_for_request
+        req = self.request(superclass, subgroup, style)
+        bundle, emb = self._gallery_embeddings()
+        return suggest_for_request(bundle, self.gallery, req, embeddings=emb)
+
+    def retain_editor(self, superclass: str, subgroup: str | None = None, style: str | None = None) -> dict:
+        """What the editable retain widget shows: every subgroup of the gallery as a choice (the
+        siblings first, then the at-risk and nearest ones), the siblings selected, and the
+        suggestion's markdown (or why there is none yet)."""
+        req = self.request(superclass, subgroup, style)
+        siblings = resolve(self.gallery, req)[2]
+        try:
+            s = self.suggestion(superclass, subgroup, style)
+        except NotReady as e:
+            return {"choices": self._retain_choices(siblings, []), "value": siblings,
+                    "markdown": f"Retain suggestion: {e}", "at_risk": []}
+        near = [n.name for n in s.neighbours if n.superclass]
+        return {"choices": self._retain_choices(siblings, near), "value": s.retain, "markdown": s.markdown(),
+                "at_risk": [n.name for n in s.at_risk if n.superclass]}
+
+    def _retain_choices(self, first: list[str], then: list[str]) -> list[str]:
+        rest = sorted(self.gallery.subgroups())
+        return list(dict.fromkeys(first + then + rest))
+
+    def with_retain(self, req: ForgetRequest, retain: list[str] | None) -> ForgetRequest:
+        """The request with an edited retain set; the siblings themselves stay ``retain=None``."""
+        if retain is None:
+            return req
+        retain = [r for r in dict.fromkeys(retain) if r]
+        if set(retain) == set(resolve(self.gallery, req)[2]):
+            return req
+        edited = replace(req, retain=tuple(retain))
+        resolve(self.gallery, edited)          # unknown names / the forget subgroup itself raise here
+        return edited
+
+    def suggest_uploads(self, files: list, coarse_label: str) -> dict:
+        """Example images uploaded by the user (checked and stored by ``uploads.store_uploads``)
+        + their coarse label -> the retain suggestion for them."""
+        from .suggest import suggest_for_examples
+        from .uploads import store_uploads
+        batch = store_uploads(files or [], self.runs_dir)
+        bundle, emb = self._gallery_embeddings()
+        s = suggest_for_examples(bundle, self.gallery, batch.paths, coarse_label, embeddings=emb)
+        note = ""
+        if s.match:
+            note = (f"\n\nTo forget them, pick **{display(s.match['subgroup'])}** in "
+                    f"**{s.match['superclass']}** above.")
+        return {"batch": batch.id, "retain": s.retain, "match": s.match, "markdown": s.markdown() + note,
+                "suggestion": s.to_dict()}
+
+    # ---- certificate ----------------------------------------------------------------------------
+    def start_certificate(self, job_id: str, config: dict | None = None) -> Job:
+        """Certify a finished forget job in the background (a "certify" job)."""
+        forget_job = self.jobs.get(job_id)
+        if forget_job.kind != "forget":
+            raise JobError(f"job {job_id} is a {forget_job.kind} job; certify a forget job")
+        run = self.jobs.run_dir(job_id)
+        spec = {"run_dir": str(run), "of_job": job_id, "config": config, "request": forget_job.spec.get("request")}
+        return self.jobs.submit(spec, f"certificate of {forget_job.label}", kind="certify")
+
+    def certificate(self, job_id: str) -> dict | None:
+        """The saved certificate of a finished forget job, or None."""
+        return load_certificate(self.jobs.run_dir(job_id))
+
+    def certificate_view(self, job_id: str) -> dict:
+        """Markdown for the certificate panel: the certificate, a running certify job's progress,
+        or an invitation; plus the path of certificate.md when there is one."""
+        run = self.jobs.run_dir(job_id)
+        cert = load_certificate(run)
+        if cert is not None:
+            return {"markdown": certificate_markdown(cert), "file": str(run / "certificate.md"),
+                    "certified": cert["certified"]}
+        running = self.jobs.running()
+        if running is not None and running.kind == "certify" and running.spec.get("of_job") == job_id:
+            return {"markdown": status_text(running), "file": None, "certified": None, "job": running.id}
+        return {"markdown": "Not certified yet: **Certify** runs a relearning attack, linear probes and "
+                            "retrieval checks in the background.", "file": None, "certified": None}
 
     # ---- compare -----------------------------------------------------------------------------
     def text_embedding(self, query: str) -> np.ndarray:
@@ -448,6 +544,20 @@ def _recall(hits: list[dict], forgotten: set[str]) -> float | None:
     return sum(h["forgotten"] for h in hits) / len(forgotten)
 
 
+def _done_forget(job: Job) -> str:
+    s = job.summary
+    return (f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · Score {s.get('score', float('nan')):.1f}"
+            f" · α = {s.get('alpha', 1.0):.2f} · α-grid {s.get('alpha_grid_points', '?')} points in "
+            f"{s.get('alpha_grid_seconds', float('nan')):.1f}s")
+
+
+def _done_certify(job: Job) -> str:
+    return f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · {job.summary.get('verdict', '')}"
+
+
+DONE_TEXT = {"forget": _done_forget, "certify": _done_certify}     # per job kind
+
+
 def status_text(job: Job) -> str:
     if job.status == "queued":
         return f"Job `{job.id[:8]}` {job.label}: queued"
@@ -455,10 +565,7 @@ def status_text(job: Job) -> str:
         where = f"{job.stage}" + (f" {job.step}/{job.total}" if job.total else "")
         return f"Job `{job.id[:8]}` {job.label}: running · {where} · {job.seconds:.0f}s"
     if job.status == "done":
-        s = job.summary
-        return (f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · Score {s.get('score', float('nan')):.1f}"
-                f" · α = {s.get('alpha', 1.0):.2f} · α-grid {s.get('alpha_grid_points', '?')} points in "
-                f"{s.get('alpha_grid_seconds', float('nan')):.1f}s")
+        return DONE_TEXT.get(job.kind, _done_forget)(job)
     if job.status == "cancelled":
         return f"Job `{job.id[:8]}` {job.label}: cancelled (nothing saved)"
     return f"Job `{job.id[:8]}` {job.label}: failed · {job.error}"

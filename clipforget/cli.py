@@ -40,7 +40,11 @@ def _gallery(args):
 def _config(method: str, args):
     """Method config from --config JSON (file or inline) plus --set key.path=value overrides."""
     from .methods.base import config_from_dict, get_method
-    cls = get_method(method).Config
+    return config_from_dict(get_method(method).Config, _overrides(args))
+
+
+def _overrides(args) -> dict:
+    """--config JSON (file or inline) with --set key.path=value applied, as a nested dict."""
     data: dict = {}
     if getattr(args, "config", None):
         text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
@@ -57,7 +61,7 @@ def _config(method: str, args):
             node[last] = json.loads(value)
         except json.JSONDecodeError:
             node[last] = value
-    return config_from_dict(cls, data)
+    return data
 
 
 def _progress(event: dict) -> None:
@@ -74,6 +78,8 @@ def cmd_forget(args) -> int:
     gallery = _gallery(args)
     retain = tuple(args.retain.split(",")) if args.retain else None
     request = ForgetRequest(args.superclass, args.subgroup, args.style, retain)
+    if not args.no_suggest:
+        _print_risks(bundle, gallery, request)
     run = forget(bundle, request, args.method, _config(args.method, args), gallery, callbacks=[_progress])
     save_run(run, bundle, out, export=not args.no_export)
     r = run.report
@@ -83,6 +89,63 @@ def cmd_forget(args) -> int:
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     print(f"wrote {out}/report.json, report.md, delta.safetensors, run.json" + ("" if args.no_export else ", export/"))
     return 0
+
+
+def _print_risks(bundle, gallery, request) -> None:
+    """Before a run: the retain set it uses and the concepts likely to be over-forgotten."""
+    from .data.task import resolve
+    from .suggest import suggest_for_request
+    resolve(gallery, request)          # unknown names fail here, before the gallery is encoded
+    s = suggest_for_request(bundle, gallery, request)
+    retain = list(request.retain) if request.retain is not None else s.retain
+    print(f"retain set ({'yours' if request.retain is not None else s.retain_source}): {', '.join(retain) or 'none'}")
+    for w in s.warnings:
+        print(f"warning: {w}")
+    sys.stdout.flush()
+
+
+def cmd_suggest(args) -> int:
+    from .data.task import ForgetRequest
+    from .suggest import SuggestConfig, suggest_for_examples, suggest_for_request
+    cfg = SuggestConfig(neighbours=args.neighbours, risk_ratio=args.risk_ratio)
+    if bool(args.examples) == bool(args.superclass):
+        raise ValueError("give either --superclass (with --subgroup and/or --style) for a gallery subgroup, or "
+                         "--examples PATH... with --label for your own images")
+    bundle, gallery = _bundle(args), _gallery(args)
+    if args.examples:
+        from .data.gallery import IMAGE_SUFFIXES
+        paths = []
+        for p in map(Path, args.examples):
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        if not args.label:
+            raise ValueError("--examples needs --label, the coarse label of the images (e.g. --label dog)")
+        s = suggest_for_examples(bundle, gallery, paths, args.label, cfg)
+    else:
+        s = suggest_for_request(bundle, gallery, ForgetRequest(args.superclass, args.subgroup, args.style), cfg)
+    print(json.dumps(s.to_dict(), indent=1) if args.json else s.text())
+    return 0
+
+
+def cmd_certify(args) -> int:
+    from .certify import CertifyConfig, certify, load_run_model, markdown, read_run, save_certificate
+    cfg = CertifyConfig.from_dict(_overrides(args))
+    run_dir = Path(args.run_dir)
+    record = read_run(run_dir)
+    _check_writable(run_dir / "certificate.json")
+    bundle = _bundle(args) if args.model else load_run_model(record, args.device)
+    gallery = _gallery(args) if args.gallery else _run_gallery(record)
+    cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[_progress])
+    js, md = save_certificate(cert, run_dir)
+    print(markdown(cert))
+    print(f"wrote {js} and {md}")
+    return 0
+
+
+def _run_gallery(record):
+    from .data.gallery import Gallery
+    if record.gallery != "embedded":
+        raise ValueError(f"run {record.path} was made on gallery {record.gallery!r}: pass it with --gallery")
+    return Gallery.embedded()
 
 
 def _check_writable(out: Path) -> None:
@@ -174,7 +237,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set forget.top_k_layers=2 --set remind.enabled=false")
     f.add_argument("--out", required=True)
     f.add_argument("--no-export", action="store_true", help="skip the open_clip export of the unlearned model")
+    f.add_argument("--no-suggest", action="store_true",
+                   help="skip the over-forgetting check printed before the run (it encodes the gallery once)")
     f.set_defaults(fn=cmd_forget)
+
+    su = sub.add_parser("suggest", help="the retain set for a subgroup (or example images) and over-forgetting "
+                                        "warnings, before a run")
+    _model_args(su)
+    su.add_argument("--superclass", default=None)
+    su.add_argument("--subgroup", default=None)
+    su.add_argument("--style", default=None)
+    su.add_argument("--examples", nargs="+", default=None,
+                    help="example images (files or folders) of what to forget, instead of a gallery subgroup")
+    su.add_argument("--label", default=None, help="the coarse label of --examples, e.g. dog")
+    su.add_argument("--neighbours", type=int, default=8, help="nearest concepts listed")
+    su.add_argument("--risk-ratio", type=float, default=0.9,
+                    help="warn when a concept's similarity to the forget images is >= this share of their own")
+    su.add_argument("--json", action="store_true", help="print the suggestion as JSON")
+    su.set_defaults(fn=cmd_suggest)
+
+    c = sub.add_parser("certify", help="forgetting certificate of a run: relearning attack, linear probes, "
+                                       "retrieval leakage; writes certificate.json / .md into the run folder")
+    c.add_argument("run_dir", help="a run folder written by `clipforget forget --out`")
+    c.add_argument("--model", default=None,
+                   help="the original model (default: the one recorded in the run's run.json)")
+    c.add_argument("--pretrained", default=None)
+    c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    c.add_argument("--gallery", default=None, help="the run's gallery (default: embedded)")
+    c.add_argument("--alpha", type=float, default=None,
+                   help="certify the model at this strength instead of the run's calibrated α (0 = the original)")
+    c.add_argument("--config", default=None, help="certificate config as JSON (file or inline)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one field, e.g. --set relearn.steps=10 --set thresholds.max_relearn_recovery=0.3")
+    c.set_defaults(fn=cmd_certify)
 
     e = sub.add_parser("eval", help="zero-shot table of a model on held-out augmented views")
     _model_args(e)

@@ -1,7 +1,8 @@
 """Background jobs: one worker thread runs unlearning jobs outside any web handler.
 
-    registry = JobRegistry("runs/app", work=ForgetWork(resources))
-    job = registry.submit({"request": {...}, "method": "ours"}, label="poodle (dog)")
+    registry = JobRegistry("runs/app", work={"forget": ForgetWork(resources), "certify": CertifyWork(resources)})
+    job = registry.submit({"request": {...}, "method": "ours"}, label="poodle (dog)")   # kind "forget"
+    registry.submit({"run_dir": ...}, label="certificate of poodle", kind="certify")
     registry.get(job.id).stage, .fraction          # observed by the UI, never driven by it
     registry.cancel(job.id)                        # raises Cancelled inside the job's next progress event
 
@@ -26,7 +27,7 @@ import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -70,6 +71,7 @@ class Job:
     id: str
     label: str                         # what is forgotten, for people
     spec: dict                         # what the work function needs (request, method, config)
+    kind: str = "forget"               # which work function runs it (the registry's ``work`` keys)
     status: str = "queued"             # queued | running | done | failed | cancelled
     stage: str = ""                    # the stage the last progress event named
     step: int = 0
@@ -106,12 +108,15 @@ class Job:
 
 class JobRegistry:
     """Owns the job table, the runs folder and one worker thread. A second job while one is queued
-    or running is refused with :class:`JobBusy` (one model, one CPU/GPU: never two jobs at once)."""
+    or running is refused with :class:`JobBusy` (one model, one CPU/GPU: never two jobs at once).
 
-    def __init__(self, runs_dir: str | Path, work: Work, save_every: float = 1.0):
+    ``work`` is one work function (every job is a "forget" job) or a registry of work kinds,
+    ``{kind: work function}``; a job names its kind when submitted."""
+
+    def __init__(self, runs_dir: str | Path, work: Work | Mapping[str, Work], save_every: float = 1.0):
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.work = work
+        self.kinds: dict[str, Work] = dict(work) if isinstance(work, Mapping) else {"forget": work}
         self.save_every = save_every
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
@@ -123,12 +128,14 @@ class JobRegistry:
         self._worker.start()
 
     # ---- public API --------------------------------------------------------------------------
-    def submit(self, spec: dict, label: str) -> Job:
+    def submit(self, spec: dict, label: str, kind: str = "forget") -> Job:
+        if kind not in self.kinds:
+            raise JobError(f"unknown job kind {kind!r}; this registry runs {', '.join(sorted(self.kinds))}")
         with self._lock:
             running = self.running()
             if running is not None:
                 raise JobBusy(running)
-            job = Job(uuid.uuid4().hex, label, spec)
+            job = Job(uuid.uuid4().hex, label, spec, kind=kind)
             self._jobs[job.id] = job
             self._cancel[job.id] = threading.Event()
             self._save(job)
@@ -234,7 +241,10 @@ class JobRegistry:
             job.status, job.started = "running", time.time()
             self._save(job)
         try:
-            summary = self.work(job, progress, job_dir)
+            work = self.kinds.get(job.kind)
+            if work is None:
+                raise JobError(f"job kind {job.kind!r} has no work function in this registry")
+            summary = work(job, progress, job_dir)
         except Cancelled:
             status, error, summary = "cancelled", "", {}
             log.info("job %s cancelled", job.id)
