@@ -49,7 +49,8 @@ class UploadConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pixels > MAX_PIXELS:
-            raise ValueError(f"max_pixels must be <= {MAX_PIXELS:,} (the image loader's limit), got {self.max_pixels:,}")
+            raise ValueError(f"max_pixels must be <= {MAX_PIXELS:,} (the image loader's limit), "
+                             f"got {self.max_pixels:,}")
         self.formats = tuple(f.upper() for f in self.formats)
         if not self.formats:
             raise ValueError("formats must name at least one image format")

@@ -26,8 +26,8 @@ def test_valid_uploads_are_stored_as_png_under_the_runs_folder(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     (src / "poodle one.jpg").write_bytes(_png(fmt="JPEG"))
-    batch = store_uploads([src / "poodle one.jpg", ("p2.webp", _png(fmt="WEBP")), ("gray.png", _png(mode="L", color=90))],
-                          tmp_path / "runs")
+    batch = store_uploads([src / "poodle one.jpg", ("p2.webp", _png(fmt="WEBP")),
+                           ("gray.png", _png(mode="L", color=90))], tmp_path / "runs")
     assert [p.name for p in batch.paths] == ["00-poodle_one.png", "01-p2.png", "02-gray.png"]
     for p in batch.paths:
         assert p.parent == tmp_path / "runs" / UPLOADS / batch.id
