@@ -94,9 +94,10 @@ def cmd_forget(args) -> int:
 def _print_risks(bundle, gallery, request) -> None:
     """Before a run: the retain set it uses and the concepts likely to be over-forgotten."""
     from .data.task import resolve
-    from .suggest import suggest_for_request
+    from .suggest import GalleryEmbeddings, default_cache_dir, suggest_for_request
     resolve(gallery, request)          # unknown names fail here, before the gallery is encoded
-    s = suggest_for_request(bundle, gallery, request)
+    emb = GalleryEmbeddings.compute(bundle, gallery, cache_dir=default_cache_dir())
+    s = suggest_for_request(bundle, gallery, request, embeddings=emb)
     retain = list(request.retain) if request.retain is not None else s.retain
     print(f"retain set ({'yours' if request.retain is not None else s.retain_source}): {', '.join(retain) or 'none'}")
     for w in s.warnings:
@@ -106,22 +107,24 @@ def _print_risks(bundle, gallery, request) -> None:
 
 def cmd_suggest(args) -> int:
     from .data.task import ForgetRequest
-    from .suggest import SuggestConfig, suggest_for_examples, suggest_for_request
+    from .suggest import (GalleryEmbeddings, SuggestConfig, default_cache_dir, suggest_for_examples,
+                          suggest_for_request)
     cfg = SuggestConfig(neighbours=args.neighbours, risk_ratio=args.risk_ratio)
     if bool(args.examples) == bool(args.superclass):
         raise ValueError("give either --superclass (with --subgroup and/or --style) for a gallery subgroup, or "
                          "--examples PATH... with --label for your own images")
+    if args.examples and not args.label:
+        raise ValueError("--examples needs --label, the coarse label of the images (e.g. --label dog)")
     bundle, gallery = _bundle(args), _gallery(args)
+    emb = GalleryEmbeddings.compute(bundle, gallery, cache_dir=default_cache_dir())
     if args.examples:
         from .data.gallery import IMAGE_SUFFIXES
         paths = []
         for p in map(Path, args.examples):
             paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
-        if not args.label:
-            raise ValueError("--examples needs --label, the coarse label of the images (e.g. --label dog)")
-        s = suggest_for_examples(bundle, gallery, paths, args.label, cfg)
+        s = suggest_for_examples(bundle, gallery, paths, args.label, cfg, emb)
     else:
-        s = suggest_for_request(bundle, gallery, ForgetRequest(args.superclass, args.subgroup, args.style), cfg)
+        s = suggest_for_request(bundle, gallery, ForgetRequest(args.superclass, args.subgroup, args.style), cfg, emb)
     print(json.dumps(s.to_dict(), indent=1) if args.json else s.text())
     return 0
 

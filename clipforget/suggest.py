@@ -20,7 +20,9 @@ forget images as they sit to each other, so pushing them away from their label d
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,14 +68,54 @@ class GalleryEmbeddings:
     def __post_init__(self):
         if len(self.items) != len(self.embeddings):
             raise ValueError(f"{len(self.items)} items but {len(self.embeddings)} embeddings")
+        self.embeddings = torch.as_tensor(self.embeddings).float()
+        self._groups = None
+        self._pos = {it.path: i for i, it in enumerate(self.items)}
+
+    @property
+    def groups(self) -> tuple[list[tuple[str, str]], torch.Tensor]:
+        """(concept keys, the key index of every image): (superclass, subgroup) for the
+        hierarchy, ("", concept) for the other pool."""
+        if self._groups is None:
+            keys = list(dict.fromkeys(_concept_key(it) for it in self.items))
+            index = {k: i for i, k in enumerate(keys)}
+            self._groups = (keys, torch.tensor([index[_concept_key(it)] for it in self.items]))
+        return self._groups
 
     @classmethod
-    def compute(cls, bundle: ClipBundle, gallery: Gallery, batch: int = 512) -> "GalleryEmbeddings":
+    def compute(cls, bundle: ClipBundle, gallery: Gallery, batch: int = 512,
+                cache_dir: str | Path | None = None) -> "GalleryEmbeddings":
+        """Encode the gallery; with ``cache_dir``, reuse (or store) the result there, keyed by the
+        model, its weights file (size and mtime) and the gallery's content hash."""
+        path = Path(cache_dir) / f"gallery-{_cache_key(bundle, gallery)}.safetensors" if cache_dir else None
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+            emb = load_file(str(path))["embeddings"]
+            if len(emb) == len(gallery.items):
+                return cls(list(gallery.items), emb)
         chunks = []
         for i in range(0, len(gallery.items), batch):
             images, _ = gallery.load(gallery.items[i:i + batch], bundle.image_size)
             chunks.append(encode_images(bundle, images))
-        return cls(list(gallery.items), torch.cat(chunks))
+        out = cls(list(gallery.items), torch.cat(chunks))
+        if path is not None:
+            from .io import save_safetensors
+            save_safetensors({"embeddings": out.embeddings}, path, {"arch": bundle.arch, "gallery": gallery.name})
+        return out
+
+
+def default_cache_dir() -> Path:
+    """$CLIPFORGET_CACHE, else ~/.cache/clipforget (gallery embeddings of the CLI's suggestions)."""
+    env = os.environ.get("CLIPFORGET_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "clipforget"
+
+
+def _cache_key(bundle: ClipBundle, gallery: Gallery) -> str:
+    src = Path(str(bundle.pretrained)) if bundle.pretrained else None
+    stamp = f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src is not None and src.is_file() else ""
+    text = (f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|{gallery.content_hash}|"
+            f"{gallery.root.resolve()}")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -160,20 +202,20 @@ def _concept_key(it: Item) -> tuple[str, str]:
     return (it.superclass, it.subgroup) if it.kind == "hierarchy" else ("", it.concept)
 
 
-def _candidates(emb: GalleryEmbeddings, exclude: set[str], style: str | None) -> dict[tuple[str, str], torch.Tensor]:
-    """Gallery images grouped by concept (subgroup or other-pool concept), without the forget
-    images; only ``style`` when given (a style request compares within the style)."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, it in enumerate(emb.items):
-        if it.path in exclude or (style and it.style and it.style != style):
-            continue
-        groups.setdefault(_concept_key(it), []).append(i)
-    return {k: emb.embeddings[idx] for k, idx in groups.items()}
-
-
-def _rank(forget: torch.Tensor, candidates: dict[tuple[str, str], torch.Tensor]) -> list[tuple[tuple[str, str], float]]:
-    sims = {k: float((forget @ e.t()).mean()) for k, e in candidates.items()}
-    return sorted(sims.items(), key=lambda kv: -kv[1])
+def _rank(forget: torch.Tensor, emb: GalleryEmbeddings, exclude: set[str],
+          style: str | None) -> list[tuple[tuple[str, str], float]]:
+    """Every gallery concept (subgroup or other-pool concept) by its mean cosine to the forget
+    images, nearest first; the forget images themselves are left out, and with ``style`` only
+    that style's images count (a style request compares within the style)."""
+    keys, group = emb.groups
+    keep = torch.tensor([it.path not in exclude and not (style and it.style and it.style != style)
+                         for it in emb.items])
+    per_image = (forget @ emb.embeddings.t()).mean(0)            # mean over the forget images
+    sums = torch.zeros(len(keys), dtype=per_image.dtype).index_add_(0, group[keep], per_image[keep])
+    counts = torch.zeros(len(keys)).index_add_(0, group[keep], torch.ones(int(keep.sum())))
+    present = (counts > 0).nonzero().flatten().tolist()
+    ranked = [(keys[i], float(sums[i] / counts[i])) for i in present]
+    return sorted(ranked, key=lambda kv: -kv[1])
 
 
 def _neighbours(ranked, self_sim: float, retain: set[str], skip: set[tuple[str, str]], cfg: SuggestConfig,
@@ -224,7 +266,7 @@ def suggest_for_request(bundle: ClipBundle, gallery: Gallery, request: ForgetReq
     forget_paths = {it.path for it in forget_items}
     # a style request compares within its style; a subgroup request over every style
     style = request.style if request.subgroup is None else None
-    ranked = _rank(forget, _candidates(emb, forget_paths, style))
+    ranked = _rank(forget, emb, forget_paths, style)
     retain_set = set(siblings) | set(request.retain or ())     # the user's own retain set protects too
     sib_sim = {}
     for n in siblings:          # each retain subgroup's similarity, over the images the run retains
@@ -256,7 +298,7 @@ def suggest_for_examples(bundle: ClipBundle, gallery: Gallery, images: list, coa
     emb = embeddings or GalleryEmbeddings.compute(bundle, gallery)
     forget = encode_images(bundle, load_examples(images, bundle.image_size))
     self_sim = _self_similarity(forget)
-    ranked = _rank(forget, _candidates(emb, set(), None))
+    ranked = _rank(forget, emb, set(), None)
     superclass = _find_superclass(gallery, coarse_label)
     match = None
     top_sub = next(((k, s) for k, s in ranked if k[0]), None)
@@ -291,7 +333,7 @@ def _find_superclass(gallery: Gallery, label: str) -> str | None:
 
 
 def _indices(emb: GalleryEmbeddings, items: list[Item]) -> list[int]:
-    pos = {it.path: i for i, it in enumerate(emb.items)}
+    pos = emb._pos
     missing = [it.path for it in items if it.path not in pos]
     if missing:
         raise ValueError(f"{len(missing)} images (e.g. {missing[0]}) are not in the embedded gallery table; "
