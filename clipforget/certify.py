@@ -19,6 +19,9 @@ Three attacks on the unlearned model, each also run on the original for comparis
 - **retrieval**: recall@k of the forgotten subgroup's gallery images for the coarse label, the
   subgroup name and paraphrases, before and after.
 
+A model that forgot everything passes all three, so one more check asks that the rest is **kept**:
+zero-shot accuracy on other superclasses' images, after against before.
+
 The verdict combines the checks whose thresholds are in :class:`Thresholds`; every number it
 uses is in the certificate next to the threshold.
 """
@@ -125,6 +128,8 @@ class Thresholds:
     max_coarse_recall_ratio: float = 0.25  # recall@k for the coarse label: after / before
     max_coarse_probe_ratio: float = 0.5    # forgotten images a coarse-class probe still recognises:
                                            # after / before
+    min_kept_ratio: float = 0.9         # zero-shot accuracy on other superclasses' images: after / before
+                                        # (at least; a model that forgot everything is not certified)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -139,9 +144,12 @@ class CertifyConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    kept_images: int = 256          # other superclasses' images for the "rest kept" check (sampled by seed)
     seed: int = 0
 
     def __post_init__(self):
+        if self.kept_images < 1:
+            raise ValueError(f"kept_images must be >= 1, got {self.kept_images}")
         for name, cls in (("relearn", RelearnConfig), ("probe", ProbeConfig), ("retrieval", RetrievalConfig),
                           ("thresholds", Thresholds)):
             if not isinstance(getattr(self, name), cls):
@@ -226,7 +234,9 @@ def _superclass_texts(bundle: ClipBundle, gallery: Gallery) -> tuple[list[str], 
 
 
 @torch.no_grad()
-def _accuracy(bundle: ClipBundle, model: nn.Module, views: ViewSet, label: int, class_emb: torch.Tensor) -> float:
+def _accuracy(bundle: ClipBundle, model: nn.Module, views: ViewSet, label: int | torch.Tensor,
+              class_emb: torch.Tensor) -> float:
+    """Zero-shot accuracy of ``views`` for one label or a label per view."""
     emb = encode_images(bundle, views.images, model)
     return float(((emb @ class_emb.t()).argmax(-1) == label).float().mean())
 
@@ -357,6 +367,12 @@ def certify(bundle: ClipBundle, run_dir: str | Path, gallery: Gallery | None = N
                                 cfg, callbacks)
     seconds["relearn"] = time.perf_counter() - t0
 
+    # ---- the rest kept ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    emit(callbacks, stage="certify: rest kept", step=0, total=1, fraction=0.0)
+    kept = _kept(bundle, models, gallery, cache, req, superclasses, sc_emb, cfg)
+    seconds["kept"] = time.perf_counter() - t0
+
     # ---- linear probes ------------------------------------------------------------------------
     t0 = time.perf_counter()
     emit(callbacks, stage="certify: probes", step=0, total=2, fraction=0.0)
@@ -374,7 +390,7 @@ def certify(bundle: ClipBundle, run_dir: str | Path, gallery: Gallery | None = N
     cert = {"run": str(run.path), "method": run.method, "request": req.to_dict(), "label": req.label,
             "model": bundle.arch, "alpha": alpha, "run_alpha": run.alpha, "gallery": gallery.name,
             "retain_subgroups": retain_names, "config": dataclasses.asdict(cfg),
-            "relearn": relearn, "probes": probes, "retrieval": retrieval, "seconds": seconds}
+            "kept": kept, "relearn": relearn, "probes": probes, "retrieval": retrieval, "seconds": seconds}
     cert["checks"] = checks(cert, cfg.thresholds)
     cert["certified"] = all(c["passed"] for c in cert["checks"])
     cert["verdict"] = verdict_line(cert)
@@ -433,6 +449,19 @@ def relearning_attack(bundle: ClipBundle, delta: dict, alpha: float, gallery: Ga
         "recovery": max(r["forget_sample"] for r in curve) / original_acc if original_acc else None,
         "control_recovery": max(r["control_sample"] for r in curve) / original_acc if original_acc else None,
     }
+
+
+def _kept(bundle: ClipBundle, models: dict[str, nn.Module], gallery: Gallery, cache: ViewCache,
+          req: ForgetRequest, superclasses: list[str], sc_emb: torch.Tensor, cfg: CertifyConfig) -> dict:
+    """Zero-shot accuracy on held-out views of other superclasses' images, before and after: the
+    certificate is about forgetting one thing, so it also checks the rest was not forgotten too."""
+    pool = [it for it in gallery.select(kind="hierarchy") if it.superclass != req.superclass]
+    if not pool:
+        return {"images": 0, "before": None, "after": None}
+    items = sorted(random.Random(cfg.seed).sample(pool, min(cfg.kept_images, len(pool))), key=pool.index)
+    views = cache.views(items, "test", 1, bundle.image_size)
+    labels = torch.tensor([superclasses.index(it.superclass) for it in views.items])
+    return {"images": len(views), **{_side(w): _accuracy(bundle, m, views, labels, sc_emb) for w, m in models.items()}}
 
 
 def _control_subgroup(gallery: Gallery, req: ForgetRequest, control: str | None, seed: int) -> tuple[str, str]:
@@ -601,9 +630,9 @@ def checks(cert: dict, th: Thresholds) -> list[dict]:
     rl, pr, rt = cert["relearn"], cert["probes"], cert["retrieval"]
     out = []
 
-    def add(name, value, limit, text):
-        out.append({"name": name, "value": value, "threshold": limit,
-                    "passed": value is not None and value <= limit, "text": text})
+    def add(name, value, limit, text, op="<="):
+        ok = value is not None and (value <= limit if op == "<=" else value >= limit)
+        out.append({"name": name, "value": value, "threshold": limit, "op": op, "passed": ok, "text": text})
 
     add("target accuracy", rl["curve"][0]["forget_sample"], th.max_target_accuracy,
         "zero-shot accuracy of the forgotten subgroup's held-out images, before any relearning")
@@ -616,6 +645,9 @@ def checks(cert: dict, th: Thresholds) -> list[dict]:
     cp = pr["coarse"]
     add("coarse-class probe", _ratio(cp.get("after"), cp.get("before")), th.max_coarse_probe_ratio,
         "forgotten images a linear coarse-class probe still recognises, after / before")
+    kp = cert["kept"]
+    add("rest kept", _ratio(kp["after"], kp["before"]), th.min_kept_ratio,
+        f"zero-shot accuracy on {kp['images']} held-out images of other superclasses, after / before", op=">=")
     return out
 
 
@@ -630,7 +662,9 @@ def verdict_line(cert: dict) -> str:
     parts = []
     for c in cert["checks"]:
         v = "n/a" if c["value"] is None else f"{c['value']:.2f}"
-        parts.append(f"{c['name']} {v} {'<=' if c['passed'] else '>'} {c['threshold']:.2f} "
+        op = c.get("op", "<=")
+        shown = op if c["passed"] else {"<=": ">", ">=": "<"}[op]
+        parts.append(f"{c['name']} {v} {shown} {c['threshold']:.2f} "
                      f"{'pass' if c['passed'] else 'FAIL'}")
     head = "CERTIFIED" if cert["certified"] else "NOT CERTIFIED"
     return f"{head}: {cert['label']} — " + "; ".join(parts)
@@ -648,9 +682,10 @@ def markdown(cert: dict) -> str:
              f"- run: `{cert['run']}` · method `{cert['method']}` · model `{cert['model']}` · "
              f"α = {cert['alpha']:.2f}" + ("" if cert["alpha"] == cert["run_alpha"] else
                                           f" (the run's calibrated α is {cert['run_alpha']:.2f})"),
-             "", "## Checks", "", "| check | measured | threshold (≤) | result |", "|---|---:|---:|---|"]
+             "", "## Checks", "", "| check | measured | threshold | result |", "|---|---:|---:|---|"]
     for c in cert["checks"]:
-        lines.append(f"| {c['name']} — {c['text']} | {f3(c['value'])} | {c['threshold']:.2f} | "
+        bound = "≥" if c.get("op") == ">=" else "≤"
+        lines.append(f"| {c['name']} — {c['text']} | {f3(c['value'])} | {bound} {c['threshold']:.2f} | "
                      f"{'pass' if c['passed'] else '**fail**'} |")
     lines += ["", "## Relearning attack", "",
               f"Split by {rl['split']}: {rl['split_note']}. Sample: {', '.join(rl['sample'])} ({rl['sample_views']} "
@@ -679,6 +714,10 @@ def markdown(cert: dict) -> str:
         lines.append(f"| coarse class on the forgotten images (share recognised) | {f3(cp['before'])} | "
                      f"{f3(cp['after'])} | fitted without them; rest of the superclass: "
                      f"{f3(cp['before_rest_of_superclass'])} → {f3(cp['after_rest_of_superclass'])} |")
+    kp = cert["kept"]
+    lines += ["", "## The rest kept", "",
+              f"Zero-shot superclass accuracy on held-out views of {kp['images']} images of the other superclasses: "
+              f"{f3(kp['before'])} before, {f3(kp['after'])} after."]
     lines += ["", f"## Retrieval: recall@{rt['k']} of the forgotten images ({rt['relevant']} of {rt['pool']} "
               "gallery images)", "", "| query | kind | before | after |", "|---|---|---:|---:|"]
     lines += [f"| {q['query']} | {q['kind']} | {f3(q['before'])} | {f3(q['after'])} |" for q in rt["queries"]]

@@ -56,6 +56,8 @@ def test_configs_name_the_bad_field():
         ProbeConfig(lr=0)
     with pytest.raises(ValueError, match="thresholds.max_relearn_recovery"):
         Thresholds(max_relearn_recovery=1.5)
+    with pytest.raises(ValueError, match="kept_images"):
+        CertifyConfig(kept_images=0)
     with pytest.raises(ValueError, match="unknown field"):
         CertifyConfig.from_dict({"relearn": {"stepz": 3}})
     assert CertifyConfig.from_dict(SMALL).relearn.steps == 4
@@ -81,8 +83,9 @@ def test_retrieval_queries_name_the_coarse_label_the_subgroup_and_paraphrases(ga
     assert styled[0] == "a black and white line drawing of a car"
 
 
-def _cert(target, recovery, recall_after, probe_after):
+def _cert(target, recovery, recall_after, probe_after, kept_after=0.95):
     return {"label": "poodle", "relearn": {"curve": [{"forget_sample": target}], "recovery": recovery, "steps": 4},
+            "kept": {"images": 64, "before": 1.0, "after": kept_after},
             "probes": {"coarse": {"before": 0.8, "after": probe_after}},
             "retrieval": {"k": 20, "queries": [{"kind": "coarse", "query": "a dog", "before": 0.8,
                                                 "after": recall_after}]}}
@@ -93,14 +96,14 @@ def test_verdict_applies_each_threshold_and_prints_it():
     good = _cert(0.0, 0.2, 0.0, 0.1)
     good["checks"] = checks(good, th)
     assert all(c["passed"] for c in good["checks"])
-    bad = _cert(0.05, 0.9, 0.4, 0.1)
+    bad = _cert(0.05, 0.9, 0.4, 0.1, kept_after=0.5)
     bad["checks"] = checks(bad, th)
-    assert [c["passed"] for c in bad["checks"]] == [True, False, False, True]
+    assert [c["passed"] for c in bad["checks"]] == [True, False, False, True, False]
     bad["certified"] = False
     line = verdict_line(bad)
     assert line.startswith("NOT CERTIFIED: poodle")
     assert "relearning 0.90 > 0.50 FAIL" in line and "coarse-label retrieval 0.50 > 0.25 FAIL" in line
-    assert "target accuracy 0.05 <= 0.10 pass" in line
+    assert "target accuracy 0.05 <= 0.10 pass" in line and "rest kept 0.50 < 0.90 FAIL" in line
 
 
 def test_a_folder_without_a_run_is_refused(tmp_path):
@@ -134,9 +137,11 @@ def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cach
     sham = load_certificate(sham_dir)
     assert (sham_dir / "certificate.md").read_text().startswith("# Forgetting certificate: poodle")
 
-    # the sham is the original model: every check fails, and before == after everywhere
+    # the sham is the original model: every forgetting check fails (the rest is kept, trivially),
+    # and before == after everywhere
     assert sham["alpha"] == 0.0 and not sham["certified"]
-    assert not any(c["passed"] for c in sham["checks"])
+    assert [c["name"] for c in sham["checks"] if c["passed"]] == ["rest kept"]
+    assert sham["kept"]["after"] == sham["kept"]["before"]
     assert sham["relearn"]["curve"][0]["forget_sample"] == sham["relearn"]["original_accuracy"] >= 0.9
     assert sham["probes"]["coarse"]["after"] == sham["probes"]["coarse"]["before"]
     assert sham["probes"]["subgroup"]["after"] == sham["probes"]["subgroup"]["before"]
@@ -144,7 +149,8 @@ def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cach
 
     # the real run: forgotten on held-out styles, gone from coarse-label retrieval and from a probe
     by_name = {c["name"]: c for c in real["checks"]}
-    assert by_name["target accuracy"]["passed"] and by_name["coarse-label retrieval"]["passed"]
+    assert by_name["target accuracy"]["passed"] and by_name["coarse-label retrieval"]["passed"], real["verdict"]
+    assert by_name["rest kept"]["passed"], real["verdict"]            # the rest of the gallery is still known
     assert real["relearn"]["curve"][0]["forget_sample"] < sham["relearn"]["curve"][0]["forget_sample"] - 0.5
     coarse = [q for q in real["retrieval"]["queries"] if q["kind"] == "coarse"][0]
     assert coarse["before"] > 0 and coarse["after"] < coarse["before"]
