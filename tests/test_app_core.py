@@ -17,7 +17,7 @@ from clipforget.io import atomic_dir, write_json
 
 # A small but real job: the method's stages all run, on fewer views, so a test takes seconds.
 QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
-QUICK_SPLIT = {"train_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
+QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
                "calib_concept_images": 40, "max_other_images": 80}
 
 

@@ -13,7 +13,7 @@ from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_ta
 from clipforget.methods.base import Context, get_method, list_methods
 from clipforget.train.loop import LoopConfig
 
-TINY_SPLIT = SplitConfig(train_views=2, calib_views=1, calib_target_views=1, test_views=1,
+TINY_SPLIT = SplitConfig(train_views=2, forget_views=2, calib_views=1, calib_target_views=1, test_views=1,
                          calib_other_images=12, calib_concept_images=12, max_other_images=16)
 QUICK = LoopConfig(steps=3, lr=1e-3, grad_clip=1.0)
 # few steps and samples per method: the table test checks the interface, not the quality

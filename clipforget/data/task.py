@@ -57,7 +57,8 @@ class ForgetRequest:
 
 @dataclass
 class SplitConfig:
-    train_views: int = 6        # augmented views per forget / retain image used for training
+    train_views: int = 6        # augmented views per retain image used for training
+    forget_views: int = 32      # augmented views per forget image used for training (the forget set is small)
     calib_views: int = 2        # views per image in the calibration set D_m
     calib_target_views: int = 8  # views per forget image in D_m (the forget set has few images)
     test_views: int = 4         # views per image in the test columns
@@ -67,7 +68,7 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("train_views", "calib_views", "calib_target_views", "test_views"):
+        for name in ("train_views", "forget_views", "calib_views", "calib_target_views", "test_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -252,7 +253,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
         calib["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.calib_concept_images),
                                                  "calib", 1)
     return Task(request, gallery, image_size, superclasses,
-                forget=cache.views(forget_items, "train", cfg.train_views, image_size),
+                forget=cache.views(forget_items, "train", cfg.forget_views, image_size),
                 retain=cache.views(retain_items, "train", cfg.train_views, image_size),
                 retain_subgroups=retain_names, calib=calib, test=test, warnings=warnings)
 

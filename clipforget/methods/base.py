@@ -191,6 +191,11 @@ class Context:
         model.visual.train(was)
         return float((preds == labels).float().mean())
 
+    def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``."""
+        preds = predict(features.to(self.superclass_emb.device), self.superclass_emb).cpu()
+        return float((preds == labels.cpu()).float().mean())
+
     @property
     def chance(self) -> float:
         return 1.0 / len(self.task.superclasses)

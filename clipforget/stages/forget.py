@@ -1,8 +1,14 @@
 """Stage 1 — forget: LoRA on the layers ranked by relative Fisher; push D_f away from t_c.
 
 Loss [paper Eq. 3]: L_f = mean_i s(x_i, t_c) over the forget images, t_c the coarse label
-("a dog"). Stops as soon as the zero-shot forget accuracy is at or below the target (default:
-chance) or after the step budget; the LoRA weights are then merged (``merge_and_unload``).
+("a dog") — ``loss="similarity"``. [recon] ``loss="probability"`` minimises instead the zero-shot
+probability of t_c among all superclass prompts: it pushes only until another class wins, which
+is what the stopping rule measures, and does not keep pushing images that are already forgotten.
+Stops as soon as the zero-shot forget accuracy is at or below the target (default: 0) or after the
+step budget; the LoRA weights are then merged (``merge_and_unload``).
+
+The layers before the first candidate / chosen layer are frozen, so their output is computed once
+per image (:class:`clipforget.trunk.TrunkEncoder`) — exact, and several times faster.
 """
 from __future__ import annotations
 
@@ -13,11 +19,23 @@ import torch
 from torch import nn
 
 from ..train.loop import LoopConfig, optimize
+from ..trunk import TrunkEncoder
 from .fisher import layer_fisher, prunable_layers, rank_layers, relative_fisher
 
 log = logging.getLogger(__name__)
 
 LAYER_SELECTIONS = ("relative", "plain", "all")
+FORGET_LOSSES = ("similarity", "probability")
+
+
+def forget_objective(ctx, features: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the forget stage minimises over forget-image ``features`` (normalised): the mean
+    similarity to the coarse label [paper Eq. 3], or the mean zero-shot probability of the coarse
+    label among all superclass prompts [recon]."""
+    if kind == "similarity":
+        return (features @ ctx.coarse_emb).mean()
+    logits = ctx.logit_scale * features @ ctx.superclass_emb.t()
+    return logits.softmax(-1)[:, ctx.task.target_index].mean()
 
 
 @dataclass
@@ -31,10 +49,11 @@ class ForgetConfig:
     use_lora: bool = True               # LoRA on the chosen layers; False: update them fully
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    loss: str = "probability"           # similarity: s(x, t_c) [paper Eq. 3] | probability: p(t_c | x) [recon]
     batch_size: int = 64
     target_accuracy: float | None = 0.0   # stop when forget accuracy (train views) <= this; None: chance
     bn_mode: str = "eval"               # BatchNorm during the stage: eval (frozen stats) | train
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-4, grad_clip=None, check_every=1))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-3, grad_clip=None, check_every=1))
 
     def __post_init__(self):
         if self.layer_selection not in LAYER_SELECTIONS:
@@ -49,6 +68,8 @@ class ForgetConfig:
             raise ValueError(f"fisher_retain_text must be 'coarse' or 'own', got {self.fisher_retain_text!r}")
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.loss not in FORGET_LOSSES:
+            raise ValueError(f"loss must be one of {FORGET_LOSSES}, got {self.loss!r}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
 
@@ -80,19 +101,21 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
         if unknown:
             raise ValueError(f"forget.layers: {unknown} are not Conv2d/Linear layers of the image tower; "
                              f"choose from {list(layers)}")
-        return list(cfg.layers), {}
+        return list(cfg.layers), {"candidates": list(cfg.layers)}
     if cfg.layer_selection == "all":
-        return list(layers), {}
+        return list(layers), {"candidates": list(layers)}
     # Subgroups differ in late, specific features; early layers serve every class. Unrestricted, the
     # ranking on the embedded model picks the first convolution, whose edit hurts every class.
     names = list(layers)
     layers = {n: layers[n] for n in names[int(len(names) * (1 - cfg.candidate_fraction)):]}
     visual.eval()
     task = ctx.task
+    enc = TrunkEncoder(visual, layers)      # the layers before every candidate are not ranked
     gen = torch.Generator().manual_seed(ctx.seed)
     fi = torch.randperm(len(task.forget), generator=gen)[:cfg.fisher_samples]
-    f_forget = layer_fisher(ctx.model, ctx.inputs(task.forget, fi), ctx.coarse_emb, layers)
-    info = {"fisher_forget": f_forget}
+    f_forget = layer_fisher(ctx.model, enc.prepare(ctx.inputs(task.forget, fi)), ctx.coarse_emb, layers,
+                            encode=enc)
+    info = {"candidates": list(layers), "fisher_forget": f_forget}
     if cfg.layer_selection == "relative" and len(task.retain):
         ri = torch.randperm(len(task.retain), generator=gen)[:cfg.fisher_samples]
         sub = task.retain.subset(ri.tolist())
@@ -101,7 +124,7 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
             text = cap_emb[cap_ids]
         else:   # the same coarse label as D_f: which layers carry "dog" for poodles but not other dogs
             text = ctx.coarse_emb
-        f_retain = layer_fisher(ctx.model, ctx.inputs(sub), text, layers)
+        f_retain = layer_fisher(ctx.model, enc.prepare(ctx.inputs(sub)), text, layers, encode=enc)
         importance = relative_fisher(f_forget, f_retain)
         info.update(fisher_retain=f_retain, relative_fisher=importance)
     else:
@@ -133,15 +156,19 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
         params += [p for p in peft_model.parameters() if p.requires_grad]
     params = list({id(p): p for p in params}.values())   # a fully updated layer is also seen via peft
     ctx.model.visual.train(cfg.bn_mode == "train")
+    enc = TrunkEncoder(ctx.model.visual, chosen, enabled=cfg.bn_mode == "eval")
+    forget_x = enc.prepare(ctx.inputs(task.forget))
+    labels = task.superclass_labels(task.forget)
     records = {}
 
     def loss_fn(step):
-        idx = ctx.sample(task.forget, cfg.batch_size)
-        img = ctx.image_features(ctx.inputs(task.forget, idx))
-        return (img @ ctx.coarse_emb).mean()
+        return forget_objective(ctx, enc(forget_x[ctx.sample(task.forget, cfg.batch_size)]), cfg.loss)
+
+    def accuracy() -> float:
+        return ctx.superclass_accuracy(enc.encode(forget_x), labels)
 
     def should_stop(step):
-        acc = ctx.accuracy(task.forget)
+        acc = accuracy()
         records[step] = acc
         return acc <= target
 
@@ -149,7 +176,7 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     for rec in history:
         if rec["step"] - 1 in records:
             rec["forget_acc_before_step"] = records[rec["step"] - 1]
-    final_acc = ctx.accuracy(task.forget)
+    final_acc = accuracy()
     if peft_model is not None:
         ctx.model.visual = peft_model.merge_and_unload()
     for p in ctx.model.visual.parameters():
