@@ -15,11 +15,6 @@ from clipforget import index as fx
 from clipforget.jobs import Job, JobBusy, JobError, JobRegistry, check_id
 from clipforget.io import atomic_dir, write_json
 
-# A small but real job: the method's stages all run, on fewer views, so a test takes seconds.
-QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
-QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
-               "calib_concept_images": 40, "max_other_images": 80}
-
 
 # ---- index ---------------------------------------------------------------------------------------
 
@@ -174,22 +169,13 @@ def test_restart_marks_running_jobs_failed_and_reopens_finished_ones(tmp_path):
     reg2.close()
 
 
-# ---- AppCore on the embedded model ----------------------------------------------------------------
+# ---- AppCore on the embedded model (the shared ``core`` fixture of conftest.py) -----------------------
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory):
-    from clipforget.appcore import AppCore
-    c = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu", alpha_points=3,
-                job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
-    c.resources(timeout=300)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def finished(core):
-    job = core.start_job("dog", "poodle")
-    return core.jobs.wait(job.id, timeout=600)
+def finished(app_core):
+    app_core.resources(timeout=300)
+    job = app_core.start_job("dog", "poodle")
+    return app_core.jobs.wait(job.id, timeout=600)
 
 
 @pytest.mark.slow
