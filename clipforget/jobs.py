@@ -243,6 +243,8 @@ class JobRegistry:
                 job.fraction = float(event.get("fraction", 0.0))
                 if new_stage or time.monotonic() - self._last_save.get(job.id, 0.0) >= self.save_every:
                     self._save(job)
+            if new_stage:
+                release_memory()      # the last stage's transients: the next stage's peak starts low
 
         with self._lock:
             if cancel.is_set():
