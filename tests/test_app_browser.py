@@ -79,7 +79,7 @@ def test_full_flow(server, browser):
     other.wait_for_selector("#cards img", timeout=30_000)
     other.locator("#run").click()
     wait_for(lambda: "wait for it to finish" in other.locator("body").inner_text(), 30, "refusal of a second job")
-    assert "poodle" in other.locator("body").inner_text().split("wait for it to finish")[0]
+    assert "(poodle (dog) · ours) is still" in other.locator("body").inner_text()      # names the running job
     other.screenshot(path=str(out / "02b-second-tab-refused.png"), full_page=True)
     other.close()
     page.reload()
