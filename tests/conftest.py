@@ -120,8 +120,18 @@ class AppServer:
 def app_server(app_core):
     """``app.py``'s app launched around ``app_core`` on 127.0.0.1 and a free port."""
     app = load_app_module()
-    port = free_port()
-    demo = app.launch(app_core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    for attempt in range(3):
+        port = free_port()
+        try:
+            demo = app.launch(app_core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+            break
+        except ValueError as e:
+            # gradio gives its own first page request 3 s; on a machine busy with other work that
+            # can time out although the server is up: close it and launch again
+            if "localhost is not accessible" not in str(e) or attempt == 2:
+                raise
+            import gradio as gr
+            gr.close_all()
     yield AppServer(f"http://127.0.0.1:{port}/", app_core)
     demo.close()
 

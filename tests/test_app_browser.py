@@ -54,6 +54,7 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
 def test_full_flow(server, browser):
     out = shots_dir()
     page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    page.set_default_timeout(120_000)          # screenshots and clicks on a machine busy with other work
     page.goto(server.url)
     page.wait_for_selector("#cards img", timeout=30_000)
 
@@ -75,6 +76,7 @@ def test_full_flow(server, browser):
 
     # another browser (its own storage) cannot start a second job: the page names the running one
     other = browser.new_page(viewport={"width": 1440, "height": 1100})
+    other.set_default_timeout(120_000)
     other.goto(server.url)
     other.wait_for_selector("#cards img", timeout=30_000)
     other.locator("#run").click()
