@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
         if proc.poll() is not None:
             raise RuntimeError(f"the app exited with code {proc.returncode}")
         api = Client(url, analytics_enabled=False, verbose=False)
-        api.predict("a dog", "", -1.0, 12, api_name="/search")         # waits for the model to load
+        def searchable() -> bool:           # the model loads in the background after the page is up
+            try:
+                return bool(api.predict("a dog", "", -1.0, 12, api_name="/search")["left"])
+            except Exception:  # noqa: BLE001 - "still loading": try again
+                return False
+        wait_for(searchable, 600, "model loaded", poll=1.0)
         job = api.predict("dog", "poodle", "", "ours", api_name="/start_job")
         wait_for(lambda: api.predict(job["id"], api_name="/job_status")["status"] == "running", 60, "job running")
         stage_before = api.predict(job["id"], api_name="/job_status")["stage"]
