@@ -98,7 +98,7 @@ def _stop_jobs(core) -> None:
     running = core.jobs.running()
     if running is not None:      # a failed test must not leave a job that refuses the next test's
         core.jobs.cancel(running.id)
-        core.jobs.wait(running.id, timeout=120)
+        core.jobs.wait(running.id, timeout=600)
 
 
 @pytest.fixture
