@@ -16,7 +16,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # the tests' short job (conftest.QUICK_*): every stage runs, on fewer views
 QUICK_JOB = ("job_config={'remind': {'enabled': False}, 'restore': {'grid_points': 5}}, job_split="
-             "{'train_views': 2, 'calib_views': 1, 'test_views': 1, 'calib_other_images': 40, "
+             "{'train_views': 2, 'forget_views': 2, 'calib_views': 1, 'test_views': 1, 'calib_other_images': 40, "
              "'calib_concept_images': 40, 'max_other_images': 80}")
 
 
