@@ -56,7 +56,7 @@ def test_full_flow(server, browser):
     page = browser.new_page(viewport={"width": 1440, "height": 1100})
     page.set_default_timeout(120_000)          # screenshots and clicks on a machine busy with other work
     page.goto(server.url)
-    page.wait_for_selector("#cards img", timeout=30_000)
+    page.wait_for_selector("#cards img", timeout=120_000)
 
     # pick: another subgroup's card first, then poodle's; the retain set follows the pick
     page.locator("#cards button", has=page.locator("img[alt='dog face']")).click()
@@ -78,14 +78,14 @@ def test_full_flow(server, browser):
     other = browser.new_page(viewport={"width": 1440, "height": 1100})
     other.set_default_timeout(120_000)
     other.goto(server.url)
-    other.wait_for_selector("#cards img", timeout=30_000)
+    other.wait_for_selector("#cards img", timeout=120_000)
     other.locator("#run").click()
     wait_for(lambda: "wait for it to finish" in other.locator("body").inner_text(), 30, "refusal of a second job")
     assert "(poodle (dog) · ours) is still" in other.locator("body").inner_text()      # names the running job
     other.screenshot(path=str(out / "02b-second-tab-refused.png"), full_page=True)
     other.close()
     page.reload()
-    page.wait_for_selector("#cards img", timeout=30_000)
+    page.wait_for_selector("#cards img", timeout=120_000)
     wait_for(lambda: "Score" in page.locator("#score").inner_text(), 1200, "job results after reload", poll=1.0)
     wait_for(lambda: len(captions(page, "right-grid")) == 12, 30, "the unlearned grid")
     left, right = captions(page, "left-grid"), captions(page, "right-grid")
