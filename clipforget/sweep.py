@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,24 +28,85 @@ def sweep_requests(gallery: Gallery, superclass: str | None = None, every: int =
     return reqs[::every]
 
 
-def run_sweep(bundle: ClipBundle, gallery: Gallery, requests: list[ForgetRequest], method: str = "ours",
-              config=None, out: str | Path | None = None,
-              on_row: Callable[[dict], None] | None = None) -> dict:
-    cache, evaluator = ViewCache(gallery), Evaluator(bundle)
-    rows = []
-    for req in requests:
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load the model again in a worker process (load_clip's arguments)."""
+    name: str = "embedded"
+    pretrained: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    allow_pickle: bool = False
+
+    def load(self) -> ClipBundle:
+        from .models import load_clip
+        return load_clip(self.name, self.pretrained, self.device, self.precision, allow_pickle=self.allow_pickle)
+
+
+def sweep_row(run) -> dict:
+    r, req = run.report, run.task.request
+    return {"superclass": req.superclass, "subgroup": req.subgroup, "style": req.style,
+            "score": r["score"], "alpha": r["alpha"], "chance": r["chance"],
+            "target_after": r["columns"]["target"]["after"], "columns": r["columns"],
+            "seconds": r["seconds"]["total"], "stage_seconds": r["seconds"]}
+
+
+class _Runner:
+    """Runs requests one after another on one loaded model (shared caches)."""
+
+    def __init__(self, bundle: ClipBundle, gallery: Gallery, method: str, config):
+        self.bundle, self.gallery, self.method, self.config = bundle, gallery, method, config
+        self.cache, self.evaluator = ViewCache(gallery), Evaluator(bundle)
+
+    def __call__(self, request: ForgetRequest) -> dict:
         t0 = time.perf_counter()
-        run = forget(bundle, req, method, config, gallery, cache=cache, evaluator=evaluator)
-        r = run.report
-        row = {"superclass": req.superclass, "subgroup": req.subgroup, "style": req.style,
-               "score": r["score"], "alpha": r["alpha"], "chance": r["chance"],
-               "target_after": r["columns"]["target"]["after"],
-               "columns": r["columns"], "seconds": r["seconds"]["total"], "wall": time.perf_counter() - t0}
-        rows.append(row)
+        run = forget(self.bundle, request, self.method, self.config, self.gallery, cache=self.cache,
+                     evaluator=self.evaluator)
+        return {**sweep_row(run), "wall": time.perf_counter() - t0}
+
+
+_WORKER: _Runner | None = None     # one per worker process (ProcessPoolExecutor initializer)
+
+
+def _init_worker(spec: ModelSpec, gallery: str | None, method: str, config, threads: int) -> None:
+    global _WORKER
+    import torch
+    torch.set_num_threads(threads)
+    _WORKER = _Runner(spec.load(), Gallery.open(gallery), method, config)
+
+
+def _work(request: ForgetRequest) -> dict:
+    return _WORKER(request)
+
+
+def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[ForgetRequest], method: str = "ours",
+              config=None, out: str | Path | None = None,
+              on_row: Callable[[dict], None] | None = None, workers: int = 1,
+              model_spec: ModelSpec | None = None, gallery_spec: str | None = None) -> dict:
+    """One forget run per request. ``workers`` > 1 runs them in that many processes (each loads
+    the model from ``model_spec`` and the gallery from ``gallery_spec`` and uses one CPU thread:
+    on a small model, two one-thread processes finish more jobs than one two-thread process).
+    Rows come back in request order; partial results are written to ``out`` as they arrive."""
+    rows: list[dict | None] = [None] * len(requests)
+
+    def done(i: int, row: dict) -> None:
+        rows[i] = row
         if on_row:
             on_row(row)
         if out:   # keep partial results of a long sweep
-            write_json(Path(out) / "sweep.json", summarise(rows, method))
+            write_json(Path(out) / "sweep.json", summarise([r for r in rows if r is not None], method))
+
+    if workers <= 1:
+        runner = _Runner(bundle if bundle is not None else (model_spec or ModelSpec()).load(), gallery, method, config)
+        for i, req in enumerate(requests):
+            done(i, runner(req))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(model_spec or ModelSpec(), gallery_spec, method, config, 1)) as pool:
+            futures = {pool.submit(_work, req): i for i, req in enumerate(requests)}
+            for fut in as_completed(futures):
+                done(futures[fut], fut.result())
     summary = summarise(rows, method)
     if out:
         write_json(Path(out) / "sweep.json", summary)
@@ -55,18 +117,26 @@ def run_sweep(bundle: ClipBundle, gallery: Gallery, requests: list[ForgetRequest
 def summarise(rows: list[dict], method: str) -> dict:
     scores = [r["score"] for r in rows]
     at_chance = [r["target_after"] <= r["chance"] + 1e-9 for r in rows]
+    secs = [r["seconds"] for r in rows]
+    stages = sorted({k for r in rows for k in r.get("stage_seconds", {})})
     return {"method": method, "runs": len(rows),
             "median_score": statistics.median(scores) if scores else None,
             "min_score": min(scores) if scores else None,
-            "target_at_or_below_chance": sum(at_chance), "median_seconds":
-                statistics.median(r["seconds"] for r in rows) if rows else None, "rows": rows}
+            "target_at_or_below_chance": sum(at_chance),
+            "median_seconds": statistics.median(secs) if secs else None,
+            "max_seconds": max(secs) if secs else None,
+            "median_stage_seconds": {k: statistics.median(r["stage_seconds"][k] for r in rows
+                                                          if k in r.get("stage_seconds", {})) for k in stages},
+            "rows": rows}
 
 
 def markdown(summary: dict) -> str:
     lines = [f"# Sweep: {summary['method']} over {summary['runs']} requests", "",
              f"- median Score {summary['median_score']:.1f}, minimum {summary['min_score']:.1f}",
              f"- target accuracy after <= chance in {summary['target_at_or_below_chance']} of {summary['runs']}",
-             f"- median seconds per job {summary['median_seconds']:.1f}", "",
+             f"- seconds per job: median {summary['median_seconds']:.1f}, max {summary['max_seconds']:.1f}; "
+             "median per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("median_stage_seconds", {}).items()),
+             "",
              "| superclass | subgroup | style | α | target before → after | retain | other superclasses | other concepts | Score |",
              "|---|---|---|---:|---|---|---|---|---:|"]
     for r in summary["rows"]:

@@ -35,7 +35,7 @@ def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_t
     items = [it for it in gallery.items if it.kind == "hierarchy" and it.superclass in keep and it.style == "noto"]
     items += [it for it in gallery.items if it.kind == "other"][:4]
     g = Gallery(gallery.root, items, "tiny")
-    split = SplitConfig(train_views=1, calib_views=1, test_views=1, calib_other_images=8, calib_concept_images=4)
+    split = SplitConfig(train_views=1, forget_views=1, calib_views=1, test_views=1, calib_other_images=8, calib_concept_images=4)
     task = build_class_task(g, ClassRequest("dog"), 32, split, ViewCache(g, 32), retain_per_superclass=2)
     assert {it.subgroup for it in task.forget.items} == set(g.subgroups("dog"))
     assert {it.superclass for it in task.retain.items} == {"cat", "car"}

@@ -22,7 +22,7 @@ SMALL = {"relearn": {"steps": 4, "eval_every": 2, "batch_size": 8, "train_views"
          "probe": {"train_views": 1, "eval_views": 1, "steps": 60, "max_negatives": 40},
          "retrieval": {"pool": 100}}
 QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
-QUICK_SPLIT = {"train_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
+QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
                "calib_concept_images": 40, "max_other_images": 80}
 
 

@@ -61,7 +61,7 @@ def test_cifar_gallery_feeds_a_forget_task(tmp_path):
     write_cifar(tmp_path / "cifar", n=24)
     h = write_hierarchy(tmp_path / "h.json", {"vehicle": ["airplane", "automobile"], "animal": ["bird", "cat"]})
     g = cifar10_gallery(tmp_path / "cifar", h, tmp_path / "png")
-    split = SplitConfig(train_views=1, calib_views=1, calib_target_views=1, test_views=1)
+    split = SplitConfig(train_views=1, forget_views=1, calib_views=1, calib_target_views=1, test_views=1)
     task = build_task(g, ForgetRequest("vehicle", "airplane"), 32, split)
     assert {it.subgroup for it in task.forget.items} == {"airplane"}
     assert {it.subgroup for it in task.retain.items} == {"automobile"}

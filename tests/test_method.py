@@ -51,6 +51,9 @@ def test_choose_alpha_prefers_kept_accuracy_under_the_target():
     curve = [{"alpha": 0.0, "target": 1.0, "retain": 1.0}, {"alpha": 0.5, "target": 0.0, "retain": 0.9},
              {"alpha": 1.0, "target": 0.0, "retain": 0.6}]
     assert choose_alpha(curve, 0.04) == (0.5, True)
+    near = curve[:2] + [{"alpha": 1.0, "target": 0.0, "retain": 0.895}]
+    assert choose_alpha(near, 0.04, tolerance=0.01) == (1.0, True)     # a stronger soup that costs < 1 point
+    assert choose_alpha(curve, 0.04, tolerance=0.01) == (0.5, True)    # but not one that costs 30
     assert choose_alpha([{"alpha": 0.0, "target": 1.0, "retain": 1.0}, {"alpha": 1.0, "target": 0.5, "retain": 0.4}],
                         0.04) == (1.0, False)
 
@@ -102,6 +105,43 @@ def test_alignment_lowers_the_bn_statistics_loss(bundle, poodle_task):
     assert info["norm"] == "batchnorm"
     assert info["stat_loss_after"] < 0.8 * info["stat_loss_before"]
     assert aligned.min() >= 0 and aligned.max() <= 1 and not torch.equal(aligned, x)
+
+
+def test_alignment_content_term_keeps_what_the_original_model_sees(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    x = poodle_task.retain.images[:48].float() / 255
+
+    def drift(content_weight):
+        aligned, info = align_images(ctx, x, AlignConfig(steps=8, content_weight=content_weight))
+        with torch.no_grad():
+            a, b = (ctx.image_features(bundle.normalize(v), ctx.original) for v in (aligned, x))
+        return float((1 - (a * b).sum(-1)).mean()), info
+
+    free, free_info = drift(0.0)
+    kept, kept_info = drift(1000.0)
+    assert kept < 0.5 * free                       # the class content survives the alignment
+    assert kept_info["stat_loss_after"] < kept_info["stat_loss_before"]    # and the statistics still move
+
+
+def test_forget_probability_objective_reaches_the_target(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    info = forget_stage(ctx, ForgetConfig(fisher_samples=8, loss="probability", target_accuracy=0.0))
+    assert info["forget_train_accuracy"] == 0.0 and info["steps"] < ForgetConfig().loop.steps
+    assert ctx.accuracy(poodle_task.forget) == 0.0
+
+
+def test_remind_stops_once_retain_is_back_and_forget_stays_forgotten(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    ctx.info["forget"] = forget_stage(ctx, ForgetConfig(fisher_samples=8))
+    before = ctx.accuracy(poodle_task.retain)
+    info = remind_stage(ctx, RemindConfig(align=AlignConfig(steps=5)))
+    assert info["checks"], "remind never checked its goals"
+    last = info["checks"][-1]
+    assert last["step"] == info["steps"] < RemindConfig().loop.steps         # stopped early ...
+    assert last["retain_acc"] >= info["retain_goal"] and last["forget_acc"] <= info["forget_goal"]   # ... at its goals
+    assert ctx.accuracy(poodle_task.retain) > before
+    changed = {k.rsplit(".", 1)[0] for k in ctx.current_delta()}
+    assert changed <= set(ctx.info["forget"]["layers"])          # scope: only the layers the forget stage edited
 
 
 def test_ema_with_decay_one_returns_the_original(bundle, poodle_task):
@@ -222,3 +262,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert code == 2
     assert "did you mean 'poodle'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_same_report(bundle, gallery, view_cache):
+    """Deterministic: the same request, config and seed give the same delta and the same report."""
+    cfg = {"forget": {"fisher_samples": 8, "loop": {"steps": 4}},
+           "remind": {"align": {"steps": 3}, "loop": {"steps": 5, "check_every": 5}},
+           "restore": {"grid_points": 3}}
+    ev = Evaluator(bundle)
+    a, b = (forget(bundle, ForgetRequest("fish", "shark"), "ours", cfg, gallery, cache=view_cache, evaluator=ev)
+            for _ in range(2))
+    assert a.result.delta.keys() == b.result.delta.keys() and a.result.delta
+    assert all(torch.equal(a.result.delta[k], b.result.delta[k]) for k in a.result.delta)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}   # noqa: E731 - wall time differs
+    assert strip(a.report) == strip(b.report)

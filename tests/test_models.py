@@ -86,13 +86,15 @@ def test_embedded_export_loads_in_plain_open_clip(bundle, tmp_path):
     export_open_clip(bundle, bundle.model.state_dict(), tmp_path / "exp")
     plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exp'}")
     plain.eval()
+    ours = bundle.model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in plain.state_dict().items())    # the same weights, exactly
     x = torch.rand(2, 3, 64, 64)
     tok = bundle.tokenizer(["a dog", "a cat"])
-    with torch.no_grad():
-        assert torch.allclose(plain.encode_image(x), bundle.model.encode_image(x), atol=1e-6)
+    with torch.no_grad():   # outputs to 1e-5: our tower runs channels-last, plain open_clip does not
+        assert torch.allclose(plain.encode_image(x), bundle.model.encode_image(x), atol=1e-5)
         assert torch.allclose(plain.encode_text(tok), bundle.model.encode_text(tok), atol=1e-6)
     # and by architecture name + weights path
     again, _, _ = open_clip.create_model_and_transforms(bundle.arch, pretrained=str(tmp_path / "exp" / "open_clip_model.safetensors"))
     again.eval()
     with torch.no_grad():
-        assert torch.allclose(again.encode_image(x), bundle.model.encode_image(x), atol=1e-6)
+        assert torch.allclose(again.encode_image(x), bundle.model.encode_image(x), atol=1e-5)

@@ -191,6 +191,16 @@ class Context:
         model.visual.train(was)
         return float((preds == labels).float().mean())
 
+    def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> float:
+        """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``. With
+        ``margin`` > 0 an image also counts as recognised while its label's logit is within
+        ``margin`` of the best other logit (a stricter test of "forgotten")."""
+        logits = (self.logit_scale * features.to(self.superclass_emb.device) @ self.superclass_emb.t()).cpu()
+        labels = labels.cpu()
+        own = logits.gather(1, labels[:, None])[:, 0]
+        others = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
+        return float((own + margin > others).float().mean())
+
     @property
     def chance(self) -> float:
         return 1.0 / len(self.task.superclasses)

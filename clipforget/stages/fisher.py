@@ -6,6 +6,8 @@ similarity s = cos(g_img(x), g_txt(t))), and the relative Fisher I_l = F_l(D_f) 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -17,12 +19,16 @@ def prunable_layers(visual: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in visual.named_modules() if isinstance(m, PRUNABLE)}
 
 
-def layer_fisher(model: nn.Module, inputs: torch.Tensor, text_emb: torch.Tensor,
-                 layers: dict[str, nn.Module], max_samples: int | None = 64) -> dict[str, float]:
+def layer_fisher(model: nn.Module, inputs, text_emb: torch.Tensor,
+                 layers: dict[str, nn.Module], max_samples: int | None = 64,
+                 encode: Callable | None = None) -> dict[str, float]:
     """Diagonal empirical Fisher of s(x, t) summed per layer, averaged over samples.
 
-    ``inputs``: model-ready images (N, 3, H, W); ``text_emb``: the normalised text embedding each
-    image is paired with (N, D) or one shared (D,). Per-sample gradients, one backward each."""
+    ``inputs``: model-ready images (N, 3, H, W), or anything ``encode`` maps to normalised features
+    (e.g. trunk outputs prepared by :class:`clipforget.trunk.TrunkEncoder`); ``text_emb``: the
+    normalised text embedding each image is paired with (N, D) or one shared (D,). Per-sample
+    gradients, one backward each."""
+    encode = encode or (lambda x: torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1))
     n = len(inputs) if max_samples is None else min(len(inputs), max_samples)
     params = {name: [p for p in m.parameters(recurse=False)] for name, m in layers.items()}
     flags = {id(p): p.requires_grad for ps in params.values() for p in ps}
@@ -33,7 +39,7 @@ def layer_fisher(model: nn.Module, inputs: torch.Tensor, text_emb: torch.Tensor,
     try:
         for i in range(n):
             model.zero_grad(set_to_none=True)
-            img = torch.nn.functional.normalize(model.encode_image(inputs[i:i + 1]).float(), dim=-1)[0]
+            img = encode(inputs[i:i + 1])[0]
             t = text_emb if text_emb.ndim == 1 else text_emb[i]
             (img @ t).backward()
             for name, ps in params.items():

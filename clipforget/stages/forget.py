@@ -1,8 +1,14 @@
 """Stage 1 — forget: LoRA on the layers ranked by relative Fisher; push D_f away from t_c.
 
 Loss [paper Eq. 3]: L_f = mean_i s(x_i, t_c) over the forget images, t_c the coarse label
-("a dog"). Stops as soon as the zero-shot forget accuracy is at or below the target (default:
-chance) or after the step budget; the LoRA weights are then merged (``merge_and_unload``).
+("a dog") — ``loss="similarity"``. [recon] ``loss="probability"`` minimises instead the zero-shot
+probability of t_c among all superclass prompts: it pushes only until another class wins, which
+is what the stopping rule measures, and does not keep pushing images that are already forgotten.
+Stops as soon as the zero-shot forget accuracy is at or below the target (default: 0) or after the
+step budget; the LoRA weights are then merged (``merge_and_unload``).
+
+The layers before the first candidate / chosen layer are frozen, so their output is computed once
+per image (:class:`clipforget.trunk.TrunkEncoder`) — exact, and several times faster.
 """
 from __future__ import annotations
 
@@ -13,11 +19,23 @@ import torch
 from torch import nn
 
 from ..train.loop import LoopConfig, optimize
+from ..trunk import TrunkEncoder
 from .fisher import layer_fisher, prunable_layers, rank_layers, relative_fisher
 
 log = logging.getLogger(__name__)
 
 LAYER_SELECTIONS = ("relative", "plain", "all")
+FORGET_LOSSES = ("similarity", "probability")
+
+
+def forget_objective(ctx, features: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the forget stage minimises over forget-image ``features`` (normalised): the mean
+    similarity to the coarse label [paper Eq. 3], or the mean zero-shot probability of the coarse
+    label among all superclass prompts [recon]."""
+    if kind == "similarity":
+        return (features @ ctx.coarse_emb).mean()
+    logits = ctx.logit_scale * features @ ctx.superclass_emb.t()
+    return logits.softmax(-1)[:, ctx.task.target_index].mean()
 
 
 @dataclass
@@ -31,10 +49,13 @@ class ForgetConfig:
     use_lora: bool = True               # LoRA on the chosen layers; False: update them fully
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    loss: str = "probability"           # similarity: s(x, t_c) [paper Eq. 3] | probability: p(t_c | x) [recon]
     batch_size: int = 64
     target_accuracy: float | None = 0.0   # stop when forget accuracy (train views) <= this; None: chance
+    margin: float = 1.0                 # ... counting a view as recognised while the coarse logit is within this
+                                        # of the best other one: forgotten with a margin, so unseen views follow [recon]
     bn_mode: str = "eval"               # BatchNorm during the stage: eval (frozen stats) | train
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-4, grad_clip=None, check_every=1))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-3, grad_clip=None, check_every=1))
 
     def __post_init__(self):
         if self.layer_selection not in LAYER_SELECTIONS:
@@ -49,6 +70,10 @@ class ForgetConfig:
             raise ValueError(f"fisher_retain_text must be 'coarse' or 'own', got {self.fisher_retain_text!r}")
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.loss not in FORGET_LOSSES:
+            raise ValueError(f"loss must be one of {FORGET_LOSSES}, got {self.loss!r}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
 
@@ -72,6 +97,43 @@ def called_layers(visual: nn.Module, x: torch.Tensor, names: list[str]) -> set[s
     return seen
 
 
+class LowRankDelta(nn.Module):
+    """A LoRA update as a weight parametrization: W → W + (α/r)·B·A (B starts at 0, so training
+    starts from W). For weights that a tower uses functionally, where peft's wrapper, which
+    replaces the module's ``forward``, would never run (open_clip's attention pool passes its
+    q/k/v/c projection weights to ``F.multi_head_attention_forward``)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        out_features, in_features = weight.shape[0], weight[0].numel()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)      # peft's initialisation
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * (self.lora_B @ self.lora_A).view_as(weight)
+
+
+def add_low_rank(modules: dict[str, nn.Module], rank: int, alpha: float) -> list[nn.Parameter]:
+    """Parametrize each module's weight with a :class:`LowRankDelta`; returns the new parameters."""
+    from torch.nn.utils import parametrize
+    params = []
+    for m in modules.values():
+        delta = LowRankDelta(m.weight, rank, alpha)
+        parametrize.register_parametrization(m, "weight", delta)
+        params += [delta.lora_A, delta.lora_B]
+    return params
+
+
+def merge_low_rank(modules: dict[str, nn.Module]) -> None:
+    """Fold the low-rank updates into plain weights (like peft's ``merge_and_unload``)."""
+    from torch.nn.utils import parametrize
+    for m in modules.values():
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        m.weight.requires_grad_(False)
+
+
 def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
     visual = ctx.model.visual
     layers = prunable_layers(visual)
@@ -80,19 +142,21 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
         if unknown:
             raise ValueError(f"forget.layers: {unknown} are not Conv2d/Linear layers of the image tower; "
                              f"choose from {list(layers)}")
-        return list(cfg.layers), {}
+        return list(cfg.layers), {"candidates": list(cfg.layers)}
     if cfg.layer_selection == "all":
-        return list(layers), {}
+        return list(layers), {"candidates": list(layers)}
     # Subgroups differ in late, specific features; early layers serve every class. Unrestricted, the
     # ranking on the embedded model picks the first convolution, whose edit hurts every class.
     names = list(layers)
     layers = {n: layers[n] for n in names[int(len(names) * (1 - cfg.candidate_fraction)):]}
     visual.eval()
     task = ctx.task
+    enc = TrunkEncoder(visual, layers)      # the layers before every candidate are not ranked
     gen = torch.Generator().manual_seed(ctx.seed)
     fi = torch.randperm(len(task.forget), generator=gen)[:cfg.fisher_samples]
-    f_forget = layer_fisher(ctx.model, ctx.inputs(task.forget, fi), ctx.coarse_emb, layers)
-    info = {"fisher_forget": f_forget}
+    f_forget = layer_fisher(ctx.model, enc.prepare(ctx.inputs(task.forget, fi)), ctx.coarse_emb, layers,
+                            encode=enc)
+    info = {"candidates": list(layers), "fisher_forget": f_forget}
     if cfg.layer_selection == "relative" and len(task.retain):
         ri = torch.randperm(len(task.retain), generator=gen)[:cfg.fisher_samples]
         sub = task.retain.subset(ri.tolist())
@@ -101,7 +165,7 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
             text = cap_emb[cap_ids]
         else:   # the same coarse label as D_f: which layers carry "dog" for poodles but not other dogs
             text = ctx.coarse_emb
-        f_retain = layer_fisher(ctx.model, ctx.inputs(sub), text, layers)
+        f_retain = layer_fisher(ctx.model, enc.prepare(ctx.inputs(sub)), text, layers, encode=enc)
         importance = relative_fisher(f_forget, f_retain)
         info.update(fisher_retain=f_retain, relative_fisher=importance)
     else:
@@ -116,32 +180,38 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     task = ctx.task
     target = ctx.chance if cfg.target_accuracy is None else cfg.target_accuracy
     lora_layers = sorted(called_layers(visual, ctx.inputs(task.forget, slice(0, 1)), chosen)) if cfg.use_lora else []
-    full_layers = [n for n in chosen if n not in lora_layers]
-    if cfg.use_lora and full_layers:
-        log.info("layers used functionally (no LoRA possible), updated fully: %s", full_layers)
+    mods = dict(visual.named_modules())
+    # weights used functionally get the same low-rank update as a parametrization
+    functional = {n: mods[n] for n in chosen if n not in lora_layers} if cfg.use_lora else {}
+    full_layers = [n for n in chosen if n not in lora_layers and n not in functional]
+    low_rank = add_low_rank(functional, cfg.lora_rank, cfg.lora_alpha)
     peft_model = None
     if lora_layers:
         from peft import LoraConfig, get_peft_model
         peft_model = get_peft_model(visual, LoraConfig(target_modules=lora_layers, r=cfg.lora_rank,
                                                        lora_alpha=cfg.lora_alpha, lora_dropout=0.0))
         ctx.model.visual = peft_model
-    mods = dict(visual.named_modules())
     params = [p for n, m in mods.items() if n in full_layers for p in m.parameters(recurse=False)]
     for p in params:
         p.requires_grad_(True)
+    params += low_rank
     if peft_model is not None:
         params += [p for p in peft_model.parameters() if p.requires_grad]
     params = list({id(p): p for p in params}.values())   # a fully updated layer is also seen via peft
     ctx.model.visual.train(cfg.bn_mode == "train")
+    enc = TrunkEncoder(ctx.model.visual, chosen, enabled=cfg.bn_mode == "eval")
+    forget_x = enc.prepare(ctx.inputs(task.forget))
+    labels = task.superclass_labels(task.forget)
     records = {}
 
     def loss_fn(step):
-        idx = ctx.sample(task.forget, cfg.batch_size)
-        img = ctx.image_features(ctx.inputs(task.forget, idx))
-        return (img @ ctx.coarse_emb).mean()
+        return forget_objective(ctx, enc(forget_x[ctx.sample(task.forget, cfg.batch_size)]), cfg.loss)
+
+    def accuracy() -> float:
+        return ctx.superclass_accuracy(enc.encode(forget_x), labels, cfg.margin)
 
     def should_stop(step):
-        acc = ctx.accuracy(task.forget)
+        acc = accuracy()
         records[step] = acc
         return acc <= target
 
@@ -149,11 +219,13 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     for rec in history:
         if rec["step"] - 1 in records:
             rec["forget_acc_before_step"] = records[rec["step"] - 1]
-    final_acc = ctx.accuracy(task.forget)
+    final_acc = accuracy()
     if peft_model is not None:
         ctx.model.visual = peft_model.merge_and_unload()
+    merge_low_rank(functional)
     for p in ctx.model.visual.parameters():
         p.requires_grad_(False)
     ctx.log_history("forget", history)
-    return {"layers": chosen, "lora_layers": lora_layers, "full_layers": full_layers, "steps": len(history),
-            "forget_train_accuracy": final_acc, "target_accuracy": target, **info}
+    return {"layers": chosen, "lora_layers": lora_layers + sorted(functional), "full_layers": full_layers,
+            "steps": len(history),
+            "forget_train_accuracy": final_acc, "target_accuracy": target, "margin": cfg.margin, **info}

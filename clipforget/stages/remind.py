@@ -12,6 +12,9 @@
    logits of the superclass prompts [paper; form recon].
 3. EMA of the weights [paper Eq. 5]: θ_ema ← β θ_ema + (1−β) θ, θ_ema starting at the ORIGINAL
    weights; the model ends as θ_ema. Few steps: 5–20 help, 30+ hurt (the paper's ablation).
+   [recon] The stage stops early once the retain views are classified as well as by the original
+   model (within ``retain_tolerance``) while the forget views stay forgotten; ``scope`` limits
+   fine-tuning to the layers the forget stage edited, so the rest of the tower keeps what it knew.
 """
 from __future__ import annotations
 
@@ -20,12 +23,18 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..losses import distillation
 from ..train.loop import LoopConfig, optimize
+from ..trunk import TrunkEncoder
+from .forget import FORGET_LOSSES, forget_objective
 
 log = logging.getLogger(__name__)
+
+
+REMIND_SCOPES = ("all", "late", "forget_layers")
 
 
 @dataclass
@@ -34,6 +43,7 @@ class AlignConfig:
     steps: int = 15                  # Adam steps on δ
     lr: float = 0.01                 # in [0, 1] pixel units
     chunk: int = 256                 # images whose statistics are matched together
+    content_weight: float = 1000.0   # + w·mean(1 − cos(g₀(x+δ), g₀(x))): keep what the original model sees [recon]
     vit_fallback: str = "layernorm"  # towers without BatchNorm: layernorm | skip
 
     def __post_init__(self):
@@ -41,6 +51,8 @@ class AlignConfig:
             raise ValueError(f"vit_fallback must be 'layernorm' or 'skip', got {self.vit_fallback!r}")
         if self.steps < 0 or self.chunk < 2:
             raise ValueError("align steps must be >= 0 and chunk >= 2")
+        if self.content_weight < 0:
+            raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
 
 
 @dataclass
@@ -49,25 +61,34 @@ class RemindConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     kd_weight: float = 1.0           # λ; 0 disables distillation
     kd_tau: float = 2.0              # τ
-    forget_weight: float = 5.0       # μ·mean s(x_f, t_c) keeps D_f forgotten while reminding [recon]; 0: off
-    scope: str = "all"               # what is fine-tuned: the whole image tower | forget_layers (those the forget stage edited) [recon]
+    feature_kd_weight: float = 0.0   # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
+    forget_weight: float = 5.0       # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
+    forget_loss: str = "probability"  # that objective: similarity | probability (see stages/forget.py)
+    scope: str = "forget_layers"     # what is fine-tuned [recon]: all (the image tower) | late (the layers the forget
+                                     # stage ranked) | forget_layers (those it edited)
     ema: bool = True
     ema_decay: float = 0.5           # β; 1.0 keeps the original weights
     batch_size: int = 64
     bn_mode: str = "eval"            # BatchNorm during fine-tuning: eval | train
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, lr=1e-4, grad_clip=1.0))
+    retain_tolerance: float | None = 0.02  # stop once retain accuracy (train views) is within this of the
+                                     # original's and the forget set is still forgotten [recon]; None: all steps
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=2e-4, grad_clip=1.0, check_every=5))
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.kd_weight < 0 or self.kd_tau <= 0:
-            raise ValueError("kd_weight must be >= 0 and kd_tau > 0")
+        if self.kd_weight < 0 or self.kd_tau <= 0 or self.feature_kd_weight < 0:
+            raise ValueError("kd_weight and feature_kd_weight must be >= 0 and kd_tau > 0")
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
-        if self.scope not in ("forget_layers", "all"):
-            raise ValueError(f"scope must be 'forget_layers' or 'all', got {self.scope!r}")
+        if self.scope not in REMIND_SCOPES:
+            raise ValueError(f"scope must be one of {REMIND_SCOPES}, got {self.scope!r}")
         if self.forget_weight < 0:
             raise ValueError(f"forget_weight must be >= 0, got {self.forget_weight}")
+        if self.retain_tolerance is not None and not 0 <= self.retain_tolerance <= 1:
+            raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
+        if self.forget_loss not in FORGET_LOSSES:
+            raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {self.forget_loss!r}")
 
 
 @contextlib.contextmanager
@@ -147,13 +168,18 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
         for i in range(0, len(images01), cfg.chunk):
             x = images01[i:i + cfg.chunk].to(device)
             delta = torch.zeros_like(x, requires_grad=True)
+            with torch.no_grad():
+                content = F.normalize(visual(ctx.bundle.normalize(x).to(dtype)).float(), dim=-1)
 
-            def loss_fn(step, x=x, delta=delta):
+            def loss_fn(step, x=x, delta=delta, content=content):
                 with stats:
-                    visual(ctx.bundle.normalize((x + delta).clamp(0, 1)).to(dtype))
+                    feats = visual(ctx.bundle.normalize((x + delta).clamp(0, 1)).to(dtype))
                     loss = stats.loss()
                 if step == 0:
                     before.append(float(loss.detach()))
+                if cfg.content_weight > 0:
+                    drift = 1 - (F.normalize(feats.float(), dim=-1) * content).sum(-1)
+                    loss = loss + cfg.content_weight * drift.mean()
                 return loss
 
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
@@ -194,31 +220,41 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     pos_all[torch.arange(len(task.retain)), sc_ids] = 1
     with torch.no_grad():
         x_all = ctx.bundle.normalize(aligned.to(device)).to(dtype)
-        teacher = torch.cat([ctx.superclass_logits(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
+        teacher_feats = torch.cat([ctx.image_features(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
+        teacher = ctx.logit_scale * teacher_feats @ ctx.superclass_emb.t()
     visual = ctx.model.visual
-    if cfg.scope == "forget_layers" and ctx.info.get("forget", {}).get("layers"):
+    key = {"late": "candidates", "forget_layers": "layers"}.get(cfg.scope)
+    if key and ctx.info.get("forget", {}).get(key):
+        names = list(ctx.info["forget"][key])
         mods = dict(visual.named_modules())
-        params = [p for n in ctx.info["forget"]["layers"] for p in mods[n].parameters(recurse=False)]
+        params = [p for n in names for p in mods[n].parameters(recurse=False)]
     else:
+        names = [n for n, _ in visual.named_parameters()]
         params = list(visual.parameters())
+    # only the trained layers change: the stages before them run once per image
+    enc = TrunkEncoder(visual, names, enabled=cfg.bn_mode == "eval")
+    retain_x, forget_x = enc.prepare(x_all), enc.prepare(ctx.inputs(task.forget))
     for p in params:
         p.requires_grad_(True)
     visual.train(cfg.bn_mode == "train")
     ema = {k: v.detach().clone().float() for k, v in ctx.theta0.items()} if cfg.ema else None
-    live = visual.state_dict()
+    live = visual.state_dict()            # shares storage with the parameters
+    trained = [k for k, v in visual.named_parameters() if any(v is p for p in params)]
 
     def loss_fn(step):
         idx = ctx.sample(task.retain, cfg.batch_size).to(device)
-        img = ctx.image_features(x_all[idx])
+        img = enc(retain_x[idx])
         logits = ctx.logit_scale * img @ texts.t()
         pos = pos_all[idx]
         loss = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         if cfg.kd_weight > 0:
             z = ctx.logit_scale * img @ ctx.superclass_emb.t()
             loss = loss + cfg.kd_weight * distillation(z, teacher[idx], cfg.kd_tau)
+        if cfg.feature_kd_weight > 0:
+            loss = loss + cfg.feature_kd_weight * (1 - (img * teacher_feats[idx]).sum(-1)).mean()
         if cfg.forget_weight > 0:
-            fidx = ctx.sample(task.forget, cfg.batch_size)
-            loss = loss + cfg.forget_weight * (ctx.image_features(ctx.inputs(task.forget, fidx)) @ ctx.coarse_emb).mean()
+            feats = enc(forget_x[ctx.sample(task.forget, cfg.batch_size)])
+            loss = loss + cfg.forget_weight * forget_objective(ctx, feats, cfg.forget_loss)
         return loss
 
     def after_step(step):
@@ -229,12 +265,42 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
                 if v.is_floating_point():
                     v.mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
 
-    history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, after_step=after_step)
+    retain_labels = task.superclass_labels(task.retain)
+    forget_labels = task.superclass_labels(task.forget)
+    retain_goal = float((teacher.argmax(-1).cpu() == retain_labels).float().mean()) - (cfg.retain_tolerance or 0)
+    forget_goal = ctx.info.get("forget", {}).get("target_accuracy", ctx.chance)
+    margin = ctx.info.get("forget", {}).get("margin", 0.0)       # forgotten as the forget stage defined it
+    checks: list[dict] = []
+    best: dict = {}           # the last check that kept D_f forgotten with the best retain accuracy
+
+    def should_stop(step):
+        if cfg.retain_tolerance is None or step == 0:
+            return False
+        r = ctx.superclass_accuracy(enc.encode(retain_x), retain_labels)
+        f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
+        checks.append({"step": step, "retain_acc": r, "forget_acc": f})
+        if f <= forget_goal and r >= best.get("retain_acc", -1.0):
+            best.update(step=step, retain_acc=r, live={n: live[n].detach().clone() for n in trained},
+                        ema=None if ema is None else {n: ema[n].clone() for n in trained})
+        return r >= retain_goal and f <= forget_goal
+
+    history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, should_stop=should_stop,
+                       after_step=after_step)
     for p in params:
         p.requires_grad_(False)
+    last = checks[-1] if checks else None
+    if best and last is not None and (last["forget_acc"] > forget_goal or last["retain_acc"] < best["retain_acc"]) \
+            and len(history) > best["step"]:
+        # the step budget ran out after a better check: go back to it
+        with torch.no_grad():
+            for n in trained:
+                live[n].copy_(best["live"][n])
+                if ema is not None:
+                    ema[n].copy_(best["ema"][n])
+        info["restored_check"] = best["step"]
     if ema is not None:
         final = {k: ema[k].to(v.dtype) if v.is_floating_point() else v for k, v in live.items()}
         visual.load_state_dict(final)
     ctx.log_history("remind", history)
-    info.update(steps=len(history), ema=cfg.ema)
+    info.update(steps=len(history), ema=cfg.ema, checks=checks, retain_goal=retain_goal, forget_goal=forget_goal)
     return info

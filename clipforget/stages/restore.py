@@ -3,7 +3,8 @@
 α ∈ [0, 1] is the unlearning strength (0: original, 1: fully unlearned; the paper's Table 5 writes
 the same line with its α = 1 − ours). [recon of Eq. 6] On the calibration set D_m, α is the grid
 value that maximises the mean accuracy of the non-target columns while the target accuracy stays
-at or below the forget target (default: chance). The whole α-curve is kept in the result.
+at or below the forget target (default: chance) — the largest such α within ``keep_tolerance`` of
+that best, plus a small ``margin``. The whole α-curve is kept in the result.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..eval.zeroshot import column_accuracy
 from ..merge import apply_delta
 from ..train.loop import emit
+from ..trunk import TrunkEncoder
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +25,16 @@ log = logging.getLogger(__name__)
 class RestoreConfig:
     enabled: bool = True                 # False: α = 1 (no soup)
     grid_points: int = 11                # α on an even grid over [0, 1]
-    margin: float = 0.2                  # added to the chosen α (capped at 1): D_m holds few forget
+    keep_tolerance: float = 0.01         # prefer a larger α while it keeps mean calibration accuracy within this [recon]
+    margin: float = 0.1                  # added to the chosen α (capped at 1): D_m holds few forget
                                          # images, so the boundary α forgets the test views less reliably [recon]
     target_accuracy: float | None = None  # forget target on D_m; None: chance level
 
     def __post_init__(self):
         if self.grid_points < 2:
             raise ValueError(f"grid_points must be >= 2, got {self.grid_points}")
+        if not 0 <= self.keep_tolerance <= 1:
+            raise ValueError(f"keep_tolerance must be in [0, 1], got {self.keep_tolerance}")
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
@@ -42,29 +47,35 @@ def alpha_grid(points: int) -> list[float]:
 
 @torch.no_grad()
 def alpha_curve(ctx, delta: dict, alphas: list[float]) -> list[dict]:
-    """Calibration accuracy of every column at each α (the model is left at θ_u)."""
+    """Calibration accuracy of every column at each α (the model is left at θ_u). The stages
+    before the first one the delta touches are computed once for all α (exact)."""
     theta_u = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
+    enc = TrunkEncoder(ctx.model.visual, delta.keys())
+    prepared = {name: enc.prepare(ctx.inputs(col.views)) for name, col in ctx.task.calib.items()}
     curve = []
     for i, a in enumerate(alphas):
         ctx.set_visual(apply_delta(ctx.theta0, delta, a))
         row = {"alpha": a}
         for name, col in ctx.task.calib.items():
-            row[name] = column_accuracy(ctx.bundle, col, ctx.texts, ctx.model)
+            row[name] = column_accuracy(ctx.bundle, col, ctx.texts, image_emb=enc.encode(prepared[name]))
         curve.append(row)
         emit(ctx.callbacks, stage="restore", step=i + 1, total=len(alphas), fraction=(i + 1) / len(alphas))
     ctx.set_visual(theta_u)
     return curve
 
 
-def choose_alpha(curve: list[dict], target: float) -> tuple[float, bool]:
-    """(α, feasible): best mean non-target accuracy with target <= ``target``; ties -> larger α.
-    Infeasible everywhere -> the α with the lowest target accuracy (largest on ties)."""
+def choose_alpha(curve: list[dict], target: float, tolerance: float = 0.0) -> tuple[float, bool]:
+    """(α, feasible): among the α with target accuracy <= ``target``, the largest whose mean
+    non-target accuracy is within ``tolerance`` of the best such α's (a stronger soup unless it
+    costs more than that). Infeasible everywhere -> the α with the lowest target accuracy (largest
+    on ties)."""
     def keep(row):
         vals = [v for k, v in row.items() if k not in ("alpha", "target")]
         return sum(vals) / len(vals) if vals else 0.0
     feasible = [r for r in curve if r["target"] <= target + 1e-9]
     if feasible:
-        return max(feasible, key=lambda r: (round(keep(r), 9), r["alpha"]))["alpha"], True
+        best = max(keep(r) for r in feasible)
+        return max(r["alpha"] for r in feasible if keep(r) >= best - tolerance - 1e-9), True
     return min(curve, key=lambda r: (r["target"], -r["alpha"]))["alpha"], False
 
 
@@ -75,7 +86,7 @@ def restore_stage(ctx, cfg: RestoreConfig) -> dict:
         ctx.alpha = 1.0
         return {"alpha": 1.0, "soup": False}
     curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points))
-    best, feasible = choose_alpha(curve, target)
+    best, feasible = choose_alpha(curve, target, cfg.keep_tolerance)
     if not feasible:
         log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, best)
     alpha = min(1.0, round(best + cfg.margin, 6)) if feasible else best

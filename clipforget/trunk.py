@@ -1,0 +1,140 @@
+"""The frozen trunk: compute the unchanged early stages of the image tower once per image.
+
+Forgetting edits a few late layers of the image tower. Every stage before the first edited one
+gives the same output for θ₀, for the unlearned weights and for every soup θ₀ + α·Δ, so its output
+can be computed once per image and shared — by the training steps of a stage, by the points of an
+α-curve or α-grid, by before and after. This is exact, not an approximation (the tests compare it
+with full forward passes).
+
+    enc = TrunkEncoder(visual, edited=["layer4.0.conv2", "attnpool.c_proj"])
+    t = enc.prepare(x)          # once per image set (no grad); x itself when no split is possible
+    feats = enc(t[idx])         # per step / per α: the later stages only, differentiable
+
+Only towers with a known stage order are split: open_clip's ``ModifiedResNet`` (the paper's
+RN50/RN101 and the embedded model). Other towers (ViT) run in full; so does a trunk whose cached
+output would exceed ``budget_bytes`` (a real CLIP at 224 px on thousands of images).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# open_clip's ModifiedResNet.forward runs these in order; the stem owns conv1..3, bn1..3, act1..3, avgpool.
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "attnpool")
+_STEM_PARTS = ("conv", "bn", "act", "avgpool")
+_PEFT_PREFIXES = ("base_model.model.",)
+
+
+def stage_of(name: str) -> str:
+    """The ModifiedResNet stage of a module or parameter name (``visual.`` / peft prefixes allowed)."""
+    name = name.removeprefix("visual.")
+    for p in _PEFT_PREFIXES:
+        name = name.removeprefix(p)
+    head = name.split(".")[0]
+    return "stem" if head.startswith(_STEM_PARTS) else head
+
+
+def _base(visual: nn.Module) -> nn.Module:
+    """The tower under a peft wrapper (LoRA layers stay inside it, so its stages run them)."""
+    get_base = getattr(visual, "get_base_model", None)
+    return get_base() if callable(get_base) else visual
+
+
+def split_index(visual: nn.Module, edited: Iterable[str]) -> int | None:
+    """Index into :data:`RESNET_STAGES` of the first stage that ``edited`` names touch, or None
+    when the tower cannot be split (unknown tower, nothing edited, or the stem is edited)."""
+    base = _base(visual)
+    if type(base).__name__ != "ModifiedResNet" or not hasattr(base, "stem"):
+        return None
+    stages = {stage_of(n) for n in edited}
+    if not stages or not stages <= set(RESNET_STAGES):
+        return None
+    first = min(RESNET_STAGES.index(s) for s in stages)
+    return first or None            # 0: the stem is edited, nothing to share
+
+
+def run_stages(visual: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    base = _base(visual)
+    for s in RESNET_STAGES[start:stop]:
+        x = base.stem(x) if s == "stem" else getattr(base, s)(x)
+    return x
+
+
+class Prepared:
+    """Images prepared by a :class:`TrunkEncoder`: the output of stages ``[0, start)`` (``start``
+    0: plain model inputs). Index it like a tensor to take a batch."""
+
+    def __init__(self, data: torch.Tensor, start: int):
+        self.data, self.start = data, start
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx) -> "Prepared":
+        return Prepared(self.data[idx], self.start)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class TrunkEncoder:
+    """Image features through ``visual`` with the stages before the first edited one precomputed.
+
+    ``prepare`` runs the trunk in eval mode without gradients (BatchNorm with running statistics,
+    as at inference); the caller keeps what it returns. ``__call__`` runs the rest in the tower's
+    current mode and returns L2-normalised float features. Pass ``enabled=False`` when the trunk
+    must not be frozen (e.g. BatchNorm in train mode updates its statistics)."""
+
+    def __init__(self, visual: nn.Module, edited: Iterable[str], enabled: bool = True,
+                 budget_bytes: int = 1 << 30, batch_size: int = 256):
+        self.visual = visual
+        self.start = (split_index(visual, edited) if enabled else None) or 0
+        self.budget_bytes = budget_bytes
+        self.batch_size = batch_size
+
+    @property
+    def split(self) -> bool:
+        return self.start > 0
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor, total: int | None = None) -> Prepared:
+        """The trunk's output for model inputs ``x``; ``x`` itself when there is no split or the
+        output for ``total`` images (default: ``len(x)``; pass the whole set's size when preparing
+        it batch by batch) would not fit ``budget_bytes``."""
+        if not self.split or len(x) == 0:
+            return Prepared(x, 0)
+        was = self.visual.training
+        self.visual.eval()
+        try:
+            first = run_stages(self.visual, x[:self.batch_size], 0, self.start)
+            if first[0].numel() * first.element_size() * (total or len(x)) > self.budget_bytes:
+                return Prepared(x, 0)     # too big to keep: these images run the whole tower
+            out = [first] + [run_stages(self.visual, x[i:i + self.batch_size], 0, self.start)
+                             for i in range(self.batch_size, len(x), self.batch_size)]
+        finally:
+            self.visual.train(was)
+        return Prepared(torch.cat(out), self.start)
+
+    def __call__(self, prepared: Prepared, visual: nn.Module | None = None) -> torch.Tensor:
+        """Normalised features of prepared images through ``visual`` (default: the encoder's tower;
+        another tower with the same trunk, e.g. a soup θ₀ + α·Δ, may be passed)."""
+        visual = visual or self.visual
+        x = prepared.data
+        out = visual(x) if prepared.start == 0 else run_stages(visual, x, prepared.start, len(RESNET_STAGES))
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode(self, prepared: Prepared, visual: nn.Module | None = None) -> torch.Tensor:
+        """Batched, no-grad, eval-mode :meth:`__call__` (for evaluation); float32 on the CPU."""
+        visual = visual or self.visual
+        was = visual.training
+        visual.eval()
+        try:
+            return torch.cat([self(prepared[i:i + self.batch_size], visual).cpu()
+                              for i in range(0, len(prepared), self.batch_size)])
+        finally:
+            visual.train(was)
