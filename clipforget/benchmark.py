@@ -35,7 +35,7 @@ from .data.gallery import Gallery, display
 from .data.task import Column, ForgetRequest, SplitConfig, Task, ViewCache, build_task
 from .eval.report import column_title
 from .eval.score import score
-from .io import write_json, write_text
+from .io import save_figure, write_json, write_text
 from .methods.base import config_from_dict, get_method, list_methods
 from .models import ClipBundle
 from .pipeline import Evaluator, Run, merge_runs, save_run
@@ -224,7 +224,7 @@ def plot_alpha_curve(curve: list[dict], chosen: float, path: Path, title: str) -
            title=title, ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -242,7 +242,7 @@ def plot_relative_fisher(importance: dict[str, float], chosen: list[str], path: 
     ax.set_xticks(range(len(names)), names, rotation=75, fontsize=6)
     ax.set(ylabel="relative Fisher F(D_f) / F(D_r)", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

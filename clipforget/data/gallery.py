@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..io import atomic_file
 from .hierarchy import load_hierarchy
 from .images import open_image
 
@@ -262,5 +263,6 @@ def write_masks(root: str | Path, items: list[Item]) -> Path:
     shape = masks[0].shape
     bits = np.packbits(np.stack(masks).reshape(len(masks), -1), axis=1)
     out = root / MASKS_FILE
-    np.savez_compressed(out, paths=np.array(paths), shape=np.array(shape), bits=bits)
+    with atomic_file(out) as f:
+        np.savez_compressed(f, paths=np.array(paths), shape=np.array(shape), bits=bits)
     return out
