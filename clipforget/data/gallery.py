@@ -100,12 +100,16 @@ class Gallery:
     @classmethod
     def from_folder(cls, root: str | Path, styled: bool | None = None) -> "Gallery":
         """``root/superclass/subgroup/*.jpg`` or, with a style level, ``root/superclass/subgroup/style/*``.
-        A top-level folder named ``_other`` holds ``_other/concept/*`` for the other pool."""
+        A top-level folder named ``_other`` holds ``_other/concept/*`` for the other pool. Hidden
+        files and folders (``.DS_Store``, macOS ``._name.jpg`` resource forks, ``.ipynb_checkpoints``)
+        are skipped."""
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         items = []
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                continue
             parts = path.relative_to(root).parts[:-1]
             if parts and parts[0] == "_other":
                 if len(parts) >= 2:
