@@ -30,7 +30,7 @@ from ..embed import encode_texts, to_input
 from ..eval.zeroshot import TextCache, predict
 from ..merge import StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
-from ..train.loop import Callback, emit
+from ..train.loop import Callback, NonFiniteLoss, emit
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class Context:
         self.generator = torch.Generator().manual_seed(seed)
         self.history: dict[str, list[dict]] = {}
         self.seconds: dict[str, float] = {}
+        self.current_stage = ""
         self.alpha = 1.0
         self.alpha_curve: list[dict] = []
         self.info: dict = {}
@@ -140,6 +141,7 @@ class Context:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         emit(self.callbacks, stage=name, step=0, total=0, fraction=0.0, message="start")
+        self.current_stage = name
         t0 = time.perf_counter()
         try:
             yield
@@ -186,9 +188,14 @@ class Context:
         was = model.visual.training
         model.visual.eval()
         labels = self.task.superclass_labels(views)
-        preds = torch.cat([predict(self.image_features(self.inputs(views, slice(i, i + batch_size), model), model),
-                                   self.superclass_emb).cpu() for i in range(0, len(views), batch_size)])
+        feats = [self.image_features(self.inputs(views, slice(i, i + batch_size), model), model)
+                 for i in range(0, len(views), batch_size)]
         model.visual.train(was)
+        if not all(bool(torch.isfinite(f).all()) for f in feats):
+            # NaN features are "not the target class": early stopping would accept a broken model
+            raise NonFiniteLoss(f"stage {self.current_stage!r}: the model's image features became NaN/inf; "
+                                "lower the learning rate of that stage or its number of steps")
+        preds = torch.cat([predict(f, self.superclass_emb).cpu() for f in feats])
         return float((preds == labels).float().mean())
 
     def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -231,6 +238,10 @@ class Unlearner:
         t0 = time.perf_counter()
         self.unlearn(ctx)
         d = {f"visual.{k}": v for k, v in ctx.current_delta().items()}
+        bad = [k for k, v in d.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:   # never hand NaN/inf weights to evaluation or saving
+            raise NonFiniteLoss(f"method {self.name!r} produced NaN/inf weights ({len(bad)} tensors, e.g. "
+                                f"{bad[0]}); lower its learning rate or step sizes")
         ctx.seconds["total"] = time.perf_counter() - t0
         return UnlearnResult(self.name, task.request.to_dict(), d, ctx.alpha, ctx.alpha_curve, ctx.history,
                              ctx.seconds, dataclasses.asdict(self.config), ctx.info)
