@@ -43,8 +43,13 @@ def _config(method: str, args):
     cls = get_method(method).Config
     data: dict = {}
     if getattr(args, "config", None):
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        data = json.loads(text)
+        is_file = Path(args.config).is_file()
+        text = Path(args.config).read_text() if is_file else args.config
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            what = f"file {args.config}" if is_file else f"{args.config[:60]!r} (not a file either)"
+            raise ValueError(f"--config: {what} is not valid JSON ({e})") from None
     for item in getattr(args, "set", None) or []:
         key, _, value = item.partition("=")
         if not _:
@@ -57,7 +62,11 @@ def _config(method: str, args):
             node[last] = json.loads(value)
         except json.JSONDecodeError:
             node[last] = value
-    return config_from_dict(cls, data)
+    try:
+        return config_from_dict(cls, data)
+    except TypeError as e:       # e.g. --set forget.loop.lr=fast: a comparison with a string
+        raise ValueError(f"{method} config: a value has the wrong type ({e}); check --set / --config "
+                         "(numbers unquoted, true/false for switches)") from None
 
 
 def _progress(event: dict) -> None:
@@ -66,15 +75,22 @@ def _progress(event: dict) -> None:
 
 
 def cmd_forget(args) -> int:
-    from .data.task import ForgetRequest
-    from .pipeline import forget, save_run
-    out = Path(args.out)
-    _check_writable(out)
-    bundle = _bundle(args)
+    from .data.task import ForgetRequest, resolve
+    from .io import check_writable
+    from .pipeline import Evaluator, forget, save_run
+    out = check_writable(args.out)                      # every check that is cheap comes before the model
+    config = _config(args.method, args)
     gallery = _gallery(args)
     retain = tuple(args.retain.split(",")) if args.retain else None
     request = ForgetRequest(args.superclass, args.subgroup, args.style, retain)
-    run = forget(bundle, request, args.method, _config(args.method, args), gallery, callbacks=[_progress])
+    resolve(gallery, request)                           # unknown names, empty forget set: fail in a second
+    bundle = _bundle(args)
+    evaluator = Evaluator(bundle)
+    run = forget(bundle, request, args.method, config, gallery, callbacks=[_progress], evaluator=evaluator)
+    if args.alpha is not None:                           # the user's strength instead of the calibrated one
+        run.result.alpha = args.alpha
+        run.report = {**evaluator.report(run.task, run.result), "seconds": run.report["seconds"],
+                      "seed": run.report.get("seed"), "alpha_source": "--alpha"}
     save_run(run, bundle, out, export=not args.no_export)
     r = run.report
     print(f"forget {request.label} with {args.method}: Score {r['score']:.1f}, alpha {r['alpha']:.2f}")
@@ -85,13 +101,15 @@ def cmd_forget(args) -> int:
     return 0
 
 
-def _check_writable(out: Path) -> None:
-    parent = out if out.exists() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder {out} is not writable (no write permission on {parent}); "
-                              "choose another --out")
+def unit_interval(text: str) -> float:
+    """argparse type of α: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0 = original, 1 = fully unlearned), got {text}")
+    return value
 
 
 def cmd_eval(args) -> int:
@@ -123,7 +141,10 @@ def cmd_train_embedded(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .io import check_writable
     from .sweep import run_sweep, sweep_requests
+    if args.out:
+        check_writable(args.out)
     gallery = _gallery(args)
     bundle = _bundle(args) if args.workers <= 1 else None
     reqs = sweep_requests(gallery, args.superclass, args.every, args.style)
@@ -149,8 +170,14 @@ def cmd_list_methods(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from .io import check_writable
     from .models import export_open_clip
     from .pipeline import edited_model, merge_runs
+    check_writable(args.out)
+    missing = [r for r in args.runs if not (Path(r) / "delta.safetensors").is_file() and not Path(r).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no delta.safetensors in {', '.join(map(str, missing))}; pass run folders "
+                                "written by `clipforget forget`")
     bundle = _bundle(args)
     delta = merge_runs(args.runs, args.mode)
     model = edited_model(bundle, delta, 1.0)
@@ -178,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set forget.top_k_layers=2 --set remind.enabled=false")
     f.add_argument("--out", required=True)
     f.add_argument("--no-export", action="store_true", help="skip the open_clip export of the unlearned model")
+    f.add_argument("--alpha", type=unit_interval, default=None,
+                   help="unlearning strength in [0, 1] to report and export (default: the calibrated α)")
     f.set_defaults(fn=cmd_forget)
 
     e = sub.add_parser("eval", help="zero-shot table of a model on held-out augmented views")
