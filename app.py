@@ -16,14 +16,13 @@ for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_H
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import ipaddress  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from clipforget.appcore import AppCore, NotReady  # noqa: E402
-from clipforget.jobs import JobBusy, JobError  # noqa: E402
+from clipforget.appcore import AppCore, NotReady, bind_warning  # noqa: E402
+from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
 
 log = logging.getLogger("clipforget.app")
 
@@ -258,8 +257,9 @@ def build_app(core: AppCore) -> gr.Blocks:
 
         # ---- the same functions for scripts -----------------------------------------------------------
         def search_api(query: str, job_id: str = "", alpha: float = -1.0, k: int = K) -> dict:
-            """Top-k gallery images for a query: original encoder, and unlearned at α for a finished job."""
-            return _errors(core.search)(query, job_id or None, None if alpha < 0 else alpha, int(k))
+            """Top-k gallery images for a query: original encoder, and unlearned at α in [0, 1] for a
+            finished job (α = -1: the job's calibrated α)."""
+            return _errors(core.search)(query, job_id or None, None if alpha == -1 else alpha, int(k))
 
         def start_job_api(superclass: str, subgroup: str = "", style: str = "", method: str = "ours") -> dict:
             """Start forgetting in the background; returns the job (id, status)."""
@@ -309,13 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha-points", type=int, default=11, help="α values precomputed per job (0..1, plus the calibrated α)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if (warning := bind_warning(args.host)) is not None:
+        log.warning(warning)
     try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            log.warning("binding to %s: the app (and starting jobs) is reachable from other machines; "
-                        "there is no authentication", args.host)
-    except ValueError:
-        log.warning("binding to host name %r: make sure it is not reachable by people you do not trust", args.host)
-    core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points)
+        core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points)
+    except (OSError, ValueError, RunsDirBusy) as e:     # a bad --gallery / --runs-dir: say so, no traceback
+        raise SystemExit(f"clipforget app: error: {e}") from None
     try:
         launch(core, args.host, args.port)
     finally:

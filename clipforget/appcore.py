@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
+import json
 import logging
 import threading
 import time
@@ -40,6 +42,8 @@ from .models import load_clip
 log = logging.getLogger(__name__)
 
 THUMB = 96                      # px of one style cell in a subgroup card
+MAX_K = 100                     # images per search grid, at most
+MAX_QUERY = 300                 # characters of a query, at most (text towers read ~77 tokens anyway)
 MARK = (220, 38, 38)            # red frame around images of the forgotten subgroup
 
 
@@ -286,6 +290,9 @@ class AppCore:
         query = query.strip()
         if not query:
             raise ValueError("type a query, e.g. 'a dog' or 'a poodle'")
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the query has {len(query)} characters; keep it under {MAX_QUERY} "
+                             "(a short description such as 'a poodle' works best)")
         with self._cache_lock:
             if query in self._texts:
                 self._texts.move_to_end(query)
@@ -309,9 +316,11 @@ class AppCore:
             run = self.jobs.run_dir(job_id)
             data = load_file(str(run / "alpha_grid.safetensors"))
             emb, alphas = data["embeddings"], [round(float(a), 6) for a in data["alphas"]]
-            if emb.shape[1] != len(self.gallery):
-                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[1]} images, this app "
-                                 f"has {len(self.gallery)}); start the app with that gallery to reopen it")
+            made_on = json.loads((run / "alpha_grid.json").read_text()).get("gallery_hash")
+            if emb.shape[1] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
+                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[1]} images, hash {made_on}; "
+                                 f"this app has {len(self.gallery)}, hash {self.gallery.content_hash}); start the "
+                                 "app with that gallery to reopen it")
             self.resources(timeout=120)
             indexes = {0.0: self._original_index}
             indexes.update({a: faiss_index.build(e) for a, e in zip(alphas, emb)})
@@ -332,6 +341,8 @@ class AppCore:
         """Top-``k`` gallery images for ``query`` with the original encoder (left) and, for a
         finished job, the unlearned encoder at the computed α nearest to ``alpha`` (right)."""
         t0 = time.perf_counter()
+        if not 1 <= int(k) <= MAX_K:
+            raise ValueError(f"k (images per grid) must be between 1 and {MAX_K}, got {k}")
         q = self.text_embedding(query)
         self.resources(timeout=120)
         forgotten = self.forgotten_paths(job_id) if job_id else set()
@@ -383,7 +394,6 @@ class AppCore:
 
     # ---- results -----------------------------------------------------------------------------
     def report(self, job_id: str) -> dict:
-        import json
         return json.loads((self.jobs.run_dir(job_id) / "report.json").read_text())
 
     def metrics_table(self, job_id: str) -> dict:
@@ -439,6 +449,20 @@ class AppCore:
                 for p in sorted((run / "export").iterdir()):
                     z.write(p, f"export/{p.name}")
         return {"model_zip": str(zpath), "report_md": str(run / "report.md"), "report_json": str(run / "report.json")}
+
+
+def bind_warning(host: str) -> str | None:
+    """What to tell the operator when the app will listen beyond this machine (None: loopback)."""
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+        return (f"binding to {host}: the app (and starting jobs) is reachable from other machines and has "
+                "no authentication; use --host 127.0.0.1 unless you trust everyone on that network")
+    except ValueError:
+        return (f"binding to host name {host!r}: the app has no authentication; make sure that name is not "
+                "reachable by people you do not trust (--host 127.0.0.1 keeps it on this machine)")
 
 
 def _recall(hits: list[dict], forgotten: set[str]) -> float | None:
