@@ -54,3 +54,21 @@ def view_cache(gallery):
 def poodle_task(bundle, gallery, view_cache):
     from clipforget.data.task import ForgetRequest, build_task
     return build_task(gallery, ForgetRequest("dog", "poodle"), bundle.image_size, cache=view_cache)
+
+
+# ---- the tiny world (tests/tinyworld.py): real jobs in seconds ------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_configs):
+    """A folder gallery of 15 icons in 4 superclasses (fish/shark alone: nothing to retain)."""
+    from clipforget.data.gallery import default_gallery_dir
+    from tinyworld import make_tiny_gallery
+    return make_tiny_gallery(default_gallery_dir(), tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_world, tmp_path_factory):
+    """A tiny-model checkpoint file that recognises dog/poodle."""
+    from tinyworld import recognising_checkpoint
+    return recognising_checkpoint(tiny_world, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors",
+                                  "dog", "poodle")

@@ -286,6 +286,7 @@ def test_real_job_cancel_mid_stage_and_refusal(core, finished):
 @pytest.mark.slow
 def test_history_survives_a_restart(core, finished):
     from clipforget.appcore import AppCore
+    core.jobs.close()          # the first app stops: one app at a time owns a runs folder
     again = AppCore(runs_dir=core.runs_dir, device="cpu")
     try:
         ids = [i for _, i in again.history()]
