@@ -22,7 +22,7 @@ TINY_CONFIG = {"forget": {"fisher_samples": 4, "batch_size": 8, "target_accuracy
                           "loop": {"steps": 1, "lr": 1e-3}},
                "remind": {"batch_size": 8, "align": {"steps": 1}, "loop": {"steps": 1}},
                "restore": {"grid_points": 2}}
-TINY_SPLIT = {"train_views": 1, "calib_views": 1, "calib_target_views": 1, "test_views": 1,
+TINY_SPLIT = {"train_views": 1, "forget_views": 1, "calib_views": 1, "calib_target_views": 1, "test_views": 1,
               "calib_other_images": 4, "calib_concept_images": 3, "max_other_images": 4}
 
 

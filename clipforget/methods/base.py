@@ -187,19 +187,18 @@ class Context:
         model = model or self.model
         was = model.visual.training
         model.visual.eval()
-        labels = self.task.superclass_labels(views)
-        feats = [self.image_features(self.inputs(views, slice(i, i + batch_size), model), model)
-                 for i in range(0, len(views), batch_size)]
+        feats = torch.cat([self.image_features(self.inputs(views, slice(i, i + batch_size), model), model)
+                           for i in range(0, len(views), batch_size)])
         model.visual.train(was)
-        if not all(bool(torch.isfinite(f).all()) for f in feats):
-            # NaN features are "not the target class": early stopping would accept a broken model
-            raise NonFiniteLoss(f"stage {self.current_stage!r}: the model's image features became NaN/inf; "
-                                "lower the learning rate of that stage or its number of steps")
-        preds = torch.cat([predict(f, self.superclass_emb).cpu() for f in feats])
-        return float((preds == labels).float().mean())
+        return self.superclass_accuracy(feats, self.task.superclass_labels(views))
 
     def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``."""
+        """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``.
+        NaN/inf features raise :class:`NonFiniteLoss` naming the stage: they predict "not the target
+        class", so early stopping would otherwise accept a broken model as forgotten."""
+        if not bool(torch.isfinite(features).all()):
+            raise NonFiniteLoss(f"stage {self.current_stage!r}: the model's image features became NaN/inf; "
+                                "lower the learning rate of that stage or its number of steps")
         preds = predict(features.to(self.superclass_emb.device), self.superclass_emb).cpu()
         return float((preds == labels.cpu()).float().mean())
 
