@@ -36,6 +36,7 @@ CSS = """
 #left-grid .caption-label, #right-grid .caption-label, #cards .caption-label {font-size: 11px; max-width: 96%;
   white-space: normal; line-height: 1.15}
 .recall {font-size: 1.05em}
+.grid-title p {margin: 0 0 -6px 2px}
 #alpha-note p {margin: 0; color: var(--body-text-color-subdued)}
 footer {display: none !important}
 """
@@ -62,6 +63,12 @@ def _recall(search: dict, side: str) -> str:
         return "recall@k of the forgotten subgroup: run or reopen a job to mark it"
     n = search["forget_count"]
     return f"**recall@{search['k']} of the forgotten subgroup: {r:.2f}** ({round(r * n)}/{n} of its images in the top {search['k']})"
+
+
+def _alpha_note(search: dict) -> str:
+    if "alpha_note" not in search:
+        return "no finished job yet: the right grid fills when one is done"
+    return f"{search['alpha_note']} · grids for “{search['query']}”"
 
 
 def build_app(core: AppCore) -> gr.Blocks:
@@ -112,20 +119,23 @@ def build_app(core: AppCore) -> gr.Blocks:
         return core.cancel(job_id)["text"]
 
     def on_search(query, job_id, alpha):
+        """Both grids for ``query``; it becomes the query the slider moves the right grid for."""
         try:
             done = bool(job_id) and core.job_status(job_id)["status"] == "done"
             res = core.search(query, job_id if done else None, alpha, K)
         except (ValueError, NotReady, JobError) as e:
             raise gr.Error(str(e)) from None
         right = _grid(res["right"]) if done else []
-        note = res.get("alpha_note", "no finished job yet: the right grid fills when one is done")
-        return _grid(res["left"]), _recall(res, "left"), right, _recall(res, "right") if done else "", note
+        return (_grid(res["left"]), _recall(res, "left"), right, _recall(res, "right") if done else "",
+                _alpha_note(res), res["query"])
 
-    def on_slide(query, job_id, alpha):
+    def on_slide(shown, query, job_id, alpha):
+        """The right grid at the new α for the query both grids show (not a query typed since and
+        not searched yet: the left grid would not match)."""
         if not job_id or core.job_status(job_id)["status"] != "done":
-            return gr.update(), gr.update(), "no finished job yet: the right grid fills when one is done"
-        res = core.search(query, job_id, alpha, K)
-        return _grid(res["right"]), _recall(res, "right"), res["alpha_note"]
+            return gr.update(), gr.update(), _alpha_note({})
+        res = core.search(shown or query, job_id, alpha, K)
+        return _grid(res["right"]), _recall(res, "right"), _alpha_note(res)
 
     def on_show(job_id, query):
         """Fill the results of a finished job (or clear them)."""
@@ -163,6 +173,7 @@ def build_app(core: AppCore) -> gr.Blocks:
     # ---- layout ---------------------------------------------------------------------------------
     with gr.Blocks(title="clipforget") as demo:
         job_state = gr.State("")
+        shown_query = gr.State("")            # the query both grids show (the slider searches it)
         # a stable secret per runs folder, so a job id stored in the browser survives an app restart
         saved_job = gr.BrowserState("", storage_key="clipforget-job",
                                     secret=hashlib.sha256(str(core.runs_dir).encode()).hexdigest())
@@ -175,7 +186,8 @@ def build_app(core: AppCore) -> gr.Blocks:
             with gr.Column(scale=2, min_width=360):
                 gr.Markdown("### 1 · Pick what to forget")
                 superclass = gr.Dropdown(superclasses, value=sc0, label="Superclass", elem_id="superclass")
-                cards = gr.Gallery(core.subgroup_cards(sc0), label="Subgroups, every style — click one",
+                gr.Markdown("Subgroups, every style — click one", elem_classes="grid-title")
+                cards = gr.Gallery(core.subgroup_cards(sc0), label="Subgroups", show_label=False,
                                    columns=3, height="auto", allow_preview=False, object_fit="contain",
                                    elem_id="cards")
                 with gr.Row():
@@ -204,12 +216,15 @@ def build_app(core: AppCore) -> gr.Blocks:
                 alpha_md = gr.Markdown(elem_id="alpha-note")
                 with gr.Row():
                     with gr.Column():
-                        left = gr.Gallery(label="Original encoder", columns=4, height="auto", allow_preview=False,
-                                          object_fit="contain", elem_id="left-grid")
+                        gr.Markdown("**Original encoder**", elem_classes="grid-title")
+                        left = gr.Gallery(label="Original encoder", show_label=False, columns=4, height="auto",
+                                          allow_preview=False, object_fit="contain", elem_id="left-grid")
                         left_md = gr.Markdown(elem_classes="recall", elem_id="left-recall")
                     with gr.Column():
-                        right = gr.Gallery(label="Unlearned encoder at α", columns=4, height="auto",
-                                           allow_preview=False, object_fit="contain", elem_id="right-grid")
+                        gr.Markdown("**Unlearned encoder at α** (the slider)", elem_classes="grid-title")
+                        right = gr.Gallery(label="Unlearned encoder at α", show_label=False, columns=4,
+                                           height="auto", allow_preview=False, object_fit="contain",
+                                           elem_id="right-grid")
                         right_md = gr.Markdown(elem_classes="recall", elem_id="right-recall")
                 gr.Markdown("### 3 · Results")
                 score_md = gr.Markdown(elem_id="score")
@@ -225,29 +240,29 @@ def build_app(core: AppCore) -> gr.Blocks:
                     dl_md = gr.DownloadButton("Report (.md)", elem_id="dl-md")
                     dl_json = gr.DownloadButton("Report (.json)", elem_id="dl-json")
 
-        results = [status_md, plot, score_md, table, alpha, dl_model, dl_md, dl_json,
-                   left, left_md, right, right_md, alpha_md, history]
+        grids = [left, left_md, right, right_md, alpha_md, shown_query]
+        results = [status_md, plot, score_md, table, alpha, dl_model, dl_md, dl_json] + grids + [history]
         private = {"api_visibility": "private"}
 
         # ---- wiring -------------------------------------------------------------------------------
         superclass.change(on_pick_superclass, superclass, [cards, subgroup], **private)
         cards.select(on_pick_card, superclass, subgroup, **private)
-        for comp in (subgroup, style):
-            comp.change(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private)
+        for comp in (subgroup, style):     # a new pick: its retain set, its queries, both grids for them
+            comp.change(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private) \
+                .then(on_search, [query, job_state, alpha], grids, **private)
         run_btn.click(on_start, [superclass, subgroup, style, method], [job_state, saved_job, status_md], **private) \
             .success(on_watch, job_state, progress_md, concurrency_limit=None, **private) \
             .then(on_show, [job_state, query], results, **private)
         cancel_btn.click(on_cancel, job_state, status_md, **private)
         method.change(lambda m: gr.update(info=core.method_summary(m)), method, method, **private)
-        gr.on([search_btn.click, query.submit], on_search, [query, job_state, alpha],
-              [left, left_md, right, right_md, alpha_md], **private)
-        alpha.input(on_slide, [query, job_state, alpha], [right, right_md, alpha_md],
+        gr.on([search_btn.click, query.submit], on_search, [query, job_state, alpha], grids, **private)
+        alpha.input(on_slide, [shown_query, query, job_state, alpha], [right, right_md, alpha_md],
                     trigger_mode="always_last", show_progress="hidden", **private)
         history.input(on_reopen, history, [job_state, saved_job, query, suggestions], **private) \
             .then(on_show, [job_state, query], results, **private)
         demo.load(on_describe, [superclass, subgroup, style], [retain_md, query, suggestions], **private)
         suggestions.input(lambda q: q, suggestions, query, **private) \
-            .then(on_search, [query, job_state, alpha], [left, left_md, right, right_md, alpha_md], **private)
+            .then(on_search, [query, job_state, alpha], grids, **private)
         demo.load(on_reattach, saved_job, job_state, **private) \
             .then(on_watch, job_state, progress_md, concurrency_limit=None, **private) \
             .then(on_show, [job_state, query], results, **private)

@@ -35,7 +35,7 @@ from .data.task import ForgetRequest, ViewCache, resolve
 from .embed import encode_images, encode_texts
 from .eval.report import column_title
 from .io import atomic_file, save_safetensors
-from .jobs import ForgetWork, Job, JobRegistry, Resources
+from .jobs import ForgetWork, Job, JobRegistry, Resources, release_memory
 from .methods.base import get_method, list_methods
 from .models import load_clip
 
@@ -107,6 +107,7 @@ class AppCore:
             original = self._original_embeddings(bundle, images)
             self._original_index = faiss_index.build(original)
             self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery), images, original)
+            release_memory()          # the encode's transient batches stay in this thread's arena otherwise
             self.timings["ready"] = time.perf_counter() - t0
             log.info("app ready in %.1fs (%s)", self.timings["ready"], self.timings)
         except BaseException as e:  # noqa: BLE001 - reported to every caller of resources()

@@ -17,6 +17,9 @@ No gradio here: the app, the tests and scripts use the same registry.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import logging
 import os
@@ -68,6 +71,21 @@ class JobBusy(RuntimeError):
         self.running = running
         super().__init__(f"job {running.id} ({running.label}) is still {running.status} "
                          f"({running.stage or 'starting'}); wait for it to finish or cancel it first")
+
+
+def release_memory() -> bool:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``); True if it could.
+
+    A long-lived app allocates big transient tensors in several threads (model loading, jobs), and
+    glibc keeps what they free in per-thread arenas, never trimmed when MALLOC_TRIM_THRESHOLD_ is
+    large: the resident size then only grows. Called after loading and after each job (a few ms)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.malloc_trim(0) >= 0)
+    except (OSError, AttributeError):       # not glibc (macOS, musl): nothing to trim
+        return False
 
 
 def check_id(job_id: str) -> str:
@@ -249,6 +267,8 @@ class JobRegistry:
                 job.fraction = float(event.get("fraction", 0.0))
                 if new_stage or time.monotonic() - self._last_save.get(job.id, 0.0) >= self.save_every:
                     self._save(job)
+            if new_stage:
+                release_memory()      # the last stage's transients: the next stage's peak starts low
 
         with self._lock:
             if cancel.is_set():
@@ -275,6 +295,7 @@ class JobRegistry:
             if status == "done":
                 job.fraction = 1.0
             self._save(job)
+        release_memory()
 
     # ---- persistence -------------------------------------------------------------------------
     def _save(self, job: Job) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -53,16 +54,18 @@ class Evaluator:
     def __init__(self, bundle: ClipBundle):
         self.bundle = bundle
         self.texts = TextCache(bundle)
-        self._before: dict[int, tuple[object, float]] = {}   # id(views) -> (views, accuracy)
+        self._before: dict[int, tuple[weakref.ref, float]] = {}   # id(views) -> (ref to views, accuracy)
 
     def before(self, task: Task, split: str = "test") -> dict[str, float]:
         """Accuracy of the original model per column; memoised per ViewSet (a ViewCache returns
-        the same object for the same images, so columns shared by tasks are encoded once)."""
+        the same object for the same images, so columns shared by tasks are encoded once). Weak:
+        the memo never keeps a ViewSet alive after its cache and tasks dropped it."""
         out = {}
         for name, col in getattr(task, split).items():
             hit = self._before.get(id(col.views))
-            if hit is None or hit[0] is not col.views:
-                hit = (col.views, column_accuracy(self.bundle, col, self.texts))
+            if hit is None or hit[0]() is not col.views:
+                hit = (weakref.ref(col.views), column_accuracy(self.bundle, col, self.texts))
+                self._before = {k: v for k, v in self._before.items() if v[0]() is not None}
                 self._before[id(col.views)] = hit
             out[name] = hit[1]
         return out

@@ -1,7 +1,11 @@
 """Shared fixtures. Tests run on the CPU, offline; tiny open_clip configs are registered here."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,6 +58,88 @@ def view_cache(gallery):
 def poodle_task(bundle, gallery, view_cache):
     from clipforget.data.task import ForgetRequest, build_task
     return build_task(gallery, ForgetRequest("dog", "poodle"), bundle.image_size, cache=view_cache)
+
+
+# ---- the web app: one AppCore and one launched server shared by the app tests -------------------
+
+# A small but real job: the method's stages all run, on fewer views, so a job takes seconds.
+QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
+QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
+               "calib_concept_images": 40, "max_other_images": 80}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_app_module():
+    """``app.py`` as a module (it is a script at the repository root, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("clipforget_app", ROOT / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_core(tmp_path_factory):
+    """One AppCore on the embedded model with short jobs (QUICK_*): the model loads and the
+    gallery is encoded once for every app test. Use ``core`` in tests: it leaves no job running."""
+    from clipforget.appcore import AppCore
+    core = AppCore(runs_dir=tmp_path_factory.mktemp("app-runs"), device="cpu", alpha_points=3,
+                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
+    yield core
+    core.close()
+
+
+def _stop_jobs(core) -> None:
+    running = core.jobs.running()
+    if running is not None:      # a failed test must not leave a job that refuses the next test's
+        core.jobs.cancel(running.id)
+        core.jobs.wait(running.id, timeout=600)
+
+
+@pytest.fixture
+def core(app_core):
+    """The shared AppCore, loaded, with no job running before or after the test."""
+    app_core.resources(timeout=300)
+    _stop_jobs(app_core)
+    yield app_core
+    _stop_jobs(app_core)
+
+
+@dataclass
+class AppServer:
+    url: str          # http://127.0.0.1:PORT/
+    core: object      # the AppCore behind it
+
+
+@pytest.fixture(scope="session")
+def app_server(app_core):
+    """``app.py``'s app launched around ``app_core`` on 127.0.0.1 and a free port."""
+    app = load_app_module()
+    for attempt in range(3):
+        port = free_port()
+        try:
+            demo = app.launch(app_core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+            break
+        except ValueError as e:
+            # gradio gives its own first page request 3 s; on a machine busy with other work that
+            # can time out although the server is up: close it and launch again
+            if "localhost is not accessible" not in str(e) or attempt == 2:
+                raise
+            import gradio as gr
+            gr.close_all()
+    yield AppServer(f"http://127.0.0.1:{port}/", app_core)
+    demo.close()
+
+
+@pytest.fixture
+def server(app_server, core):
+    """The launched app, with no job running before or after the test."""
+    return app_server
 
 
 # ---- the tiny world (tests/tinyworld.py): real jobs in seconds ------------------------------------

@@ -1,7 +1,7 @@
 """The app in a real browser (Debian chromium + PyPI playwright): load, pick a subgroup, run the job
-(reloading the page mid-job), check the forgotten subgroup is gone from the right grid but not the
-left, slide α to 0 and check both grids agree. Screenshots go to $CLIPFORGET_SCREENSHOTS or
-bench/out/screenshots."""
+(reloading the page mid-job; a second tab is refused), check the forgotten subgroup is gone from the
+right grid but not the left, slide α to 0 and check both grids agree. Screenshots go to
+$CLIPFORGET_SCREENSHOTS or bench/out/screenshots. The server is conftest.py's ``server``."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app_client import ROOT, free_port, load_app_module
-from test_app_core import QUICK_CONFIG, QUICK_SPLIT
-
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -29,19 +27,6 @@ def shots_dir() -> Path:
     d = Path(os.environ.get("CLIPFORGET_SCREENSHOTS", ROOT / "bench" / "out" / "screenshots"))
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    from clipforget.appcore import AppCore
-    app = load_app_module()
-    core = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu", alpha_points=3,
-                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
-    port = free_port()
-    demo = app.launch(core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    core.close()
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +51,12 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_full_flow(app_url, browser):
+def test_full_flow(server, browser):
     out = shots_dir()
     page = browser.new_page(viewport={"width": 1440, "height": 1100})
-    page.goto(app_url)
-    page.wait_for_selector("#cards img", timeout=30_000)
+    page.set_default_timeout(120_000)          # screenshots and clicks on a machine busy with other work
+    page.goto(server.url)
+    page.wait_for_selector("#cards img", timeout=120_000)
 
     # pick: another subgroup's card first, then poodle's; the retain set follows the pick
     page.locator("#cards button", has=page.locator("img[alt='dog face']")).click()
@@ -87,10 +73,21 @@ def test_full_flow(app_url, browser):
     page.locator("#run").click()
     wait_for(lambda: "running" in page.locator("#status, #progress").all_inner_texts().__str__(), 60, "job running")
     page.screenshot(path=str(out / "02-running.png"), full_page=True)
+
+    # another browser (its own storage) cannot start a second job: the page names the running one
+    other = browser.new_page(viewport={"width": 1440, "height": 1100})
+    other.set_default_timeout(120_000)
+    other.goto(server.url)
+    other.wait_for_selector("#cards img", timeout=120_000)
+    other.locator("#run").click()
+    wait_for(lambda: "wait for it to finish" in other.locator("body").inner_text(), 30, "refusal of a second job")
+    assert "(poodle (dog) · ours) is still" in other.locator("body").inner_text()      # names the running job
+    other.screenshot(path=str(out / "02b-second-tab-refused.png"), full_page=True)
+    other.close()
     page.reload()
-    page.wait_for_selector("#cards img", timeout=30_000)
-    # all_inner_texts does not wait: #score is absent until the job is done (inner_text would wait 30 s and raise)
-    wait_for(lambda: "Score" in " ".join(page.locator("#score").all_inner_texts()), 600, "job results after reload",
+    page.wait_for_selector("#cards img", timeout=120_000)
+    # all_inner_texts does not wait: #score is absent until the job is done (inner_text would wait and raise)
+    wait_for(lambda: "Score" in " ".join(page.locator("#score").all_inner_texts()), 1200, "job results after reload",
              poll=1.0)
     wait_for(lambda: len(captions(page, "right-grid")) == 12, 30, "the unlearned grid")
     left, right = captions(page, "left-grid"), captions(page, "right-grid")

@@ -1,50 +1,23 @@
 """The launched app through gradio_client: the gr.api endpoints (search, start_job, job_status,
-cancel) and what the server serves, on 127.0.0.1."""
+cancel), what the server serves, and searches from concurrent clients while a job runs — on
+127.0.0.1 (the ``server`` fixture of conftest.py)."""
 from __future__ import annotations
 
-import importlib.util
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from test_app_core import QUICK_CONFIG, QUICK_SPLIT
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def load_app_module():
-    spec = importlib.util.spec_from_file_location("clipforget_app", ROOT / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from clipforget.appcore import AppCore
-    app = load_app_module()
-    core = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu", alpha_points=3,
-                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
-    port = free_port()
-    demo = app.launch(core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", core
-    demo.close()
-    core.close()
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server):
     from gradio_client import Client
-    return Client(server[0], analytics_enabled=False, verbose=False, download_files=False)
+    c = Client(server.url, analytics_enabled=False, verbose=False, download_files=False)
+    yield c
+    c.close()
 
 
 def test_endpoints_are_published(client):
@@ -63,7 +36,7 @@ def test_bad_job_ids_are_refused(client):
 
 def test_only_gallery_and_runs_are_served(server, client):
     import httpx
-    url, core = server
+    url, core = server.url, server.core
     res = client.predict("a dog", "", -1.0, 4, api_name="/search")
     assert len(res["left"]) == 4 and res.get("right") is None
     img = res["left"][0]["path"]
@@ -106,3 +79,17 @@ def test_cancel_over_the_api(client):
         assert time.monotonic() - t0 < 120
         time.sleep(0.3)
     assert st["status"] == "cancelled"
+
+
+def test_concurrent_searches_while_a_job_runs(server):
+    """A small version of bench/bench_load.py: 4 clients x 5 searches during a job, 0 errors."""
+    from clipforget.loadtest import run_load
+    job = server.core.start_job("car", "taxi")
+    while server.core.job_status(job.id)["status"] == "queued":
+        time.sleep(0.05)
+    res = run_load(server.url, clients=4, searches=5, timeout=300)
+    during = server.core.job_status(job.id)["status"]
+    server.core.cancel(job.id)
+    assert res.errors == [] and res.requests == 20 and len(res.latencies_ms) == 20
+    assert res.p50_ms > 0 and res.p99_ms >= res.p50_ms
+    assert during == "running", "the job ended before the load did: the test did not load a busy app"

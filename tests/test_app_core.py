@@ -15,11 +15,6 @@ from clipforget import index as fx
 from clipforget.jobs import Job, JobBusy, JobError, JobRegistry, check_id
 from clipforget.io import atomic_dir, write_json
 
-# A small but real job: the method's stages all run, on fewer views, so a test takes seconds.
-QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
-QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
-               "calib_concept_images": 40, "max_other_images": 80}
-
 
 # ---- index ---------------------------------------------------------------------------------------
 
@@ -60,10 +55,11 @@ def test_alpha_points_and_nearest():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keys", [("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"),
-                                  ("visual.conv1.weight",)])
-def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys):
-    """The trunk shortcut is exact: same embeddings as re-encoding with θ₀ + α·Δ."""
+@pytest.mark.parametrize("keys,shared", [(("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True),
+                                         (("visual.conv1.weight",), False)])
+def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, shared):
+    """The trunk shortcut is exact: same embeddings as re-encoding with θ₀ + α·Δ. A delta on the
+    stem leaves nothing to share (trunk.split_index returns None): the gallery is encoded in full."""
     from clipforget.embed import encode_images
     from clipforget.pipeline import edited_model
     images, _ = gallery.load(gallery.items[:40], bundle.image_size)
@@ -71,7 +67,7 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys):
     g = torch.Generator().manual_seed(0)
     delta = {k: 0.05 * torch.randn(sd[k].shape, generator=g) for k in keys}
     grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16)
-    assert info["shared_trunk"]
+    assert info["shared_trunk"] is shared
     for i, a in enumerate([0.5, 1.0]):
         ref = encode_images(bundle, images, edited_model(bundle, delta, a))
         assert torch.allclose(grid[i], ref, atol=1e-5), a
@@ -174,22 +170,13 @@ def test_restart_marks_running_jobs_failed_and_reopens_finished_ones(tmp_path):
     reg2.close()
 
 
-# ---- AppCore on the embedded model ----------------------------------------------------------------
+# ---- AppCore on the embedded model (the shared ``core`` fixture of conftest.py) -----------------------
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory):
-    from clipforget.appcore import AppCore
-    c = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu", alpha_points=3,
-                job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
-    c.resources(timeout=300)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def finished(core):
-    job = core.start_job("dog", "poodle")
-    return core.jobs.wait(job.id, timeout=600)
+def finished(app_core):
+    app_core.resources(timeout=300)
+    job = app_core.start_job("dog", "poodle")
+    return app_core.jobs.wait(job.id, timeout=600)
 
 
 @pytest.mark.slow
@@ -284,10 +271,13 @@ def test_real_job_cancel_mid_stage_and_refusal(core, finished):
 
 
 @pytest.mark.slow
-def test_history_survives_a_restart(core, finished):
+def test_history_survives_a_restart(core, finished, tmp_path):
+    import shutil
     from clipforget.appcore import AppCore
-    core.jobs.close()          # the first app stops: one app at a time owns a runs folder
-    again = AppCore(runs_dir=core.runs_dir, device="cpu")
+    # one app at a time owns a runs folder, and the shared ``core`` stays open for the other tests:
+    # the restarted app opens a copy of its runs folder, as a new process would find it on disk
+    runs = shutil.copytree(core.runs_dir, tmp_path / "runs", ignore=shutil.ignore_patterns(".lock"))
+    again = AppCore(runs_dir=runs, device="cpu")
     try:
         ids = [i for _, i in again.history()]
         assert finished.id in ids

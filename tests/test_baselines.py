@@ -164,6 +164,35 @@ def test_lip_lowers_the_lipschitz_ratio(tiny, tiny_task):
     assert ratio(with_weights(tiny, result)) < ratio(tiny.model)
 
 
+def test_clip_lip_synthesizes_the_class_and_smooths_only_the_layers_it_picks(tiny, tiny_task):
+    from clipforget.methods.clip_lip import synthesize
+    from clipforget.methods.common import lipschitz_ratio
+    ctx = Context(tiny, tiny_task)
+    torch.manual_seed(0)
+    start = torch.randn(6, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(0))
+    ctx.generator.manual_seed(0)
+    samples = synthesize(ctx, 6, LoopConfig(steps=10, lr=0.05, grad_clip=None))
+    with torch.no_grad():
+        def sim(x):
+            return float((ctx.image_features(x, ctx.original) @ ctx.coarse_emb).mean())
+        assert sim(samples) > sim(start)             # inverted towards the coarse text
+    cfg = {"synthetic": 4, "synth_loop": LoopConfig(steps=3, lr=0.05, grad_clip=None), "copies": 3, "batch_size": 4,
+           "top_k_layers": 2, "text_sigma": 0.05, "loop": LoopConfig(steps=4, lr=1e-3)}
+    result = get_method("clip_lip")(cfg).run(tiny, tiny_task)
+    chosen = result.info["layers"]
+    magnitude = result.info["grad_magnitude"]
+    assert len(chosen) == 2 and min(magnitude[n] for n in chosen) >= max(
+        v for n, v in magnitude.items() if n not in chosen)           # the largest gradients are picked
+    assert {k.removeprefix("visual.").rsplit(".", 1)[0] for k in result.delta} <= set(chosen)
+    x = ctx.inputs(tiny_task.forget)
+
+    def ratio(model):       # the joint image-text Lipschitz ratio it minimises
+        with torch.no_grad():
+            return float(lipschitz_ratio(ctx, x, 4, 1.0, torch.Generator().manual_seed(7), model.eval(),
+                                         text_sigma=0.05))
+    assert ratio(with_weights(tiny, result)) < ratio(tiny.model)
+
+
 def test_emmn_noise_raises_the_forget_loss(tiny, tiny_task):
     from clipforget.methods.emmn import EMMNConfig, error_maximising_noise
     ctx = Context(tiny, tiny_task)

@@ -66,6 +66,23 @@ def test_splits_are_deterministic_and_disjoint(gallery):
     assert not torch.equal(a.forget.images[:n], a.test["target"].views.images)
 
 
+def test_view_cache_is_bounded_and_memoised(gallery):
+    """An app runs many jobs on one ViewCache: view sets beyond the byte bound are dropped, least
+    recently used first; a view set still cached is returned as the same object."""
+    cache = ViewCache(gallery, max_view_bytes=3 * 3 * 32 * 32 * 4)      # room for 3 sets of 4 views
+    items = gallery.select(superclass="dog")
+    sets = [cache.views(items[i:i + 1], "test", 4, 32) for i in range(3)]
+    assert cache.view_bytes == 3 * sets[0].images.nbytes
+    assert cache.views(items[0:1], "test", 4, 32) is sets[0]             # hit: now the most recent
+    cache.views(items[3:4], "test", 4, 32)                               # evicts set 1, the oldest
+    assert cache.view_bytes <= cache.max_view_bytes
+    assert cache.views(items[0:1], "test", 4, 32) is sets[0]
+    again = cache.views(items[1:2], "test", 4, 32)
+    assert again is not sets[1] and torch.equal(again.images, sets[1].images)   # rebuilt, same pixels
+    with pytest.raises(ValueError, match="max_view_bytes"):
+        ViewCache(gallery, max_view_bytes=-1)
+
+
 def test_style_and_subgroup_in_style_requests(gallery):
     forget, retain, _, _ = resolve(gallery, ForgetRequest("car", style="line-art"))
     assert {it.style for it in forget} == {"line-art"} and {it.superclass for it in forget} == {"car"}

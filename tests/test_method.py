@@ -262,3 +262,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert code == 2
     assert "did you mean 'poodle'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_same_report(bundle, gallery, view_cache):
+    """Deterministic: the same request, config and seed give the same delta and the same report."""
+    cfg = {"forget": {"fisher_samples": 8, "loop": {"steps": 4}},
+           "remind": {"align": {"steps": 3}, "loop": {"steps": 5, "check_every": 5}},
+           "restore": {"grid_points": 3}}
+    ev = Evaluator(bundle)
+    a, b = (forget(bundle, ForgetRequest("fish", "shark"), "ours", cfg, gallery, cache=view_cache, evaluator=ev)
+            for _ in range(2))
+    assert a.result.delta.keys() == b.result.delta.keys() and a.result.delta
+    assert all(torch.equal(a.result.delta[k], b.result.delta[k]) for k in a.result.delta)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}   # noqa: E731 - wall time differs
+    assert strip(a.report) == strip(b.report)

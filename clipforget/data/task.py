@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -130,22 +131,31 @@ class Task:
 
 
 class ViewCache:
-    """Loaded gallery pixels per (path, size), shared by the tasks built on one gallery."""
+    """Loaded gallery pixels per path (at most one entry per gallery image), and the view sets made
+    from them, least recently used dropped beyond ``max_view_bytes`` — shared by the tasks built
+    on one gallery (an app runs many jobs on one cache)."""
 
-    def __init__(self, gallery: Gallery, source_size: int = 96):
+    def __init__(self, gallery: Gallery, source_size: int = 96, max_view_bytes: int = 256 * 2**20):
+        if max_view_bytes < 0:
+            raise ValueError(f"max_view_bytes must be >= 0, got {max_view_bytes}")
         self.gallery = gallery
         self.source_size = source_size
+        self.max_view_bytes = max_view_bytes
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._views: dict[tuple, ViewSet] = {}
+        self._views: OrderedDict[tuple, ViewSet] = OrderedDict()
+        self._view_bytes = 0
 
-    def pixels(self, items: list[Item]):
+    @property
+    def view_bytes(self) -> int:
+        """Bytes of the view sets held by the cache (the tasks using them may hold more)."""
+        return self._view_bytes
+
+    def _load(self, items: list[Item]) -> None:
         todo = [it for it in dict.fromkeys(items) if it.path not in self._cache]
         if todo:
             imgs, masks = self.gallery.load(todo, self.source_size)
             for it, im, m in zip(todo, imgs, masks):
                 self._cache[it.path] = (im, m)
-        return (torch.stack([self._cache[it.path][0] for it in items]),
-                torch.stack([self._cache[it.path][1] for it in items]))
 
     def views(self, items: list[Item], split: str, n: int, size: int, aug: AugmentConfig = VIEWS,
               clean_first: bool = False) -> ViewSet:
@@ -154,20 +164,29 @@ class ViewCache:
         if not items:
             return ViewSet(torch.zeros(0, 3, size, size, dtype=torch.uint8), [])
         key = (tuple(it.path for it in items), split, n, size, aug, clean_first)
-        if key not in self._views:
-            self._views[key] = self._make_views(items, split, n, size, aug, clean_first)
-        return self._views[key]
+        hit = self._views.get(key)
+        if hit is not None:
+            self._views.move_to_end(key)
+            return hit
+        hit = self._views[key] = self._make_views(items, split, n, size, aug, clean_first)
+        self._view_bytes += hit.images.nbytes
+        while self._view_bytes > self.max_view_bytes and len(self._views) > 1:
+            _, old = self._views.popitem(last=False)
+            self._view_bytes -= old.images.nbytes
+        return hit
 
     def _make_views(self, items, split, n, size, aug, clean_first) -> ViewSet:
-        imgs, masks = self.pixels(items)
+        # one view at a time to uint8: the float views of a whole set never exist at once
+        self._load(items)
         out, out_items = [], []
         for k in range(n):
-            for i, it in enumerate(items):
+            for it in items:
+                im, m = self._cache[it.path]
                 g = torch.Generator().manual_seed(view_seed(it.path, split, k))
                 cfg = CLEAN if (clean_first and k == 0) else aug
-                out.append(augment(imgs[i:i + 1], masks[i:i + 1], size, g, cfg))
+                out.append((augment(im[None], m[None], size, g, cfg) * 255).round().to(torch.uint8))
                 out_items.append(it)
-        return ViewSet((torch.cat(out) * 255).round().to(torch.uint8), out_items)
+        return ViewSet(torch.cat(out), out_items)
 
 
 def view_seed(path: str, split: str, k: int) -> int:

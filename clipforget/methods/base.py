@@ -192,15 +192,20 @@ class Context:
         model.visual.train(was)
         return self.superclass_accuracy(feats, self.task.superclass_labels(views))
 
-    def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``.
+    def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> float:
+        """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``. With
+        ``margin`` > 0 an image also counts as recognised while its label's logit is within
+        ``margin`` of the best other logit (a stricter test of "forgotten").
         NaN/inf features raise :class:`NonFiniteLoss` naming the stage: they predict "not the target
         class", so early stopping would otherwise accept a broken model as forgotten."""
         if not bool(torch.isfinite(features).all()):
             raise NonFiniteLoss(f"stage {self.current_stage!r}: the model's image features became NaN/inf; "
                                 "lower the learning rate of that stage or its number of steps")
-        preds = predict(features.to(self.superclass_emb.device), self.superclass_emb).cpu()
-        return float((preds == labels.cpu()).float().mean())
+        logits = (self.logit_scale * features.to(self.superclass_emb.device) @ self.superclass_emb.t()).cpu()
+        labels = labels.cpu()
+        own = logits.gather(1, labels[:, None])[:, 0]
+        others = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
+        return float((own + margin > others).float().mean())
 
     @property
     def chance(self) -> float:

@@ -52,6 +52,8 @@ class ForgetConfig:
     loss: str = "probability"           # similarity: s(x, t_c) [paper Eq. 3] | probability: p(t_c | x) [recon]
     batch_size: int = 64
     target_accuracy: float | None = 0.0   # stop when forget accuracy (train views) <= this; None: chance
+    margin: float = 1.0                 # ... counting a view as recognised while the coarse logit is within this
+                                        # of the best other one: forgotten with a margin, so unseen views follow [recon]
     bn_mode: str = "eval"               # BatchNorm during the stage: eval (frozen stats) | train
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-3, grad_clip=None, check_every=1))
 
@@ -70,6 +72,8 @@ class ForgetConfig:
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
         if self.loss not in FORGET_LOSSES:
             raise ValueError(f"loss must be one of {FORGET_LOSSES}, got {self.loss!r}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
 
@@ -91,6 +95,43 @@ def called_layers(visual: nn.Module, x: torch.Tensor, names: list[str]) -> set[s
         for h in hooks:
             h.remove()
     return seen
+
+
+class LowRankDelta(nn.Module):
+    """A LoRA update as a weight parametrization: W → W + (α/r)·B·A (B starts at 0, so training
+    starts from W). For weights that a tower uses functionally, where peft's wrapper, which
+    replaces the module's ``forward``, would never run (open_clip's attention pool passes its
+    q/k/v/c projection weights to ``F.multi_head_attention_forward``)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        out_features, in_features = weight.shape[0], weight[0].numel()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)      # peft's initialisation
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * (self.lora_B @ self.lora_A).view_as(weight)
+
+
+def add_low_rank(modules: dict[str, nn.Module], rank: int, alpha: float) -> list[nn.Parameter]:
+    """Parametrize each module's weight with a :class:`LowRankDelta`; returns the new parameters."""
+    from torch.nn.utils import parametrize
+    params = []
+    for m in modules.values():
+        delta = LowRankDelta(m.weight, rank, alpha)
+        parametrize.register_parametrization(m, "weight", delta)
+        params += [delta.lora_A, delta.lora_B]
+    return params
+
+
+def merge_low_rank(modules: dict[str, nn.Module]) -> None:
+    """Fold the low-rank updates into plain weights (like peft's ``merge_and_unload``)."""
+    from torch.nn.utils import parametrize
+    for m in modules.values():
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        m.weight.requires_grad_(False)
 
 
 def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
@@ -139,19 +180,21 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     task = ctx.task
     target = ctx.chance if cfg.target_accuracy is None else cfg.target_accuracy
     lora_layers = sorted(called_layers(visual, ctx.inputs(task.forget, slice(0, 1)), chosen)) if cfg.use_lora else []
-    full_layers = [n for n in chosen if n not in lora_layers]
-    if cfg.use_lora and full_layers:
-        log.info("layers used functionally (no LoRA possible), updated fully: %s", full_layers)
+    mods = dict(visual.named_modules())
+    # weights used functionally get the same low-rank update as a parametrization
+    functional = {n: mods[n] for n in chosen if n not in lora_layers} if cfg.use_lora else {}
+    full_layers = [n for n in chosen if n not in lora_layers and n not in functional]
+    low_rank = add_low_rank(functional, cfg.lora_rank, cfg.lora_alpha)
     peft_model = None
     if lora_layers:
         from peft import LoraConfig, get_peft_model
         peft_model = get_peft_model(visual, LoraConfig(target_modules=lora_layers, r=cfg.lora_rank,
                                                        lora_alpha=cfg.lora_alpha, lora_dropout=0.0))
         ctx.model.visual = peft_model
-    mods = dict(visual.named_modules())
     params = [p for n, m in mods.items() if n in full_layers for p in m.parameters(recurse=False)]
     for p in params:
         p.requires_grad_(True)
+    params += low_rank
     if peft_model is not None:
         params += [p for p in peft_model.parameters() if p.requires_grad]
     params = list({id(p): p for p in params}.values())   # a fully updated layer is also seen via peft
@@ -165,7 +208,7 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
         return forget_objective(ctx, enc(forget_x[ctx.sample(task.forget, cfg.batch_size)]), cfg.loss)
 
     def accuracy() -> float:
-        return ctx.superclass_accuracy(enc.encode(forget_x), labels)
+        return ctx.superclass_accuracy(enc.encode(forget_x), labels, cfg.margin)
 
     def should_stop(step):
         acc = accuracy()
@@ -179,8 +222,10 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     final_acc = accuracy()
     if peft_model is not None:
         ctx.model.visual = peft_model.merge_and_unload()
+    merge_low_rank(functional)
     for p in ctx.model.visual.parameters():
         p.requires_grad_(False)
     ctx.log_history("forget", history)
-    return {"layers": chosen, "lora_layers": lora_layers, "full_layers": full_layers, "steps": len(history),
-            "forget_train_accuracy": final_acc, "target_accuracy": target, **info}
+    return {"layers": chosen, "lora_layers": lora_layers + sorted(functional), "full_layers": full_layers,
+            "steps": len(history),
+            "forget_train_accuracy": final_acc, "target_accuracy": target, "margin": cfg.margin, **info}

@@ -61,6 +61,7 @@ class RemindConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     kd_weight: float = 1.0           # λ; 0 disables distillation
     kd_tau: float = 2.0              # τ
+    feature_kd_weight: float = 0.0   # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
     forget_weight: float = 5.0       # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
     forget_loss: str = "probability"  # that objective: similarity | probability (see stages/forget.py)
     scope: str = "forget_layers"     # what is fine-tuned [recon]: all (the image tower) | late (the layers the forget
@@ -76,8 +77,8 @@ class RemindConfig:
     def __post_init__(self):
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.kd_weight < 0 or self.kd_tau <= 0:
-            raise ValueError("kd_weight must be >= 0 and kd_tau > 0")
+        if self.kd_weight < 0 or self.kd_tau <= 0 or self.feature_kd_weight < 0:
+            raise ValueError("kd_weight and feature_kd_weight must be >= 0 and kd_tau > 0")
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
         if self.scope not in REMIND_SCOPES:
@@ -219,7 +220,8 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     pos_all[torch.arange(len(task.retain)), sc_ids] = 1
     with torch.no_grad():
         x_all = ctx.bundle.normalize(aligned.to(device)).to(dtype)
-        teacher = torch.cat([ctx.superclass_logits(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
+        teacher_feats = torch.cat([ctx.image_features(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
+        teacher = ctx.logit_scale * teacher_feats @ ctx.superclass_emb.t()
     visual = ctx.model.visual
     key = {"late": "candidates", "forget_layers": "layers"}.get(cfg.scope)
     if key and ctx.info.get("forget", {}).get(key):
@@ -248,6 +250,8 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
         if cfg.kd_weight > 0:
             z = ctx.logit_scale * img @ ctx.superclass_emb.t()
             loss = loss + cfg.kd_weight * distillation(z, teacher[idx], cfg.kd_tau)
+        if cfg.feature_kd_weight > 0:
+            loss = loss + cfg.feature_kd_weight * (1 - (img * teacher_feats[idx]).sum(-1)).mean()
         if cfg.forget_weight > 0:
             feats = enc(forget_x[ctx.sample(task.forget, cfg.batch_size)])
             loss = loss + cfg.forget_weight * forget_objective(ctx, feats, cfg.forget_loss)
@@ -265,6 +269,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     forget_labels = task.superclass_labels(task.forget)
     retain_goal = float((teacher.argmax(-1).cpu() == retain_labels).float().mean()) - (cfg.retain_tolerance or 0)
     forget_goal = ctx.info.get("forget", {}).get("target_accuracy", ctx.chance)
+    margin = ctx.info.get("forget", {}).get("margin", 0.0)       # forgotten as the forget stage defined it
     checks: list[dict] = []
     best: dict = {}           # the last check that kept D_f forgotten with the best retain accuracy
 
@@ -272,7 +277,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
         if cfg.retain_tolerance is None or step == 0:
             return False
         r = ctx.superclass_accuracy(enc.encode(retain_x), retain_labels)
-        f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels)
+        f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
         checks.append({"step": step, "retain_acc": r, "forget_acc": f})
         if f <= forget_goal and r >= best.get("retain_acc", -1.0):
             best.update(step=step, retain_acc=r, live={n: live[n].detach().clone() for n in trained},

@@ -1,0 +1,73 @@
+"""Helpers shared by the bench scripts: free ports, the app as a subprocess, peak memory."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:      # bench/ runs as scripts: import this checkout's clipforget
+    sys.path.insert(0, str(ROOT))
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# the tests' short job (conftest.QUICK_*): every stage runs, on fewer views
+QUICK_JOB = ("job_config={'remind': {'enabled': False}, 'restore': {'grid_points': 5}}, job_split="
+             "{'train_views': 2, 'forget_views': 2, 'calib_views': 1, 'test_views': 1, 'calib_other_images': 40, "
+             "'calib_concept_images': 40, 'max_other_images': 80}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size (VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: not within {timeout}s")
+
+
+def start_app(runs: Path, port: int, alpha_points: int = 11, quick: bool = False) -> subprocess.Popen:
+    """``python app.py`` (or, with ``quick``, the same app with the tests' short job) on 127.0.0.1."""
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               TRANSFORMERS_OFFLINE="1")
+    if quick:
+        code = ("import app; from clipforget.appcore import AppCore; "
+                f"core = AppCore(runs_dir={str(runs)!r}, alpha_points={alpha_points}, {QUICK_JOB}); "
+                f"app.launch(core, '127.0.0.1', {port}, quiet=True)")
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, "app.py", "--runs-dir", str(runs), "--port", str(port),
+               "--alpha-points", str(alpha_points)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def machine_load() -> str:
+    """The 1/5/15-minute load averages and the CPU count: other work skews every timing."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
