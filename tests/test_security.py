@@ -1,11 +1,10 @@
 """Security and artifact hygiene: the app listens on 127.0.0.1 unless told otherwise (and warns
-when told), serves only the gallery and the runs folder, no user-supplied id or name becomes a path
-outside them, and every artifact clipforget writes is safetensors / JSON / text / PNG, written
-through a temporary name and renamed. On the tiny world (tests/tinyworld.py)."""
+when told), serves only the gallery and the runs folder, no user-supplied id or
+name becomes a path outside them, and every artifact clipforget writes is safetensors / JSON /
+text / PNG, written through a temporary name and renamed. On the tiny world (tests/tinyworld.py)."""
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from clipforget.jobs import JobError
+from conftest import launch_on_free_port, load_app_module
 from tinyworld import TINY_CONFIG, TINY_MODEL, TINY_SPLIT, file_hash, tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,13 +137,6 @@ def test_cli_artifacts_are_safetensors_only_and_written_atomically(cli_runs):
 
 # ---- the app: launched on the default host ---------------------------------------------------------
 
-def load_app_module():
-    spec = importlib.util.spec_from_file_location("clipforget_app_security", ROOT / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def app_module():
     return load_app_module()
@@ -166,10 +159,8 @@ def served(app_module, tiny_world, tiny_ckpt, tmp_path_factory):
     finally:
         WriteLog.active = False
     paths = list(WriteLog.paths)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = app_module.launch(core, port=port, prevent_thread_lock=True, quiet=True)
+    demo, port = launch_on_free_port(lambda port: app_module.launch(core, port=port, prevent_thread_lock=True,
+                                                                    quiet=True))
     yield {"core": core, "demo": demo, "port": port, "job": job, "writes": paths}
     demo.close()
     core.close()
