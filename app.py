@@ -27,6 +27,10 @@ from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
 log = logging.getLogger("clipforget.app")
 
 K = 12                      # images per grid
+# The app takes no files: no widget uploads and no endpoint has a file argument. Gradio's upload
+# route exists anyway, so it is capped at 0 bytes: a visitor cannot fill the disk or plant files
+# (gradio also reduces an upload's name to a bare file name inside its own upload folder).
+MAX_UPLOAD_BYTES = 0
 ALL_STYLES = "all styles"
 CSS = """
 #left-grid, #right-grid {min-height: 330px}
@@ -308,7 +312,8 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, quiet=quiet,
                 prevent_thread_lock=prevent_thread_lock, theme=theme(), css=CSS, footer_links=["api"],
-                allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)])
+                allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)],
+                max_file_size=MAX_UPLOAD_BYTES)
     return demo
 
 

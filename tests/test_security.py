@@ -1,5 +1,5 @@
 """Security and artifact hygiene: the app listens on 127.0.0.1 unless told otherwise (and warns
-when told), serves only the gallery and the runs folder, no user-supplied id or
+when told), serves only the gallery and the runs folder, takes no uploads, no user-supplied id or
 name becomes a path outside them, and every artifact clipforget writes is safetensors / JSON /
 text / PNG, written through a temporary name and renamed. On the tiny world (tests/tinyworld.py)."""
 from __future__ import annotations
@@ -281,6 +281,28 @@ def test_job_ids_and_export_names_cannot_leave_the_runs_folder(served):
     with zipfile.ZipFile(files["model_zip"]) as z:
         names = z.namelist()
     assert names and all(n.startswith("export/") and ".." not in Path(n).parts for n in names)
+
+
+def test_uploads_are_refused_and_cannot_name_a_path(served):
+    """The app takes no files, so gradio's upload route (there whatever the layout) refuses every
+    non-empty file, whatever its type; an empty one stays inside gradio's upload folder."""
+    import httpx
+    demo, port, core = served["demo"], served["port"], served["core"]
+    url = f"http://127.0.0.1:{port}/gradio_api/upload"
+    upload_dir = Path(demo.server_app.uploaded_file_dir).resolve()
+    image = (core.gallery.root / "dog" / "poodle" / "noto" / "0.png").read_bytes()
+    before = tree(core.runs_dir), tree(core.gallery.root)
+    for name, data in [("big.bin", b"\0" * 2**20), ("poodle.png", image), ("../../../escape.png", image),
+                       ("model.safetensors", b"\x10" + b"\0" * 15), ("run.sh", b"#!/bin/sh\nrm -rf ~\n")]:
+        r = httpx.post(url, files={"files": (name, data)}, timeout=30)
+        assert r.status_code == 413 and "maximum allowed size of 0 bytes" in r.text, (name, r.status_code, r.text)
+    for name in ("../../escape.txt", f"{core.runs_dir}/{served['job'].id}/report.json", "..\\..\\win.txt"):
+        r = httpx.post(url, files={"files": (name, b"")}, timeout=30)
+        assert r.status_code in (200, 400), (name, r.status_code)
+        for p in r.json() if r.status_code == 200 else []:
+            assert Path(p).resolve().parent.parent == upload_dir and Path(p).stat().st_size == 0, p
+    assert (tree(core.runs_dir), tree(core.gallery.root)) == before
+    assert not (upload_dir.parent / "escape.txt").exists() and not (upload_dir.parent.parent / "escape.txt").exists()
 
 
 def test_app_api_refuses_bad_values(served):
