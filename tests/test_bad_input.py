@@ -193,6 +193,36 @@ def test_bad_checkpoints_via_the_cli(case, message, tiny_world, tmp_path, capsys
     assert (path.read_bytes() if path.exists() else None) == before
 
 
+# ---- the same cases in the app ----------------------------------------------------------------------
+
+def tiny_app(world, ckpt, runs, **kwargs):
+    from clipforget.appcore import AppCore
+    return AppCore(TINY_MODEL, str(ckpt), str(world), runs, "cpu", alpha_points=2, job_config=TINY_CONFIG,
+                   job_split=TINY_SPLIT, **kwargs)
+
+
+def test_bad_requests_in_the_app_are_refused_before_a_job_starts(tiny_world, tiny_ckpt, tmp_path):
+    core = tiny_app(tiny_world, tiny_ckpt, tmp_path / "runs")
+    try:
+        for args, message in [(("dgo", "poodle"), "superclass 'dgo' not in gallery; did you mean 'dog'?"),
+                              (("dog", "poodel"), "subgroup 'poodel' not in gallery; did you mean 'poodle'?"),
+                              (("dog", "poodle", "notto"), "style 'notto' not in gallery; did you mean 'noto'?"),
+                              (("cat", "black-cat", "twemoji"), "no images for black cat (twemoji)"),
+                              (("dog",), "pick a subgroup of 'dog' (or a style)"),
+                              (("",), "pick a superclass first")]:
+            for call in (core.describe_retain, core.start_job):
+                with pytest.raises(ValueError, match=re.escape(message)):
+                    call(*args)
+        with pytest.raises(ValueError, match="unknown method 'our'; did you mean 'ours'"):
+            core.start_job("dog", "poodle", method="our")
+        assert core.history() == [] and [p.name for p in core.runs_dir.iterdir() if not p.name.startswith(".")] == []
+        info = core.describe_retain("fish", "shark")          # allowed, with the warning on the page
+        assert info["retain_images"] == 0 and info["warnings"][0].startswith("nothing to retain for shark")
+        assert f"⚠️ {info['warnings'][0]}" in core.retain_markdown(info)
+    finally:
+        core.close()
+
+
 # ---- numbers: NaN/inf, α ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("remind", [True, False])
