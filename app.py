@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="clipforget web app")
     p.add_argument("--model", default="embedded", help="'embedded', an open_clip architecture, or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="pretrained tag or local checkpoint for --model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow full unpickling of a trusted .pt --pretrained checkpoint (it can run code)")
     p.add_argument("--gallery", default=None, help="image folder or manifest CSV (default: the embedded gallery)")
     p.add_argument("--runs-dir", default="runs/app", help="job history and results (default: runs/app)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -332,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     if (warning := bind_warning(args.host)) is not None:
         log.warning(warning)
     try:
-        core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points)
+        core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points,
+                       allow_pickle=args.allow_pickle)
     except (OSError, ValueError, RunsDirBusy) as e:     # a bad --gallery / --runs-dir: say so, no traceback
         raise SystemExit(f"clipforget app: error: {e}") from None
     try:

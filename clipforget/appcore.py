@@ -72,8 +72,10 @@ class AppCore:
 
     def __init__(self, model: str = "embedded", pretrained: str | None = None, gallery: str | None = None,
                  runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = 11,
-                 job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512):
+                 job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512,
+                 allow_pickle: bool = False):
         self.model_name, self.pretrained, self.device = model, pretrained, device
+        self.allow_pickle = allow_pickle      # full unpickling of a .pt checkpoint: only for files you trust
         self.gallery = Gallery.open(gallery)
         self.runs_dir = Path(runs_dir).resolve()
         self.cache_dir = self.runs_dir / ".cache"
@@ -99,7 +101,7 @@ class AppCore:
     def _load(self) -> None:
         try:
             t0 = time.perf_counter()
-            bundle = load_clip(self.model_name, self.pretrained, device=self.device)
+            bundle = load_clip(self.model_name, self.pretrained, device=self.device, allow_pickle=self.allow_pickle)
             self.timings["model_load"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             images, _ = self.gallery.load(self.gallery.items, bundle.image_size)

@@ -223,6 +223,36 @@ def test_bad_requests_in_the_app_are_refused_before_a_job_starts(tiny_world, tin
         core.close()
 
 
+@pytest.mark.parametrize("case, message", [
+    ("pickle", "needs full unpickling, which can run arbitrary code.*--allow-pickle"),
+    ("wrong-arch", "does not fit architecture 'test-tiny-rn'"),
+])
+def test_bad_checkpoints_in_the_app_say_what_to_do(case, message, tiny_world, tiny_ckpt, tmp_path):
+    from clipforget.appcore import NotReady
+    from safetensors.torch import load_file
+    path = tmp_path / "ckpt.pt"
+    if case == "pickle":
+        torch.save({"state_dict": load_file(str(tiny_ckpt)), "extra": Payload()}, path)
+    else:
+        vit, _, _ = open_clip.create_model_and_transforms("test-tiny-vit")
+        torch.save(vit.state_dict(), path)
+    before = file_hash(path)
+    core = tiny_app(tiny_world, path, tmp_path / "runs")
+    try:
+        with pytest.raises(NotReady, match=f"the model could not be loaded: .*{message}"):
+            core.resources(timeout=120)
+        assert core.model_status().startswith("Model failed to load") and not core.ready
+    finally:
+        core.close()
+    if case == "pickle":         # the operator trusts the file: python app.py --allow-pickle
+        core = tiny_app(tiny_world, path, tmp_path / "runs", allow_pickle=True)
+        try:
+            assert core.resources(timeout=120).bundle.arch == TINY_MODEL
+        finally:
+            core.close()
+    assert file_hash(path) == before
+
+
 # ---- numbers: NaN/inf, α ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("remind", [True, False])

@@ -199,16 +199,16 @@ def test_the_app_binds_loopback_unless_told(served, app_module):
     assert inspect.signature(app_module.launch).parameters["host"].default == "127.0.0.1"
 
 
-def test_a_non_loopback_host_is_warned_about(app_module, monkeypatch, caplog, tmp_path):
+def test_a_non_loopback_host_is_warned_about_and_pickle_needs_a_flag(app_module, monkeypatch, caplog, tmp_path):
     from clipforget.appcore import bind_warning
     assert bind_warning("127.0.0.1") is None and bind_warning("::1") is None and bind_warning("localhost") is None
     assert "reachable from other machines" in bind_warning("0.0.0.0")
     assert "host name 'example.org'" in bind_warning("example.org")
-    launched = []
+    launched, made = [], []
 
     class FakeCore:
-        def __init__(self, *args):
-            pass
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
 
         def close(self):
             pass
@@ -220,6 +220,8 @@ def test_a_non_loopback_host_is_warned_about(app_module, monkeypatch, caplog, tm
         app_module.main(["--host", "0.0.0.0"])
     assert launched[-1] == "0.0.0.0"
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "binding to 0.0.0.0" in caplog.text
+    app_module.main(["--allow-pickle"])
+    assert [m["allow_pickle"] for m in made] == [False, False, True]       # full unpickling only when told
     monkeypatch.undo()
     blocker = tmp_path / "file"
     blocker.write_text("x")
