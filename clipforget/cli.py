@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.loop import NonFiniteLoss
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, PermissionError, ModelLoadError, ImageError, OutputError,
-            NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModelLoadError, ImageError,
+            OutputError, NonFiniteLoss) as e:
         print(f"clipforget {args.command}: error: {e}", file=sys.stderr)
         return 2
     except torch_oom() as e:

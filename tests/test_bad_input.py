@@ -106,6 +106,17 @@ def test_bad_requests_fail_before_the_model_loads(args, message, tiny_world, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gallery_that_is_not_a_folder(tmp_path, capsys, no_model):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a gallery")
+    for gallery, message in [(notes, f"gallery {notes} is a file, not a folder; pass an image folder"),
+                             (tmp_path / "missing", f"image folder {tmp_path / 'missing'} does not exist"),
+                             (tmp_path, f"gallery at {tmp_path} has no images; check the folder layout")]:
+        code, err = cli(capsys, gallery, tmp_path / "out", "--superclass", "dog", "--subgroup", "poodle")
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_method_names():
     with pytest.raises(ValueError, match="unknown method 'our'; did you mean 'ours'"):
         get_method("our")

@@ -104,6 +104,9 @@ class Gallery:
         files and folders (``.DS_Store``, macOS ``._name.jpg`` resource forks, ``.ipynb_checkpoints``)
         are skipped."""
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"gallery {root} is a file, not a folder; pass an image folder "
+                                     "(root/superclass/subgroup/*.jpg) or a manifest .csv")
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         items = []
