@@ -99,13 +99,16 @@ class AppCore:
 
     # ---- loading -----------------------------------------------------------------------------
     def _load(self) -> None:
+        loading = f"the model {self.model_name!r}"        # what the error message blames
         try:
             t0 = time.perf_counter()
             bundle = load_clip(self.model_name, self.pretrained, device=self.device, allow_pickle=self.allow_pickle)
             self.timings["model_load"] = time.perf_counter() - t0
             t1 = time.perf_counter()
+            loading = f"the gallery {self.gallery.name!r}"
             images, _ = self.gallery.load(self.gallery.items, bundle.image_size)
             self.timings["gallery_load"] = time.perf_counter() - t1
+            loading = f"the embeddings of the gallery {self.gallery.name!r}"
             original = self._original_embeddings(bundle, images)
             self._original_index = faiss_index.build(original)
             self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery), images, original)
@@ -113,8 +116,8 @@ class AppCore:
             self.timings["ready"] = time.perf_counter() - t0
             log.info("app ready in %.1fs (%s)", self.timings["ready"], self.timings)
         except BaseException as e:  # noqa: BLE001 - reported to every caller of resources()
-            self._load_error = e
-            log.error("loading the model failed: %s", e)
+            self._load_error = RuntimeError(f"{loading} could not be loaded: {e}")
+            log.error("%s", self._load_error)
         finally:
             self._ready.set()
 
@@ -142,7 +145,7 @@ class AppCore:
         if not self._ready.wait(timeout):
             raise NotReady(f"the model {self.model_name!r} is still loading; try again in a few seconds")
         if self._load_error is not None:
-            raise NotReady(f"the model could not be loaded: {self._load_error}")
+            raise NotReady(f"the app could not start: {self._load_error}")
         return self._resources
 
     @property
@@ -153,7 +156,7 @@ class AppCore:
         if not self._ready.is_set():
             return f"Loading model `{self.model_name}` and encoding the gallery…"
         if self._load_error is not None:
-            return f"Model failed to load: {self._load_error}"
+            return f"The app could not start: {self._load_error}"
         b = self._resources.bundle
         return (f"Model `{self.model_name}` ({b.arch}, {b.image_size} px) · gallery `{self.gallery.name}`: "
                 f"{len(self.gallery)} images, {len(self.gallery.superclasses())} superclasses")

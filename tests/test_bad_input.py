@@ -235,28 +235,35 @@ def test_bad_requests_in_the_app_are_refused_before_a_job_starts(tiny_world, tin
 
 
 @pytest.mark.parametrize("case, message", [
-    ("pickle", "needs full unpickling, which can run arbitrary code.*--allow-pickle"),
-    ("wrong-arch", "does not fit architecture 'test-tiny-rn'"),
-])
-def test_bad_checkpoints_in_the_app_say_what_to_do(case, message, tiny_world, tiny_ckpt, tmp_path):
+    ("pickle", "the model 'test-tiny-rn' could not be loaded: .*needs full unpickling, which can run arbitrary "
+               "code.*--allow-pickle"),
+    ("wrong-arch", "the model 'test-tiny-rn' could not be loaded: .*does not fit architecture 'test-tiny-rn'"),
+    ("bad-image", "the gallery 'g' could not be loaded: .*0.png is corrupted or truncated.*re-export or remove it"),
+], ids=["pickle", "wrong-arch", "bad-image"])
+def test_a_bad_checkpoint_or_gallery_in_the_app_says_what_to_do(case, message, tiny_world, tiny_ckpt, tmp_path):
     from clipforget.appcore import NotReady
     from safetensors.torch import load_file
-    path = tmp_path / "ckpt.pt"
+    path = tmp_path / ("ckpt.safetensors" if case == "bad-image" else "ckpt.pt")
+    world = shutil.copytree(tiny_world, tmp_path / "g")
     if case == "pickle":
         torch.save({"state_dict": load_file(str(tiny_ckpt)), "extra": Payload()}, path)
-    else:
+    elif case == "wrong-arch":
         vit, _, _ = open_clip.create_model_and_transforms("test-tiny-vit")
         torch.save(vit.state_dict(), path)
+    else:
+        shutil.copy(tiny_ckpt, path)
+        bad = world / "dog" / "poodle" / "noto" / "0.png"
+        bad.write_bytes(bad.read_bytes()[:60])
     before = file_hash(path)
-    core = tiny_app(tiny_world, path, tmp_path / "runs")
+    core = tiny_app(world, path, tmp_path / "runs")
     try:
-        with pytest.raises(NotReady, match=f"the model could not be loaded: .*{message}"):
+        with pytest.raises(NotReady, match=f"the app could not start: {message}"):
             core.resources(timeout=120)
-        assert core.model_status().startswith("Model failed to load") and not core.ready
+        assert core.model_status().startswith("The app could not start: ") and not core.ready
     finally:
         core.close()
     if case == "pickle":         # the operator trusts the file: python app.py --allow-pickle
-        core = tiny_app(tiny_world, path, tmp_path / "runs", allow_pickle=True)
+        core = tiny_app(world, path, tmp_path / "runs", allow_pickle=True)
         try:
             assert core.resources(timeout=120).bundle.arch == TINY_MODEL
         finally:
