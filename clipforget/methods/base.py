@@ -158,8 +158,11 @@ class Context:
         return to_input(self.bundle, images, model or self.model)
 
     def sample(self, views: ViewSet, batch_size: int) -> torch.Tensor:
-        """Random indices of a minibatch (all of them when the set is smaller)."""
-        n = len(views)
+        """Random indices of a minibatch of ``views`` (all of them when the set is smaller)."""
+        return self.sample_indices(len(views), batch_size)
+
+    def sample_indices(self, n: int, batch_size: int) -> torch.Tensor:
+        """Random indices of a minibatch out of ``n`` rows (all of them when there are fewer)."""
         if n <= batch_size:
             return torch.arange(n)
         return torch.randperm(n, generator=self.generator)[:batch_size]
