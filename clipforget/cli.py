@@ -149,6 +149,9 @@ def cmd_sweep(args) -> int:
     bundle = _bundle(args) if args.workers <= 1 else None
     reqs = sweep_requests(gallery, args.superclass, args.every, args.style)
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
+    if args.resume and not args.out:
+        print("--resume needs --out (the folder of the sweep to continue)", file=sys.stderr)
+        return 2
 
     def row(r):
         print(f"  {r['superclass']}/{r['subgroup']}: Score {r['score']:.1f}, target {r['columns']['target']['before']:.2f}"
@@ -156,7 +159,8 @@ def cmd_sweep(args) -> int:
     from .sweep import ModelSpec
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
     s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, _config(args.method, args),
-                  args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery)
+                  args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
+                  resume=args.resume)
     print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, target <= chance in "
           f"{s['target_at_or_below_chance']}/{s['runs']}, median {s['median_seconds']:.1f}s per job")
     return 0
@@ -242,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--config", default=None)
     sw.add_argument("--set", action="append", metavar="KEY=VALUE")
     sw.add_argument("--out", default=None, help="folder for sweep.json / sweep.md")
+    sw.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier (stopped) sweep of the same method in --out; run the rest")
     sw.add_argument("--workers", type=int, default=1,
                     help="worker processes, one CPU thread each (2 on a 2-core machine finishes ~1.5x sooner)")
     sw.set_defaults(fn=cmd_sweep)
