@@ -142,23 +142,25 @@ def cmd_train_embedded(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .io import check_writable
-    from .sweep import run_sweep, sweep_requests
+    from .sweep import previous_rows, run_sweep, sweep_requests
+    if args.resume and not args.out:          # every check that is cheap comes before the model
+        raise ValueError("--resume needs --out (the folder of the sweep to continue)")
     if args.out:
         check_writable(args.out)
+    if args.resume:
+        previous_rows(args.out, args.method)  # another method's sweep, or an unreadable sweep.json
+    config = _config(args.method, args)
     gallery = _gallery(args)
-    bundle = _bundle(args) if args.workers <= 1 else None
     reqs = sweep_requests(gallery, args.superclass, args.every, args.style)
+    bundle = _bundle(args) if args.workers <= 1 else None
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
-    if args.resume and not args.out:
-        print("--resume needs --out (the folder of the sweep to continue)", file=sys.stderr)
-        return 2
 
     def row(r):
         print(f"  {r['superclass']}/{r['subgroup']}: Score {r['score']:.1f}, target {r['columns']['target']['before']:.2f}"
               f" -> {r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s", flush=True)
     from .sweep import ModelSpec
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
-    s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, _config(args.method, args),
+    s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
                   args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
                   resume=args.resume)
     print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, target <= chance in "

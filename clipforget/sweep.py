@@ -96,7 +96,12 @@ def previous_rows(out: str | Path, method: str) -> dict[tuple, dict]:
     if not path.exists():
         return {}
     import json
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete it to start over, or choose another --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is not a sweep summary; delete it to start over, or choose another --out")
     if old.get("method") != method:
         raise ValueError(f"{path} holds a sweep of {old.get('method')!r}, not {method!r}: "
                          "choose another --out, or drop --resume")

@@ -56,3 +56,23 @@ def test_resume_refuses_another_methods_sweep(tmp_path, monkeypatch, no_model):
     sweep.run_sweep(object(), None, REQUESTS[:2], method="ga", out=tmp_path)
     with pytest.raises(ValueError, match="not 'ours'"):
         sweep.run_sweep(object(), None, REQUESTS[:2], method="ours", out=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("args, sweep_json, message", [
+    ([], None, "--resume needs --out (the folder of the sweep to continue)"),
+    (["--out", "{out}"], {"method": "ga", "rows": []}, "holds a sweep of 'ga', not 'ours'"),
+    (["--out", "{out}"], '{"method": "ours", "ro', "is unreadable"),
+    (["--out", "{out}"], "[1, 2]", "is not a sweep summary"),
+])
+def test_resume_checks_come_before_the_model_loads(args, sweep_json, message, tmp_path, monkeypatch, capsys):
+    from clipforget.cli import main as cli_main
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr("clipforget.models.load_clip", refuse)
+    if sweep_json is not None:
+        text = sweep_json if isinstance(sweep_json, str) else json.dumps(sweep_json)
+        (tmp_path / "sweep.json").write_text(text)
+    code = cli_main(["sweep", "--resume", *[a.format(out=tmp_path) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("clipforget sweep: error: "), err
