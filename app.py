@@ -16,19 +16,23 @@ for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_H
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import ipaddress  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from clipforget.appcore import AppCore, NotReady  # noqa: E402
-from clipforget.jobs import JobBusy, JobError  # noqa: E402
+from clipforget.appcore import AppCore, NotReady, bind_warning  # noqa: E402
+from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
 from clipforget.uploads import UploadConfig  # noqa: E402
 
 log = logging.getLogger("clipforget.app")
 
 K = 12                      # images per grid
+# The only files the app takes are example images for a retain-set suggestion: gradio's upload route
+# is capped at their per-file limit (clipforget/uploads.py checks type, pixels and count, and stores
+# them under the runs folder all-or-nothing); gradio reduces an upload's name to a bare file name
+# inside its own upload folder.
+MAX_UPLOAD_BYTES = UploadConfig().max_bytes
 ALL_STYLES = "all styles"
 CSS = """
 #left-grid, #right-grid {min-height: 330px}
@@ -331,8 +335,9 @@ def build_app(core: AppCore) -> gr.Blocks:
 
         # ---- the same functions for scripts -----------------------------------------------------------
         def search_api(query: str, job_id: str = "", alpha: float = -1.0, k: int = K) -> dict:
-            """Top-k gallery images for a query: original encoder, and unlearned at α for a finished job."""
-            return _errors(core.search)(query, job_id or None, None if alpha < 0 else alpha, int(k))
+            """Top-k gallery images for a query: original encoder, and unlearned at α in [0, 1] for a
+            finished job (α = -1: the job's calibrated α)."""
+            return _errors(core.search)(query, job_id or None, None if alpha == -1 else alpha, int(k))
 
         def start_job_api(superclass: str, subgroup: str = "", style: str = "", method: str = "ours",
                           retain: str = "") -> dict:
@@ -381,7 +386,7 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, quiet=quiet,
                 prevent_thread_lock=prevent_thread_lock, theme=theme(), css=CSS, footer_links=["api"],
                 allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)],
-                max_file_size=UploadConfig().max_bytes)
+                max_file_size=MAX_UPLOAD_BYTES)
     return demo
 
 
@@ -389,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="clipforget web app")
     p.add_argument("--model", default="embedded", help="'embedded', an open_clip architecture, or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="pretrained tag or local checkpoint for --model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow full unpickling of a trusted .pt --pretrained checkpoint (it can run code)")
     p.add_argument("--gallery", default=None, help="image folder or manifest CSV (default: the embedded gallery)")
     p.add_argument("--runs-dir", default="runs/app", help="job history and results (default: runs/app)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -397,13 +404,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha-points", type=int, default=11, help="α values precomputed per job (0..1, plus the calibrated α)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if (warning := bind_warning(args.host)) is not None:
+        log.warning(warning)
     try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            log.warning("binding to %s: the app (and starting jobs) is reachable from other machines; "
-                        "there is no authentication", args.host)
-    except ValueError:
-        log.warning("binding to host name %r: make sure it is not reachable by people you do not trust", args.host)
-    core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points)
+        core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points,
+                       allow_pickle=args.allow_pickle)
+    except (OSError, ValueError, RunsDirBusy) as e:     # a bad --gallery / --runs-dir: say so, no traceback
+        raise SystemExit(f"clipforget app: error: {e}") from None
     try:
         launch(core, args.host, args.port)
     finally:

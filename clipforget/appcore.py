@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
+import json
 import logging
 import threading
 import time
@@ -42,6 +44,8 @@ from .models import load_clip
 log = logging.getLogger(__name__)
 
 THUMB = 96                      # px of one style cell in a subgroup card
+MAX_K = 100                     # images per search grid, at most
+MAX_QUERY = 300                 # characters of a query, at most (text towers read ~77 tokens anyway)
 MARK = (220, 38, 38)            # red frame around images of the forgotten subgroup
 
 
@@ -71,8 +75,9 @@ class AppCore:
     def __init__(self, model: str = "embedded", pretrained: str | None = None, gallery: str | None = None,
                  runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = 11,
                  job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512,
-                 certify_config: dict | None = None):
+                 certify_config: dict | None = None, allow_pickle: bool = False):
         self.model_name, self.pretrained, self.device = model, pretrained, device
+        self.allow_pickle = allow_pickle      # full unpickling of a .pt checkpoint: only for files you trust
         self.gallery = Gallery.open(gallery)
         self.runs_dir = Path(runs_dir).resolve()
         self.cache_dir = self.runs_dir / ".cache"
@@ -98,13 +103,16 @@ class AppCore:
 
     # ---- loading -----------------------------------------------------------------------------
     def _load(self) -> None:
+        loading = f"the model {self.model_name!r}"        # what the error message blames
         try:
             t0 = time.perf_counter()
-            bundle = load_clip(self.model_name, self.pretrained, device=self.device)
+            bundle = load_clip(self.model_name, self.pretrained, device=self.device, allow_pickle=self.allow_pickle)
             self.timings["model_load"] = time.perf_counter() - t0
             t1 = time.perf_counter()
+            loading = f"the gallery {self.gallery.name!r}"
             images, _ = self.gallery.load(self.gallery.items, bundle.image_size)
             self.timings["gallery_load"] = time.perf_counter() - t1
+            loading = f"the embeddings of the gallery {self.gallery.name!r}"
             original = self._original_embeddings(bundle, images)
             self._original_index = faiss_index.build(original)
             self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery), images, original)
@@ -112,8 +120,8 @@ class AppCore:
             self.timings["ready"] = time.perf_counter() - t0
             log.info("app ready in %.1fs (%s)", self.timings["ready"], self.timings)
         except BaseException as e:  # noqa: BLE001 - reported to every caller of resources()
-            self._load_error = e
-            log.error("loading the model failed: %s", e)
+            self._load_error = RuntimeError(f"{loading} could not be loaded: {e}")
+            log.error("%s", self._load_error)
         finally:
             self._ready.set()
 
@@ -141,7 +149,7 @@ class AppCore:
         if not self._ready.wait(timeout):
             raise NotReady(f"the model {self.model_name!r} is still loading; try again in a few seconds")
         if self._load_error is not None:
-            raise NotReady(f"the model could not be loaded: {self._load_error}")
+            raise NotReady(f"the app could not start: {self._load_error}")
         return self._resources
 
     @property
@@ -152,7 +160,7 @@ class AppCore:
         if not self._ready.is_set():
             return f"Loading model `{self.model_name}` and encoding the gallery…"
         if self._load_error is not None:
-            return f"Model failed to load: {self._load_error}"
+            return f"The app could not start: {self._load_error}"
         b = self._resources.bundle
         return (f"Model `{self.model_name}` ({b.arch}, {b.image_size} px) · gallery `{self.gallery.name}`: "
                 f"{len(self.gallery)} images, {len(self.gallery.superclasses())} superclasses")
@@ -383,6 +391,9 @@ class AppCore:
         query = query.strip()
         if not query:
             raise ValueError("type a query, e.g. 'a dog' or 'a poodle'")
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the query has {len(query)} characters; keep it under {MAX_QUERY} "
+                             "(a short description such as 'a poodle' works best)")
         with self._cache_lock:
             if query in self._texts:
                 self._texts.move_to_end(query)
@@ -406,9 +417,11 @@ class AppCore:
             run = self.jobs.run_dir(job_id)
             data = load_file(str(run / "alpha_grid.safetensors"))
             emb, alphas = data["embeddings"], [round(float(a), 6) for a in data["alphas"]]
-            if emb.shape[1] != len(self.gallery):
-                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[1]} images, this app "
-                                 f"has {len(self.gallery)}); start the app with that gallery to reopen it")
+            made_on = json.loads((run / "alpha_grid.json").read_text()).get("gallery_hash")
+            if emb.shape[1] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
+                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[1]} images, hash {made_on}; "
+                                 f"this app has {len(self.gallery)}, hash {self.gallery.content_hash}); start the "
+                                 "app with that gallery to reopen it")
             self.resources(timeout=120)
             indexes = {0.0: self._original_index}
             indexes.update({a: faiss_index.build(e) for a, e in zip(alphas, emb)})
@@ -429,6 +442,8 @@ class AppCore:
         """Top-``k`` gallery images for ``query`` with the original encoder (left) and, for a
         finished job, the unlearned encoder at the computed α nearest to ``alpha`` (right)."""
         t0 = time.perf_counter()
+        if not 1 <= int(k) <= MAX_K:
+            raise ValueError(f"k (images per grid) must be between 1 and {MAX_K}, got {k}")
         q = self.text_embedding(query)
         self.resources(timeout=120)
         forgotten = self.forgotten_paths(job_id) if job_id else set()
@@ -480,7 +495,6 @@ class AppCore:
 
     # ---- results -----------------------------------------------------------------------------
     def report(self, job_id: str) -> dict:
-        import json
         return json.loads((self.jobs.run_dir(job_id) / "report.json").read_text())
 
     def metrics_table(self, job_id: str) -> dict:
@@ -536,6 +550,20 @@ class AppCore:
                 for p in sorted((run / "export").iterdir()):
                     z.write(p, f"export/{p.name}")
         return {"model_zip": str(zpath), "report_md": str(run / "report.md"), "report_json": str(run / "report.json")}
+
+
+def bind_warning(host: str) -> str | None:
+    """What to tell the operator when the app will listen beyond this machine (None: loopback)."""
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+        return (f"binding to {host}: the app (and starting jobs) is reachable from other machines and has "
+                "no authentication; use --host 127.0.0.1 unless you trust everyone on that network")
+    except ValueError:
+        return (f"binding to host name {host!r}: the app has no authentication; make sure that name is not "
+                "reachable by people you do not trust (--host 127.0.0.1 keeps it on this machine)")
 
 
 def _recall(hits: list[dict], forgotten: set[str]) -> float | None:

@@ -35,7 +35,7 @@ from .data.gallery import Gallery, display
 from .data.task import Column, ForgetRequest, SplitConfig, Task, ViewCache, build_task
 from .eval.report import column_title
 from .eval.score import score
-from .io import write_json, write_text
+from .io import save_figure, write_json, write_text
 from .methods.base import config_from_dict, get_method, list_methods
 from .models import ClipBundle
 from .pipeline import Evaluator, Run, merge_runs, save_run
@@ -60,7 +60,8 @@ ABLATIONS = {
     "all layers": {"forget": {"layer_selection": "all"}},
     "no LoRA (full update)": {"forget": {"use_lora": False}},
     "no alignment": {"remind": {"align": {"enabled": False}}},
-    "no distillation": {"remind": {"kd_weight": 0.0}},
+    "aligned copies only (paper)": {"remind": {"align": {"keep_originals": False, "max_images": None}}},
+    "no distillation": {"remind": {"kd_weight": 0.0, "feature_kd_weight": 0.0}},
     "no EMA": {"remind": {"ema": False}},
     "no remind": {"remind": {"enabled": False}},
     "no restore (α = 1)": {"restore": {"enabled": False}},
@@ -224,7 +225,7 @@ def plot_alpha_curve(curve: list[dict], chosen: float, path: Path, title: str) -
            title=title, ylim=(-0.02, 1.02))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -242,7 +243,7 @@ def plot_relative_fisher(importance: dict[str, float], chosen: list[str], path: 
     ax.set_xticks(range(len(names)), names, rotation=75, fontsize=6)
     ax.set(ylabel="relative Fisher F(D_f) / F(D_r)", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -40,15 +40,24 @@ def _gallery(args):
 def _config(method: str, args):
     """Method config from --config JSON (file or inline) plus --set key.path=value overrides."""
     from .methods.base import config_from_dict, get_method
-    return config_from_dict(get_method(method).Config, _overrides(args))
+    try:
+        return config_from_dict(get_method(method).Config, _overrides(args))
+    except TypeError as e:       # e.g. --set forget.loop.lr=fast: a comparison with a string
+        raise ValueError(f"{method} config: a value has the wrong type ({e}); check --set / --config "
+                         "(numbers unquoted, true/false for switches)") from None
 
 
 def _overrides(args) -> dict:
     """--config JSON (file or inline) with --set key.path=value applied, as a nested dict."""
     data: dict = {}
     if getattr(args, "config", None):
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        data = json.loads(text)
+        is_file = Path(args.config).is_file()
+        text = Path(args.config).read_text() if is_file else args.config
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            what = f"file {args.config}" if is_file else f"{args.config[:60]!r} (not a file either)"
+            raise ValueError(f"--config: {what} is not valid JSON ({e})") from None
     for item in getattr(args, "set", None) or []:
         key, _, value = item.partition("=")
         if not _:
@@ -70,17 +79,24 @@ def _progress(event: dict) -> None:
 
 
 def cmd_forget(args) -> int:
-    from .data.task import ForgetRequest
-    from .pipeline import forget, save_run
-    out = Path(args.out)
-    _check_writable(out)
-    bundle = _bundle(args)
+    from .data.task import ForgetRequest, resolve
+    from .io import check_writable
+    from .pipeline import Evaluator, forget, save_run
+    out = check_writable(args.out)                      # every check that is cheap comes before the model
+    config = _config(args.method, args)
     gallery = _gallery(args)
     retain = tuple(args.retain.split(",")) if args.retain else None
     request = ForgetRequest(args.superclass, args.subgroup, args.style, retain)
+    resolve(gallery, request)                           # unknown names, empty forget set: fail in a second
+    bundle = _bundle(args)
     if not args.no_suggest:
         _print_risks(bundle, gallery, request)
-    run = forget(bundle, request, args.method, _config(args.method, args), gallery, callbacks=[_progress])
+    evaluator = Evaluator(bundle)
+    run = forget(bundle, request, args.method, config, gallery, callbacks=[_progress], evaluator=evaluator)
+    if args.alpha is not None:                           # the user's strength instead of the calibrated one
+        run.result.alpha = args.alpha
+        run.report = {**evaluator.report(run.task, run.result), "seconds": run.report["seconds"],
+                      "seed": run.report.get("seed"), "alpha_source": "--alpha"}
     save_run(run, bundle, out, export=not args.no_export)
     r = run.report
     print(f"forget {request.label} with {args.method}: Score {r['score']:.1f}, alpha {r['alpha']:.2f}")
@@ -160,6 +176,17 @@ def _check_writable(out: Path) -> None:
                               "choose another --out")
 
 
+def unit_interval(text: str) -> float:
+    """argparse type of α: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0 = original, 1 = fully unlearned), got {text}")
+    return value
+
+
 def cmd_eval(args) -> int:
     from .eval.embedded import evaluate_model, format_table
     bundle = _bundle(args)
@@ -189,10 +216,18 @@ def cmd_train_embedded(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep, sweep_requests
+    from .io import check_writable
+    from .sweep import previous_rows, run_sweep, sweep_requests
+    if args.resume and not args.out:          # every check that is cheap comes before the model
+        raise ValueError("--resume needs --out (the folder of the sweep to continue)")
+    if args.out:
+        check_writable(args.out)
+    if args.resume:
+        previous_rows(args.out, args.method)  # another method's sweep, or an unreadable sweep.json
+    config = _config(args.method, args)
     gallery = _gallery(args)
-    bundle = _bundle(args) if args.workers <= 1 else None
     reqs = sweep_requests(gallery, args.superclass, args.every, args.style)
+    bundle = _bundle(args) if args.workers <= 1 else None
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
 
     def row(r):
@@ -200,8 +235,9 @@ def cmd_sweep(args) -> int:
               f" -> {r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s", flush=True)
     from .sweep import ModelSpec
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
-    s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, _config(args.method, args),
-                  args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery)
+    s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
+                  args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
+                  resume=args.resume)
     print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, target <= chance in "
           f"{s['target_at_or_below_chance']}/{s['runs']}, median {s['median_seconds']:.1f}s per job")
     return 0
@@ -215,8 +251,14 @@ def cmd_list_methods(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from .io import check_writable
     from .models import export_open_clip
     from .pipeline import edited_model, merge_runs
+    check_writable(args.out)
+    missing = [r for r in args.runs if not (Path(r) / "delta.safetensors").is_file() and not Path(r).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no delta.safetensors in {', '.join(map(str, missing))}; pass run folders "
+                                "written by `clipforget forget`")
     bundle = _bundle(args)
     delta = merge_runs(args.runs, args.mode)
     model = edited_model(bundle, delta, 1.0)
@@ -246,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-export", action="store_true", help="skip the open_clip export of the unlearned model")
     f.add_argument("--no-suggest", action="store_true",
                    help="skip the over-forgetting check printed before the run (it encodes the gallery once)")
+    f.add_argument("--alpha", type=unit_interval, default=None,
+                   help="unlearning strength in [0, 1] to report and export (default: the calibrated α)")
     f.set_defaults(fn=cmd_forget)
 
     su = sub.add_parser("suggest", help="the retain set for a subgroup (or example images) and over-forgetting "
@@ -313,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--config", default=None)
     sw.add_argument("--set", action="append", metavar="KEY=VALUE")
     sw.add_argument("--out", default=None, help="folder for sweep.json / sweep.md")
+    sw.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier (stopped) sweep of the same method in --out; run the rest")
     sw.add_argument("--workers", type=int, default=1,
                     help="worker processes, one CPU thread each (2 on a 2-core machine finishes ~1.5x sooner)")
     sw.set_defaults(fn=cmd_sweep)
@@ -342,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.loop import NonFiniteLoss
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, PermissionError, ModelLoadError, ImageError, OutputError,
-            NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModelLoadError, ImageError,
+            OutputError, NonFiniteLoss) as e:
         print(f"clipforget {args.command}: error: {e}", file=sys.stderr)
         return 2
     except torch_oom() as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,15 +15,50 @@ import torch
 class OutputError(OSError):
     """An artifact could not be written; the message says where and what to do."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def _explain(path: Path, e: OSError) -> OutputError:
-    import errno
-    if e.errno == errno.ENOSPC:
-        return OutputError(f"disk full while writing {path}; free space or choose another --out "
-                           "(nothing was left half-written)")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write to {path}: permission denied; choose a writable --out")
-    return OutputError(f"cannot write {path}: {e}")
+    if isinstance(e, OutputError):
+        return e
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(errno.ENOSPC, f"disk full while writing {path}; free some space or write "
+                           "elsewhere (--out / --runs-dir). Nothing was left half-written.")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(e.errno, f"cannot write to {path}: permission denied; choose a writable "
+                           "folder (--out / --runs-dir)")
+    if e.errno == errno.EROFS:
+        return OutputError(e.errno, f"cannot write to {path}: the file system is read-only; choose a "
+                           "writable folder (--out / --runs-dir)")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return OutputError(e.errno, f"cannot write to {path}: a part of that path is a file, not a folder; "
+                           "choose another output folder (--out / --runs-dir)")
+    return OutputError(e.errno, f"cannot write {path}: {e.strerror or e}")
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail in a second, not after an hour of training: raise :class:`OutputError` unless a file can
+    be created where ``path`` (a file or folder, existing or not) will be written. Probes by
+    creating and removing a temporary file in the nearest existing folder, so it is right for
+    root, read-only mounts and full disks too (``os.access`` is not)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == path:
+            probe = path.parent          # an existing file that will be replaced
+        else:
+            raise OutputError(errno.ENOTDIR, f"cannot write to {path}: {probe} is a file, not a folder; "
+                              "choose another output folder (--out / --runs-dir)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".clipforget-probe.", suffix=".tmp", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise _explain(path, e) from e
+    return path
 
 
 def _umask() -> int:
@@ -50,6 +86,8 @@ def atomic_file(path: str | Path, mode: str = "wb"):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OutputError):
+            raise
         raise _explain(path, e) from e
     except BaseException:
         with contextlib.suppress(OSError):
@@ -60,6 +98,19 @@ def atomic_file(path: str | Path, mode: str = "wb"):
 def write_text(path: str | Path, text: str) -> None:
     with atomic_file(path, "w") as f:
         f.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> None:
+    """A matplotlib figure as an atomic file (the format follows the suffix)."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    write_bytes(path, buf.getvalue())
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -81,8 +132,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 metadata={k: str(v) for k, v in (metadata or {}).items()})
-    with atomic_file(path) as f:
-        f.write(data)
+    write_bytes(path, data)
 
 
 @contextlib.contextmanager
@@ -101,12 +151,18 @@ def atomic_dir(path: str | Path):
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except OSError:
+                old.rename(path)         # the previous result stays where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError):
+            raise
         raise _explain(path, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,9 @@
 A job lives in ``runs_dir/<id>/``: ``job.json`` (status, stage, timings; rewritten atomically) and,
 once it succeeds, ``run/`` — the folder ``save_run`` writes plus ``alpha_grid.safetensors`` — which
 appears complete or not at all. A failed or cancelled job leaves only its ``job.json``. After a
-restart, a job that was queued or running when the process died is marked failed.
+restart, a job that was queued or running when the process died is marked failed. One process at
+a time owns a runs folder (a lock file, released by the kernel even on SIGKILL): a second app on
+the same folder is refused instead of failing the first one's running job.
 
 No gradio here: the app, the tests and scripts use the same registry.
 """
@@ -21,6 +23,7 @@ import ctypes.util
 import gc
 import json
 import logging
+import os
 import queue
 import re
 import shutil
@@ -34,9 +37,14 @@ from typing import Callable, Mapping
 
 import torch
 
+try:
+    import fcntl
+except ImportError:       # Windows: no flock; one app per runs folder is then up to the user
+    fcntl = None
+
 from .data.task import ForgetRequest, SplitConfig
 from .index import alpha_points, encode_alpha_grid
-from .io import atomic_dir, save_safetensors, write_json
+from .io import OutputError, atomic_dir, check_writable, save_safetensors, write_json
 from .pipeline import Evaluator, forget, save_run
 from .train.loop import Cancelled
 
@@ -51,6 +59,10 @@ Work = Callable[["Job", Progress, Path], dict]
 
 class JobError(ValueError):
     """A bad or unknown job id."""
+
+
+class RunsDirBusy(RuntimeError):
+    """Another process owns the runs folder."""
 
 
 class JobBusy(RuntimeError):
@@ -133,7 +145,9 @@ class JobRegistry:
 
     def __init__(self, runs_dir: str | Path, work: Work | Mapping[str, Work], save_every: float = 1.0):
         self.runs_dir = Path(runs_dir)
+        check_writable(self.runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = _lock_runs_dir(self.runs_dir)
         self.kinds: dict[str, Work] = dict(work) if isinstance(work, Mapping) else {"forget": work}
         self.save_every = save_every
         self._lock = threading.RLock()
@@ -141,7 +155,11 @@ class JobRegistry:
         self._cancel: dict[str, threading.Event] = {}
         self._last_save: dict[str, float] = {}
         self._queue: queue.Queue = queue.Queue()
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._worker = threading.Thread(target=self._loop, name="clipforget-jobs", daemon=True)
         self._worker.start()
 
@@ -169,7 +187,10 @@ class JobRegistry:
         path = self.job_dir(job_id) / "job.json"
         if not path.is_file():
             raise JobError(f"no job {job_id} in {self.runs_dir}")
-        job = Job.from_dict(json.loads(path.read_text()))
+        try:
+            job = Job.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise JobError(f"job {job_id}: {path} is unreadable ({e}); delete that folder") from e
         with self._lock:
             return self._jobs.setdefault(job_id, job)
 
@@ -224,6 +245,9 @@ class JobRegistry:
             self.cancel(running.id)
         self._queue.put(None)
         self._worker.join(timeout)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)       # releases the runs-folder lock
+            self._lock_fd = None
 
     # ---- the worker --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -269,7 +293,7 @@ class JobRegistry:
             status, error, summary = "cancelled", "", {}
             log.info("job %s cancelled", job.id)
         except Exception as e:  # noqa: BLE001 - a job failure is reported, never raised into the thread
-            status, error, summary = "failed", f"{type(e).__name__}: {e}", {}
+            status, error, summary = "failed", describe_failure(e), {}
             log.error("job %s failed:\n%s", job.id, traceback.format_exc())
         else:
             status, error = "done", ""
@@ -285,7 +309,10 @@ class JobRegistry:
 
     # ---- persistence -------------------------------------------------------------------------
     def _save(self, job: Job) -> None:
-        write_json(self.job_dir(job.id) / "job.json", job.to_dict())
+        try:
+            write_json(self.job_dir(job.id) / "job.json", job.to_dict())
+        except OutputError as e:   # e.g. a full disk: the job table in memory stays right; keep working
+            log.error("could not record job %s (%s): %s", job.id, job.status, e)
         self._last_save[job.id] = time.monotonic()
 
     def _recover(self) -> None:
@@ -298,6 +325,7 @@ class JobRegistry:
             except (ValueError, TypeError) as e:
                 log.warning("ignoring unreadable %s: %s", path, e)
                 continue
+            _remove_partials(path.parent, keep_run=True)      # e.g. an export zip cut short
             if job.active:
                 complete = (path.parent / "run" / "report.json").is_file() and \
                     (path.parent / "run" / "alpha_grid.safetensors").is_file()
@@ -313,11 +341,42 @@ class JobRegistry:
 
 
 def _remove_partials(job_dir: Path, keep_run: bool) -> None:
+    """Temporary folders (``atomic_dir``) and files (``atomic_file``) a dead process left behind."""
     for p in job_dir.glob(".*"):
         if p.is_dir() and (p.name.endswith(".partial") or ".old." in p.name):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
     if not keep_run and (job_dir / "run").exists() and not (job_dir / "run" / "alpha_grid.safetensors").is_file():
         shutil.rmtree(job_dir / "run", ignore_errors=True)
+
+
+def _lock_runs_dir(runs_dir: Path) -> int:
+    """Hold an exclusive lock on ``runs_dir/.lock`` for the registry's life (the kernel drops it
+    when the process ends, however it ends)."""
+    fd = os.open(runs_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunsDirBusy(f"{runs_dir} is in use by another clipforget app ({owner}); stop it, or "
+                          "give this one its own --runs-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    return fd
+
+
+def describe_failure(e: BaseException) -> str:
+    """The reason a job failed, as shown to the user, with advice where there is one."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        return (f"out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Close other "
+                "programs or jobs using it, use a smaller model or image size, lower the batch size "
+                "(config forget.batch_size / remind.batch_size), or run on a machine with more memory")
+    return f"{type(e).__name__}: {e}"
 
 
 # ---- the forget job ------------------------------------------------------------------------------
@@ -364,9 +423,10 @@ class ForgetWork:
         grid, info = encode_alpha_grid(
             res.bundle, res.images, run.result.delta, alphas,
             progress=lambda i, n: progress({"stage": "alpha-grid", "step": i, "total": n, "fraction": i / n}))
-        progress({"stage": "save", "step": 0, "total": 1, "fraction": 0.0})
+        progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
         with atomic_dir(job_dir / "run") as tmp:
             save_run(run, res.bundle, tmp)
+            progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
             save_safetensors({"embeddings": grid, "alphas": torch.tensor(alphas, dtype=torch.float64)},
                              tmp / "alpha_grid.safetensors",
                              {"gallery_hash": res.gallery.content_hash, "note": "alpha=0 is the original model"})

@@ -98,6 +98,10 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
     t_data = time.perf_counter() - t0
     evaluator = evaluator or Evaluator(bundle)
     unlearner = get_method(method)(config)
+    if evaluator.before(task)["target"] <= 0:     # memoised: the report reuses it; fail before training
+        raise ValueError(f"the model does not recognise {request.label} as {request.superclass!r} (zero-shot "
+                         "accuracy 0 on its test images before unlearning), so there is nothing to forget; "
+                         "check the model and its weights, or pick another subgroup")
     result = unlearner.run(bundle, task, callbacks, evaluator.texts)
     result.seconds["data"] = t_data
     report = evaluator.report(task, result)

@@ -78,15 +78,53 @@ def _work(request: ForgetRequest) -> dict:
     return _WORKER(request)
 
 
+def request_key(row_or_request) -> tuple:
+    r = row_or_request
+    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    return get("superclass"), get("subgroup"), get("style")
+
+
+def spread_order(n: int, stride: int = 4) -> list[int]:
+    """0, 4, 8, ..., 1, 5, ...: the runs done first spread over the whole hierarchy, so a sweep
+    stopped early is a fair sample of it."""
+    return [i for k in range(stride) for i in range(k, n, stride)]
+
+
+def previous_rows(out: str | Path, method: str) -> dict[tuple, dict]:
+    """Rows of an earlier (possibly partial) sweep of ``method`` in ``out``, by request."""
+    path = Path(out) / "sweep.json"
+    if not path.exists():
+        return {}
+    import json
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete it to start over, or choose another --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is not a sweep summary; delete it to start over, or choose another --out")
+    if old.get("method") != method:
+        raise ValueError(f"{path} holds a sweep of {old.get('method')!r}, not {method!r}: "
+                         "choose another --out, or drop --resume")
+    return {request_key(r): r for r in old.get("rows", [])}
+
+
 def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[ForgetRequest], method: str = "ours",
               config=None, out: str | Path | None = None,
               on_row: Callable[[dict], None] | None = None, workers: int = 1,
-              model_spec: ModelSpec | None = None, gallery_spec: str | None = None) -> dict:
+              model_spec: ModelSpec | None = None, gallery_spec: str | None = None,
+              resume: bool = False) -> dict:
     """One forget run per request. ``workers`` > 1 runs them in that many processes (each loads
     the model from ``model_spec`` and the gallery from ``gallery_spec`` and uses one CPU thread:
     on a small model, two one-thread processes finish more jobs than one two-thread process).
-    Rows come back in request order; partial results are written to ``out`` as they arrive."""
+    Runs go in :func:`spread_order`; rows come back in request order; partial results are written
+    to ``out`` as they arrive, and ``resume`` keeps the rows of an earlier sweep there (same
+    method; the config is the caller's to keep the same) and runs only the missing requests."""
     rows: list[dict | None] = [None] * len(requests)
+    if resume and out:
+        old = previous_rows(out, method)
+        rows = [old.get(request_key(r)) for r in requests]
+        log.info("resume: %d of %d requests already done", sum(r is not None for r in rows), len(rows))
+    todo = [i for i in spread_order(len(requests)) if rows[i] is None]
 
     def done(i: int, row: dict) -> None:
         rows[i] = row
@@ -97,14 +135,14 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
 
     if workers <= 1:
         runner = _Runner(bundle if bundle is not None else (model_spec or ModelSpec()).load(), gallery, method, config)
-        for i, req in enumerate(requests):
-            done(i, runner(req))
+        for i in todo:
+            done(i, runner(requests[i]))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(model_spec or ModelSpec(), gallery_spec, method, config, 1)) as pool:
-            futures = {pool.submit(_work, req): i for i, req in enumerate(requests)}
+            futures = {pool.submit(_work, requests[i]): i for i in todo}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())
     summary = summarise(rows, method)

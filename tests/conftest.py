@@ -116,22 +116,30 @@ class AppServer:
     core: object      # the AppCore behind it
 
 
+def launch_on_free_port(launch):
+    """``launch(port)`` on a free port of 127.0.0.1 -> (demo, port). Gradio gives its own first page
+    request 3 s; on a machine busy with other work that can time out although the server is up:
+    that server is closed (only it: other tests' apps keep running) and the launch tried again."""
+    from gradio.blocks import Blocks
+    for attempt in range(3):
+        port = free_port()
+        running = {id(b) for b in Blocks.get_instances() if b.is_running}
+        try:
+            return launch(port), port
+        except ValueError as e:
+            if "localhost is not accessible" not in str(e) or attempt == 2:
+                raise
+            for b in Blocks.get_instances():
+                if b.is_running and id(b) not in running:
+                    b.close()
+
+
 @pytest.fixture(scope="session")
 def app_server(app_core):
     """``app.py``'s app launched around ``app_core`` on 127.0.0.1 and a free port."""
     app = load_app_module()
-    for attempt in range(3):
-        port = free_port()
-        try:
-            demo = app.launch(app_core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-            break
-        except ValueError as e:
-            # gradio gives its own first page request 3 s; on a machine busy with other work that
-            # can time out although the server is up: close it and launch again
-            if "localhost is not accessible" not in str(e) or attempt == 2:
-                raise
-            import gradio as gr
-            gr.close_all()
+    demo, port = launch_on_free_port(
+        lambda port: app.launch(app_core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True))
     yield AppServer(f"http://127.0.0.1:{port}/", app_core)
     demo.close()
 
@@ -140,3 +148,21 @@ def app_server(app_core):
 def server(app_server, core):
     """The launched app, with no job running before or after the test."""
     return app_server
+
+
+# ---- the tiny world (tests/tinyworld.py): real jobs in seconds ------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_configs):
+    """A folder gallery of 15 icons in 4 superclasses (fish/shark alone: nothing to retain)."""
+    from clipforget.data.gallery import default_gallery_dir
+    from tinyworld import make_tiny_gallery
+    return make_tiny_gallery(default_gallery_dir(), tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_world, tmp_path_factory):
+    """A tiny-model checkpoint file that recognises dog/poodle."""
+    from tinyworld import recognising_checkpoint
+    return recognising_checkpoint(tiny_world, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors",
+                                  "dog", "poodle")

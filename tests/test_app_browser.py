@@ -86,7 +86,9 @@ def test_full_flow(server, browser):
     other.close()
     page.reload()
     page.wait_for_selector("#cards img", timeout=120_000)
-    wait_for(lambda: "Score" in page.locator("#score").inner_text(), 1200, "job results after reload", poll=1.0)
+    # all_inner_texts does not wait: #score is absent until the job is done (inner_text would wait and raise)
+    wait_for(lambda: "Score" in " ".join(page.locator("#score").all_inner_texts()), 1200, "job results after reload",
+             poll=1.0)
     wait_for(lambda: len(captions(page, "right-grid")) == 12, 30, "the unlearned grid")
     left, right = captions(page, "left-grid"), captions(page, "right-grid")
     assert any("FORGOTTEN" in c for c in left), left            # the subgroup is there originally...

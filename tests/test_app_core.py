@@ -271,9 +271,13 @@ def test_real_job_cancel_mid_stage_and_refusal(core, finished):
 
 
 @pytest.mark.slow
-def test_history_survives_a_restart(core, finished):
+def test_history_survives_a_restart(core, finished, tmp_path):
+    import shutil
     from clipforget.appcore import AppCore
-    again = AppCore(runs_dir=core.runs_dir, device="cpu")
+    # one app at a time owns a runs folder, and the shared ``core`` stays open for the other tests:
+    # the restarted app opens a copy of its runs folder, as a new process would find it on disk
+    runs = shutil.copytree(core.runs_dir, tmp_path / "runs", ignore=shutil.ignore_patterns(".lock"))
+    again = AppCore(runs_dir=runs, device="cpu")
     try:
         ids = [i for _, i in again.history()]
         assert finished.id in ids

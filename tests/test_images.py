@@ -45,3 +45,52 @@ def test_decompression_bomb_and_huge_images(tmp_path):
     Image.new("L", (3000, 3000)).save(tmp_path / "big.png")
     with pytest.raises(ImageError, match="downscale"):
         open_image(tmp_path / "big.png", max_pixels=1_000_000)
+
+
+def _png16_rgb(arr: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG (Pillow writes no 16-bit-per-channel colour PNGs itself)."""
+    import struct
+    import zlib
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_pngs_become_8_bit_rgb(tmp_path):
+    gray = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
+    Image.fromarray(gray, "I;16").save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    out = np.asarray(open_image(tmp_path / "g16.png"))
+    assert out.shape == (16, 16, 3) and out[..., 0].min() == 0 and out[..., 0].max() == 255
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 65535, 32768, 256
+    (tmp_path / "rgb48.png").write_bytes(_png16_rgb(rgb))
+    assert open_image(tmp_path / "rgb48.png").getpixel((0, 0)) == (255, 128, 1)
+
+
+@pytest.mark.parametrize("mode", ["La", "RGBa", "PA"])
+def test_premultiplied_and_keyed_transparency_on_white(tmp_path, mode):
+    from clipforget.data.images import to_rgb
+    clear = Image.new("RGBA", (4, 4), (200, 30, 60, 0))
+    img = clear.convert("LA").convert("La") if mode == "La" else clear.convert(mode)
+    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+    keyed = Image.new("L", (4, 4), 100)
+    keyed.info["transparency"] = 100             # a grayscale PNG with a tRNS key
+    assert to_rgb(keyed).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_oversized_files_and_folders_named_like_images(tmp_path, monkeypatch):
+    import clipforget.data.images as images
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 100)
+    with pytest.raises(ImageError, match=r"ok.png is 0 MiB; the limit is 0 MiB — downscale it first"):
+        open_image(tmp_path / "ok.png")
+    (tmp_path / "album.jpg").mkdir()
+    with pytest.raises(ImageError, match="album.jpg is a folder, not an image"):
+        open_image(tmp_path / "album.jpg")
+    with pytest.raises(ImageError, match="cannot read image .*missing.png: No such file"):
+        open_image(tmp_path / "missing.png")

@@ -140,8 +140,18 @@ def test_remind_stops_once_retain_is_back_and_forget_stays_forgotten(bundle, poo
     assert last["step"] == info["steps"] < RemindConfig().loop.steps         # stopped early ...
     assert last["retain_acc"] >= info["retain_goal"] and last["forget_acc"] <= info["forget_goal"]   # ... at its goals
     assert ctx.accuracy(poodle_task.retain) > before
+    n = len(poodle_task.retain)                  # the real retain images and aligned copies of (at most 128 of) them
+    assert info["train_images"] == n + min(n, AlignConfig().max_images)
     changed = {k.rsplit(".", 1)[0] for k in ctx.current_delta()}
     assert changed <= set(ctx.info["forget"]["layers"])          # scope: only the layers the forget stage edited
+
+
+def test_remind_without_originals_trains_on_the_aligned_images_only(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    ctx.info["forget"] = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=2, lr=1e-3)))
+    info = remind_stage(ctx, RemindConfig(align=AlignConfig(steps=2, keep_originals=False),
+                                          loop=LoopConfig(steps=2, lr=1e-4)))
+    assert info["aligned"] and info["train_images"] == min(len(poodle_task.retain), AlignConfig().max_images)
 
 
 def test_ema_with_decay_one_returns_the_original(bundle, poodle_task):

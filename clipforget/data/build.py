@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..io import write_bytes
 from .gallery import Gallery, write_masks
 from .hierarchy import Hierarchy, load_hierarchy
 
@@ -62,9 +63,8 @@ def fetch_icon_sets(hierarchy: Hierarchy, dest: Path) -> Path:
                                    "--icons DIR with the unpacked packages") from e
             with tarfile.open(Path(tmp) / out) as tar:
                 tar.extractall(tmp, filter="data")
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("icons.json", "info.json"):
-                shutil.copy(Path(tmp) / "package" / name, target / name)
+            for name in ("info.json", "icons.json"):      # icons.json last: it marks the set complete
+                write_bytes(target / name, (Path(tmp) / "package" / name).read_bytes())
     return dest
 
 

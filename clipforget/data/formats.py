@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io import write_bytes
 from .gallery import IMAGE_SUFFIXES, Gallery, Item
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -131,8 +132,9 @@ def cifar10_gallery(root: str | Path, hierarchy: str | Path, out: str | Path, sp
             rel = f"{name}/{fname}_{i:05d}.png"
             dest = out / rel
             if not dest.is_file():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img).save(dest)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, "PNG")
+                write_bytes(dest, buf.getvalue())
             classes[name].append(rel)
     return Gallery(out, _items_for({c: p for c, p in classes.items() if p}, sup, names), f"cifar10-{split}")
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..io import atomic_file
 from .hierarchy import load_hierarchy
 from .images import open_image
 
@@ -99,12 +100,19 @@ class Gallery:
     @classmethod
     def from_folder(cls, root: str | Path, styled: bool | None = None) -> "Gallery":
         """``root/superclass/subgroup/*.jpg`` or, with a style level, ``root/superclass/subgroup/style/*``.
-        A top-level folder named ``_other`` holds ``_other/concept/*`` for the other pool."""
+        A top-level folder named ``_other`` holds ``_other/concept/*`` for the other pool. Hidden
+        files and folders (``.DS_Store``, macOS ``._name.jpg`` resource forks, ``.ipynb_checkpoints``)
+        are skipped."""
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"gallery {root} is a file, not a folder; pass an image folder "
+                                     "(root/superclass/subgroup/*.jpg) or a manifest .csv")
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         items = []
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                continue
             parts = path.relative_to(root).parts[:-1]
             if parts and parts[0] == "_other":
                 if len(parts) >= 2:
@@ -262,5 +270,6 @@ def write_masks(root: str | Path, items: list[Item]) -> Path:
     shape = masks[0].shape
     bits = np.packbits(np.stack(masks).reshape(len(masks), -1), axis=1)
     out = root / MASKS_FILE
-    np.savez_compressed(out, paths=np.array(paths), shape=np.array(shape), bits=bits)
+    with atomic_file(out) as f:
+        np.savez_compressed(f, paths=np.array(paths), shape=np.array(shape), bits=bits)
     return out

@@ -24,6 +24,8 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         size = path.stat().st_size
     except OSError as e:
         raise ImageError(f"cannot read image {path}: {e.strerror}") from e
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image; rename or move it")
     if size > MAX_FILE_BYTES:
         raise ImageError(f"image {path} is {size / 2**20:.0f} MiB; the limit is "
                          f"{MAX_FILE_BYTES // 2**20} MiB — downscale it first")
@@ -56,9 +58,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         img = Image.fromarray(((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
+    if img.mode in ("P", "La", "RGBa"):       # palette, premultiplied alpha
+        img = img.convert("LA" if img.mode == "La" else "RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

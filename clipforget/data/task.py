@@ -58,7 +58,7 @@ class ForgetRequest:
 
 @dataclass
 class SplitConfig:
-    train_views: int = 6        # augmented views per retain image used for training
+    train_views: int = 12       # augmented views per retain image used for training
     forget_views: int = 32      # augmented views per forget image used for training (the forget set is small)
     calib_views: int = 2        # views per image in the calibration set D_m
     calib_target_views: int = 8  # views per forget image in D_m (the forget set has few images)

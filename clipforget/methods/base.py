@@ -30,7 +30,7 @@ from ..embed import encode_texts, to_input
 from ..eval.zeroshot import TextCache, predict
 from ..merge import StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
-from ..train.loop import Callback, emit
+from ..train.loop import Callback, NonFiniteLoss, emit
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class Context:
         self.generator = torch.Generator().manual_seed(seed)
         self.history: dict[str, list[dict]] = {}
         self.seconds: dict[str, float] = {}
+        self.current_stage = ""
         self.alpha = 1.0
         self.alpha_curve: list[dict] = []
         self.info: dict = {}
@@ -140,6 +141,7 @@ class Context:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         emit(self.callbacks, stage=name, step=0, total=0, fraction=0.0, message="start")
+        self.current_stage = name
         t0 = time.perf_counter()
         try:
             yield
@@ -156,8 +158,11 @@ class Context:
         return to_input(self.bundle, images, model or self.model)
 
     def sample(self, views: ViewSet, batch_size: int) -> torch.Tensor:
-        """Random indices of a minibatch (all of them when the set is smaller)."""
-        n = len(views)
+        """Random indices of a minibatch of ``views`` (all of them when the set is smaller)."""
+        return self.sample_indices(len(views), batch_size)
+
+    def sample_indices(self, n: int, batch_size: int) -> torch.Tensor:
+        """Random indices of a minibatch out of ``n`` rows (all of them when there are fewer)."""
         if n <= batch_size:
             return torch.arange(n)
         return torch.randperm(n, generator=self.generator)[:batch_size]
@@ -185,16 +190,20 @@ class Context:
         model = model or self.model
         was = model.visual.training
         model.visual.eval()
-        labels = self.task.superclass_labels(views)
-        preds = torch.cat([predict(self.image_features(self.inputs(views, slice(i, i + batch_size), model), model),
-                                   self.superclass_emb).cpu() for i in range(0, len(views), batch_size)])
+        feats = torch.cat([self.image_features(self.inputs(views, slice(i, i + batch_size), model), model)
+                           for i in range(0, len(views), batch_size)])
         model.visual.train(was)
-        return float((preds == labels).float().mean())
+        return self.superclass_accuracy(feats, self.task.superclass_labels(views))
 
     def superclass_accuracy(self, features: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> float:
         """Zero-shot superclass accuracy of normalised image ``features`` against ``labels``. With
         ``margin`` > 0 an image also counts as recognised while its label's logit is within
-        ``margin`` of the best other logit (a stricter test of "forgotten")."""
+        ``margin`` of the best other logit (a stricter test of "forgotten").
+        NaN/inf features raise :class:`NonFiniteLoss` naming the stage: they predict "not the target
+        class", so early stopping would otherwise accept a broken model as forgotten."""
+        if not bool(torch.isfinite(features).all()):
+            raise NonFiniteLoss(f"stage {self.current_stage!r}: the model's image features became NaN/inf; "
+                                "lower the learning rate of that stage or its number of steps")
         logits = (self.logit_scale * features.to(self.superclass_emb.device) @ self.superclass_emb.t()).cpu()
         labels = labels.cpu()
         own = logits.gather(1, labels[:, None])[:, 0]
@@ -236,6 +245,10 @@ class Unlearner:
         t0 = time.perf_counter()
         self.unlearn(ctx)
         d = {f"visual.{k}": v for k, v in ctx.current_delta().items()}
+        bad = [k for k, v in d.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:   # never hand NaN/inf weights to evaluation or saving
+            raise NonFiniteLoss(f"method {self.name!r} produced NaN/inf weights ({len(bad)} tensors, e.g. "
+                                f"{bad[0]}); lower its learning rate or step sizes")
         ctx.seconds["total"] = time.perf_counter() - t0
         return UnlearnResult(self.name, task.request.to_dict(), d, ctx.alpha, ctx.alpha_curve, ctx.history,
                              ctx.seconds, dataclasses.asdict(self.config), ctx.info)

@@ -44,6 +44,9 @@ class AlignConfig:
     lr: float = 0.01                 # in [0, 1] pixel units
     chunk: int = 256                 # images whose statistics are matched together
     content_weight: float = 1000.0   # + w·mean(1 − cos(g₀(x+δ), g₀(x))): keep what the original model sees [recon]
+    keep_originals: bool = True      # fine-tune on the retain images *and* their aligned copies; progress is
+                                     # checked on the real images [recon]
+    max_images: int | None = 128     # align at most this many retain images (a seeded random subset) [recon]
     vit_fallback: str = "layernorm"  # towers without BatchNorm: layernorm | skip
 
     def __post_init__(self):
@@ -53,6 +56,8 @@ class AlignConfig:
             raise ValueError("align steps must be >= 0 and chunk >= 2")
         if self.content_weight < 0:
             raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images must be >= 1 or None, got {self.max_images}")
 
 
 @dataclass
@@ -61,7 +66,7 @@ class RemindConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     kd_weight: float = 1.0           # λ; 0 disables distillation
     kd_tau: float = 2.0              # τ
-    feature_kd_weight: float = 0.0   # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
+    feature_kd_weight: float = 50.0  # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
     forget_weight: float = 5.0       # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
     forget_loss: str = "probability"  # that objective: similarity | probability (see stages/forget.py)
     scope: str = "forget_layers"     # what is fine-tuned [recon]: all (the image tower) | late (the layers the forget
@@ -206,7 +211,17 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     if NormStats(ctx.original.visual).kind == "layernorm":
         col = task.calib.get("other_superclasses") or next(iter(task.calib.values()))
         reference = col.views.images.float() / 255.0
-    aligned, info = align_images(ctx, images01, cfg.align, reference)
+    n = len(images01)
+    cap = cfg.align.max_images
+    chosen = torch.arange(n) if cap is None or n <= cap else ctx.sample_indices(n, cap).sort().values
+    aligned, info = align_images(ctx, images01[chosen], cfg.align, reference)
+    # training rows and the retain image each comes from: the real images and/or the aligned copies
+    if not info.get("aligned"):
+        train01, source = images01, torch.arange(n)
+    elif cfg.align.keep_originals:
+        train01, source = torch.cat([images01, aligned]), torch.cat([torch.arange(n), chosen])
+    else:
+        train01, source = aligned, chosen
     device = ctx.bundle.device
     dtype = next(ctx.model.visual.parameters()).dtype
     # CLIP loss of each retain image against its own text, contrasted with every superclass prompt
@@ -218,8 +233,9 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     pos_all = torch.zeros(len(task.retain), len(texts), device=device)
     pos_all[torch.arange(len(task.retain)), cap_ids] = 1
     pos_all[torch.arange(len(task.retain)), sc_ids] = 1
+    pos_all = pos_all[source.to(device)]
     with torch.no_grad():
-        x_all = ctx.bundle.normalize(aligned.to(device)).to(dtype)
+        x_all = ctx.bundle.normalize(train01.to(device)).to(dtype)
         teacher_feats = torch.cat([ctx.image_features(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
         teacher = ctx.logit_scale * teacher_feats @ ctx.superclass_emb.t()
     visual = ctx.model.visual
@@ -242,7 +258,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     trained = [k for k, v in visual.named_parameters() if any(v is p for p in params)]
 
     def loss_fn(step):
-        idx = ctx.sample(task.retain, cfg.batch_size).to(device)
+        idx = ctx.sample_indices(len(x_all), cfg.batch_size).to(device)
         img = enc(retain_x[idx])
         logits = ctx.logit_scale * img @ texts.t()
         pos = pos_all[idx]
@@ -265,9 +281,12 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
                 if v.is_floating_point():
                     v.mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
 
-    retain_labels = task.superclass_labels(task.retain)
+    # progress is checked on the real retain images when they are trained on, else on the aligned ones
+    n_check = n if len(source) >= n and torch.equal(source[:n], torch.arange(n)) else len(source)
+    check_x = retain_x[:n_check]
+    retain_labels = task.superclass_labels(task.retain)[source[:n_check]]
     forget_labels = task.superclass_labels(task.forget)
-    retain_goal = float((teacher.argmax(-1).cpu() == retain_labels).float().mean()) - (cfg.retain_tolerance or 0)
+    retain_goal = float((teacher[:n_check].argmax(-1).cpu() == retain_labels).float().mean()) - (cfg.retain_tolerance or 0)
     forget_goal = ctx.info.get("forget", {}).get("target_accuracy", ctx.chance)
     margin = ctx.info.get("forget", {}).get("margin", 0.0)       # forgotten as the forget stage defined it
     checks: list[dict] = []
@@ -276,7 +295,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     def should_stop(step):
         if cfg.retain_tolerance is None or step == 0:
             return False
-        r = ctx.superclass_accuracy(enc.encode(retain_x), retain_labels)
+        r = ctx.superclass_accuracy(enc.encode(check_x), retain_labels)
         f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
         checks.append({"step": step, "retain_acc": r, "forget_acc": f})
         if f <= forget_goal and r >= best.get("retain_acc", -1.0):
@@ -302,5 +321,5 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
         final = {k: ema[k].to(v.dtype) if v.is_floating_point() else v for k, v in live.items()}
         visual.load_state_dict(final)
     ctx.log_history("remind", history)
-    info.update(steps=len(history), ema=cfg.ema, checks=checks, retain_goal=retain_goal, forget_goal=forget_goal)
+    info.update(steps=len(history), ema=cfg.ema, train_images=len(x_all), checks=checks, retain_goal=retain_goal, forget_goal=forget_goal)
     return info

@@ -89,6 +89,11 @@ def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torc
         if cfg.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()
+        # a finite loss can still leave non-finite weights (an absurd learning rate); early stopping
+        # on accuracy would then accept them, so check the weights themselves
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):   # one device sync
+            raise NonFiniteLoss(f"stage {stage!r}: the weights became NaN/inf at step {step + 1} (loss was "
+                                f"{value:.4g}); lower the learning rate (now {cfg.lr}) or the number of steps")
         if after_step is not None:
             after_step(step)
         rec = {"step": step + 1, "loss": value, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,263 @@
+"""Nothing lost: real forget jobs on the tiny world (tests/tinyworld.py) cancelled in every stage,
+failed by NaN, out-of-memory and a full disk, killed with SIGKILL mid-stage in a separate process;
+afterwards only ``job.json`` remains, the registry keeps working, the original weights are
+untouched and the history survives a restart."""
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipforget.jobs import Job, JobError, JobRegistry, RunsDirBusy
+from clipforget.io import write_json
+from tinyworld import TINY_CONFIG, TINY_MODEL, TINY_SPLIT, file_hash, state_hash, tree
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# the stages a job reports, in order (the remind stage aligns its images first, then fine-tunes)
+STAGES = ["prepare", "forget", "remind", "align", "restore", "evaluate", "alpha-grid", "save"]
+
+
+@pytest.fixture(scope="module")
+def core(tiny_world, tiny_ckpt, tmp_path_factory):
+    from clipforget.appcore import AppCore
+    c = AppCore(TINY_MODEL, str(tiny_ckpt), str(tiny_world), tmp_path_factory.mktemp("runs"), "cpu",
+                alpha_points=2, job_config=TINY_CONFIG, job_split=TINY_SPLIT)
+    c.resources(timeout=300)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def on_event(core):
+    """Install ``fn(job, event)``, called after the registry has taken each progress event."""
+    work = core.jobs.work
+
+    def install(fn):
+        def observed(job, progress, job_dir):
+            def hook(event):
+                progress(event)           # raises Cancelled once the job is cancelled
+                fn(job, event)
+            return work(job, hook, job_dir)
+        core.jobs.work = observed
+    yield install
+    core.jobs.work = work
+
+
+def finish(core, job, timeout=300) -> Job:
+    done = core.jobs.wait(job.id, timeout=timeout)
+    on_disk = json.loads((core.jobs.job_dir(job.id) / "job.json").read_text())
+    assert on_disk["status"] == done.status and on_disk["error"] == done.error
+    return done
+
+
+def no_leftovers(runs: Path):
+    return [p for p in tree(runs) if p.endswith((".partial", ".tmp")) or ".old." in p]
+
+
+# ---- a job that succeeds: weights untouched --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def done_job(core, tiny_ckpt):
+    bundle = core.resources().bundle
+    before = state_hash(bundle.model), file_hash(tiny_ckpt)
+    job = finish(core, core.start_job("dog", "poodle"))
+    assert job.status == "done", job.error
+    return job, before, (state_hash(bundle.model), file_hash(tiny_ckpt))
+
+
+def test_a_job_never_modifies_the_original_weights(done_job, core):
+    job, before, after = done_job
+    assert after == before           # state dict (weights + BatchNorm buffers) and checkpoint file
+    assert list(dict.fromkeys(job.stages)) == STAGES
+    run = core.jobs.run_dir(job.id)
+    assert {"report.json", "delta.safetensors", "alpha_grid.safetensors", "export"} <= {p.name for p in run.iterdir()}
+    assert no_leftovers(core.runs_dir) == []
+
+
+# ---- cancel, in every stage ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_cancel_in_every_stage_leaves_only_job_json(core, on_event, stage, done_job):
+    on_event(lambda job, e: core.jobs.cancel(job.id) if e["stage"] == stage else None)
+    job = finish(core, core.start_job("dog", "poodle"))
+    assert job.status == "cancelled" and job.stage == stage and job.stages[-1] == stage, (job.status, job.stages)
+    assert list(dict.fromkeys(job.stages)) == STAGES[:STAGES.index(stage) + 1]     # it went no further
+    assert tree(core.jobs.job_dir(job.id)) == ["job.json"]            # no run/, no partial folder
+    assert no_leftovers(core.runs_dir) == []
+    assert "cancelled (nothing saved)" in core.job_status(job.id)["text"]
+
+
+# ---- failures: the reason, no artifact, the registry goes on ---------------------------------------
+
+def test_nan_loss_fails_the_job_with_the_reason(core, done_job):
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["forget"]["loop"] = {"steps": 2, "lr": 1e30}
+    job = finish(core, core.start_job("dog", "poodle", config=cfg))
+    assert job.status == "failed" and job.stage == "forget"
+    assert job.error.startswith("NonFiniteLoss: stage 'forget': the ") and "NaN/inf" in job.error
+    assert "lower the learning rate" in job.error and job.error in core.job_status(job.id)["text"]
+    assert tree(core.jobs.job_dir(job.id)) == ["job.json"]
+
+
+@pytest.mark.parametrize("exc, where", [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "GPU"),
+                                        (MemoryError(), "CPU")])
+def test_out_of_memory_fails_the_job_with_advice(core, monkeypatch, exc, where, done_job):
+    def oom(*args, **kwargs):
+        raise exc
+    monkeypatch.setattr("clipforget.train.loop.make_optimizer", oom)     # inside the forget stage's loop
+    job = finish(core, core.start_job("dog", "poodle"))
+    assert job.status == "failed" and job.stage == "forget"
+    assert job.error.startswith(f"out of {where} memory") and "lower the batch size" in job.error
+    assert tree(core.jobs.job_dir(job.id)) == ["job.json"]
+    assert core.jobs.running() is None
+
+
+def test_disk_full_while_saving_a_job(core, monkeypatch, done_job):
+    real = os.fsync
+
+    def fsync(fd):      # the disk is full for the result, not for job.json
+        if ".partial" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    job = finish(core, core.start_job("dog", "poodle"))
+    assert job.status == "failed" and job.stage == "save"
+    assert "disk full while writing" in job.error and "free some space" in job.error
+    assert tree(core.jobs.job_dir(job.id)) == ["job.json"] and no_leftovers(core.runs_dir) == []
+
+
+def test_the_registry_survives_when_job_json_cannot_be_written(tmp_path, monkeypatch, caplog):
+    gate = threading.Event()
+
+    def work(job, progress, job_dir):
+        gate.wait(10)
+        return {"ok": 1}
+    reg = JobRegistry(tmp_path, work)
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    job = reg.submit({}, "no space for records")
+    gate.set()
+    assert reg.wait(job.id, timeout=10).status == "done"       # the job table in memory is right
+    assert "could not record job" in caplog.text and "disk full" in caplog.text
+    monkeypatch.setattr(os, "fsync", real)                      # space freed: the worker is still there
+    second = reg.submit({}, "after")
+    assert reg.wait(second.id, timeout=10).status == "done"
+    assert json.loads((reg.job_dir(second.id) / "job.json").read_text())["status"] == "done"
+    assert no_leftovers(tmp_path) == []
+    reg.close()
+
+
+def test_a_second_job_is_refused_naming_the_running_one(core, on_event, done_job):
+    from clipforget.jobs import JobBusy
+    gate, inside = threading.Event(), threading.Event()
+
+    def hold(job, e):
+        if e["stage"] == "forget":
+            inside.set()
+            gate.wait(30)
+    on_event(hold)
+    first = core.start_job("dog", "poodle")
+    assert inside.wait(120)
+    with pytest.raises(JobBusy, match=f"job {first.id} \\(poodle \\(dog\\) · ours\\) is still running \\(forget\\); "
+                                      "wait for it to finish or cancel it first"):
+        core.start_job("dog", "guide-dog")
+    core.cancel(first.id)
+    gate.set()
+    assert finish(core, first).status == "cancelled"
+
+
+# ---- SIGKILL mid-stage, restart ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage, step", [("forget", 1), ("save", 1)])
+def test_sigkill_mid_stage_leaves_no_partial_artifact_and_shows_failed(core, done_job, tiny_world, tiny_ckpt,
+                                                                       tmp_path, stage, step):
+    """A job runs in its own process and is killed with SIGKILL mid-stage (in "save", with half its
+    result written). The runs folder also holds a finished job from an earlier session."""
+    runs, marker = tmp_path / "runs", tmp_path / "paused"
+    earlier = done_job[0].id
+    shutil.copytree(core.jobs.job_dir(earlier), runs / earlier)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(HERE / "job_process.py"), str(runs), str(tiny_world), str(tiny_ckpt), stage,
+            str(step), str(marker)]
+    log = open(tmp_path / "process.log", "wb")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "process.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 600
+            time.sleep(0.05)
+        job_id = marker.read_text()
+        record = json.loads((runs / job_id / "job.json").read_text())
+        assert record["status"] == "running" and record["stage"] == stage
+        partial = [p for p in (runs / job_id).iterdir() if p.name.endswith(".partial")]
+        if stage == "save":     # the result is half written: save_run's files, no α-grid yet
+            assert len(partial) == 1 and (partial[0] / "report.json").is_file()
+            assert not (partial[0] / "alpha_grid.safetensors").exists()
+        with pytest.raises(RunsDirBusy, match=f"in use by another clipforget app \\(pid {proc.pid}\\)"):
+            JobRegistry(runs, lambda *a: {})                   # a second app on the same folder
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        log.close()
+    reg = JobRegistry(runs, lambda *a: {})                      # the restart: the lock died with the process
+    try:
+        job = reg.get(job_id)
+        assert job.status == "failed" and job.stage == stage and "interrupted" in job.error
+        assert tree(runs / job_id) == ["job.json"]
+        assert json.loads((runs / job_id / "job.json").read_text())["status"] == "failed"
+        assert reg.running() is None
+        assert [j.id for j in reg.jobs()] == [job_id, earlier]          # the history, newest first
+        done = reg.get(earlier)           # the earlier job is still done, with its result
+        assert done.status == "done" and done.summary == done_job[0].summary
+        assert tree(reg.run_dir(earlier)) == tree(core.jobs.run_dir(earlier))
+        assert no_leftovers(runs) == []
+    finally:
+        reg.close()
+
+
+def test_restart_sweeps_temporary_files_and_unreadable_records(tmp_path):
+    done = Job("d" * 32, "done before", {}, status="done", started=1.0, finished=2.0)
+    write_json(tmp_path / done.id / "job.json", done.to_dict())
+    (tmp_path / done.id / "run").mkdir()
+    (tmp_path / done.id / "run" / "report.json").write_text("{}")
+    (tmp_path / done.id / ".unlearned-model.zip.x1.tmp").write_bytes(b"PK half")   # killed while zipping
+    dead = Job("e" * 32, "killed", {}, status="running", stage="save", started=1.0)
+    write_json(tmp_path / dead.id / "job.json", dead.to_dict())
+    (tmp_path / dead.id / ".job.json.x2.tmp").write_text('{"status": "runn')     # killed while recording
+    (tmp_path / ("f" * 32)).mkdir()
+    (tmp_path / ("f" * 32) / "job.json").write_text('{"status": ')               # damaged by hand
+    reg = JobRegistry(tmp_path, lambda *a: {})
+    try:
+        assert tree(tmp_path / done.id) == ["job.json", "run", "run/report.json"]
+        assert tree(tmp_path / dead.id) == ["job.json"] and reg.get(dead.id).status == "failed"
+        assert {j.id for j in reg.jobs()} == {done.id, dead.id}
+        with pytest.raises(JobError, match="is unreadable"):
+            reg.get("f" * 32)
+    finally:
+        reg.close()
+
+
+def test_one_app_per_runs_folder(tmp_path):
+    reg = JobRegistry(tmp_path, lambda *a: {})
+    with pytest.raises(RunsDirBusy, match=f"in use by another clipforget app \\(pid {os.getpid()}\\); stop it, "
+                                          "or give this one its own --runs-dir"):
+        JobRegistry(tmp_path, lambda *a: {})
+    reg.close()
+    JobRegistry(tmp_path, lambda *a: {}).close()       # free once the first is closed

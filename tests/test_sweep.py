@@ -1,0 +1,78 @@
+"""The sweep's bookkeeping: spread order, partial results, resume. The forget runs themselves are
+replaced by a stand-in here (test_method covers them)."""
+import json
+
+import pytest
+
+from clipforget import sweep
+from clipforget.data.task import ForgetRequest
+
+REQUESTS = [ForgetRequest("dog", f"dog-{i}") for i in range(6)]
+
+
+class Stop(Exception):
+    pass
+
+
+def stand_in(calls, stop_after=None):
+    def run(self, request):
+        if stop_after is not None and len(calls) == stop_after:
+            raise Stop("killed")
+        calls.append(request.subgroup)
+        return {"superclass": request.superclass, "subgroup": request.subgroup, "style": request.style,
+                "score": 90.0 + len(calls), "alpha": 1.0, "chance": 0.04, "target_after": 0.0,
+                "columns": {}, "seconds": 1.0, "stage_seconds": {"forget": 1.0}}
+    return run
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    monkeypatch.setattr(sweep._Runner, "__init__", lambda self, *args: None)
+
+
+def test_spread_order_visits_every_request_once_spread_first():
+    order = sweep.spread_order(10, stride=4)
+    assert sorted(order) == list(range(10)) and order[:3] == [0, 4, 8]
+
+
+def test_a_stopped_sweep_resumes_with_the_missing_requests_only(tmp_path, monkeypatch, no_model):
+    calls = []
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in(calls, stop_after=3))
+    with pytest.raises(Stop):
+        sweep.run_sweep(object(), None, REQUESTS, out=tmp_path)
+    partial = json.loads((tmp_path / "sweep.json").read_text())
+    assert partial["runs"] == 3 and calls == ["dog-0", "dog-4", "dog-1"]
+
+    again = []
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in(again))
+    summary = sweep.run_sweep(object(), None, REQUESTS, out=tmp_path, resume=True)
+    assert sorted(again) == ["dog-2", "dog-3", "dog-5"]
+    assert [r["subgroup"] for r in summary["rows"]] == [r.subgroup for r in REQUESTS]   # request order
+    assert summary["runs"] == 6 and (tmp_path / "sweep.md").exists()
+
+
+def test_resume_refuses_another_methods_sweep(tmp_path, monkeypatch, no_model):
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in([]))
+    sweep.run_sweep(object(), None, REQUESTS[:2], method="ga", out=tmp_path)
+    with pytest.raises(ValueError, match="not 'ours'"):
+        sweep.run_sweep(object(), None, REQUESTS[:2], method="ours", out=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("args, sweep_json, message", [
+    ([], None, "--resume needs --out (the folder of the sweep to continue)"),
+    (["--out", "{out}"], {"method": "ga", "rows": []}, "holds a sweep of 'ga', not 'ours'"),
+    (["--out", "{out}"], '{"method": "ours", "ro', "is unreadable"),
+    (["--out", "{out}"], "[1, 2]", "is not a sweep summary"),
+])
+def test_resume_checks_come_before_the_model_loads(args, sweep_json, message, tmp_path, monkeypatch, capsys):
+    from clipforget.cli import main as cli_main
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr("clipforget.models.load_clip", refuse)
+    if sweep_json is not None:
+        text = sweep_json if isinstance(sweep_json, str) else json.dumps(sweep_json)
+        (tmp_path / "sweep.json").write_text(text)
+    code = cli_main(["sweep", "--resume", *[a.format(out=tmp_path) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("clipforget sweep: error: "), err
