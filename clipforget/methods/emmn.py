@@ -24,8 +24,8 @@ class EMMNConfig:
     noise_l2: float = 0.1             # λ: penalty on the noise's RMS
     noise_loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, lr=0.1, grad_clip=None))
     batch_size: int = 32              # retain images per impair / repair step
-    impair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=10, lr=2e-4, grad_clip=1.0))
-    repair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=10, lr=1e-4, grad_clip=1.0))
+    impair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=10, lr=2e-5, grad_clip=1.0))
+    repair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=10, lr=1e-5, grad_clip=1.0))
     seed: int = 0
 
     def __post_init__(self):

@@ -15,7 +15,7 @@ from .common import RetainLoss, trainable
 @dataclass
 class FTConfig:
     batch_size: int = 64              # retain images per step
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=40, lr=1e-4, grad_clip=1.0))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=40, lr=1e-5, grad_clip=1.0))
     seed: int = 0
 
     def __post_init__(self):

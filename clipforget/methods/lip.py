@@ -22,7 +22,7 @@ class LIPConfig:
     copies: int = 10                  # N noisy copies per forget image
     sigma: float = 1.0                # std of ε in normalised input units
     batch_size: int = 8               # forget images per step (x copies forward passes)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=30, lr=1e-4, grad_clip=1.0))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=30, lr=1e-2, grad_clip=1.0, optimizer="sgd"))
     seed: int = 0
 
     def __post_init__(self):

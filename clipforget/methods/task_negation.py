@@ -29,7 +29,7 @@ class TaskNegationConfig:
     lam: float | None = None          # negation strength λ; None: pick from lam_grid on D_m
     lam_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 5.0)   # candidates when lam is None
     batch_size: int = 64              # forget images per fine-tuning step
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, lr=1e-4, grad_clip=1.0))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, lr=1e-5, grad_clip=1.0))
     seed: int = 0
 
     def __post_init__(self):
