@@ -42,7 +42,7 @@ def core(tiny_world, tiny_ckpt, tmp_path_factory):
 @pytest.fixture
 def on_event(core):
     """Install ``fn(job, event)``, called after the registry has taken each progress event."""
-    work = core.jobs.work
+    work = core.jobs.kinds["forget"]
 
     def install(fn):
         def observed(job, progress, job_dir):
@@ -50,9 +50,9 @@ def on_event(core):
                 progress(event)           # raises Cancelled once the job is cancelled
                 fn(job, event)
             return work(job, hook, job_dir)
-        core.jobs.work = observed
+        core.jobs.kinds["forget"] = observed
     yield install
-    core.jobs.work = work
+    core.jobs.kinds["forget"] = work
 
 
 def finish(core, job, timeout=300) -> Job:
