@@ -26,7 +26,7 @@ def main(runs: str, gallery: str, ckpt: str, stage: str, step: str, marker: str)
     core = AppCore(TINY_MODEL, ckpt, gallery, runs, "cpu", alpha_points=2, job_config=TINY_CONFIG,
                    job_split=TINY_SPLIT)
     core.resources(timeout=600)
-    work = core.jobs.work
+    work = core.jobs.kinds["forget"]
 
     def stopping_work(job, progress, job_dir):
         def hook(event):
@@ -36,7 +36,7 @@ def main(runs: str, gallery: str, ckpt: str, stage: str, step: str, marker: str)
                 time.sleep(600)          # mid-stage, until the test kills this process
         return work(job, hook, job_dir)
 
-    core.jobs.work = stopping_work
+    core.jobs.kinds["forget"] = stopping_work
     core.jobs.wait(core.start_job("dog", "poodle").id, timeout=600)
     raise SystemExit(f"the job never reached {stage} step {step}")
 
