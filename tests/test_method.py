@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipforget.cli import main as cli_main
-from clipforget.data.task import ForgetRequest, build_task
+from clipforget.data.task import ForgetRequest, SplitConfig, build_task
 from clipforget.eval.score import score
 from clipforget.merge import apply_delta, interpolate
 from clipforget.methods.base import Context, config_from_dict, get_method, list_methods
@@ -281,8 +281,10 @@ def test_same_seed_same_report(bundle, gallery, view_cache):
            "remind": {"align": {"steps": 3}, "loop": {"steps": 5, "check_every": 5}},
            "restore": {"grid_points": 3}}
     ev = Evaluator(bundle)
-    a, b = (forget(bundle, ForgetRequest("fish", "shark"), "ours", cfg, gallery, cache=view_cache, evaluator=ev)
-            for _ in range(2))
+    split = SplitConfig(train_views=3, forget_views=4, calib_views=1, test_views=2, calib_other_images=40,
+                        calib_concept_images=40, max_other_images=120)
+    a, b = (forget(bundle, ForgetRequest("fish", "shark"), "ours", cfg, gallery, split=split, cache=view_cache,
+                   evaluator=ev) for _ in range(2))
     assert a.result.delta.keys() == b.result.delta.keys() and a.result.delta
     assert all(torch.equal(a.result.delta[k], b.result.delta[k]) for k in a.result.delta)
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}   # noqa: E731 - wall time differs
