@@ -3,7 +3,6 @@ runs every registered method on a tiny model and task and checks the shared inte
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from clipforget.data.gallery import Gallery
 from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_task
 from clipforget.methods.base import Context, get_method, list_methods
 from clipforget.train.loop import LoopConfig
+from tinyworld import state_hash
 
 TINY_SPLIT = SplitConfig(train_views=2, forget_views=2, calib_views=1, calib_target_views=1, test_views=1,
                          calib_other_images=12, calib_concept_images=12, max_other_images=16)
@@ -51,14 +51,6 @@ def tiny_gallery(gallery):
 def tiny_task(tiny, tiny_gallery):
     return build_task(tiny_gallery, ForgetRequest("dog", "poodle"), tiny.image_size, TINY_SPLIT,
                       ViewCache(tiny_gallery, source_size=32))
-
-
-def state_hash(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def with_weights(bundle, result, alpha=1.0):
