@@ -20,7 +20,6 @@ from typing import Callable
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .embed import encode_images, to_input
 from .models import ClipBundle

@@ -3,7 +3,6 @@ of a second job, restart recovery, no half-written artifact) and the handlers of
 from __future__ import annotations
 
 import json
-import threading
 import time
 import zipfile
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.task import Task, ViewSet
 from ..embed import encode_texts, to_input
-from ..eval.zeroshot import TextCache, predict
+from ..eval.zeroshot import TextCache
 from ..merge import StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
 from ..train.loop import Callback, NonFiniteLoss, emit
