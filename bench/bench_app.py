@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, machine_load, peak_rss_mb, start_app, stop, wait_for
+from common import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, machine_load, peak_rss_mb, print_figures, start_app,
+                    stop, wait_for)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             stop(proc)
             browser.close()
     figures["machine_after"] = machine_load()
-    for k, v in figures.items():
-        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
-    print(json.dumps(figures))
-    return figures
+    return print_figures(figures)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,10 @@ Prints one line per figure and a JSON line at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
-import common  # noqa: F401 - puts this checkout first on sys.path
+import common  # puts this checkout first on sys.path; print_figures
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,10 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures["faiss_search_ms_p50"] = statistics.median(search_ms)
     figures["search_ms_p50"] = statistics.median(a + b for a, b in zip(text_ms, search_ms))
     figures["machine_after"] = common.machine_load()
-    for k, v in figures.items():
-        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
-    print(json.dumps(figures))
-    return figures
+    return common.print_figures(figures, digits=3)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ point. The tests run :func:`run` at tiny scale on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401 - puts this checkout first on sys.path
+import common  # puts this checkout first on sys.path; print_figures
 
 FAST_SPLIT = {"train_views": 1, "calib_views": 1, "calib_target_views": 1, "test_views": 1}
 
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "run on a GPU machine, or pass --device cpu for a (slow) CPU run"}
     else:
         figures = run(args.arch, args.forget_images, args.device, alpha_points=args.alpha_points)
-    for k, v in figures.items():
-        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
-    print(json.dumps(figures))
-    return figures
+    return common.print_figures(figures)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers shared by the bench scripts: free ports, the app as a subprocess, peak memory."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -71,3 +72,11 @@ def machine_load() -> str:
     """The 1/5/15-minute load averages and the CPU count: other work skews every timing."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def print_figures(figures: dict, digits: int = 2) -> dict:
+    """One line per figure (floats to ``digits`` places), then all of them as one JSON line."""
+    for k, v in figures.items():
+        print(f"{k}: {v:.{digits}f}" if isinstance(v, float) else f"{k}: {v}")
+    print(json.dumps(figures))
+    return figures
