@@ -215,13 +215,16 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     cap = cfg.align.max_images
     chosen = torch.arange(n) if cap is None or n <= cap else ctx.sample_indices(n, cap).sort().values
     aligned, info = align_images(ctx, images01[chosen], cfg.align, reference)
-    # training rows and the retain image each comes from: the real images and/or the aligned copies
+    # training rows and the retain image each comes from: the real images and/or the aligned copies;
+    # progress is checked on the first n_check rows (the real images when they are trained on)
+    n_check = n
     if not info.get("aligned"):
         train01, source = images01, torch.arange(n)
     elif cfg.align.keep_originals:
         train01, source = torch.cat([images01, aligned]), torch.cat([torch.arange(n), chosen])
     else:
         train01, source = aligned, chosen
+        n_check = len(chosen)
     device = ctx.bundle.device
     dtype = next(ctx.model.visual.parameters()).dtype
     # CLIP loss of each retain image against its own text, contrasted with every superclass prompt
@@ -281,8 +284,6 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
                 if v.is_floating_point():
                     v.mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
 
-    # progress is checked on the real retain images when they are trained on, else on the aligned ones
-    n_check = n if len(source) >= n and torch.equal(source[:n], torch.arange(n)) else len(source)
     check_x = retain_x[:n_check]
     retain_labels = task.superclass_labels(task.retain)[source[:n_check]]
     forget_labels = task.superclass_labels(task.forget)
