@@ -16,8 +16,16 @@ for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_H
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import importlib  # noqa: E402
 import logging  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+
+# The model stack (torch, open_clip, faiss) imports in a thread while gradio imports here: the two
+# overlap on a 2-core machine, and the page comes up seconds sooner (bench/bench_app.py measures it).
+# A failed import there is raised again, with its traceback, by the import below.
+threading.Thread(target=lambda: importlib.import_module("clipforget.appcore"), name="clipforget-imports",
+                 daemon=True).start()
 
 import gradio as gr  # noqa: E402
 
@@ -408,11 +416,13 @@ def main(argv: list[str] | None = None) -> None:
         log.warning(warning)
     try:
         core = AppCore(args.model, args.pretrained, args.gallery, args.runs_dir, args.device, args.alpha_points,
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, load=False)
     except (OSError, ValueError, RunsDirBusy) as e:     # a bad --gallery / --runs-dir: say so, no traceback
         raise SystemExit(f"clipforget app: error: {e}") from None
     try:
-        launch(core, args.host, args.port)
+        demo = launch(core, args.host, args.port, prevent_thread_lock=True)
+        core.start_loading()        # after the page is served: it shows "Loading model…" meanwhile
+        demo.block_thread()
     finally:
         core.close()
 

@@ -75,7 +75,7 @@ class AppCore:
     def __init__(self, model: str = "embedded", pretrained: str | None = None, gallery: str | None = None,
                  runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = 11,
                  job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512,
-                 certify_config: dict | None = None, allow_pickle: bool = False):
+                 certify_config: dict | None = None, allow_pickle: bool = False, load: bool = True):
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.allow_pickle = allow_pickle      # full unpickling of a .pt checkpoint: only for files you trust
         self.gallery = Gallery.open(gallery)
@@ -99,7 +99,14 @@ class AppCore:
         self.jobs = JobRegistry(self.runs_dir, {"forget": ForgetWork(self.resources, alpha_points),
                                                 "certify": CertifyWork(self.resources, certify_config)})
         self._loader = threading.Thread(target=self._load, name="clipforget-load", daemon=True)
-        self._loader.start()
+        if load:
+            self.start_loading()
+
+    def start_loading(self) -> None:
+        """Load the model and gallery in the background (once). ``AppCore(load=False)`` leaves this
+        to the caller: the app first serves its page, whose widgets need only the gallery."""
+        if self._loader.ident is None:        # not started yet
+            self._loader.start()
 
     # ---- loading -----------------------------------------------------------------------------
     def _load(self) -> None:

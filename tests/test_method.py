@@ -75,6 +75,11 @@ def test_configs_name_the_bad_field():
         config_from_dict(OursConfig, {"forgett": {}})
     cfg = config_from_dict(OursConfig, {"forget": {"top_k_layers": 2, "loop": {"steps": 3}}, "remind": {"enabled": False}})
     assert cfg.forget.top_k_layers == 2 and cfg.forget.loop.steps == 3 and not cfg.remind.enabled
+    # a nested override keeps the stage's own values of the fields it leaves out (not the class defaults)
+    stage_loop, plain_loop = ForgetConfig().loop, LoopConfig()
+    assert (stage_loop.steps, stage_loop.grad_clip) != (plain_loop.steps, plain_loop.grad_clip)
+    assert cfg.forget.loop.grad_clip == stage_loop.grad_clip and cfg.forget.loop.lr == stage_loop.lr
+    assert cfg.remind.loop == RemindConfig().loop
     assert "ours" in list_methods() and get_method("ours").summary
 
 

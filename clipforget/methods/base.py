@@ -62,8 +62,10 @@ def get_method(name: str) -> type["Unlearner"]:
     return _REGISTRY[name]
 
 
-def config_from_dict(cls, d: dict | None):
-    """Build a (nested) config dataclass from a dict, rejecting unknown fields by name."""
+def config_from_dict(cls, d: dict | None, base=None):
+    """Build a (nested) config dataclass from a dict, rejecting unknown fields by name. Fields the
+    dict leaves out keep their values in ``base`` (default: ``cls()``), so a nested override such
+    as ``{"loop": {"steps": 100}}`` keeps the rest of that stage's own loop defaults."""
     d = dict(d or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
@@ -73,13 +75,14 @@ def config_from_dict(cls, d: dict | None):
     for k, v in d.items():
         ft = fields[k].type
         sub = fields[k].default_factory if fields[k].default_factory is not dataclasses.MISSING else None
-        if isinstance(v, dict) and sub is not None and dataclasses.is_dataclass(sub()):
-            kwargs[k] = config_from_dict(type(sub()), v)
+        current = getattr(base, k) if base is not None else (sub() if sub is not None else None)
+        if isinstance(v, dict) and dataclasses.is_dataclass(current):
+            kwargs[k] = config_from_dict(type(current), v, current)
         elif isinstance(v, list) and "tuple" in str(ft):
             kwargs[k] = tuple(v)
         else:
             kwargs[k] = v
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 @dataclass

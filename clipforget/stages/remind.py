@@ -67,7 +67,7 @@ class RemindConfig:
     kd_weight: float = 1.0           # λ; 0 disables distillation
     kd_tau: float = 2.0              # τ
     feature_kd_weight: float = 50.0  # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
-    forget_weight: float = 5.0       # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
+    forget_weight: float = 20.0      # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
     forget_loss: str = "probability"  # that objective: similarity | probability (see stages/forget.py)
     scope: str = "forget_layers"     # what is fine-tuned [recon]: all (the image tower) | late (the layers the forget
                                      # stage ranked) | forget_layers (those it edited)
@@ -75,9 +75,11 @@ class RemindConfig:
     ema_decay: float = 0.5           # β; 1.0 keeps the original weights
     batch_size: int = 64
     bn_mode: str = "eval"            # BatchNorm during fine-tuning: eval | train
+    forget_goal: float | None = None  # forget accuracy (train views, the forget stage's margin) that still counts as
+                                     # forgotten while reminding; None: chance level, the bar restore then holds [recon]
     retain_tolerance: float | None = 0.02  # stop once retain accuracy (train views) is within this of the
                                      # original's and the forget set is still forgotten [recon]; None: all steps
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=2e-4, grad_clip=1.0, check_every=5))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, lr=5e-4, grad_clip=1.0, check_every=2))
 
     def __post_init__(self):
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -90,6 +92,8 @@ class RemindConfig:
             raise ValueError(f"scope must be one of {REMIND_SCOPES}, got {self.scope!r}")
         if self.forget_weight < 0:
             raise ValueError(f"forget_weight must be >= 0, got {self.forget_weight}")
+        if self.forget_goal is not None and not 0 <= self.forget_goal <= 1:
+            raise ValueError(f"forget_goal must be in [0, 1] or None, got {self.forget_goal}")
         if self.retain_tolerance is not None and not 0 <= self.retain_tolerance <= 1:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
         if self.forget_loss not in FORGET_LOSSES:
@@ -288,7 +292,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     retain_labels = task.superclass_labels(task.retain)[source[:n_check]]
     forget_labels = task.superclass_labels(task.forget)
     retain_goal = float((teacher[:n_check].argmax(-1).cpu() == retain_labels).float().mean()) - (cfg.retain_tolerance or 0)
-    forget_goal = ctx.info.get("forget", {}).get("target_accuracy", ctx.chance)
+    forget_goal = ctx.chance if cfg.forget_goal is None else cfg.forget_goal
     margin = ctx.info.get("forget", {}).get("margin", 0.0)       # forgotten as the forget stage defined it
     checks: list[dict] = []
     best: dict = {}           # the last check that kept D_f forgotten with the best retain accuracy
