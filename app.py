@@ -30,6 +30,7 @@ threading.Thread(target=lambda: importlib.import_module("clipforget.appcore"), n
 import gradio as gr  # noqa: E402
 
 from clipforget.appcore import AppCore, NotReady, bind_warning  # noqa: E402
+from clipforget.index import DEFAULT_ALPHA_POINTS  # noqa: E402
 from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
 from clipforget.uploads import UploadConfig  # noqa: E402
 
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--alpha-points", type=int, default=11, help="α values precomputed per job (0..1, plus the calibrated α)")
+    p.add_argument("--alpha-points", type=int, default=DEFAULT_ALPHA_POINTS,
+                   help=f"α values precomputed per job, evenly over 0..1, plus the calibrated α (default: {DEFAULT_ALPHA_POINTS})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (warning := bind_warning(args.host)) is not None:

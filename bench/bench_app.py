@@ -6,7 +6,7 @@
 - the α-slider browser round trip (key press -> the right grid and α note updated), p50 / p90,
 - the app process's peak RSS (VmHWM) over all of it.
 
-    python bench/bench_app.py                     # default config, 11 α points
+    python bench/bench_app.py                     # the app as `python app.py` starts it
     python bench/bench_app.py --quick             # the tests' short job
 Prints one line per figure and a JSON line at the end.
 """
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the tests' short job instead of the default config")
     ap.add_argument("--slides", type=int, default=30, help="slider moves to time")
-    ap.add_argument("--alpha-points", type=int, default=11)
+    ap.add_argument("--alpha-points", type=int, default=None, help="α-grid points per job (default: the app's)")
     ap.add_argument("--screenshots", default=str(ROOT / "bench" / "out" / "screenshots"))
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import common  # puts this checkout first on sys.path; print_figures
+from clipforget.index import DEFAULT_ALPHA_POINTS  # noqa: E402
 
 FAST_SPLIT = {"train_views": 1, "calib_views": 1, "calib_target_views": 1, "test_views": 1}
 
@@ -119,7 +120,7 @@ def encode_comparison(bundle, images, batch_size: int = 256, repeats: int = 3) -
 
 
 def run(arch: str = "RN50", forget_images: int = 1300, device: str = "cuda", config: dict | None = None,
-        split: dict | None = None, alpha_points: int = 11, workdir: str | Path | None = None,
+        split: dict | None = None, alpha_points: int = DEFAULT_ALPHA_POINTS, workdir: str | Path | None = None,
         encode_batch: int = 256, repeats: int = 3) -> dict:
     """The app's job (``ForgetWork``) on a randomly initialised ``arch`` and a synthetic gallery,
     then the encode comparison. Returns the figures."""
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arch", default="RN50")
     ap.add_argument("--forget-images", type=int, default=1300)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--alpha-points", type=int, default=11)
+    ap.add_argument("--alpha-points", type=int, default=DEFAULT_ALPHA_POINTS)
     args = ap.parse_args(argv)
     import torch
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -44,18 +44,20 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
     raise TimeoutError(f"{what}: not within {timeout}s")
 
 
-def start_app(runs: Path, port: int, alpha_points: int = 11, quick: bool = False) -> subprocess.Popen:
+def start_app(runs: Path, port: int, alpha_points: int | None = None, quick: bool = False) -> subprocess.Popen:
     """``python app.py`` (or, with ``quick``, the same app with the tests' short job) on 127.0.0.1."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                TRANSFORMERS_OFFLINE="1")
     if quick:
         code = ("import app; from clipforget.appcore import AppCore; "
-                f"core = AppCore(runs_dir={str(runs)!r}, alpha_points={alpha_points}, {QUICK_JOB}); "
+                f"core = AppCore(runs_dir={str(runs)!r}, {QUICK_JOB}"
+                + (f", alpha_points={alpha_points}" if alpha_points else "") + "); "
                 f"app.launch(core, '127.0.0.1', {port}, quiet=True)")
         cmd = [sys.executable, "-c", code]
     else:
-        cmd = [sys.executable, "app.py", "--runs-dir", str(runs), "--port", str(port),
-               "--alpha-points", str(alpha_points)]
+        cmd = [sys.executable, "app.py", "--runs-dir", str(runs), "--port", str(port)]
+        if alpha_points:
+            cmd += ["--alpha-points", str(alpha_points)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

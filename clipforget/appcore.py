@@ -73,7 +73,7 @@ class AppCore:
     and the caches the handlers share. No module-level state: the app creates it in ``main``."""
 
     def __init__(self, model: str = "embedded", pretrained: str | None = None, gallery: str | None = None,
-                 runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = 11,
+                 runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = faiss_index.DEFAULT_ALPHA_POINTS,
                  job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512,
                  certify_config: dict | None = None, allow_pickle: bool = False, load: bool = True):
         self.model_name, self.pretrained, self.device = model, pretrained, device

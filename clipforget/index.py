@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from .embed import encode_images, to_input
+from .embed import to_input
 from .models import ClipBundle
 from .trunk import TrunkEncoder
 
@@ -76,7 +76,12 @@ def load(path: str | Path) -> faiss.Index:
 
 # ---- the α-grid ---------------------------------------------------------------------------------
 
-def alpha_points(n: int = 11, extra: tuple[float, ...] = ()) -> list[float]:
+# α values whose gallery embeddings a job precomputes (0, 0.2, ..., 1, plus the calibrated α): on the
+# embedded model one point costs about as much as a sixth of the job, so the slider snaps to steps of 0.2
+DEFAULT_ALPHA_POINTS = 6
+
+
+def alpha_points(n: int = DEFAULT_ALPHA_POINTS, extra: tuple[float, ...] = ()) -> list[float]:
     """``n`` even points over [0, 1] plus ``extra`` (e.g. the calibrated α), sorted, deduplicated."""
     if n < 2:
         raise ValueError(f"an α-grid needs at least 2 points, got {n}")
@@ -92,30 +97,41 @@ def nearest(points: list[float], alpha: float) -> float:
 @torch.no_grad()
 def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alphas: list[float],
                       progress: Callable[[int, int], None] | None = None,
-                      batch_size: int = 256, trunk_budget_bytes: int = 512 * 2**20) -> tuple[torch.Tensor, dict]:
+                      batch_size: int = 256) -> tuple[torch.Tensor, dict]:
     """Gallery embeddings (A, N, D) at θ₀ + α·Δ for each α, and timing info.
 
-    ``progress(i, total)`` is called after each α (it may raise to cancel). The shared trunk is
-    kept in memory only while it fits ``trunk_budget_bytes`` (a real CLIP at 224 px would not)."""
+    Batch by batch: a batch's trunk is computed once and runs through the later stages at every
+    α, with one copy of the image tower whose edited weights are set to θ₀ + α·Δ in turn — so
+    neither the whole gallery's trunk nor one tower per α is ever held. ``progress(i, total)``
+    is called after each batch (it may raise to cancel)."""
     from .pipeline import edited_model
 
     t0 = time.perf_counter()
-    enc = TrunkEncoder(bundle.model.visual, delta.keys(), budget_bytes=trunk_budget_bytes, batch_size=batch_size)
-    first = enc.prepare(to_input(bundle, images[:batch_size]), total=len(images))
-    shared = first.start > 0        # else keep nothing: encode from the uint8 images per α
-    prepared = [first] + [enc.prepare(to_input(bundle, images[i:i + batch_size]), total=len(images))
-                          for i in range(batch_size, len(images), batch_size)] if shared else []
-    t_trunk = time.perf_counter() - t0
-    out = []
-    for i, a in enumerate(alphas):
-        model = edited_model(bundle, delta, a)
-        out.append(torch.cat([enc.encode(p, model.visual) for p in prepared]) if shared
-                   else encode_images(bundle, images, model, batch_size))
-        del model
+    if not len(images) or not alphas:
+        raise ValueError("an α-grid needs images and at least one α")
+    model = edited_model(bundle, {}, 0.0)           # a private copy of the image tower, θ₀
+    visual = model.visual
+    vdelta = {k.removeprefix("visual."): v for k, v in delta.items()}
+    weights = visual.state_dict()                   # shares storage with the copy's parameters
+    base = {k: bundle.model.visual.state_dict()[k] for k in vdelta}
+    enc = TrunkEncoder(visual, vdelta.keys(), batch_size=batch_size)
+    out: torch.Tensor | None = None
+    t_trunk, n_batches = 0.0, -(-len(images) // batch_size)
+    for b, i in enumerate(range(0, len(images), batch_size)):
+        t1 = time.perf_counter()
+        prepared = enc.prepare(to_input(bundle, images[i:i + batch_size], model))
+        t_trunk += time.perf_counter() - t1
+        for j, a in enumerate(alphas):
+            for k, d in vdelta.items():            # as apply_delta: in float, then the weight's dtype
+                weights[k].copy_((base[k].float() + a * d.to(base[k].device)).to(base[k].dtype))
+            emb = enc.encode(prepared, visual)
+            if out is None:
+                out = torch.empty(len(alphas), len(images), emb.shape[-1])
+            out[j, i:i + batch_size] = emb
         if progress is not None:
-            progress(i + 1, len(alphas))
+            progress(b + 1, n_batches)
     info = {"alphas": list(alphas), "images": len(images), "seconds": time.perf_counter() - t0,
-            "shared_trunk": shared, "trunk_seconds": t_trunk}
+            "shared_trunk": enc.split, "trunk_seconds": t_trunk}
     log.info("α-grid: %d points x %d images in %.2fs (shared trunk: %s)", len(alphas), len(images),
              info["seconds"], info["shared_trunk"])
-    return torch.stack(out), info
+    return out, info

@@ -43,7 +43,7 @@ except ImportError:       # Windows: no flock; one app per runs folder is then u
     fcntl = None
 
 from .data.task import ForgetRequest, SplitConfig
-from .index import alpha_points, encode_alpha_grid
+from .index import DEFAULT_ALPHA_POINTS, alpha_points, encode_alpha_grid
 from .io import OutputError, atomic_dir, check_writable, save_safetensors, write_json
 from .pipeline import Evaluator, forget, save_run
 from .train.loop import Cancelled
@@ -398,7 +398,7 @@ class ForgetWork:
     ``resources()`` blocks until the model and gallery are loaded (the app loads them in the
     background so its page is up in seconds)."""
 
-    def __init__(self, resources: Callable[[], Resources], alpha_points: int = 11):
+    def __init__(self, resources: Callable[[], Resources], alpha_points: int = DEFAULT_ALPHA_POINTS):
         self.resources = resources
         self.alpha_points = alpha_points
         self._evaluator: ProgressEvaluator | None = None   # shared by jobs: caches "before" and texts

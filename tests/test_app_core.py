@@ -65,8 +65,10 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, share
     sd = bundle.model.state_dict()
     g = torch.Generator().manual_seed(0)
     delta = {k: 0.05 * torch.randn(sd[k].shape, generator=g) for k in keys}
+    kept = {k: sd[k].clone() for k in keys}
     grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16)
     assert info["shared_trunk"] is shared
+    assert all(torch.equal(bundle.model.state_dict()[k], kept[k]) for k in keys)   # the original untouched
     for i, a in enumerate([0.5, 1.0]):
         ref = encode_images(bundle, images, edited_model(bundle, delta, a))
         assert torch.allclose(grid[i], ref, atol=1e-5), a

@@ -204,19 +204,34 @@ def test_a_non_loopback_host_is_warned_about_and_pickle_needs_a_flag(app_module,
     assert bind_warning("127.0.0.1") is None and bind_warning("::1") is None and bind_warning("localhost") is None
     assert "reachable from other machines" in bind_warning("0.0.0.0")
     assert "host name 'example.org'" in bind_warning("example.org")
-    launched, made = [], []
+    launched, made, events = [], [], []
 
     class FakeCore:
         def __init__(self, *args, **kwargs):
             made.append(kwargs)
 
+        def start_loading(self):
+            events.append("load model")
+
         def close(self):
             pass
+
+    class FakeDemo:
+        def block_thread(self):
+            events.append("serve")
+
+    def fake_launch(core, host, port, prevent_thread_lock=False):
+        launched.append(host)
+        events.append("page up")
+        assert prevent_thread_lock           # main goes on to start the model loading
+        return FakeDemo()
     monkeypatch.setattr(app_module, "AppCore", FakeCore)
-    monkeypatch.setattr(app_module, "launch", lambda core, host, port: launched.append(host))
+    monkeypatch.setattr(app_module, "launch", fake_launch)
     with caplog.at_level(logging.WARNING, logger="clipforget.app"):
         app_module.main([])
         assert caplog.records == [] and launched == ["127.0.0.1"]
+        # the page is served before the model loads (python app.py's first page waits for nothing)
+        assert events == ["page up", "load model", "serve"] and made[0]["load"] is False
         app_module.main(["--host", "0.0.0.0"])
     assert launched[-1] == "0.0.0.0"
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "binding to 0.0.0.0" in caplog.text

@@ -214,28 +214,36 @@ class Gallery:
         background can be swapped without recolouring white parts inside an icon."""
         imgs = np.zeros((len(items), size, size, 3), np.uint8)
         masks = np.ones((len(items), size, size), np.float32)
-        stored = self.stored_masks
         for i, it in enumerate(items):
             img = open_image(self.root / it.path)
-            if stored is not None and it.path in stored:
-                m = Image.fromarray(stored[it.path] * 255).resize((size, size), Image.BILINEAR)
+            stored = self.stored_mask(it.path)
+            if stored is not None:
+                m = Image.fromarray(stored * 255).resize((size, size), Image.BILINEAR)
                 masks[i] = np.asarray(m, np.float32) / 255.0
             imgs[i] = np.asarray(img.resize((size, size), Image.BICUBIC))
         return (torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(),
                 torch.from_numpy(masks)[:, None])
 
     @cached_property
-    def stored_masks(self) -> dict[str, np.ndarray] | None:
-        """Foreground masks shipped with the gallery (``masks.npz``, written by the gallery build
-        for icons on white). Galleries without it (photos) get all-foreground masks: background
-        swapping is an augmentation for icons only."""
+    def _packed_masks(self) -> tuple[dict[str, int], tuple[int, int], np.ndarray] | None:
+        """(row of each path, mask shape, bit-packed rows) of ``masks.npz``, or None without it."""
         path = self.root / MASKS_FILE
         if not path.is_file():
             return None
         with np.load(path) as z:
             paths, shape, bits = list(z["paths"]), tuple(z["shape"]), z["bits"]
-        flat = np.unpackbits(bits, axis=1)[:, :shape[0] * shape[1]]
-        return {p: flat[i].reshape(shape).astype(np.uint8) for i, p in enumerate(paths)}
+        return {p: i for i, p in enumerate(paths)}, shape, bits
+
+    def stored_mask(self, path: str) -> np.ndarray | None:
+        """The foreground mask shipped with the gallery for ``path`` (``masks.npz``, written by the
+        gallery build for icons on white; 0/1 uint8), or None. Galleries without it (photos) get
+        all-foreground masks: background swapping is an augmentation for icons only. The masks stay
+        bit-packed in memory (an eighth of their unpacked size) and are unpacked one at a time."""
+        packed = self._packed_masks
+        if packed is None or path not in packed[0]:
+            return None
+        index, shape, bits = packed
+        return np.unpackbits(bits[index[path]])[:shape[0] * shape[1]].reshape(shape)
 
     def open_image(self, item: Item) -> Image.Image:
         return open_image(self.root / item.path)

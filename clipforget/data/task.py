@@ -152,9 +152,12 @@ class ViewCache:
 
     def _load(self, items: list[Item]) -> None:
         todo = [it for it in dict.fromkeys(items) if it.path not in self._cache]
-        if todo:
-            imgs, masks = self.gallery.load(todo, self.source_size)
-            for it, im, m in zip(todo, imgs, masks):
+        for i in range(0, len(todo), 256):      # in chunks: a whole column's float masks at once is ~140 MB
+            chunk = todo[i:i + 256]
+            imgs, masks = self.gallery.load(chunk, self.source_size)
+            # masks are bilinear resizes of 0/1 masks in uint8 steps (/255): kept as uint8, exactly
+            masks = (masks * 255).round().to(torch.uint8)
+            for it, im, m in zip(chunk, imgs, masks):
                 self._cache[it.path] = (im, m)
 
     def views(self, items: list[Item], split: str, n: int, size: int, aug: AugmentConfig = VIEWS,
@@ -184,7 +187,7 @@ class ViewCache:
                 im, m = self._cache[it.path]
                 g = torch.Generator().manual_seed(view_seed(it.path, split, k))
                 cfg = CLEAN if (clean_first and k == 0) else aug
-                out.append((augment(im[None], m[None], size, g, cfg) * 255).round().to(torch.uint8))
+                out.append((augment(im[None], m[None].float() / 255, size, g, cfg) * 255).round().to(torch.uint8))
                 out_items.append(it)
         return ViewSet(torch.cat(out), out_items)
 
