@@ -52,7 +52,7 @@ class ForgetConfig:
     loss: str = "probability"           # similarity: s(x, t_c) [paper Eq. 3] | probability: p(t_c | x) [recon]
     batch_size: int = 64
     target_accuracy: float | None = 0.0   # stop when forget accuracy (train views) <= this; None: chance
-    margin: float = 1.0                 # ... counting a view as recognised while the coarse logit is within this
+    margin: float = 2.0                 # ... counting a view as recognised while the coarse logit is within this
                                         # of the best other one: forgotten with a margin, so unseen views follow [recon]
     bn_mode: str = "eval"               # BatchNorm during the stage: eval (frozen stats) | train
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-3, grad_clip=None, check_every=1))

@@ -3,7 +3,7 @@
 α ∈ [0, 1] is the unlearning strength (0: original, 1: fully unlearned; the paper's Table 5 writes
 the same line with its α = 1 − ours). [recon of Eq. 6] On the calibration set D_m, α is the grid
 value that maximises the mean accuracy of the non-target columns while the target accuracy stays
-at or below the forget target (default: chance) — the largest such α within ``keep_tolerance`` of
+at or below the forget target (default: 0; None: chance) — the largest such α within ``keep_tolerance`` of
 that best, plus a small ``margin``. The whole α-curve is kept in the result.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ class RestoreConfig:
     keep_tolerance: float = 0.01         # prefer a larger α while it keeps mean calibration accuracy within this [recon]
     margin: float = 0.1                  # added to the chosen α (capped at 1): D_m holds few forget
                                          # images, so the boundary α forgets the test views less reliably [recon]
-    target_accuracy: float | None = None  # forget target on D_m; None: chance level
+    target_accuracy: float | None = 0.0   # forget target on D_m; None: chance level. 0: D_m holds only a few
+                                          # forget images, and at chance one unseen view in 20 could survive [recon]
 
     def __post_init__(self):
         if self.grid_points < 2:
