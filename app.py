@@ -14,6 +14,12 @@ for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_H
                "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
+from clipforget.memory import fix_mmap_threshold  # noqa: E402 - no torch in it
+
+# Big transient tensors (a job's activations) get their own mappings, unmapped when freed: the app's
+# resident size then falls back after each stage instead of only growing (bench/bench_app.py).
+fix_mmap_threshold()
+
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import importlib  # noqa: E402

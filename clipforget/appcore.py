@@ -37,7 +37,8 @@ from .eval.report import column_title
 from .io import atomic_file, save_safetensors
 from .certify import CertifyWork, load_certificate
 from .certify import markdown as certificate_markdown
-from .jobs import ForgetWork, Job, JobError, JobRegistry, Resources, release_memory
+from .jobs import ForgetWork, Job, JobError, JobRegistry, Resources
+from .memory import release_memory
 from .methods.base import get_method, list_methods
 from .models import load_clip
 
@@ -122,7 +123,8 @@ class AppCore:
             loading = f"the embeddings of the gallery {self.gallery.name!r}"
             original = self._original_embeddings(bundle, images)
             self._original_index = faiss_index.build(original)
-            self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery), images, original)
+            self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery, keep_sources=False), images,
+                                        original)
             release_memory()          # the encode's transient batches stay in this thread's arena otherwise
             self.timings["ready"] = time.perf_counter() - t0
             log.info("app ready in %.1fs (%s)", self.timings["ready"], self.timings)

@@ -18,9 +18,6 @@ No gradio here: the app, the tests and scripts use the same registry.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import json
 import logging
 import os
@@ -45,6 +42,7 @@ except ImportError:       # Windows: no flock; one app per runs folder is then u
 from .data.task import ForgetRequest, SplitConfig
 from .index import DEFAULT_ALPHA_POINTS, alpha_points, encode_alpha_grid
 from .io import OutputError, atomic_dir, check_writable, save_safetensors, write_json
+from .memory import release_memory
 from .pipeline import Evaluator, forget, save_run
 from .train.loop import Cancelled
 
@@ -72,21 +70,6 @@ class JobBusy(RuntimeError):
         self.running = running
         super().__init__(f"job {running.id} ({running.label}) is still {running.status} "
                          f"({running.stage or 'starting'}); wait for it to finish or cancel it first")
-
-
-def release_memory() -> bool:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``); True if it could.
-
-    A long-lived app allocates big transient tensors in several threads (model loading, jobs), and
-    glibc keeps what they free in per-thread arenas, never trimmed when MALLOC_TRIM_THRESHOLD_ is
-    large: the resident size then only grows. Called after loading and after each job (a few ms)."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and libc.malloc_trim(0) >= 0)
-    except (OSError, AttributeError):       # not glibc (macOS, musl): nothing to trim
-        return False
 
 
 def check_id(job_id: str) -> str:

@@ -3,6 +3,7 @@ of a second job, restart recovery, no half-written artifact) and the handlers of
 from __future__ import annotations
 
 import json
+import platform
 import time
 import zipfile
 
@@ -13,6 +14,7 @@ import torch
 from clipforget import index as fx
 from clipforget.jobs import Job, JobBusy, JobError, JobRegistry, check_id
 from clipforget.io import atomic_dir, write_json
+from clipforget.memory import fix_mmap_threshold, release_memory
 
 
 # ---- index ---------------------------------------------------------------------------------------
@@ -288,3 +290,10 @@ def test_history_survives_a_restart(core, finished, tmp_path):
         assert again.metrics_table(finished.id)["score"] == pytest.approx(core.metrics_table(finished.id)["score"])
     finally:
         again.close()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+def test_memory_settings_apply_under_glibc():
+    """The app fixes glibc's mmap threshold at start and trims the heap after loading and jobs."""
+    assert fix_mmap_threshold(1 << 16)
+    assert release_memory()

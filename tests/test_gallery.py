@@ -83,6 +83,20 @@ def test_view_cache_is_bounded_and_memoised(gallery):
         ViewCache(gallery, max_view_bytes=-1)
 
 
+def test_view_cache_without_sources_makes_the_same_views(gallery):
+    """The app's cache decodes images again per view set instead of keeping their pixels: the same
+    views, view k of every item in item order, and no pixels held afterwards."""
+    items = gallery.select(superclass="dog")[:5] + gallery.select(superclass="cat")[:3]
+    kept = ViewCache(gallery).views(items, "calib", 3, 32, clean_first=True)
+    light = ViewCache(gallery, keep_sources=False)
+    fresh = light.views(items, "calib", 3, 32, clean_first=True)
+    assert torch.equal(fresh.images, kept.images)
+    assert [it.path for it in fresh.items] == [it.path for _ in range(3) for it in items]
+    assert light._cache == {}
+    one = ViewCache(gallery).views(items[2:3], "calib", 3, 32, clean_first=True)   # row k·n + i is view k of item i
+    assert torch.equal(fresh.images[[2, 10, 18]], one.images)
+
+
 def test_style_and_subgroup_in_style_requests(gallery):
     forget, retain, _, _ = resolve(gallery, ForgetRequest("car", style="line-art"))
     assert {it.style for it in forget} == {"line-art"} and {it.superclass for it in forget} == {"car"}

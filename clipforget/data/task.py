@@ -135,12 +135,17 @@ class ViewCache:
     from them, least recently used dropped beyond ``max_view_bytes`` — shared by the tasks built
     on one gallery (an app runs many jobs on one cache)."""
 
-    def __init__(self, gallery: Gallery, source_size: int = 96, max_view_bytes: int = 256 * 2**20):
+    def __init__(self, gallery: Gallery, source_size: int = 96, max_view_bytes: int = 256 * 2**20,
+                 keep_sources: bool = True):
         if max_view_bytes < 0:
             raise ValueError(f"max_view_bytes must be >= 0, got {max_view_bytes}")
         self.gallery = gallery
         self.source_size = source_size
         self.max_view_bytes = max_view_bytes
+        # False: decode the images again for each new view set instead of keeping every gallery image's
+        # pixels (~37 KB an image at 96 px) for the cache's lifetime: an app trades a few seconds per
+        # job for that memory
+        self.keep_sources = keep_sources
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._views: OrderedDict[tuple, ViewSet] = OrderedDict()
         self._view_bytes = 0
@@ -150,7 +155,9 @@ class ViewCache:
         """Bytes of the view sets held by the cache (the tasks using them may hold more)."""
         return self._view_bytes
 
-    def _load(self, items: list[Item]) -> None:
+    def _sources(self, items: list[Item]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Pixels and uint8 mask of each item (kept in the cache when ``keep_sources``)."""
+        out = self._cache if self.keep_sources else {}
         todo = [it for it in dict.fromkeys(items) if it.path not in self._cache]
         for i in range(0, len(todo), 256):      # in chunks: a whole column's float masks at once is ~140 MB
             chunk = todo[i:i + 256]
@@ -158,7 +165,8 @@ class ViewCache:
             # masks are bilinear resizes of 0/1 masks in uint8 steps (/255): kept as uint8, exactly
             masks = (masks * 255).round().to(torch.uint8)
             for it, im, m in zip(chunk, imgs, masks):
-                self._cache[it.path] = (im, m)
+                out[it.path] = (im, m)
+        return out
 
     def views(self, items: list[Item], split: str, n: int, size: int, aug: AugmentConfig = VIEWS,
               clean_first: bool = False) -> ViewSet:
@@ -179,17 +187,19 @@ class ViewCache:
         return hit
 
     def _make_views(self, items, split, n, size, aug, clean_first) -> ViewSet:
-        # one view at a time to uint8: the float views of a whole set never exist at once
-        self._load(items)
-        out, out_items = [], []
-        for k in range(n):
-            for it in items:
-                im, m = self._cache[it.path]
-                g = torch.Generator().manual_seed(view_seed(it.path, split, k))
-                cfg = CLEAN if (clean_first and k == 0) else aug
-                out.append((augment(im[None], m[None].float() / 255, size, g, cfg) * 255).round().to(torch.uint8))
-                out_items.append(it)
-        return ViewSet(torch.cat(out), out_items)
+        # view k of item i goes to row k·len(items) + i; one view at a time to uint8 (the float views
+        # of a whole set never exist at once), the sources 256 items at a time
+        out = torch.empty(n * len(items), 3, size, size, dtype=torch.uint8)
+        for start in range(0, len(items), 256):
+            chunk = items[start:start + 256]
+            sources = self._sources(chunk)
+            for i, it in enumerate(chunk, start):
+                im, m = sources[it.path]
+                for k in range(n):
+                    g = torch.Generator().manual_seed(view_seed(it.path, split, k))
+                    cfg = CLEAN if (clean_first and k == 0) else aug
+                    out[k * len(items) + i] = (augment(im[None], m[None].float() / 255, size, g, cfg)[0] * 255).round()
+        return ViewSet(out, [it for _ in range(n) for it in items])
 
 
 def view_seed(path: str, split: str, k: int) -> int:
