@@ -22,21 +22,15 @@ fix_mmap_threshold()
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import importlib  # noqa: E402
 import logging  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
-
-# The model stack (torch, open_clip, faiss) imports in a thread while gradio imports here: the two
-# overlap on a 2-core machine, and the page comes up seconds sooner (bench/bench_app.py measures it).
-# A failed import there is raised again, with its traceback, by the import below.
-threading.Thread(target=lambda: importlib.import_module("clipforget.appcore"), name="clipforget-imports",
-                 daemon=True).start()
 
 import gradio as gr  # noqa: E402
 
+# No torch in these (nor in building the page): the model stack is imported by the core's loader
+# thread once the page is served, so the page comes up seconds sooner (bench/bench_app.py).
+from clipforget.alphas import DEFAULT_ALPHA_POINTS  # noqa: E402
 from clipforget.appcore import AppCore, NotReady, bind_warning  # noqa: E402
-from clipforget.index import DEFAULT_ALPHA_POINTS  # noqa: E402
 from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
 from clipforget.uploads import UploadConfig  # noqa: E402
 

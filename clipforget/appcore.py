@@ -18,6 +18,7 @@ import io
 import ipaddress
 import json
 import logging
+import sys
 import threading
 import time
 import zipfile
@@ -26,21 +27,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import index as faiss_index
+from .alphas import DEFAULT_ALPHA_POINTS, nearest
 from .data.gallery import Gallery, Item, display
 from .data.prompts import article
-from .data.task import ForgetRequest, ViewCache, resolve
-from .embed import encode_images, encode_texts
+from .data.request import ForgetRequest, resolve
 from .eval.report import column_title
 from .io import atomic_file, save_safetensors
-from .certify import CertifyWork, load_certificate
-from .certify import markdown as certificate_markdown
-from .jobs import ForgetWork, Job, JobError, JobRegistry, Resources
+from .jobs import CertifyWork, ForgetWork, Job, JobError, JobRegistry, Resources
 from .memory import release_memory
-from .methods.base import get_method, list_methods
-from .models import load_clip
+from .methods.catalog import builtin_methods
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +70,7 @@ class AppCore:
     and the caches the handlers share. No module-level state: the app creates it in ``main``."""
 
     def __init__(self, model: str = "embedded", pretrained: str | None = None, gallery: str | None = None,
-                 runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = faiss_index.DEFAULT_ALPHA_POINTS,
+                 runs_dir: str | Path = "runs/app", device: str = "cpu", alpha_points: int = DEFAULT_ALPHA_POINTS,
                  job_config: dict | None = None, job_split: dict | None = None, max_text_cache: int = 512,
                  certify_config: dict | None = None, allow_pickle: bool = False, load: bool = True):
         self.model_name, self.pretrained, self.device = model, pretrained, device
@@ -113,6 +109,11 @@ class AppCore:
     def _load(self) -> None:
         loading = f"the model {self.model_name!r}"        # what the error message blames
         try:
+            # the model stack is imported here, in the background, not with this module: the page
+            # comes up without waiting for torch (bench/bench_app.py measures both)
+            from . import index as faiss_index
+            from .data.task import ViewCache
+            from .models import load_clip
             t0 = time.perf_counter()
             bundle = load_clip(self.model_name, self.pretrained, device=self.device, allow_pickle=self.allow_pickle)
             self.timings["model_load"] = time.perf_counter() - t0
@@ -136,6 +137,7 @@ class AppCore:
 
     def _original_embeddings(self, bundle, images) -> torch.Tensor:
         """Gallery embeddings of the original model, cached per (model, weights, gallery)."""
+        from .embed import encode_images
         src = Path(bundle.pretrained) if bundle.pretrained and Path(str(bundle.pretrained)).is_file() else None
         stamp = f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src else ""
         key = hashlib.sha256(f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|"
@@ -188,10 +190,18 @@ class AppCore:
         return self.gallery.styles()
 
     def methods(self) -> list[str]:
-        """Every registered method, ``ours`` first (the dropdown's choices)."""
-        return list_methods()
+        """Every registered method, ``ours`` first (the dropdown's choices). Before the registry is
+        imported (it brings torch) the built-in ones, read from their source; once it is, the
+        registry, with any method a script registered before starting the app."""
+        if "clipforget.methods.base" in sys.modules:
+            from .methods import list_methods
+            return list_methods()
+        return list(builtin_methods())
 
     def method_summary(self, name: str) -> str:
+        if name in builtin_methods() and "clipforget.methods.base" not in sys.modules:
+            return builtin_methods()[name]
+        from .methods import get_method
         return get_method(name).summary
 
     def subgroup_cards(self, superclass: str) -> list[tuple[str, str]]:
@@ -282,6 +292,7 @@ class AppCore:
         """``retain``: the edited retain subgroups (None, or the siblings themselves: the default
         request with ``retain=None``, exactly what the CLI and the sweep run)."""
         req = self.with_retain(self.request(superclass, subgroup, style), retain)
+        from .methods import get_method
         get_method(method)       # raises for unknown names
         spec = {"request": req.to_dict(), "method": method, "config": config or self.job_config,
                 "split": self.job_split,
@@ -307,8 +318,8 @@ class AppCore:
 
     # ---- retain set: suggestion and editing -------------------------------------------------------
     def _gallery_embeddings(self):
-        from .suggest import GalleryEmbeddings
         res = self.resources(timeout=0.01)          # raises NotReady while loading
+        from .suggest import GalleryEmbeddings
         if self._suggest_emb is None:
             self._suggest_emb = GalleryEmbeddings(list(self.gallery.items), res.original)
         return res.bundle, self._suggest_emb
@@ -316,9 +327,9 @@ class AppCore:
     def suggestion(self, superclass: str, subgroup: str | None = None, style: str | None = None):
         """The retain suggestion for a request (siblings + at-risk neighbours); NotReady while the
         model loads."""
-        from .suggest import suggest_for_request
         req = self.request(superclass, subgroup, style)
-        bundle, emb = self._gallery_embeddings()
+        bundle, emb = self._gallery_embeddings()        # NotReady before the suggestion module loads torch
+        from .suggest import suggest_for_request
         return suggest_for_request(bundle, self.gallery, req, embeddings=emb)
 
     def retain_editor(self, superclass: str, subgroup: str | None = None, style: str | None = None) -> dict:
@@ -378,11 +389,14 @@ class AppCore:
 
     def certificate(self, job_id: str) -> dict | None:
         """The saved certificate of a finished forget job, or None."""
+        from .certify import load_certificate
         return load_certificate(self.jobs.run_dir(job_id))
 
     def certificate_view(self, job_id: str) -> dict:
         """Markdown for the certificate panel: the certificate, a running certify job's progress,
         or an invitation; plus the path of certificate.md when there is one."""
+        from .certify import load_certificate
+        from .certify import markdown as certificate_markdown
         run = self.jobs.run_dir(job_id)
         cert = load_certificate(run)
         if cert is not None:
@@ -408,6 +422,7 @@ class AppCore:
                 self._texts.move_to_end(query)
                 return self._texts[query]
         bundle = self.resources(timeout=120).bundle
+        from .embed import encode_texts
         with self._lock:
             emb = encode_texts(bundle, [query])[0].numpy()
         with self._cache_lock:
@@ -423,6 +438,8 @@ class AppCore:
                 self._grids.move_to_end(job_id)
                 return self._grids[job_id]
             from safetensors.torch import load_file
+
+            from . import index as faiss_index
             run = self.jobs.run_dir(job_id)
             data = load_file(str(run / "alpha_grid.safetensors"))
             emb, alphas = data["embeddings"], [round(float(a), 6) for a in data["alphas"]]
@@ -465,7 +482,7 @@ class AppCore:
             wanted = calibrated if alpha is None else float(alpha)
             if not 0.0 <= wanted <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {wanted}")
-            shown = faiss_index.nearest(points, wanted)
+            shown = nearest(points, wanted)
             out.update(alpha_requested=wanted, alpha_shown=shown, alpha_points=points, alpha_calibrated=calibrated,
                        right=self._hits(indexes[shown], q, k, forgotten))
             out["recall_right"] = _recall(out["right"], forgotten)
@@ -476,6 +493,7 @@ class AppCore:
         return out
 
     def _hits(self, idx, q, k, forgotten) -> list[dict]:
+        from . import index as faiss_index
         scores, ids = faiss_index.search(idx, q, k)
         hits = []
         for s, i in zip(scores[0], ids[0]):

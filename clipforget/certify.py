@@ -741,27 +741,3 @@ def load_certificate(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / CERTIFICATE_JSON
     return json.loads(path.read_text()) if path.is_file() else None
 
-
-# ---- the background job ------------------------------------------------------------------------------
-
-class CertifyWork:
-    """The work function of a "certify" job (see :class:`clipforget.jobs.JobRegistry`): certify the
-    run folder named in the job's spec and save the certificate next to it.
-
-    ``resources()`` returns the loaded model, gallery and pixel cache (the app's
-    :class:`clipforget.jobs.Resources`)."""
-
-    def __init__(self, resources: Callable[[], object], config: dict | None = None):
-        self.resources = resources
-        self.config = config            # CertifyConfig fields for every job (None: the defaults)
-
-    def __call__(self, job, progress: Callback, job_dir: Path) -> dict:
-        progress({"stage": "certify: prepare", "step": 0, "total": 0, "fraction": 0.0})
-        res = self.resources()
-        run_dir = Path(job.spec["run_dir"])
-        cfg = CertifyConfig.from_dict(job.spec.get("config") or self.config)
-        cert = certify(res.bundle, run_dir, res.gallery, cfg, callbacks=[progress], cache=res.cache)
-        progress({"stage": "certify: save", "step": 0, "total": 1, "fraction": 0.0})
-        save_certificate(cert, run_dir)
-        return {"certified": cert["certified"], "verdict": cert["verdict"], "run_dir": str(run_dir),
-                "of_job": job.spec.get("of_job"), "seconds": cert["seconds"]}

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 import torch
 
+from .alphas import DEFAULT_ALPHA_POINTS, alpha_points, nearest  # noqa: F401 - also this module's API
 from .embed import to_input
 from .models import ClipBundle
 from .trunk import TrunkEncoder
@@ -74,25 +75,7 @@ def load(path: str | Path) -> faiss.Index:
     return faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
 
 
-# ---- the α-grid ---------------------------------------------------------------------------------
-
-# α values whose gallery embeddings a job precomputes (0, 0.2, ..., 1, plus the calibrated α): on the
-# embedded model one point costs about as much as a sixth of the job, so the slider snaps to steps of 0.2
-DEFAULT_ALPHA_POINTS = 6
-
-
-def alpha_points(n: int = DEFAULT_ALPHA_POINTS, extra: tuple[float, ...] = ()) -> list[float]:
-    """``n`` even points over [0, 1] plus ``extra`` (e.g. the calibrated α), sorted, deduplicated."""
-    if n < 2:
-        raise ValueError(f"an α-grid needs at least 2 points, got {n}")
-    pts = {round(i / (n - 1), 6) for i in range(n)} | {round(float(a), 6) for a in extra}
-    return sorted(pts)
-
-
-def nearest(points: list[float], alpha: float) -> float:
-    """The grid point closest to ``alpha`` (ties go to the smaller α)."""
-    return min(points, key=lambda a: (abs(a - alpha), a))
-
+# ---- the α-grid (its points: clipforget.alphas) ---------------------------------------------------
 
 @torch.no_grad()
 def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alphas: list[float],

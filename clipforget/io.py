@@ -9,8 +9,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 class OutputError(OSError):
     """An artifact could not be written; the message says where and what to do."""
@@ -120,7 +118,7 @@ def write_json(path: str | Path, obj) -> None:
 def _json_default(o):
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, torch.Tensor):
+    if hasattr(o, "tolist"):          # tensors, numpy arrays and scalars (no torch import here)
         return o.tolist()
     if hasattr(o, "item"):
         return o.item()

@@ -13,7 +13,8 @@ restart, a job that was queued or running when the process died is marked failed
 a time owns a runs folder (a lock file, released by the kernel even on SIGKILL): a second app on
 the same folder is refused instead of failing the first one's running job.
 
-No gradio here: the app, the tests and scripts use the same registry.
+No gradio and no torch at import here (the work functions import the model stack when a job
+runs): the app, the tests and scripts use the same registry.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 import traceback
@@ -32,19 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-import torch
-
 try:
     import fcntl
 except ImportError:       # Windows: no flock; one app per runs folder is then up to the user
     fcntl = None
 
-from .data.task import ForgetRequest, SplitConfig
-from .index import DEFAULT_ALPHA_POINTS, alpha_points, encode_alpha_grid
+from .alphas import DEFAULT_ALPHA_POINTS, alpha_points
+from .data.request import ForgetRequest, SplitConfig
 from .io import OutputError, atomic_dir, check_writable, save_safetensors, write_json
 from .memory import release_memory
-from .pipeline import Evaluator, forget, save_run
-from .train.loop import Cancelled
+from .train.events import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +353,10 @@ def _lock_runs_dir(runs_dir: Path) -> int:
 
 def describe_failure(e: BaseException) -> str:
     """The reason a job failed, as shown to the user, with advice where there is one."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+    torch = sys.modules.get("torch")          # a job that ran has imported it; this module does not
+    gpu_oom = torch.OutOfMemoryError if torch is not None else MemoryError
+    if isinstance(e, (gpu_oom, MemoryError)):
+        where = "GPU" if isinstance(e, gpu_oom) and not isinstance(e, MemoryError) else "CPU"
         return (f"out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Close other "
                 "programs or jobs using it, use a smaller model or image size, lower the batch size "
                 "(config forget.batch_size / remind.batch_size), or run on a machine with more memory")
@@ -384,9 +385,13 @@ class ForgetWork:
     def __init__(self, resources: Callable[[], Resources], alpha_points: int = DEFAULT_ALPHA_POINTS):
         self.resources = resources
         self.alpha_points = alpha_points
-        self._evaluator: ProgressEvaluator | None = None   # shared by jobs: caches "before" and texts
+        self._evaluator = None          # a ProgressEvaluator shared by jobs: caches "before" and texts
 
     def __call__(self, job: Job, progress: Progress, job_dir: Path) -> dict:
+        import torch
+
+        from .index import encode_alpha_grid
+        from .pipeline import ProgressEvaluator, forget, save_run
 
         progress({"stage": "prepare", "step": 0, "total": 0, "fraction": 0.0})
         res = self.resources()
@@ -420,17 +425,27 @@ class ForgetWork:
                 "shared_trunk": info["shared_trunk"], "stage_seconds": run.report["seconds"]}
 
 
-class ProgressEvaluator(Evaluator):
-    """The pipeline's evaluator, reporting (and so cancellable) before and between its halves."""
+# ---- the certify job -----------------------------------------------------------------------------
 
-    def __init__(self, bundle, progress: Progress):
-        super().__init__(bundle)
-        self.progress = progress
+class CertifyWork:
+    """The work function of a "certify" job: certify the run folder named in the job's spec
+    (:func:`clipforget.certify.certify`) and save the certificate next to it.
 
-    def report(self, task, result, alpha=None):
-        self.progress({"stage": "evaluate", "step": 0, "total": 2, "fraction": 0.0})
-        return super().report(task, result, alpha)
+    ``resources()`` returns the loaded model, gallery and pixel cache (:class:`Resources`)."""
 
-    def after(self, task, delta, alpha, split="test"):
-        self.progress({"stage": "evaluate", "step": 1, "total": 2, "fraction": 0.5})
-        return super().after(task, delta, alpha, split)
+    def __init__(self, resources: Callable[[], Resources], config: dict | None = None):
+        self.resources = resources
+        self.config = config            # CertifyConfig fields for every job (None: the defaults)
+
+    def __call__(self, job: Job, progress: Progress, job_dir: Path) -> dict:
+        from .certify import CertifyConfig, certify, save_certificate
+
+        progress({"stage": "certify: prepare", "step": 0, "total": 0, "fraction": 0.0})
+        res = self.resources()
+        run_dir = Path(job.spec["run_dir"])
+        cfg = CertifyConfig.from_dict(job.spec.get("config") or self.config)
+        cert = certify(res.bundle, run_dir, res.gallery, cfg, callbacks=[progress], cache=res.cache)
+        progress({"stage": "certify: save", "step": 0, "total": 1, "fraction": 0.0})
+        save_certificate(cert, run_dir)
+        return {"certified": cert["certified"], "verdict": cert["verdict"], "run_dir": str(run_dir),
+                "of_job": job.spec.get("of_job"), "seconds": cert["seconds"]}

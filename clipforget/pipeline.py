@@ -87,6 +87,23 @@ class Evaluator:
                 "warnings": task.warnings, "alpha_curve": result.alpha_curve}
 
 
+class ProgressEvaluator(Evaluator):
+    """The evaluator of a background job: it reports (and so can be cancelled) before and between
+    its halves."""
+
+    def __init__(self, bundle, progress: Callback):
+        super().__init__(bundle)
+        self.progress = progress
+
+    def report(self, task, result, alpha=None):
+        self.progress({"stage": "evaluate", "step": 0, "total": 2, "fraction": 0.0})
+        return super().report(task, result, alpha)
+
+    def after(self, task, delta, alpha, split="test"):
+        self.progress({"stage": "evaluate", "step": 1, "total": 2, "fraction": 0.5})
+        return super().after(task, delta, alpha, split)
+
+
 def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
            gallery: Gallery | None = None, split: SplitConfig | None = None,
            callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,

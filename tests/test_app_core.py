@@ -3,9 +3,13 @@ of a second job, restart recovery, no half-written artifact) and the handlers of
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,8 @@ from clipforget import index as fx
 from clipforget.jobs import Job, JobBusy, JobError, JobRegistry, check_id
 from clipforget.io import atomic_dir, write_json
 from clipforget.memory import fix_mmap_threshold, release_memory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- index ---------------------------------------------------------------------------------------
@@ -297,3 +303,25 @@ def test_memory_settings_apply_under_glibc():
     """The app fixes glibc's mmap threshold at start and trims the heap after loading and jobs."""
     assert fix_mmap_threshold(1 << 16)
     assert release_memory()
+
+
+def test_the_page_is_built_without_torch(tmp_path):
+    """The app serves its page before the model stack loads: importing the app and building the
+    page import no torch (the core's loader thread imports it afterwards)."""
+    code = ("import sys, app; from clipforget.appcore import AppCore; "
+            f"core = AppCore(runs_dir={str(tmp_path)!r}, load=False); app.build_app(core); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_method_catalog_matches_the_registry():
+    """The page's method menu (read from the method modules' source) is the registry's."""
+    from clipforget.methods import get_method, list_methods
+    from clipforget.methods.catalog import builtin_methods
+    catalog = builtin_methods()
+    assert list(catalog) == list_methods()
+    assert catalog == {name: get_method(name).summary for name in list_methods()}
+    assert all(catalog.values())

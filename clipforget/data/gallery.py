@@ -15,7 +15,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from ..io import atomic_file
@@ -212,6 +211,7 @@ class Gallery:
 
         The mask marks pixels not reachable from the border through near-white pixels, so a
         background can be swapped without recolouring white parts inside an icon."""
+        import torch          # here, not at the top: the app's page lists the gallery before torch loads
         imgs = np.zeros((len(items), size, size, 3), np.uint8)
         masks = np.ones((len(items), size, size), np.float32)
         for i, it in enumerate(items):

@@ -1,3 +1,7 @@
 """Importing this module imports (and so registers) every built-in method."""
-from . import ours  # noqa: F401
-from . import ccup, clip_lip, emmn, fisher, ft, ga, lip, task_negation  # noqa: F401
+import importlib
+
+from .catalog import BUILTIN_MODULES
+
+for _module in BUILTIN_MODULES:
+    importlib.import_module(f"{__package__}.{_module}")

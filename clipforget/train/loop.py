@@ -13,15 +13,11 @@ from typing import Callable, Iterable
 
 import torch
 
-Callback = Callable[[dict], None]
+from .events import Callback, Cancelled  # noqa: F401 - Cancelled: also this module's API
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the stage is aborted with the reason."""
-
-
-class Cancelled(Exception):
-    """Raised by a callback to stop a job; the loop lets it through untouched."""
 
 
 @dataclass

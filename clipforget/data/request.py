@@ -1,0 +1,85 @@
+"""What a forget request names and which gallery images it selects: no pixels and no torch here (the
+app's page uses these before the model stack is imported). :mod:`clipforget.data.task` turns a
+request into image splits.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .gallery import Gallery, Item, display
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    superclass: str
+    subgroup: str | None = None          # None: every subgroup of the superclass (a style request)
+    style: str | None = None             # None: every style
+    retain: tuple[str, ...] | None = None  # retain subgroups; None: the siblings
+
+    def __post_init__(self):
+        if not self.superclass:
+            raise ValueError("superclass is required")
+        if self.subgroup is None and self.style is None:
+            raise ValueError("name a subgroup, a style, or both: forgetting a whole superclass is "
+                             "not a subgroup request")
+        if self.retain is not None:
+            object.__setattr__(self, "retain", tuple(self.retain))
+
+    @property
+    def label(self) -> str:
+        what = display(self.subgroup) if self.subgroup else display(self.superclass)
+        return f"{what} ({self.style})" if self.style else what
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ForgetRequest":
+        return cls(d["superclass"], d.get("subgroup"), d.get("style"),
+                   tuple(d["retain"]) if d.get("retain") is not None else None)
+
+
+@dataclass
+class SplitConfig:
+    train_views: int = 12       # augmented views per retain image used for training
+    forget_views: int = 32      # augmented views per forget image used for training (the forget set is small)
+    calib_views: int = 2        # views per image in the calibration set D_m
+    calib_target_views: int = 8  # views per forget image in D_m (the forget set has few images)
+    test_views: int = 4         # views per image in the test columns
+    calib_other_images: int = 120   # other-superclass images in D_m
+    calib_concept_images: int = 120  # other-concept images in D_m
+    max_other_images: int | None = None  # cap on test images of the other columns (None: all)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("train_views", "forget_views", "calib_views", "calib_target_views", "test_views"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def resolve(gallery: Gallery, request: ForgetRequest) -> tuple[list[Item], list[Item], list[str], list[str]]:
+    """forget items, retain items, retain subgroup names, warnings."""
+    r = request
+    gallery.check(superclass=r.superclass, subgroup=r.subgroup, style=r.style)
+    warnings = []
+    forget = gallery.select(superclass=r.superclass, subgroup=r.subgroup, style=r.style)
+    if not forget:
+        raise ValueError(f"no images for {r.label}: the gallery has no {r.subgroup or r.superclass!r} "
+                         f"in style {r.style!r}; pick another style or subgroup")
+    siblings = [s for s in gallery.subgroups(r.superclass) if s != r.subgroup] if r.subgroup else \
+        gallery.subgroups(r.superclass)
+    names = list(r.retain) if r.retain is not None else siblings
+    for n in names:
+        gallery.check(superclass=r.superclass if r.retain is None else None, subgroup=n)
+    if r.subgroup and r.subgroup in names and r.style is None:
+        raise ValueError(f"retain set contains the forget subgroup {r.subgroup!r}; remove it")
+    forget_paths = {it.path for it in forget}
+    retain = [it for n in names for it in gallery.select(subgroup=n) if it.path not in forget_paths]
+    if r.style and r.subgroup:
+        # a subgroup in one style: the same subgroup in the other styles is kept too
+        retain += [it for it in gallery.select(subgroup=r.subgroup, exclude_style=r.style)
+                   if it.path not in {x.path for x in retain}]
+    if not retain:
+        warnings.append(f"nothing to retain for {r.label}: the superclass {r.superclass!r} has no other "
+                        "subgroup or style; only the other columns guard against over-forgetting")
+    return forget, retain, names, warnings
