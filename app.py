@@ -14,12 +14,6 @@ for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_H
                "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 
-from clipforget.memory import fix_mmap_threshold  # noqa: E402 - no torch in it
-
-# Big transient tensors (a job's activations) get their own mappings, unmapped when freed: the app's
-# resident size then falls back after each stage instead of only growing (bench/bench_app.py).
-fix_mmap_threshold()
-
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
@@ -32,6 +26,7 @@ import gradio as gr  # noqa: E402
 from clipforget.alphas import DEFAULT_ALPHA_POINTS  # noqa: E402
 from clipforget.appcore import AppCore, NotReady, bind_warning  # noqa: E402
 from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
+from clipforget.memory import fix_mmap_threshold  # noqa: E402
 from clipforget.uploads import UploadConfig  # noqa: E402
 
 log = logging.getLogger("clipforget.app")
@@ -413,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha-points", type=int, default=DEFAULT_ALPHA_POINTS,
                    help=f"α values precomputed per job, evenly over 0..1, plus the calibrated α (default: {DEFAULT_ALPHA_POINTS})")
     args = p.parse_args(argv)
+    # big transient tensors (a job's activations) get their own mappings, unmapped when freed: the
+    # app's resident size falls back after each stage instead of only growing (bench/bench_app.py)
+    fix_mmap_threshold()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (warning := bind_warning(args.host)) is not None:
         log.warning(warning)
