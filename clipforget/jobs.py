@@ -354,9 +354,9 @@ def _lock_runs_dir(runs_dir: Path) -> int:
 def describe_failure(e: BaseException) -> str:
     """The reason a job failed, as shown to the user, with advice where there is one."""
     torch = sys.modules.get("torch")          # a job that ran has imported it; this module does not
-    gpu_oom = torch.OutOfMemoryError if torch is not None else MemoryError
-    if isinstance(e, (gpu_oom, MemoryError)):
-        where = "GPU" if isinstance(e, gpu_oom) and not isinstance(e, MemoryError) else "CPU"
+    gpu = torch is not None and isinstance(e, torch.OutOfMemoryError)
+    if gpu or isinstance(e, MemoryError):
+        where = "GPU" if gpu else "CPU"
         return (f"out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Close other "
                 "programs or jobs using it, use a smaller model or image size, lower the batch size "
                 "(config forget.batch_size / remind.batch_size), or run on a machine with more memory")

@@ -327,3 +327,10 @@ def test_method_catalog_matches_the_registry():
     assert list(catalog) == list_methods()
     assert catalog == {name: get_method(name).summary for name in list_methods()}
     assert all(catalog.values())
+
+
+def test_failure_messages_name_the_memory_that_ran_out():
+    from clipforget.jobs import describe_failure
+    assert describe_failure(torch.OutOfMemoryError("CUDA out of memory")).startswith("out of GPU memory")
+    assert describe_failure(MemoryError()).startswith("out of CPU memory (MemoryError)")
+    assert describe_failure(ValueError("bad")) == "ValueError: bad"
