@@ -31,6 +31,7 @@ from ..eval.zeroshot import TextCache
 from ..merge import StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
 from ..train.loop import Callback, NonFiniteLoss, emit
+from .catalog import menu_order
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def register_method(cls: type["Unlearner"]) -> type["Unlearner"]:
 def list_methods() -> list[str]:
     """Names of all registered methods: the single source for the CLI, the app and the tests."""
     from . import _load_all  # noqa: F401 - importing registers every method
-    return sorted(_REGISTRY, key=lambda n: (n != "ours", n))
+    return sorted(_REGISTRY, key=menu_order)
 
 
 def get_method(name: str) -> type["Unlearner"]:

@@ -12,6 +12,11 @@ from pathlib import Path
 BUILTIN_MODULES = ("ours", "ccup", "clip_lip", "emmn", "fisher", "ft", "ga", "lip", "task_negation")
 
 
+def menu_order(name: str) -> tuple[bool, str]:
+    """Sort key of method names wherever they are listed: ``ours`` first, then alphabetical."""
+    return name != "ours", name
+
+
 def _strings(cls: ast.ClassDef) -> dict[str, str]:
     """The class-level string constants of a class body: ``x = "..."`` and ``x, Y = "...", Y``."""
     out = {}
@@ -38,4 +43,4 @@ def builtin_methods() -> dict[str, str]:
                     isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list):
                 consts = _strings(node)
                 found[consts["name"]] = consts.get("summary", "")
-    return dict(sorted(found.items(), key=lambda kv: (kv[0] != "ours", kv[0])))
+    return {name: found[name] for name in sorted(found, key=menu_order)}
