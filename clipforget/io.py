@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -66,18 +67,20 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb"):
-    """Yield a file object for a temporary file next to ``path``; rename on success."""
+def atomic_path(path: str | Path):
+    """Yield the path of an empty temporary file next to ``path`` for a writer that takes a file
+    name; once the block ends, the file is synced to disk and renamed to ``path``. On failure
+    nothing is left behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as e:
         raise _explain(path, e) from e
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -91,6 +94,18 @@ def atomic_file(path: str | Path, mode: str = "wb"):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb"):
+    """Yield a file object for a temporary file next to ``path``; rename on success."""
+    with atomic_path(path) as tmp:
+        try:
+            f = open(tmp, mode)
+        except OSError as e:
+            raise _explain(Path(path), e) from e
+        with f:
+            yield f
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -126,11 +141,18 @@ def _json_default(o):
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save
+    """Written straight from the tensors' memory (no serialised copy of the whole file in RAM)."""
+    from safetensors.torch import save_file
 
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                metadata={k: str(v) for k, v in (metadata or {}).items()})
-    write_bytes(path, data)
+    with atomic_path(path) as tmp:
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={k: str(v) for k, v in (metadata or {}).items()})
+        except Exception as e:      # safetensors' own error type; it names the OS error it hit
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise _explain(Path(path), OSError(int(code[1]), os.strerror(int(code[1])))) from e
 
 
 @contextlib.contextmanager
