@@ -112,6 +112,48 @@ def test_alignment_lowers_the_bn_statistics_loss(bundle, poodle_task):
     assert aligned.min() >= 0 and aligned.max() <= 1 and not torch.equal(aligned, x)
 
 
+def test_alignment_micro_batches_give_the_statistics_of_the_whole_set(bundle, poodle_task):
+    """Per micro-batch sums reproduce the mean/variance of all images at once, and the
+    micro-batched gradient of the alignment objective is the gradient over the whole set."""
+    from clipforget.stages.remind import NormStats
+    ctx = Context(bundle, poodle_task)
+    visual = ctx.original.visual.eval()
+    x = (poodle_task.retain.images[:24].float() / 255).requires_grad_()
+    stats = NormStats(visual)
+    moments = []                       # the reference: every layer's input over all 24 images at once
+    hooks = [m.register_forward_pre_hook(lambda m, inp: moments.append(
+        (inp[0].mean((0, 2, 3)), inp[0].var((0, 2, 3), unbiased=False)))) for m in stats.layers]
+    visual(bundle.normalize(x))
+    for h in hooks:
+        h.remove()
+    whole = sum(torch.linalg.vector_norm(mu - tm) + torch.linalg.vector_norm(var - tv)
+                for (mu, var), (tm, tv) in zip(moments, stats.targets))
+    (grad_whole,) = torch.autograd.grad(whole, x)
+    with torch.no_grad(), stats:
+        for b in (slice(0, 10), slice(10, 24)):
+            visual(bundle.normalize(x[b]))
+    for (mu, var), (mu_ref, var_ref) in zip(stats.moments(), moments):
+        assert torch.allclose(mu, mu_ref, atol=1e-4, rtol=1e-4) and torch.allclose(var, var_ref, atol=1e-4, rtol=1e-4)
+    assert float(stats.loss()) == pytest.approx(float(whole), rel=1e-4)
+
+    def aligned(micro_batch):
+        return align_images(ctx, x.detach(), AlignConfig(steps=3, micro_batch=micro_batch))
+    one, info_one = aligned(24)
+    many, info_many = aligned(5)
+    assert info_one["stat_loss_before"] == pytest.approx(float(whole), rel=1e-4)
+    assert info_many["stat_loss_after"] == pytest.approx(info_one["stat_loss_after"], rel=1e-3)
+    # Adam divides by the gradient's size: a pixel whose gradient is ~0 may step either way by up
+    # to lr, so the images agree in the mean, and every pixel within the 3 steps' reach
+    diff = (one - many).abs()
+    assert float(diff.mean()) < 1e-5 and float(diff.max()) <= 3 * AlignConfig().lr
+    assert not torch.equal(one, x.detach())
+    # the first Adam step moves every pixel by lr·sign(gradient): the same signs as the whole-set gradient
+    first, _ = align_images(ctx, x.detach(), AlignConfig(steps=1, micro_batch=7, content_weight=0.0))
+    moved = (first - x.detach()).sign()
+    inside = (x.detach() > 0.02) & (x.detach() < 0.98) & (grad_whole.abs() > 1e-6)
+    assert torch.equal(moved[inside], -grad_whole.sign()[inside])
+
+
 def test_alignment_content_term_keeps_what_the_original_model_sees(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
     x = poodle_task.retain.images[:48].float() / 255

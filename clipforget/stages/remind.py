@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..embed import ENCODE_BATCH, to_input
 from ..losses import distillation
 from ..train.loop import LoopConfig, optimize
 from ..trunk import TrunkEncoder
@@ -43,6 +44,7 @@ class AlignConfig:
     steps: int = 15                  # Adam steps on δ
     lr: float = 0.01                 # in [0, 1] pixel units
     chunk: int = 256                 # images whose statistics are matched together
+    micro_batch: int = 32            # images per forward/backward pass: bounds memory, not the result
     content_weight: float = 1000.0   # + w·mean(1 − cos(g₀(x+δ), g₀(x))): keep what the original model sees [recon]
     keep_originals: bool = True      # fine-tune on the retain images *and* their aligned copies; progress is
                                      # checked on the real images [recon]
@@ -52,8 +54,8 @@ class AlignConfig:
     def __post_init__(self):
         if self.vit_fallback not in ("layernorm", "skip"):
             raise ValueError(f"vit_fallback must be 'layernorm' or 'skip', got {self.vit_fallback!r}")
-        if self.steps < 0 or self.chunk < 2:
-            raise ValueError("align steps must be >= 0 and chunk >= 2")
+        if self.steps < 0 or self.chunk < 2 or self.micro_batch < 1:
+            raise ValueError("align steps must be >= 0, chunk >= 2 and micro_batch >= 1")
         if self.content_weight < 0:
             raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
         if self.max_images is not None and self.max_images < 1:
@@ -114,8 +116,13 @@ def frozen(module: nn.Module):
 
 
 class NormStats:
-    """Forward hooks that record the per-channel batch mean/var of each norm layer's input, and
-    the target moments to match (BatchNorm running stats, or LayerNorm moments of a reference)."""
+    """Forward pre-hooks that sum each norm layer's input per channel — Σ(x − c) and Σ(x − c)²,
+    with c the layer's target mean (a shift that keeps the variance exact in float32) — and the
+    target moments to match (BatchNorm running stats, or LayerNorm moments of a reference).
+
+    Sums add over batches, so the moments of a whole image set come from batches run one at a
+    time: ``align_images`` matches the statistics of all its images without holding all their
+    activations at once."""
 
     def __init__(self, visual: nn.Module):
         self.bn = [m for m in visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -124,36 +131,59 @@ class NormStats:
         self.kind = "batchnorm" if self.bn else ("layernorm" if self.ln else "none")
         self.targets: list[tuple[torch.Tensor, torch.Tensor]] = (
             [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in self.bn] if self.bn else [])
-        self.current: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sums: list[list[torch.Tensor]] = []     # per layer [Σ(x − c), Σ(x − c)², count]
+        self.dtype = torch.float32    # of the sums; float64 where there is no target mean to shift by
         self._hooks = []
 
-    @staticmethod
-    def moments(x: torch.Tensor, layernorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.float()
-        if layernorm:                 # (..., C): statistics over every position
-            flat = x.reshape(-1, x.shape[-1])
-            return flat.mean(0), flat.var(0, unbiased=False)
-        dims = [0] + list(range(2, x.ndim))   # (N, C, ...)
-        return x.mean(dims), x.var(dims, unbiased=False)
+    def _record(self, i: int, x: torch.Tensor) -> None:
+        x = x.to(self.dtype)
+        if self.kind == "layernorm":  # (..., C): statistics over every position
+            x = x.reshape(-1, x.shape[-1])
+        channels = x.shape[1]         # (N, C, ...) or (positions, C)
+        dims = [0] + list(range(2, x.ndim))
+        c = self.shift(i).to(x.dtype)
+        d = x - (c.view(channels, *[1] * (x.ndim - 2)) if c.ndim else c)
+        s = [d.sum(dims), (d * d).sum(dims), torch.tensor(float(x.numel() // channels), dtype=x.dtype)]
+        if i < len(self.sums):
+            self.sums[i] = [a + b for a, b in zip(self.sums[i], s)]
+        else:
+            self.sums.append(s)
+
+    def shift(self, i: int) -> torch.Tensor:
+        return self.targets[i][0] if self.targets else torch.zeros(())
 
     def __enter__(self):
-        ln = self.kind == "layernorm"
-        self.current = []
-        self._hooks = [m.register_forward_pre_hook(lambda m, inp: self.current.append(self.moments(inp[0], ln)))
-                       for m in self.layers]
+        """Start a pass: the sums restart at zero and add up over every forward until exit."""
+        self.sums = []
+        self._hooks = [m.register_forward_pre_hook(lambda m, inp, i=i: self._record(i, inp[0]))
+                       for i, m in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc):
         for h in self._hooks:
             h.remove()
 
-    def loss(self) -> torch.Tensor:
+    def moments(self, sums: list[list[torch.Tensor]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (mean, variance) of everything seen in the pass (or of ``sums``)."""
+        out = []
+        for i, (s1, s2, n) in enumerate(self.sums if sums is None else sums):
+            m = s1 / n
+            out.append((self.shift(i) + m, s2 / n - m * m))
+        return out
+
+    def loss(self, sums: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
         return sum(torch.linalg.vector_norm(mu - tm) + torch.linalg.vector_norm(var - tv)
-                   for (mu, var), (tm, tv) in zip(self.current, self.targets))
+                   for (mu, var), (tm, tv) in zip(self.moments(sums), self.targets))
 
 
 def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: torch.Tensor | None = None):
-    """Return (aligned images in [0, 1], info). ``images01``: float (N, 3, H, W)."""
+    """Return (aligned images in [0, 1], info). ``images01``: float (N, 3, H, W).
+
+    The statistics of a chunk are those of all its images; forward and backward passes run
+    ``cfg.micro_batch`` images at a time. Per step: one pass without gradients sums the statistics
+    of the chunk at x + δ; the gradient of the statistics loss with respect to those sums (a few
+    small tensors) then weights the same sums of each micro-batch, whose backward pass adds its
+    images' part of the exact gradient."""
     visual = ctx.original.visual
     stats = NormStats(visual)
     if not cfg.enabled or cfg.steps == 0:
@@ -165,39 +195,61 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
     visual.eval()
     device = ctx.bundle.device
     dtype = next(visual.parameters()).dtype
+
+    def run(x01):                     # the original tower on [0, 1] images
+        return visual(ctx.bundle.normalize(x01.to(device)).to(dtype))
+
+    def batches(n):
+        return [slice(j, j + cfg.micro_batch) for j in range(0, n, cfg.micro_batch)]
+
     with frozen(visual):
         if stats.kind == "layernorm":
             log.warning("image tower has no BatchNorm; aligning LayerNorm input moments to a reference set [recon]")
             if reference01 is None:
                 raise ValueError("LayerNorm alignment needs reference images")
+            stats.dtype = torch.float64
             with torch.no_grad(), stats:
-                visual(ctx.bundle.normalize(reference01.to(device)).to(dtype))
-            stats.targets = [(m.detach(), v.detach()) for m, v in stats.current]
+                for b in batches(len(reference01)):
+                    run(reference01[b])
+            stats.targets = [(m.float(), v.float()) for m, v in stats.moments()]
+            stats.dtype = torch.float32
         out, before, after = [], [], []
         for i in range(0, len(images01), cfg.chunk):
             x = images01[i:i + cfg.chunk].to(device)
+            n = len(x)
             delta = torch.zeros_like(x, requires_grad=True)
             with torch.no_grad():
-                content = F.normalize(visual(ctx.bundle.normalize(x).to(dtype)).float(), dim=-1)
+                content = torch.cat([F.normalize(run(x[b]).float(), dim=-1) for b in batches(n)])
 
-            def loss_fn(step, x=x, delta=delta, content=content):
-                with stats:
-                    feats = visual(ctx.bundle.normalize((x + delta).clamp(0, 1)).to(dtype))
-                    loss = stats.loss()
+            def loss_fn(step, x=x, delta=delta, content=content, n=n):
+                with torch.no_grad(), stats:           # the chunk's statistics at x + δ
+                    for b in batches(n):
+                        run((x[b] + delta[b]).clamp(0, 1))
+                sums = [[s.requires_grad_() for s in layer[:2]] + layer[2:] for layer in stats.sums]
+                stat_loss = stats.loss(sums)
+                grads = torch.autograd.grad(stat_loss, [s for layer in sums for s in layer[:2]])
                 if step == 0:
-                    before.append(float(loss.detach()))
-                if cfg.content_weight > 0:
-                    drift = 1 - (F.normalize(feats.float(), dim=-1) * content).sum(-1)
-                    loss = loss + cfg.content_weight * drift.mean()
-                return loss
+                    before.append(float(stat_loss))
+                drift_sum = 0.0
+                for b in batches(n):                   # backward, a micro-batch at a time
+                    with stats:
+                        feats = run((x[b] + delta[b]).clamp(0, 1))
+                    part = sum((g * s).sum() for g, s in zip(grads, (s for layer in stats.sums for s in layer[:2])))
+                    if cfg.content_weight > 0:
+                        drift = (1 - (F.normalize(feats.float(), dim=-1) * content[b]).sum(-1)).sum()
+                        part = part + cfg.content_weight * drift / n
+                        drift_sum += float(drift)
+                    part.backward()
+                return float(stat_loss) + cfg.content_weight * drift_sum / n
 
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
                      ctx.callbacks)
+            final = (x + delta).detach().clamp(0, 1)
             with torch.no_grad(), stats:
-                final = (x + delta).clamp(0, 1)
-                visual(ctx.bundle.normalize(final).to(dtype))
-                after.append(float(stats.loss()))
-            out.append(final.detach().cpu())
+                for b in batches(n):
+                    run(final[b])
+            after.append(float(stats.loss()))
+            out.append(final.cpu())
     visual.train(was)
     info = {"aligned": True, "norm": stats.kind, "stat_loss_before": sum(before) / len(before),
             "stat_loss_after": sum(after) / len(after)}
@@ -210,24 +262,24 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     if not len(task.retain):
         log.warning("remind skipped: the retain set is empty")
         return {"skipped": "empty retain set"}
-    images01 = task.retain.images.float() / 255.0
+    retain = task.retain.images       # uint8; float copies are made a batch at a time
     reference = None
     if NormStats(ctx.original.visual).kind == "layernorm":
         col = task.calib.get("other_superclasses") or next(iter(task.calib.values()))
         reference = col.views.images.float() / 255.0
-    n = len(images01)
+    n = len(retain)
     cap = cfg.align.max_images
     chosen = torch.arange(n) if cap is None or n <= cap else ctx.sample_indices(n, cap).sort().values
-    aligned, info = align_images(ctx, images01[chosen], cfg.align, reference)
+    aligned, info = align_images(ctx, retain[chosen].float() / 255.0, cfg.align, reference)
     # training rows and the retain image each comes from: the real images and/or the aligned copies;
     # progress is checked on the first n_check rows (the real images when they are trained on)
     n_check = n
     if not info.get("aligned"):
-        train01, source = images01, torch.arange(n)
+        parts, source = [retain], torch.arange(n)
     elif cfg.align.keep_originals:
-        train01, source = torch.cat([images01, aligned]), torch.cat([torch.arange(n), chosen])
+        parts, source = [retain, aligned], torch.cat([torch.arange(n), chosen])
     else:
-        train01, source = aligned, chosen
+        parts, source = [aligned], chosen
         n_check = len(chosen)
     device = ctx.bundle.device
     dtype = next(ctx.model.visual.parameters()).dtype
@@ -242,9 +294,12 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     pos_all[torch.arange(len(task.retain)), sc_ids] = 1
     pos_all = pos_all[source.to(device)]
     with torch.no_grad():
-        x_all = ctx.bundle.normalize(train01.to(device)).to(dtype)
-        teacher_feats = torch.cat([ctx.image_features(x_all[i:i + 256], ctx.original) for i in range(0, len(x_all), 256)])
+        x_all = torch.cat([to_input(ctx.bundle, part[i:i + ENCODE_BATCH], ctx.model)
+                           for part in parts for i in range(0, len(part), ENCODE_BATCH)])
+        teacher_feats = torch.cat([ctx.image_features(x_all[i:i + ENCODE_BATCH], ctx.original)
+                                   for i in range(0, len(x_all), ENCODE_BATCH)])
         teacher = ctx.logit_scale * teacher_feats @ ctx.superclass_emb.t()
+    del aligned, parts
     visual = ctx.model.visual
     key = {"late": "candidates", "forget_layers": "layers"}.get(cfg.scope)
     if key and ctx.info.get("forget", {}).get(key):
@@ -257,6 +312,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     # only the trained layers change: the stages before them run once per image
     enc = TrunkEncoder(visual, names, enabled=cfg.bn_mode == "eval")
     retain_x, forget_x = enc.prepare(x_all), enc.prepare(ctx.inputs(task.forget))
+    del x_all                             # the trunk's output replaces it (or is it, when there is no split)
     for p in params:
         p.requires_grad_(True)
     visual.train(cfg.bn_mode == "train")
@@ -265,7 +321,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     trained = [k for k, v in visual.named_parameters() if any(v is p for p in params)]
 
     def loss_fn(step):
-        idx = ctx.sample_indices(len(x_all), cfg.batch_size).to(device)
+        idx = ctx.sample_indices(len(retain_x), cfg.batch_size).to(device)
         img = enc(retain_x[idx])
         logits = ctx.logit_scale * img @ texts.t()
         pos = pos_all[idx]
@@ -326,5 +382,5 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
         final = {k: ema[k].to(v.dtype) if v.is_floating_point() else v for k, v in live.items()}
         visual.load_state_dict(final)
     ctx.log_history("remind", history)
-    info.update(steps=len(history), ema=cfg.ema, train_images=len(x_all), checks=checks, retain_goal=retain_goal, forget_goal=forget_goal)
+    info.update(steps=len(history), ema=cfg.ema, train_images=len(retain_x), checks=checks, retain_goal=retain_goal, forget_goal=forget_goal)
     return info

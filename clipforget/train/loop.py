@@ -1,7 +1,8 @@
 """THE optimisation loop: every method and stage that trains goes through :func:`optimize`.
 
 A method supplies ``loss_fn(step) -> loss`` (it draws its own batch), the parameters to train and
-a :class:`LoopConfig`; the loop owns the optimiser, gradient clipping, the non-finite-loss check,
+a :class:`LoopConfig`; a ``loss_fn`` that back-propagates itself (in micro-batches, to bound memory)
+returns the loss as a float instead of a tensor, its gradients already in ``.grad``. The loop owns the optimiser, gradient clipping, the non-finite-loss check,
 early stopping, per-step hooks (EMA) and progress events for the callbacks.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def emit(callbacks: Iterable[Callback], **event) -> None:
         cb(event)
 
 
-def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor], cfg: LoopConfig,
+def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor | float], cfg: LoopConfig,
              stage: str = "train", callbacks: Iterable[Callback] = (),
              should_stop: Callable[[int], bool] | None = None,
              after_step: Callable[[int], None] | None = None,
@@ -74,13 +75,14 @@ def optimize(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], torc
         if should_stop is not None and step % cfg.check_every == 0 and should_stop(step):
             emit(callbacks, stage=stage, step=step, total=cfg.steps, fraction=1.0, message="target reached")
             break
+        opt.zero_grad(set_to_none=True)
         loss = loss_fn(step)
-        value = float(loss.detach())
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             raise NonFiniteLoss(f"stage {stage!r}: loss became {value} at step {step + 1}; lower the "
                                 f"learning rate (now {cfg.lr}) or the number of steps")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
         grad_norm = None
         if cfg.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
