@@ -26,7 +26,6 @@ import gradio as gr  # noqa: E402
 from clipforget.alphas import DEFAULT_ALPHA_POINTS  # noqa: E402
 from clipforget.appcore import AppCore, NotReady, bind_warning  # noqa: E402
 from clipforget.jobs import JobBusy, JobError, RunsDirBusy  # noqa: E402
-from clipforget.memory import fix_mmap_threshold  # noqa: E402
 from clipforget.uploads import UploadConfig  # noqa: E402
 
 log = logging.getLogger("clipforget.app")
@@ -408,9 +407,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha-points", type=int, default=DEFAULT_ALPHA_POINTS,
                    help=f"α values precomputed per job, evenly over 0..1, plus the calibrated α (default: {DEFAULT_ALPHA_POINTS})")
     args = p.parse_args(argv)
-    # big transient tensors (a job's activations) get their own mappings, unmapped when freed: the
-    # app's resident size falls back after each stage instead of only growing (bench/bench_app.py)
-    fix_mmap_threshold()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (warning := bind_warning(args.host)) is not None:
         log.warning(warning)

@@ -7,6 +7,12 @@ from torch import nn
 
 from .models import ClipBundle
 
+# Images (or prompts) per no-grad forward pass. Small on purpose: on the CPU, a batch whose
+# activations stay at a few MiB reuses memory malloc already holds, while bigger ones get fresh
+# pages from the kernel at every layer (page faults cost more than the larger matrix products save),
+# and they raise the process's peak. bench/bench_app.py measures the app's job time and memory.
+ENCODE_BATCH = 64
+
 
 def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.visual.parameters()).dtype
@@ -22,7 +28,7 @@ def to_input(bundle: ClipBundle, images: torch.Tensor, model: nn.Module | None =
 
 @torch.no_grad()
 def encode_images(bundle: ClipBundle, images: torch.Tensor, model: nn.Module | None = None,
-                  batch_size: int = 256) -> torch.Tensor:
+                  batch_size: int = ENCODE_BATCH) -> torch.Tensor:
     """Normalised image embeddings (N, D) in float32 on the CPU. ``model`` defaults to the
     bundle's; pass an edited copy to encode with it."""
     if len(images) == 0:
@@ -38,7 +44,7 @@ def encode_images(bundle: ClipBundle, images: torch.Tensor, model: nn.Module | N
 
 @torch.no_grad()
 def encode_texts(bundle: ClipBundle, texts: list[str], model: nn.Module | None = None,
-                 batch_size: int = 256) -> torch.Tensor:
+                 batch_size: int = ENCODE_BATCH) -> torch.Tensor:
     model = model or bundle.model
     out = []
     for i in range(0, len(texts), batch_size):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .alphas import DEFAULT_ALPHA_POINTS, alpha_points, nearest  # noqa: F401 - also this module's API
-from .embed import to_input
+from .embed import ENCODE_BATCH, to_input
 from .models import ClipBundle
 from .trunk import TrunkEncoder
 
@@ -80,7 +80,7 @@ def load(path: str | Path) -> faiss.Index:
 @torch.no_grad()
 def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alphas: list[float],
                       progress: Callable[[int, int], None] | None = None,
-                      batch_size: int = 256) -> tuple[torch.Tensor, dict]:
+                      batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, dict]:
     """Gallery embeddings (A, N, D) at θ₀ + α·Δ for each α, and timing info.
 
     Batch by batch: a batch's trunk is computed once and runs through the later stages at every

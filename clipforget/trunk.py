@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embed import ENCODE_BATCH
+
 # open_clip's ModifiedResNet.forward runs these in order; the stem owns conv1..3, bn1..3, act1..3, avgpool.
 RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "attnpool")
 _STEM_PARTS = ("conv", "bn", "act", "avgpool")
@@ -90,7 +92,7 @@ class TrunkEncoder:
     must not be frozen (e.g. BatchNorm in train mode updates its statistics)."""
 
     def __init__(self, visual: nn.Module, edited: Iterable[str], enabled: bool = True,
-                 budget_bytes: int = 1 << 30, batch_size: int = 256):
+                 budget_bytes: int = 1 << 30, batch_size: int = ENCODE_BATCH):
         self.visual = visual
         self.start = (split_index(visual, edited) if enabled else None) or 0
         self.budget_bytes = budget_bytes

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.task import Task, ViewSet
-from ..embed import encode_texts, to_input
+from ..embed import ENCODE_BATCH, encode_texts, to_input
 from ..eval.zeroshot import TextCache
 from ..merge import StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
@@ -189,7 +189,7 @@ class Context:
         return self.logit_scale * self.image_features(x, model) @ self.superclass_emb.t()
 
     @torch.no_grad()
-    def accuracy(self, views: ViewSet, model: nn.Module | None = None, batch_size: int = 256) -> float:
+    def accuracy(self, views: ViewSet, model: nn.Module | None = None, batch_size: int = ENCODE_BATCH) -> float:
         """Zero-shot superclass accuracy of ``views`` (eval mode, restored afterwards)."""
         model = model or self.model
         was = model.visual.training
