@@ -44,7 +44,7 @@ class AlignConfig:
     steps: int = 15                  # Adam steps on δ
     lr: float = 0.01                 # in [0, 1] pixel units
     chunk: int = 256                 # images whose statistics are matched together
-    micro_batch: int = 32            # images per forward/backward pass: bounds memory, not the result
+    micro_batch: int = 16            # images per forward/backward pass: bounds memory, not the result
     content_weight: float = 1000.0   # + w·mean(1 − cos(g₀(x+δ), g₀(x))): keep what the original model sees [recon]
     keep_originals: bool = True      # fine-tune on the retain images *and* their aligned copies; progress is
                                      # checked on the real images [recon]
