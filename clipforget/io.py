@@ -99,13 +99,8 @@ def atomic_path(path: str | Path):
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb"):
     """Yield a file object for a temporary file next to ``path``; rename on success."""
-    with atomic_path(path) as tmp:
-        try:
-            f = open(tmp, mode)
-        except OSError as e:
-            raise _explain(Path(path), e) from e
-        with f:
-            yield f
+    with atomic_path(path) as tmp, open(tmp, mode) as f:    # atomic_path explains an OSError
+        yield f
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -202,15 +202,18 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
     def batches(n):
         return [slice(j, j + cfg.micro_batch) for j in range(0, n, cfg.micro_batch)]
 
+    def measure(images01):            # one pass without gradients: ``stats`` sums over all the images
+        with torch.no_grad(), stats:
+            for b in batches(len(images01)):
+                run(images01[b])
+
     with frozen(visual):
         if stats.kind == "layernorm":
             log.warning("image tower has no BatchNorm; aligning LayerNorm input moments to a reference set [recon]")
             if reference01 is None:
                 raise ValueError("LayerNorm alignment needs reference images")
             stats.dtype = torch.float64
-            with torch.no_grad(), stats:
-                for b in batches(len(reference01)):
-                    run(reference01[b])
+            measure(reference01)
             stats.targets = [(m.float(), v.float()) for m, v in stats.moments()]
             stats.dtype = torch.float32
         out, before, after = [], [], []
@@ -222,9 +225,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                 content = torch.cat([F.normalize(run(x[b]).float(), dim=-1) for b in batches(n)])
 
             def loss_fn(step, x=x, delta=delta, content=content, n=n):
-                with torch.no_grad(), stats:           # the chunk's statistics at x + δ
-                    for b in batches(n):
-                        run((x[b] + delta[b]).clamp(0, 1))
+                measure((x + delta.detach()).clamp(0, 1))     # the chunk's statistics at x + δ
                 sums = [[s.requires_grad_() for s in layer[:2]] + layer[2:] for layer in stats.sums]
                 stat_loss = stats.loss(sums)
                 grads = torch.autograd.grad(stat_loss, [s for layer in sums for s in layer[:2]])
@@ -245,9 +246,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
                      ctx.callbacks)
             final = (x + delta).detach().clamp(0, 1)
-            with torch.no_grad(), stats:
-                for b in batches(n):
-                    run(final[b])
+            measure(final)
             after.append(float(stats.loss()))
             out.append(final.cpu())
     visual.train(was)
@@ -282,7 +281,6 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
         parts, source = [aligned], chosen
         n_check = len(chosen)
     device = ctx.bundle.device
-    dtype = next(ctx.model.visual.parameters()).dtype
     # CLIP loss of each retain image against its own text, contrasted with every superclass prompt
     # too (a batch of retain images has only a handful of distinct captions); its own caption and
     # its superclass prompt are both positives.

@@ -2,8 +2,9 @@
 
 A method supplies ``loss_fn(step) -> loss`` (it draws its own batch), the parameters to train and
 a :class:`LoopConfig`; a ``loss_fn`` that back-propagates itself (in micro-batches, to bound memory)
-returns the loss as a float instead of a tensor, its gradients already in ``.grad``. The loop owns the optimiser, gradient clipping, the non-finite-loss check,
-early stopping, per-step hooks (EMA) and progress events for the callbacks.
+returns the loss as a float instead of a tensor, its gradients already in ``.grad``. The loop owns
+the optimiser, gradient clipping, the non-finite-loss check, early stopping, per-step hooks (EMA)
+and progress events for the callbacks.
 """
 from __future__ import annotations
 
