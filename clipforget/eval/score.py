@@ -1,7 +1,11 @@
 """The paper's Score (reproduced from its own tables; see METHOD.md).
 
 With a = accuracy before and a' = after, target column T and K columns in all:
-    Score = 100/K · [ (1 − a'_T / a_T) + Σ_{j ≠ T} min(1, a'_j / a_j) ]
+    Score = 100/K · [ (1 − min(1, a'_T / a_T)) + Σ_{j ≠ T} min(1, a'_j / a_j) ]
+
+Every ratio is capped at 1, the target's too (the paper's style table, FT row — target 68.1 → 99.5 —
+only comes out as printed with the cap). The columns are held-out ones: a column measured on the
+images the method trained on (``forget_examples``) is reported apart and never enters the Score.
 """
 from __future__ import annotations
 
@@ -19,5 +23,6 @@ def score(columns: dict[str, dict[str, float]], target: str = "target") -> float
                                  "recognise the subgroup, so there is nothing to forget and no Score")
             total += 1.0      # nothing known before, nothing lost
             continue
-        total += (1 - after / before) if name == target else min(1.0, after / before)
+        kept = min(1.0, after / before)
+        total += (1 - kept) if name == target else kept
     return 100.0 * total / len(columns)
