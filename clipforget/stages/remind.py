@@ -317,6 +317,10 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     ema = {k: v.detach().clone().float() for k, v in ctx.theta0.items()} if cfg.ema else None
     live = visual.state_dict()            # shares storage with the parameters
     trained = [k for k, v in visual.named_parameters() if any(v is p for p in params)]
+    # what fine-tuning changes, so what the EMA averages: the trained weights, and in train-mode
+    # BatchNorm its running statistics too
+    moving = trained + ([k for k, v in live.items() if v.is_floating_point() and k not in trained]
+                        if cfg.bn_mode == "train" else [])
 
     def loss_fn(step):
         idx = ctx.sample_indices(len(retain_x), cfg.batch_size).to(device)
@@ -338,9 +342,8 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
         if ema is None:
             return
         with torch.no_grad():
-            for k, v in ema.items():
-                if v.is_floating_point():
-                    v.mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
+            for k in moving:
+                ema[k].mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
 
     check_x = retain_x[:n_check]
     retain_labels = task.superclass_labels(task.retain)[source[:n_check]]
@@ -350,16 +353,34 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     margin = ctx.info.get("forget", {}).get("margin", 0.0)       # forgotten as the forget stage defined it
     checks: list[dict] = []
     best: dict = {}           # the last check that kept D_f forgotten with the best retain accuracy
+    # the weights the stage returns are the EMA's: the checks must measure those, not the live ones
+
+    @contextlib.contextmanager
+    def returned_weights():
+        if ema is None:
+            yield
+            return
+        with torch.no_grad():
+            saved = {n: live[n].clone() for n in moving}
+            for n in moving:
+                live[n].copy_(ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n in moving:
+                    live[n].copy_(saved[n])
 
     def should_stop(step):
         if cfg.retain_tolerance is None or step == 0:
             return False
-        r = ctx.superclass_accuracy(enc.encode(check_x), retain_labels)
-        f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
+        with returned_weights():
+            r = ctx.superclass_accuracy(enc.encode(check_x), retain_labels)
+            f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
         checks.append({"step": step, "retain_acc": r, "forget_acc": f})
         if f <= forget_goal and r >= best.get("retain_acc", -1.0):
-            best.update(step=step, retain_acc=r, live={n: live[n].detach().clone() for n in trained},
-                        ema=None if ema is None else {n: ema[n].clone() for n in trained})
+            best.update(step=step, retain_acc=r, live={n: live[n].detach().clone() for n in moving},
+                        ema=None if ema is None else {n: ema[n].clone() for n in moving})
         return r >= retain_goal and f <= forget_goal
 
     history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, should_stop=should_stop,
@@ -371,7 +392,7 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
             and len(history) > best["step"]:
         # the step budget ran out after a better check: go back to it
         with torch.no_grad():
-            for n in trained:
+            for n in moving:
                 live[n].copy_(best["live"][n])
                 if ema is not None:
                     ema[n].copy_(best["ema"][n])
