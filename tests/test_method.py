@@ -39,6 +39,36 @@ def test_score_formula():
         score({"retain": {"before": 1, "after": 1}})
 
 
+# The paper's RN50 "marmoset" table: the original model's accuracy per column, then rows of
+# (after accuracies, printed Score). Columns: target, retain, ImageNet, CIFAR, Food, STL, ObjectNet.
+MARMOSET_BEFORE = (51.0, 54.7, 59.8, 70.4, 60.9, 92.0, 68.9)
+MARMOSET_ROWS = {"ours": ((0.0, 50.2, 54.5, 85.7, 62.9, 81.5, 45.2), 91.0),
+                 "ga": ((0.0, 0.9, 32.2, 16.4, 22.9, 63.3, 22.1), 45.3),
+                 "lip": ((0.7, 0.2, 1.3, 10.7, 0.2, 10.3, 1.6), 18.6)}
+
+
+def paper_columns(after):
+    names = ("target", "retain", "imagenet", "cifar", "food", "stl", "objectnet")
+    return {n: {"before": b, "after": a} for n, b, a in zip(names, MARMOSET_BEFORE, after)}
+
+
+@pytest.mark.parametrize("method", sorted(MARMOSET_ROWS))
+def test_score_reproduces_the_papers_rows(method):
+    after, printed = MARMOSET_ROWS[method]
+    assert round(score(paper_columns(after)), 1) == printed
+
+
+def test_score_caps_the_target_ratio_too():
+    # a method that makes the target *more* recognised (the paper's style table, FT row: 68.1 -> 99.5)
+    # scores 0 on the target term, not a negative one that would pull the Score below its other columns
+    after = list(MARMOSET_ROWS["ours"][0])
+    after[0] = 99.5
+    cols = paper_columns(after)
+    kept = sum(min(1.0, c["after"] / c["before"]) for n, c in cols.items() if n != "target")
+    assert score(cols) == pytest.approx(100 / 7 * kept)
+    assert score(cols) == pytest.approx(score(paper_columns([51.0] + after[1:])))      # same as no change
+
+
 def test_relative_fisher_ranking():
     ff = {"a": 4.0, "b": 1.0, "c": 3.0}
     fr = {"a": 4.0, "b": 0.1, "c": 1.0}
@@ -186,6 +216,13 @@ def test_remind_stops_once_retain_is_back_and_forget_stays_forgotten(bundle, poo
     last = info["checks"][-1]
     assert last["step"] == info["steps"] < RemindConfig().loop.steps         # stopped early ...
     assert last["retain_acc"] >= info["retain_goal"] and last["forget_acc"] <= info["forget_goal"]   # ... at its goals
+    # ... and what it checked is what it returns (the EMA weights, not the live ones it trained)
+    assert ctx.accuracy(poodle_task.retain) == pytest.approx(last["retain_acc"], abs=1e-6)
+    feats = torch.cat([ctx.image_features(ctx.inputs(poodle_task.forget, slice(i, i + 64)))
+                       for i in range(0, len(poodle_task.forget), 64)])
+    forget_acc = ctx.superclass_accuracy(feats, poodle_task.superclass_labels(poodle_task.forget),
+                                         ctx.info["forget"]["margin"])
+    assert forget_acc == pytest.approx(last["forget_acc"], abs=1e-6)
     assert ctx.accuracy(poodle_task.retain) > before
     n = len(poodle_task.retain)                  # the real retain images and aligned copies of (at most 128 of) them
     assert info["train_images"] == n + min(n, AlignConfig().max_images)
