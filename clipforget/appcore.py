@@ -527,8 +527,9 @@ class AppCore:
     def metrics_table(self, job_id: str) -> dict:
         """The report's columns (accuracy before / after) and the Score."""
         rep = self.report(job_id)
+        columns = {**rep["columns"], **rep.get("trained_on", {})}     # held out, then the trained-on examples
         rows = [[column_title(n), c.get("images", ""), round(c["before"], 3), round(c["after"], 3),
-                 round(c["after"] / c["before"], 2) if c["before"] else None] for n, c in rep["columns"].items()]
+                 round(c["after"] / c["before"], 2) if c["before"] else None] for n, c in columns.items()]
         return {"headers": ["column", "images", "before", "after", "ratio"], "rows": rows,
                 "score": rep["score"], "alpha": rep["alpha"], "method": rep["method"]}
 
@@ -547,7 +548,8 @@ class AppCore:
         if curve:
             xs = [r["alpha"] for r in curve]
             for name in [k for k in curve[0] if k != "alpha"]:
-                style = {"lw": 2.5, "color": "#dc2626"} if name == "target" else {"lw": 1.6}
+                style = {"target": {"lw": 2.5, "color": "#dc2626"},
+                         "forget_examples": {"lw": 1.6, "color": "#dc2626", "ls": ":"}}.get(name, {"lw": 1.6})
                 ax.plot(xs, [r[name] for r in curve], label=column_title(name), **style)
         else:
             ax.text(0.5, 0.5, f"method {rep['method']!r} has no α-curve (α = {rep['alpha']:.2f})",

@@ -23,16 +23,13 @@ import dataclasses
 import io
 import json
 import logging
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import torch
 
-from .data.gallery import Gallery, display
-from .data.task import Column, ForgetRequest, SplitConfig, Task, ViewCache, build_task
+from .data.gallery import Gallery
+from .data.task import ClassRequest, ForgetRequest, SplitConfig, Task, ViewCache, build_class_task, build_task
 from .eval.report import column_title
 from .eval.score import score
 from .io import save_figure, write_json, write_text
@@ -70,23 +67,6 @@ ABLATIONS = {
 
 # ---- task specs ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ClassRequest:
-    """Forget a whole superclass (CCUP's setting). ForgetRequest refuses it on purpose — it is not a
-    subgroup request — so the benchmark builds this task itself (:func:`build_class_task`)."""
-    superclass: str
-    subgroup: None = None
-    style: None = None
-    retain: None = None
-
-    @property
-    def label(self) -> str:
-        return f"every {display(self.superclass)}"
-
-    def to_dict(self) -> dict:
-        return {"superclass": self.superclass, "subgroup": None, "style": None, "retain": None, "whole_class": True}
-
-
 def parse_request(spec: str) -> ForgetRequest | ClassRequest:
     """'dog/poodle' | 'car@line-art' | 'dog/poodle@noto' | 'class:dog' -> a request."""
     if spec.startswith("class:"):
@@ -96,55 +76,6 @@ def parse_request(spec: str) -> ForgetRequest | ClassRequest:
     if not superclass or (not subgroup and not style):
         raise ValueError(f"task {spec!r}: expected SUPER/SUB, SUPER@STYLE, SUPER/SUB@STYLE or class:SUPER")
     return ForgetRequest(superclass, subgroup or None, style or None)
-
-
-def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
-                     cache: ViewCache | None = None, retain_per_superclass: int = 4) -> Task:
-    """D_f: every image of the superclass; D_r: a few images of every other superclass (with their own
-    texts; the "similar" data a user would keep); columns target / other superclasses (minus D_r's
-    images) / other concepts, built as :func:`build_task` builds them."""
-    cache = cache or ViewCache(gallery)
-    gallery.check(superclass=request.superclass)
-    rng = random.Random(cfg.seed)
-    superclasses = gallery.superclasses()
-    sc_index = {s: i for i, s in enumerate(superclasses)}
-    forget = gallery.select(superclass=request.superclass, kind="hierarchy")
-    retain = []
-    for s in superclasses:
-        if s != request.superclass:
-            items = gallery.select(superclass=s, kind="hierarchy")
-            retain += sorted(rng.sample(items, min(retain_per_superclass, len(items))), key=items.index)
-    used = {it.path for it in forget} | {it.path for it in retain}
-    others = [it for it in gallery.select(kind="hierarchy") if it.path not in used]
-    concepts_all = gallery.other_concepts()
-    concept_items = gallery.select(kind="other", unseen=False)
-
-    def cap(items, k):
-        return items if k is None or len(items) <= k else sorted(rng.sample(items, k), key=items.index)
-
-    def sc_column(name, items, split, n):
-        v = cache.views(items, split, n, image_size)
-        return Column(name, v, superclasses, torch.tensor([sc_index[it.superclass] for it in v.items]))
-
-    def concept_column(name, items, split, n):
-        v = cache.views(items, split, n, image_size)
-        return Column(name, v, concepts_all, torch.tensor([concepts_all.index(it.concept) for it in v.items]),
-                      "concept")
-
-    test = {"target": sc_column("target", forget, "test", 1),
-            "other_superclasses": sc_column("other_superclasses", cap(others, cfg.max_other_images), "test", 1)}
-    calib = {"target": sc_column("target", cap(forget, cfg.calib_other_images), "calib", 1),
-             "retain": sc_column("retain", retain, "calib", cfg.calib_views),
-             "other_superclasses": sc_column("other_superclasses", cap(others, cfg.calib_other_images), "calib", 1)}
-    if concept_items:
-        test["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.max_other_images), "test", 1)
-        calib["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.calib_concept_images),
-                                                 "calib", 1)
-    train_views = max(1, cfg.train_views // 4)     # the forget set is a whole class: fewer views each
-    return Task(request, gallery, image_size, superclasses,    # type: ignore[arg-type]
-                forget=cache.views(forget, "train", train_views, image_size),
-                retain=cache.views(retain, "train", cfg.train_views, image_size),
-                retain_subgroups=[], calib=calib, test=test)
 
 
 def make_task(spec: str, bundle: ClipBundle, gallery: Gallery, split: SplitConfig, cache: ViewCache) -> Task:
@@ -158,7 +89,7 @@ def make_task(spec: str, bundle: ClipBundle, gallery: Gallery, split: SplitConfi
 
 def row_from_report(name: str, report: dict, **extra) -> dict:
     row = {"method": name, "score": report["score"], "alpha": report.get("alpha", 1.0)}
-    for col, c in report["columns"].items():
+    for col, c in {**report["columns"], **report.get("trained_on", {})}.items():
         row[f"{col}_before"] = c["before"]
         row[f"{col}_after"] = c["after"]
         row[f"{col}_ratio"] = c["after"] / c["before"] if c["before"] else float("nan")
@@ -168,7 +99,8 @@ def row_from_report(name: str, report: dict, **extra) -> dict:
 
 
 def columns_of(rows: list[dict]) -> list[str]:
-    order = ["target", "retain", "other_styles", "other_superclasses", "other_concepts"]
+    order = ["target", "retain", "other_styles", "other_superclasses", "other_concepts", "unseen_styles",
+             "forget_examples"]
     seen = {k.removesuffix("_after") for r in rows for k in r if k.endswith("_after")}
     return [c for c in order if c in seen] + sorted(seen - set(order))
 
@@ -219,7 +151,8 @@ def plot_alpha_curve(curve: list[dict], chosen: float, path: Path, title: str) -
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     alphas = [r["alpha"] for r in curve]
     for col in [k for k in curve[0] if k != "alpha"]:
-        ax.plot(alphas, [r[col] for r in curve], marker="o", ms=3, label=column_title(col))
+        ax.plot(alphas, [r[col] for r in curve], marker="o", ms=3, label=column_title(col),
+                ls=":" if col == "forget_examples" else "-")
     ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen α = {chosen:.2f}")
     ax.set(xlabel="unlearning strength α (0: original, 1: fully unlearned)", ylabel="calibration accuracy",
            title=title, ylim=(-0.02, 1.02))
@@ -315,7 +248,8 @@ def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gal
         if m == "ours":
             plots = plots_for_ours(run, _mkdir(out), label)
     title = f"forget {label} ({spec}) — {bundle.arch}"
-    note = ("Score = 100/K·[(1 − a'_T/a_T) + Σ_j min(1, a'_j/a_j)] over the K columns (the paper's). "
+    note = ("Score = 100/K·[(1 − min(1, a'_T/a_T)) + Σ_j min(1, a'_j/a_j)] over the K held-out columns (the "
+            "paper's); the forget examples column is measured on the files the method trained on and is not in it. "
             f"Chance (1 / superclasses) = {1 / len(task.superclasses):.3f}.")
     write_table(out, "table", title, rows, {**meta, "plots": plots}, note)
     return {"title": title, "rows": rows, "plots": plots}
@@ -406,6 +340,8 @@ def add_bench_parser(subparsers) -> None:
     b.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(list_methods())}")
     b.add_argument("--config", default=None, help='per-method configs as JSON (file or inline): {"ga": {...}}')
     b.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"train_views\": 4}'")
+    b.add_argument("--folds", type=int, default=1,
+                   help="run the bench once per fold (other held-out files each time) into OUT/fold-K")
     b.add_argument("--out", required=True)
     b.set_defaults(fn=cmd_bench)
 
@@ -419,8 +355,14 @@ def cmd_bench(args) -> int:
         return json.loads(Path(text).read_text() if Path(text).is_file() else text)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     split = config_from_dict(SplitConfig, load(args.split))
-    result = run_bench(args.task, methods, _bundle(args), _gallery(args), args.out, load(args.config), split)
-    results = result.values() if args.task == "all" else [result]
+    if args.folds < 1:
+        raise ValueError(f"--folds must be >= 1, got {args.folds}")
+    bundle, gallery, results = _bundle(args), _gallery(args), []
+    for fold in range(args.folds):
+        out = Path(args.out) / f"fold-{fold}" if args.folds > 1 else args.out
+        result = run_bench(args.task, methods, bundle, gallery, out, load(args.config),
+                           dataclasses.replace(split, fold=split.fold + fold) if args.folds > 1 else split)
+        results += result.values() if args.task == "all" else [result]
     for r in results:
         best = max(r["rows"], key=lambda row: row["score"])
         log.info("%s: best %s (Score %.1f)", r["title"], best["method"], best["score"])

@@ -78,21 +78,34 @@ def _progress(event: dict) -> None:
         log.info("stage %s ...", event["stage"])
 
 
+def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
+    """--forget-examples: comma-separated styles or image paths, or a folder of the gallery (its images)."""
+    if not spec:
+        return None
+    folder = gallery.root / spec
+    if folder.is_dir() and spec not in gallery.styles():
+        prefix = str(folder.relative_to(gallery.root)).rstrip("/") + "/"
+        return tuple(it.path for it in gallery.items if it.path.startswith(prefix))
+    return tuple(s.strip() for s in spec.split(",") if s.strip())
+
+
 def cmd_forget(args) -> int:
-    from .data.task import ForgetRequest, resolve
+    from .data.task import ForgetRequest, SplitConfig, resolve, split_forget
     from .io import check_writable
     from .pipeline import Evaluator, forget, save_run
     out = check_writable(args.out)                      # every check that is cheap comes before the model
     config = _config(args.method, args)
     gallery = _gallery(args)
     retain = tuple(args.retain.split(",")) if args.retain else None
-    request = ForgetRequest(args.superclass, args.subgroup, args.style, retain)
-    resolve(gallery, request)                           # unknown names, empty forget set: fail in a second
+    request = ForgetRequest(args.superclass, args.subgroup, args.style, retain, _examples(args.forget_examples, gallery))
+    split = SplitConfig(fold=args.fold)
+    forget_items = resolve(gallery, request)[0]         # unknown names, empty forget set: fail in a second
+    split_forget(forget_items, split, request.label, request.examples)     # too few images to hold some out
     bundle = _bundle(args)
     if not args.no_suggest:
         _print_risks(bundle, gallery, request)
     evaluator = Evaluator(bundle)
-    run = forget(bundle, request, args.method, config, gallery, callbacks=[_progress], evaluator=evaluator)
+    run = forget(bundle, request, args.method, config, gallery, split, callbacks=[_progress], evaluator=evaluator)
     if args.alpha is not None:                           # the user's strength instead of the calibrated one
         run.result.alpha = args.alpha
         run.report = {**evaluator.report(run.task, run.result), "seconds": run.report["seconds"],
@@ -101,7 +114,9 @@ def cmd_forget(args) -> int:
     r = run.report
     print(f"forget {request.label} with {args.method}: Score {r['score']:.1f}, alpha {r['alpha']:.2f}")
     for name, c in r["columns"].items():
-        print(f"  {name:20s} before {c['before']:.3f}  after {c['after']:.3f}")
+        print(f"  {name:20s} before {c['before']:.3f}  after {c['after']:.3f}  (held out)")
+    for name, c in r.get("trained_on", {}).items():
+        print(f"  {name:20s} before {c['before']:.3f}  after {c['after']:.3f}  (trained on; not in the Score)")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     print(f"wrote {out}/report.json, report.md, delta.safetensors, run.json" + ("" if args.no_export else ", export/"))
     return 0
@@ -231,15 +246,16 @@ def cmd_sweep(args) -> int:
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
 
     def row(r):
-        print(f"  {r['superclass']}/{r['subgroup']}: Score {r['score']:.1f}, target {r['columns']['target']['before']:.2f}"
+        print(f"  {r['superclass']}/{r['subgroup']} fold {r['fold']}: Score {r['score']:.1f}, held-out target "
+              f"{r['columns']['target']['before']:.2f}"
               f" -> {r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s", flush=True)
     from .sweep import ModelSpec
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
     s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
                   args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
-                  resume=args.resume)
-    print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, target <= chance in "
-          f"{s['target_at_or_below_chance']}/{s['runs']}, median {s['median_seconds']:.1f}s per job")
+                  resume=args.resume, folds=args.folds)
+    print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, held-out target <= chance in "
+          f"{s['target_at_or_below_chance']}/{s['requests']}, median {s['median_seconds']:.1f}s per job")
     return 0
 
 
@@ -280,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--subgroup", default=None)
     f.add_argument("--style", default=None, help="forget only this style (with or without --subgroup)")
     f.add_argument("--retain", default=None, help="comma-separated retain subgroups (default: the siblings)")
+    f.add_argument("--forget-examples", default=None, metavar="STYLES|PATHS|FOLDER",
+                   help="the forget images the method may train on: comma-separated styles (embedded gallery), "
+                        "image paths relative to the gallery, or a folder in it; the subgroup's other images are "
+                        "held out for calibration and the test (default: a seeded choice)")
+    f.add_argument("--fold", type=int, default=0,
+                   help="which held-out files (k-fold rotation; fold f holds out the next split.test_images)")
     f.add_argument("--method", default="ours", choices=list_methods())
     f.add_argument("--config", default=None, help="method config as JSON (file or inline)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -354,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--superclass", default=None, help="only this superclass's subgroups")
     sw.add_argument("--style", default=None, help="forget each subgroup in this style only")
     sw.add_argument("--every", type=int, default=1, help="every N-th subgroup (a quicker sample)")
+    sw.add_argument("--folds", type=int, default=1,
+                    help="run each subgroup once per fold, holding out other files each time; a subgroup's "
+                         "figure is the mean over its folds")
     sw.add_argument("--config", default=None)
     sw.add_argument("--set", action="append", metavar="KEY=VALUE")
     sw.add_argument("--out", default=None, help="folder for sweep.json / sweep.md")

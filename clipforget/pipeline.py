@@ -71,20 +71,28 @@ class Evaluator:
         return out
 
     def after(self, task: Task, delta: StateDict, alpha: float, split: str = "test") -> dict[str, float]:
-        return evaluate_columns(self.bundle, getattr(task, split), self.texts, edited_model(self.bundle, delta, alpha))
+        """Accuracy of θ₀ + α·Δ per column of ``split`` ("test", "trained", or "test+trained": one
+        edited model for both)."""
+        columns = {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
+        return evaluate_columns(self.bundle, columns, self.texts, edited_model(self.bundle, delta, alpha))
 
     def report(self, task: Task, result: UnlearnResult, alpha: float | None = None) -> dict:
+        """The run's report: held-out ``columns`` (the Score's) and ``trained_on`` (the files the
+        method trained on — ``forget_examples`` — reported apart and kept out of the Score)."""
         alpha = result.alpha if alpha is None else alpha
         t0 = time.perf_counter()
-        before = self.before(task)
-        after = self.after(task, result.delta, alpha)
-        cols = {n: {"before": before[n], "after": after[n], "images": len(task.test[n].views)} for n in before}
+        before = {split: self.before(task, split) for split in ("test", "trained")}
+        after = self.after(task, result.delta, alpha, "test+trained")
+        cols, trained = ({n: {"before": before[split][n], "after": after[n],
+                              "images": len(getattr(task, split)[n].views)} for n in before[split]}
+                         for split in ("test", "trained"))
         seconds = dict(result.seconds)
         seconds["evaluate"] = time.perf_counter() - t0
         return {"method": result.method, "request": result.request, "model": self.bundle.arch,
                 "score": score(cols), "alpha": alpha, "chance": 1 / len(task.superclasses),
-                "columns": cols, "seconds": seconds, "retain_subgroups": task.retain_subgroups,
-                "warnings": task.warnings, "alpha_curve": result.alpha_curve}
+                "columns": cols, "trained_on": trained, "seconds": seconds,
+                "retain_subgroups": task.retain_subgroups, "warnings": task.warnings,
+                "alpha_curve": result.alpha_curve}
 
 
 class ProgressEvaluator(Evaluator):

@@ -1,7 +1,9 @@
 """``clipforget sweep``: one forget run per subgroup of the hierarchy, summarised.
 
-The quality bar of the method is a sweep, not a single lucky request: target accuracy after <=
-chance for every subgroup, median Score and minimum Score over all of them.
+The quality bar of the method is a sweep, not a single lucky request: held-out target accuracy
+after <= chance for every subgroup, median Score and minimum Score over all of them. With ``folds``
+> 1 each request runs once per fold (another set of held-out files each time) and a subgroup's
+figure is the mean over its folds, so it does not hang on one image.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data.gallery import Gallery
-from .data.task import ForgetRequest, ViewCache
+from .data.task import ForgetRequest, SplitConfig, ViewCache
 from .io import write_json, write_text
 from .models import ClipBundle
 from .pipeline import Evaluator, forget
@@ -42,11 +44,12 @@ class ModelSpec:
         return load_clip(self.name, self.pretrained, self.device, self.precision, allow_pickle=self.allow_pickle)
 
 
-def sweep_row(run) -> dict:
+def sweep_row(run, fold: int = 0) -> dict:
     r, req = run.report, run.task.request
-    return {"superclass": req.superclass, "subgroup": req.subgroup, "style": req.style,
+    return {"superclass": req.superclass, "subgroup": req.subgroup, "style": req.style, "fold": fold,
             "score": r["score"], "alpha": r["alpha"], "chance": r["chance"],
             "target_after": r["columns"]["target"]["after"], "columns": r["columns"],
+            "trained_on": r.get("trained_on", {}),
             "seconds": r["seconds"]["total"], "stage_seconds": r["seconds"]}
 
 
@@ -57,11 +60,11 @@ class _Runner:
         self.bundle, self.gallery, self.method, self.config = bundle, gallery, method, config
         self.cache, self.evaluator = ViewCache(gallery), Evaluator(bundle)
 
-    def __call__(self, request: ForgetRequest) -> dict:
+    def __call__(self, request: ForgetRequest, fold: int = 0) -> dict:
         t0 = time.perf_counter()
-        run = forget(self.bundle, request, self.method, self.config, self.gallery, cache=self.cache,
-                     evaluator=self.evaluator)
-        return {**sweep_row(run), "wall": time.perf_counter() - t0}
+        run = forget(self.bundle, request, self.method, self.config, self.gallery, SplitConfig(fold=fold),
+                     cache=self.cache, evaluator=self.evaluator)
+        return {**sweep_row(run, fold), "wall": time.perf_counter() - t0}
 
 
 _WORKER: _Runner | None = None     # one per worker process (ProcessPoolExecutor initializer)
@@ -74,14 +77,15 @@ def _init_worker(spec: ModelSpec, gallery: str | None, method: str, config, thre
     _WORKER = _Runner(spec.load(), Gallery.open(gallery), method, config)
 
 
-def _work(request: ForgetRequest) -> dict:
-    return _WORKER(request)
+def _work(request: ForgetRequest, fold: int) -> dict:
+    return _WORKER(request, fold)
 
 
-def request_key(row_or_request) -> tuple:
+def request_key(row_or_request, fold: int | None = None) -> tuple:
+    """(superclass, subgroup, style, fold) of a row, or of a request with ``fold``."""
     r = row_or_request
     get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
-    return get("superclass"), get("subgroup"), get("style")
+    return get("superclass"), get("subgroup"), get("style"), get("fold") if fold is None else fold
 
 
 def spread_order(n: int, stride: int = 4) -> list[int]:
@@ -112,19 +116,23 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
               config=None, out: str | Path | None = None,
               on_row: Callable[[dict], None] | None = None, workers: int = 1,
               model_spec: ModelSpec | None = None, gallery_spec: str | None = None,
-              resume: bool = False) -> dict:
+              resume: bool = False, folds: int = 1) -> dict:
     """One forget run per request. ``workers`` > 1 runs them in that many processes (each loads
     the model from ``model_spec`` and the gallery from ``gallery_spec`` and uses one CPU thread:
     on a small model, two one-thread processes finish more jobs than one two-thread process).
     Runs go in :func:`spread_order`; rows come back in request order; partial results are written
     to ``out`` as they arrive, and ``resume`` keeps the rows of an earlier sweep there (same
-    method; the config is the caller's to keep the same) and runs only the missing requests."""
-    rows: list[dict | None] = [None] * len(requests)
+    method; the config is the caller's to keep the same) and runs only the missing requests.
+    ``folds``: each request once per fold 0 .. folds−1 (:attr:`SplitConfig.fold`)."""
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    jobs = [(r, f) for r in requests for f in range(folds)]
+    rows: list[dict | None] = [None] * len(jobs)
     if resume and out:
         old = previous_rows(out, method)
-        rows = [old.get(request_key(r)) for r in requests]
-        log.info("resume: %d of %d requests already done", sum(r is not None for r in rows), len(rows))
-    todo = [i for i in spread_order(len(requests)) if rows[i] is None]
+        rows = [old.get(request_key(r, f)) for r, f in jobs]
+        log.info("resume: %d of %d runs already done", sum(r is not None for r in rows), len(rows))
+    todo = [i for i in spread_order(len(jobs), 4 * folds) if rows[i] is None]
 
     def done(i: int, row: dict) -> None:
         rows[i] = row
@@ -136,13 +144,13 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
     if workers <= 1:
         runner = _Runner(bundle if bundle is not None else (model_spec or ModelSpec()).load(), gallery, method, config)
         for i in todo:
-            done(i, runner(requests[i]))
+            done(i, runner(*jobs[i]))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(model_spec or ModelSpec(), gallery_spec, method, config, 1)) as pool:
-            futures = {pool.submit(_work, requests[i]): i for i in todo}
+            futures = {pool.submit(_work, *jobs[i]): i for i in todo}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())
     summary = summarise(rows, method)
@@ -152,12 +160,25 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
     return summary
 
 
+def per_request(rows: list[dict]) -> list[dict]:
+    """One figure per request: the mean Score and held-out target accuracy over its folds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(request_key(r)[:3], []).append(r)
+    return [{"superclass": k[0], "subgroup": k[1], "style": k[2], "folds": len(g),
+             "score": statistics.fmean(r["score"] for r in g),
+             "target_after": statistics.fmean(r["target_after"] for r in g), "chance": g[0]["chance"]}
+            for k, g in groups.items()]
+
+
 def summarise(rows: list[dict], method: str) -> dict:
-    scores = [r["score"] for r in rows]
-    at_chance = [r["target_after"] <= r["chance"] + 1e-9 for r in rows]
+    requests = per_request(rows)
+    scores = [r["score"] for r in requests]
+    at_chance = [r["target_after"] <= r["chance"] + 1e-9 for r in requests]
     secs = [r["seconds"] for r in rows]
     stages = sorted({k for r in rows for k in r.get("stage_seconds", {})})
-    return {"method": method, "runs": len(rows),
+    return {"method": method, "runs": len(rows), "requests": len(requests),
+            "folds": max((r["folds"] for r in requests), default=0),
             "median_score": statistics.median(scores) if scores else None,
             "min_score": min(scores) if scores else None,
             "target_at_or_below_chance": sum(at_chance),
@@ -165,24 +186,32 @@ def summarise(rows: list[dict], method: str) -> dict:
             "max_seconds": max(secs) if secs else None,
             "median_stage_seconds": {k: statistics.median(r["stage_seconds"][k] for r in rows
                                                           if k in r.get("stage_seconds", {})) for k in stages},
-            "rows": rows}
+            "per_request": requests, "rows": rows}
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"# Sweep: {summary['method']} over {summary['runs']} requests", "",
+    n, folds = summary.get("requests", summary["runs"]), summary.get("folds", 1)
+    lines = [f"# Sweep: {summary['method']} over {n} requests" + (f", {folds} folds each" if folds > 1 else ""), "",
+             "Held-out protocol: every column is measured on image files the method never trained on; the "
+             "forget examples column is the trained-on files, outside the Score."
+             + (" A request's figures below are the mean over its folds; the table lists each run." if folds > 1 else ""),
+             "",
              f"- median Score {summary['median_score']:.1f}, minimum {summary['min_score']:.1f}",
-             f"- target accuracy after <= chance in {summary['target_at_or_below_chance']} of {summary['runs']}",
+             f"- held-out target accuracy after <= chance in {summary['target_at_or_below_chance']} of {n}",
              f"- seconds per job: median {summary['median_seconds']:.1f}, max {summary['max_seconds']:.1f}; "
              "median per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("median_stage_seconds", {}).items()),
              "",
-             "| superclass | subgroup | style | α | target before → after | retain | other superclasses | other concepts | Score |",
-             "|---|---|---|---:|---|---|---|---|---:|"]
+             "| superclass | subgroup | style | fold | α | target (held out) before → after | forget examples (trained on) | "
+             "retain | other superclasses | other concepts | unseen styles | Score |",
+             "|---|---|---|---:|---:|---|---|---|---|---|---|---:|"]
     for r in summary["rows"]:
-        c = r["columns"]
+        c = {**r["columns"], **r.get("trained_on", {})}
 
         def fmt(name):
             return f"{c[name]['before']:.2f} → {c[name]['after']:.2f}" if name in c else "–"
-        lines.append(f"| {r['superclass']} | {r['subgroup'] or '–'} | {r['style'] or '–'} | {r['alpha']:.2f} | "
-                     f"{fmt('target')} | {fmt('retain')} | {fmt('other_superclasses')} | {fmt('other_concepts')} | "
+        lines.append(f"| {r['superclass']} | {r['subgroup'] or '–'} | {r['style'] or '–'} | {r.get('fold', 0)} | "
+                     f"{r['alpha']:.2f} | "
+                     f"{fmt('target')} | {fmt('forget_examples')} | {fmt('retain')} | {fmt('other_superclasses')} | "
+                     f"{fmt('other_concepts')} | {fmt('unseen_styles')} | "
                      f"{r['score']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -50,6 +50,7 @@ class Item:
     style: str         # "" when the gallery has no style level
     kind: str          # "hierarchy" | "other"
     unseen: bool = False   # other-pool concept never used to train the embedded model
+    unseen_style: bool = False  # drawn in a style never used to train the embedded model
 
 
 def display(name: str) -> str:
@@ -163,6 +164,10 @@ class Gallery:
     def styles(self) -> list[str]:
         return sorted({it.style for it in self.items if it.style})
 
+    def unseen_styles(self) -> list[str]:
+        """Styles never used to train the embedded model (the report's ``unseen_styles`` column)."""
+        return sorted({it.style for it in self.items if it.unseen_style})
+
     def other_concepts(self, include_unseen: bool = True) -> list[str]:
         return sorted({it.concept for it in self.items if it.kind == "other"
                        and (include_unseen or not it.unseen)})
@@ -185,14 +190,15 @@ class Gallery:
             raise ValueError(suggest(style, self.styles() or ["(this gallery has no styles)"], "style"))
 
     def select(self, superclass=None, subgroup=None, style=None, kind=None, exclude_style=None,
-               unseen=None) -> list[Item]:
+               unseen=None, unseen_style=None) -> list[Item]:
         return [it for it in self.items
                 if (superclass is None or it.superclass == superclass)
                 and (subgroup is None or it.subgroup == subgroup)
                 and (style is None or it.style == style)
                 and (exclude_style is None or it.style != exclude_style)
                 and (kind is None or it.kind == kind)
-                and (unseen is None or it.unseen == unseen)]
+                and (unseen is None or it.unseen == unseen)
+                and (unseen_style is None or it.unseen_style == unseen_style)]
 
     @cached_property
     def content_hash(self) -> str:

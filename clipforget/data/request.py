@@ -15,6 +15,9 @@ class ForgetRequest:
     subgroup: str | None = None          # None: every subgroup of the superclass (a style request)
     style: str | None = None             # None: every style
     retain: tuple[str, ...] | None = None  # retain subgroups; None: the siblings
+    examples: tuple[str, ...] | None = None  # which forget images the method may use: style names, or image
+                                             # paths relative to the gallery root; the rest are held out.
+                                             # None: a seeded choice (SplitConfig)
 
     def __post_init__(self):
         if not self.superclass:
@@ -22,8 +25,9 @@ class ForgetRequest:
         if self.subgroup is None and self.style is None:
             raise ValueError("name a subgroup, a style, or both: forgetting a whole superclass is "
                              "not a subgroup request")
-        if self.retain is not None:
-            object.__setattr__(self, "retain", tuple(self.retain))
+        for name in ("retain", "examples"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def label(self) -> str:
@@ -36,7 +40,26 @@ class ForgetRequest:
     @classmethod
     def from_dict(cls, d: dict) -> "ForgetRequest":
         return cls(d["superclass"], d.get("subgroup"), d.get("style"),
-                   tuple(d["retain"]) if d.get("retain") is not None else None)
+                   tuple(d["retain"]) if d.get("retain") is not None else None,
+                   tuple(d["examples"]) if d.get("examples") is not None else None)
+
+
+@dataclass(frozen=True)
+class ClassRequest:
+    """Forget a whole superclass (CCUP's setting). ForgetRequest refuses it on purpose — it is not a
+    subgroup request — so :func:`clipforget.data.task.build_class_task` builds its task."""
+    superclass: str
+    subgroup: None = None
+    style: None = None
+    retain: None = None
+    examples: None = None
+
+    @property
+    def label(self) -> str:
+        return f"every {display(self.superclass)}"
+
+    def to_dict(self) -> dict:
+        return {"superclass": self.superclass, "subgroup": None, "style": None, "retain": None, "whole_class": True}
 
 
 @dataclass
@@ -49,12 +72,23 @@ class SplitConfig:
     calib_other_images: int = 120   # other-superclass images in D_m
     calib_concept_images: int = 120  # other-concept images in D_m
     max_other_images: int | None = None  # cap on test images of the other columns (None: all)
+    test_images: int = 3        # held-out images (files) of the forget set, and of each retain subgroup, in the tests
+    calib_images: int = 2       # held-out images of the forget set / each retain subgroup in D_m (none shared with test)
+    fold: int = 0               # k-fold rotation: fold f holds out the next test_images files (fold 0 .. k-1)
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("train_views", "forget_views", "calib_views", "calib_target_views", "test_views"):
+        for name in ("train_views", "forget_views", "calib_views", "calib_target_views", "test_views",
+                     "test_images", "calib_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fold < 0:
+            raise ValueError(f"fold must be >= 0, got {self.fold}")
+
+    @property
+    def min_forget_images(self) -> int:
+        """Images a forget set needs: its held-out test and calibration images and one example."""
+        return self.test_images + self.calib_images + 1
 
 
 def resolve(gallery: Gallery, request: ForgetRequest) -> tuple[list[Item], list[Item], list[str], list[str]]:
@@ -62,7 +96,8 @@ def resolve(gallery: Gallery, request: ForgetRequest) -> tuple[list[Item], list[
     r = request
     gallery.check(superclass=r.superclass, subgroup=r.subgroup, style=r.style)
     warnings = []
-    forget = gallery.select(superclass=r.superclass, subgroup=r.subgroup, style=r.style)
+    # images in the styles held out of the embedded model's training belong to the unseen-styles column only
+    forget = gallery.select(superclass=r.superclass, subgroup=r.subgroup, style=r.style, unseen_style=False)
     if not forget:
         raise ValueError(f"no images for {r.label}: the gallery has no {r.subgroup or r.superclass!r} "
                          f"in style {r.style!r}; pick another style or subgroup")
@@ -74,10 +109,10 @@ def resolve(gallery: Gallery, request: ForgetRequest) -> tuple[list[Item], list[
     if r.subgroup and r.subgroup in names and r.style is None:
         raise ValueError(f"retain set contains the forget subgroup {r.subgroup!r}; remove it")
     forget_paths = {it.path for it in forget}
-    retain = [it for n in names for it in gallery.select(subgroup=n) if it.path not in forget_paths]
+    retain = [it for n in names for it in gallery.select(subgroup=n, unseen_style=False) if it.path not in forget_paths]
     if r.style and r.subgroup:
         # a subgroup in one style: the same subgroup in the other styles is kept too
-        retain += [it for it in gallery.select(subgroup=r.subgroup, exclude_style=r.style)
+        retain += [it for it in gallery.select(subgroup=r.subgroup, exclude_style=r.style, unseen_style=False)
                    if it.path not in {x.path for x in retain}]
     if not retain:
         warnings.append(f"nothing to retain for {r.label}: the superclass {r.superclass!r} has no other "

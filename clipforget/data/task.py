@@ -3,15 +3,16 @@
 A :class:`ForgetRequest` names what to forget: a subgroup of a superclass (*poodle* of *dog*), a
 style within a superclass (line-art *car*s), or a subgroup in one style. :func:`build_task` turns it
 into images: the forget set D_f, the retain set D_r (sibling subgroups by default), a calibration
-set D_m, and test sets for every column of the report. Every image is an augmented *view* of a
-gallery image defined by (image path, split, view index), so splits never share a view and the
-same request always gives the same pixels.
+set D_m, and test sets for every column of the report. D_f, D_m and the tests are disjoint sets of
+gallery images (files) — on the embedded gallery, disjoint drawing styles of a subgroup — so every
+figure about forgetting is measured on images the method never saw; the same holds for the retain
+side and the other columns. Every image is an augmented *view* of a gallery image defined by
+(image path, split, view index), so the same request always gives the same pixels.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from .augment import CLEAN, VIEWS, AugmentConfig, augment
 from .gallery import Gallery, Item, display
 from .prompts import class_prompts, coarse_prompt, fill
-from .request import ForgetRequest, SplitConfig, resolve  # noqa: F401 - also this module's API
+from .request import ClassRequest, ForgetRequest, SplitConfig, resolve  # noqa: F401 - also this module's API
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ class Task:
     forget: ViewSet                    # D_f (training views)
     retain: ViewSet                    # D_r (training views)
     retain_subgroups: list[str]
-    calib: dict[str, Column]           # D_m, split into columns
-    test: dict[str, Column]
+    calib: dict[str, Column]           # D_m, split into columns (files disjoint from D_f, D_r and test)
+    test: dict[str, Column]            # held-out columns: the report and the Score
+    trained: dict[str, Column] = field(default_factory=dict)   # trained-on files (forget_examples), outside the Score
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -160,59 +162,181 @@ def view_seed(path: str, split: str, k: int) -> int:
     return (h + SPLIT_OFFSETS[split] + k * 7919) % (2**63)
 
 
+@dataclass
+class FileSplit:
+    """Disjoint sets of gallery images (files): what a method trains on, D_m, and the tests."""
+    train: list[Item]
+    calib: list[Item]
+    test: list[Item]
+
+
+def file_order(items: list[Item], seed: int) -> list[Item]:
+    """A seeded order of ``items`` that depends on their paths only (not on gallery order)."""
+    return sorted(items, key=lambda it: hashlib.sha256(f"{seed}|{it.path}".encode()).hexdigest())
+
+
+def rotate(items: list, by: int) -> list:
+    by %= max(1, len(items))
+    return items[by:] + items[:by]
+
+
+def split_forget(items: list[Item], cfg: SplitConfig, label: str, examples: tuple[str, ...] | None = None) -> FileSplit:
+    """The forget set's files: examples for the method, held-out calibration and test images.
+    ``examples`` (style names or gallery paths) fixes the examples, and the other images are split
+    into D_m and the test; otherwise fold ``cfg.fold`` of a seeded order holds out the next
+    ``test_images`` files for the test and the ``calib_images`` after them for D_m."""
+    if examples is not None:
+        chosen = [it for it in items if it.style in examples or it.path in examples]
+        unknown = set(examples) - {it.style for it in chosen} - {it.path for it in chosen}
+        if unknown:
+            raise ValueError(f"forget examples {sorted(unknown)} match no image of {label}; name styles "
+                             f"({', '.join(sorted({it.style for it in items if it.style})) or 'none'}) or image "
+                             "paths relative to the gallery root")
+        rest = rotate(file_order([it for it in items if it not in chosen], cfg.seed), cfg.fold * cfg.test_images)
+        if len(rest) < 2:
+            raise ValueError(f"{label}: {len(items)} images, {len(chosen)} of them examples; at least 2 must stay "
+                             "held out (1 calibration + 1 test): name fewer examples")
+        n_calib = min(cfg.calib_images, len(rest) - 1)
+        return FileSplit(chosen, rest[:n_calib], rest[n_calib:])
+    if len(items) < cfg.min_forget_images:
+        raise ValueError(f"{label} has {len(items)} image(s); forgetting with a held-out check needs at least "
+                         f"{cfg.min_forget_images} different images ({cfg.test_images} test + {cfg.calib_images} "
+                         "calibration + 1 example): add images, or lower split.test_images / split.calib_images")
+    order = rotate(file_order(items, cfg.seed), cfg.fold * cfg.test_images)
+    t, c = cfg.test_images, cfg.calib_images
+    return FileSplit(order[t + c:], order[t:t + c], order[:t])
+
+
+def split_groups(items: list[Item], cfg: SplitConfig, key=lambda it: it.subgroup) -> FileSplit:
+    """Retain-side files, split within each group (subgroup): the same rule as the forget set, but a
+    group with few images keeps at least one for training and gives up calibration, then test images."""
+    groups: dict[str, list[Item]] = {}
+    for it in items:
+        groups.setdefault(key(it), []).append(it)
+    out = FileSplit([], [], [])
+    for members in groups.values():
+        order = rotate(file_order(members, cfg.seed), cfg.fold * cfg.test_images)
+        t = min(cfg.test_images, len(order) - 1)
+        c = min(cfg.calib_images, len(order) - 1 - t)
+        out.test += order[:t]
+        out.calib += order[t:t + c]
+        out.train += order[t + c:]
+    return out
+
+
+def split_pool(items: list[Item], n_calib: int, max_test: int | None, seed: int) -> FileSplit:
+    """Columns that nothing trains on (other superclasses, other concepts): a seeded sample of
+    ``n_calib`` images for D_m, the rest (at most ``max_test``) for the test."""
+    order = file_order(items, seed)
+    test = order[n_calib:] if max_test is None else order[n_calib:n_calib + max_test]
+    position = {it.path: i for i, it in enumerate(items)}
+    return FileSplit([], order[:n_calib], sorted(test, key=lambda it: position[it.path]))
+
+
+class ColumnBuilder:
+    """Columns of a task: views of a list of images, labelled by superclass or by concept."""
+
+    def __init__(self, gallery: Gallery, image_size: int, cache: ViewCache):
+        self.gallery, self.image_size, self.cache = gallery, image_size, cache
+        self.superclasses = gallery.superclasses()
+        self.concepts = gallery.other_concepts()
+        self._sc = {s: i for i, s in enumerate(self.superclasses)}
+        self._c = {c: i for i, c in enumerate(self.concepts)}
+
+    def views(self, items: list[Item], split: str, n: int) -> ViewSet:
+        return self.cache.views(items, split, n, self.image_size)
+
+    def superclass(self, name: str, items: list[Item], split: str, n: int) -> Column:
+        v = self.views(items, split, n)
+        return Column(name, v, self.superclasses, torch.tensor([self._sc[it.superclass] for it in v.items], dtype=torch.long))
+
+    def concept(self, name: str, items: list[Item], split: str, n: int) -> Column:
+        v = self.views(items, split, n)
+        return Column(name, v, self.concepts, torch.tensor([self._c[it.concept] for it in v.items], dtype=torch.long),
+                      "concept")
+
+    def shared_columns(self, calib: dict, test: dict, others: list[Item], cfg: SplitConfig, exclude) -> None:
+        """Other superclasses, other concepts and unseen styles: D_m and test disjoint by file."""
+        pools = {"other_superclasses": (self.superclass, split_pool(others, cfg.calib_other_images,
+                                                                     cfg.max_other_images, cfg.seed)),
+                 "other_concepts": (self.concept, split_pool(self.gallery.select(kind="other", unseen=False,
+                                                                                 unseen_style=False),
+                                                             cfg.calib_concept_images, cfg.max_other_images, cfg.seed))}
+        for name, (column, pool) in pools.items():
+            if pool.test:
+                test[name] = column(name, pool.test, "test", 1)
+            if pool.calib:
+                calib[name] = column(name, pool.calib, "calib", 1)
+        unseen = [it for it in self.gallery.select(kind="hierarchy", unseen_style=True) if not exclude(it)]
+        if unseen:    # the analogue of the paper's zero-shot datasets: drawing styles the model never trained on
+            test["unseen_styles"] = self.superclass("unseen_styles", unseen, "test", 1)
+
+
 def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
                cache: ViewCache | None = None) -> Task:
+    """The request's images as disjoint files: forget examples D_f, retain training images D_r, the
+    calibration set D_m and the test columns (held out from both). ``forget_examples`` — the files
+    D_f is made of, seen through test augmentations — is reported apart, outside the Score."""
     cache = cache or ViewCache(gallery)
     forget_items, retain_items, retain_names, warnings = resolve(gallery, request)
     for w in warnings:
         log.warning(w)
     r = request
-    rng = random.Random(cfg.seed)
-    superclasses = gallery.superclasses()
-    sc_index = {s: i for i, s in enumerate(superclasses)}
-    forget_paths = {it.path for it in forget_items}
-    retain_paths = {it.path for it in retain_items}
+    cols = ColumnBuilder(gallery, image_size, cache)
+    forget = split_forget(forget_items, cfg, r.label, r.examples)
+    retain = split_groups(retain_items, cfg)
+    used = {it.path for it in forget_items} | {it.path for it in retain_items}
+    others = [it for it in gallery.select(kind="hierarchy", unseen_style=False)
+              if it.superclass != r.superclass and it.path not in used]
 
-    def sc_column(name, items, split, n):
-        v = cache.views(items, split, n, image_size)
-        return Column(name, v, superclasses, torch.tensor([sc_index[it.superclass] for it in v.items]))
+    def requested(it: Item) -> bool:
+        return it.superclass == r.superclass and r.subgroup in (None, it.subgroup) and r.style in (None, it.style)
 
-    others = [it for it in gallery.select(kind="hierarchy") if it.superclass != r.superclass
-              and it.path not in forget_paths and it.path not in retain_paths]
-    concepts_all = gallery.other_concepts()
-    concept_items = gallery.select(kind="other", unseen=False)
-    c_index = {c: i for i, c in enumerate(concepts_all)}
+    test = {"target": cols.superclass("target", forget.test, "test", cfg.test_views)}
+    calib = {"target": cols.superclass("target", forget.calib, "calib", cfg.calib_target_views)}
+    main = [it for it in retain.test if not (r.subgroup and it.subgroup == r.subgroup)]
+    same_sub = [it for it in retain.test if r.subgroup and it.subgroup == r.subgroup]
+    if main:
+        test["retain"] = cols.superclass("retain", main, "test", cfg.test_views)
+    if same_sub:
+        test["other_styles"] = cols.superclass("other_styles", same_sub, "test", cfg.test_views)
+    if retain.calib:
+        calib["retain"] = cols.superclass("retain", retain.calib, "calib", cfg.calib_views)
+    cols.shared_columns(calib, test, others, cfg, requested)
+    trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", cfg.test_views)}
+    return Task(request, gallery, image_size, cols.superclasses,
+                forget=cols.views(forget.train, "train", cfg.forget_views),
+                retain=cols.views(retain.train, "train", cfg.train_views),
+                retain_subgroups=retain_names, calib=calib, test=test, trained=trained, warnings=warnings)
 
-    def concept_column(name, items, split, n):
-        v = cache.views(items, split, n, image_size)
-        return Column(name, v, concepts_all, torch.tensor([c_index[it.concept] for it in v.items]), "concept")
 
-    def cap(items, k):
-        return items if k is None or len(items) <= k else sorted(rng.sample(items, k), key=items.index)
-
-    test = {"target": sc_column("target", forget_items, "test", cfg.test_views)}
-    if retain_items:
-        main_retain = [it for it in retain_items if not (r.subgroup and it.subgroup == r.subgroup)]
-        same_sub = [it for it in retain_items if r.subgroup and it.subgroup == r.subgroup]
-        if main_retain:
-            test["retain"] = sc_column("retain", main_retain, "test", cfg.test_views)
-        if same_sub:
-            test["other_styles"] = sc_column("other_styles", same_sub, "test", cfg.test_views)
-    test["other_superclasses"] = sc_column("other_superclasses", cap(others, cfg.max_other_images), "test", 1)
-    if concept_items:
-        test["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.max_other_images), "test", 1)
-
-    calib = {"target": sc_column("target", forget_items, "calib", cfg.calib_target_views)}
-    if retain_items:
-        calib["retain"] = sc_column("retain", retain_items, "calib", cfg.calib_views)
-    calib["other_superclasses"] = sc_column("other_superclasses", cap(others, cfg.calib_other_images), "calib", 1)
-    if concept_items:
-        calib["other_concepts"] = concept_column("other_concepts", cap(concept_items, cfg.calib_concept_images),
-                                                 "calib", 1)
-    return Task(request, gallery, image_size, superclasses,
-                forget=cache.views(forget_items, "train", cfg.forget_views, image_size),
-                retain=cache.views(retain_items, "train", cfg.train_views, image_size),
-                retain_subgroups=retain_names, calib=calib, test=test, warnings=warnings)
+def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
+                     cache: ViewCache | None = None, retain_per_superclass: int = 4) -> Task:
+    """Forget a whole superclass (CCUP's setting). D_f: the superclass's images, split by file within
+    each subgroup like a retain set; D_r: a few images of every other superclass (with their own
+    texts; the "similar" data a user would keep); columns target / other superclasses / other
+    concepts / unseen styles as :func:`build_task` builds them."""
+    cache = cache or ViewCache(gallery)
+    gallery.check(superclass=request.superclass)
+    cols = ColumnBuilder(gallery, image_size, cache)
+    forget = split_groups(gallery.select(superclass=request.superclass, kind="hierarchy", unseen_style=False), cfg)
+    retain = []
+    for s in cols.superclasses:
+        if s != request.superclass:
+            retain += file_order(gallery.select(superclass=s, kind="hierarchy", unseen_style=False),
+                                 cfg.seed)[:retain_per_superclass]
+    retain_paths = {it.path for it in retain}
+    others = [it for it in gallery.select(kind="hierarchy", unseen_style=False)
+              if it.superclass != request.superclass and it.path not in retain_paths]
+    test = {"target": cols.superclass("target", forget.test, "test", 1)}
+    calib = {"target": cols.superclass("target", forget.calib, "calib", 1)}
+    cols.shared_columns(calib, test, others, cfg, lambda it: it.superclass == request.superclass)
+    trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", 1)}
+    train_views = max(1, cfg.train_views // 4)     # the forget set is a whole class: fewer views each
+    return Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]
+                forget=cols.views(forget.train, "train", train_views),
+                retain=cols.views(retain, "train", cfg.train_views),
+                retain_subgroups=[], calib=calib, test=test, trained=trained)
 
 
 def superclass_prompts(superclasses: list[str]) -> list[list[str]]:

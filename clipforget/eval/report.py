@@ -9,6 +9,8 @@ COLUMN_TITLES = {
     "other_styles": "Same subgroup, other styles",
     "other_superclasses": "Other superclasses",
     "other_concepts": "Other concepts",
+    "unseen_styles": "Unseen styles (never trained on)",
+    "forget_examples": "Forget examples (trained on; not in Score)",
 }
 
 
@@ -27,9 +29,11 @@ def markdown(report: dict) -> str:
              f"- Score: **{report['score']:.1f}** (0–100; 100 = target gone, everything else kept)",
              f"- chance level (1 / superclasses): {report.get('chance', float('nan')):.3f}", "",
              "| column | images | before | after | after / before |", "|---|---:|---:|---:|---:|"]
-    for name, c in report["columns"].items():
+    for name, c in {**report["columns"], **report.get("trained_on", {})}.items():
         ratio = c["after"] / c["before"] if c["before"] else float("nan")
         lines.append(f"| {column_title(name)} | {c.get('images', '')} | {c['before']:.3f} | {c['after']:.3f} | {ratio:.2f} |")
+    lines += ["", "Every column but the forget examples is measured on held-out images: files the method never "
+              "trained on (the target's are other drawings of the forgotten subgroup)."]
     secs = report.get("seconds", {})
     if secs:
         lines += ["", "| stage | seconds |", "|---|---:|"]

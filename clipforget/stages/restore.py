@@ -48,16 +48,18 @@ def alpha_grid(points: int) -> list[float]:
 
 @torch.no_grad()
 def alpha_curve(ctx, delta: dict, alphas: list[float]) -> list[dict]:
-    """Calibration accuracy of every column at each α (the model is left at θ_u). The stages
+    """Accuracy at each α of every calibration column and of the trained-on forget examples (shown
+    beside the held-out target, never used to choose α); the model is left at θ_u. The stages
     before the first one the delta touches are computed once for all α (exact)."""
     theta_u = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
     enc = TrunkEncoder(ctx.model.visual, delta.keys())
-    prepared = {name: enc.prepare(ctx.inputs(col.views)) for name, col in ctx.task.calib.items()}
+    columns = {**ctx.task.calib, **ctx.task.trained}
+    prepared = {name: enc.prepare(ctx.inputs(col.views)) for name, col in columns.items()}
     curve = []
     for i, a in enumerate(alphas):
         ctx.set_visual(apply_delta(ctx.theta0, delta, a))
         row = {"alpha": a}
-        for name, col in ctx.task.calib.items():
+        for name, col in columns.items():
             row[name] = column_accuracy(ctx.bundle, col, ctx.texts, image_emb=enc.encode(prepared[name]))
         curve.append(row)
         emit(ctx.callbacks, stage="restore", step=i + 1, total=len(alphas), fraction=(i + 1) / len(alphas))
@@ -65,13 +67,14 @@ def alpha_curve(ctx, delta: dict, alphas: list[float]) -> list[dict]:
     return curve
 
 
-def choose_alpha(curve: list[dict], target: float, tolerance: float = 0.0) -> tuple[float, bool]:
+def choose_alpha(curve: list[dict], target: float, tolerance: float = 0.0,
+                 ignore: tuple[str, ...] = ("forget_examples",)) -> tuple[float, bool]:
     """(α, feasible): among the α with target accuracy <= ``target``, the largest whose mean
     non-target accuracy is within ``tolerance`` of the best such α's (a stronger soup unless it
     costs more than that). Infeasible everywhere -> the α with the lowest target accuracy (largest
-    on ties)."""
+    on ties). Columns in ``ignore`` (the trained-on forget examples) are shown, never used."""
     def keep(row):
-        vals = [v for k, v in row.items() if k not in ("alpha", "target")]
+        vals = [v for k, v in row.items() if k not in ("alpha", "target", *ignore)]
         return sum(vals) / len(vals) if vals else 0.0
     feasible = [r for r in curve if r["target"] <= target + 1e-9]
     if feasible:
@@ -87,7 +90,7 @@ def restore_stage(ctx, cfg: RestoreConfig) -> dict:
         ctx.alpha = 1.0
         return {"alpha": 1.0, "soup": False}
     curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points))
-    best, feasible = choose_alpha(curve, target, cfg.keep_tolerance)
+    best, feasible = choose_alpha(curve, target, cfg.keep_tolerance, tuple(ctx.task.trained))
     if not feasible:
         log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, best)
     alpha = min(1.0, round(best + cfg.margin, 6)) if feasible else best
