@@ -78,6 +78,15 @@ def _progress(event: dict) -> None:
         log.info("stage %s ...", event["stage"])
 
 
+def _split(text: str | None):
+    """--split: SplitConfig fields as JSON (inline or a file)."""
+    from .data.request import SplitConfig
+    from .methods.base import config_from_dict
+    if not text:
+        return SplitConfig()
+    return config_from_dict(SplitConfig, json.loads(Path(text).read_text() if Path(text).is_file() else text))
+
+
 def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
     """--forget-examples: comma-separated styles or image paths, or a folder of the gallery (its images)."""
     if not spec:
@@ -253,7 +262,7 @@ def cmd_sweep(args) -> int:
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
     s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
                   args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
-                  resume=args.resume, folds=args.folds)
+                  resume=args.resume, folds=args.folds, split=_split(args.split))
     print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, held-out target <= chance in "
           f"{s['target_at_or_below_chance']}/{s['requests']}, median {s['median_seconds']:.1f}s per job")
     return 0
@@ -376,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--superclass", default=None, help="only this superclass's subgroups")
     sw.add_argument("--style", default=None, help="forget each subgroup in this style only")
     sw.add_argument("--every", type=int, default=1, help="every N-th subgroup (a quicker sample)")
+    sw.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"test_images\": 2}'")
     sw.add_argument("--folds", type=int, default=1,
                     help="run each subgroup once per fold, holding out other files each time; a subgroup's "
                          "figure is the mean over its folds")

@@ -7,6 +7,7 @@ figure is the mean over its folds, so it does not hang on one image.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -56,13 +57,15 @@ def sweep_row(run, fold: int = 0) -> dict:
 class _Runner:
     """Runs requests one after another on one loaded model (shared caches)."""
 
-    def __init__(self, bundle: ClipBundle, gallery: Gallery, method: str, config):
+    def __init__(self, bundle: ClipBundle, gallery: Gallery, method: str, config, split: SplitConfig | None = None):
         self.bundle, self.gallery, self.method, self.config = bundle, gallery, method, config
+        self.split = split or SplitConfig()
         self.cache, self.evaluator = ViewCache(gallery), Evaluator(bundle)
 
     def __call__(self, request: ForgetRequest, fold: int = 0) -> dict:
         t0 = time.perf_counter()
-        run = forget(self.bundle, request, self.method, self.config, self.gallery, SplitConfig(fold=fold),
+        run = forget(self.bundle, request, self.method, self.config, self.gallery,
+                     dataclasses.replace(self.split, fold=self.split.fold + fold),
                      cache=self.cache, evaluator=self.evaluator)
         return {**sweep_row(run, fold), "wall": time.perf_counter() - t0}
 
@@ -70,11 +73,12 @@ class _Runner:
 _WORKER: _Runner | None = None     # one per worker process (ProcessPoolExecutor initializer)
 
 
-def _init_worker(spec: ModelSpec, gallery: str | None, method: str, config, threads: int) -> None:
+def _init_worker(spec: ModelSpec, gallery: str | None, method: str, config, threads: int,
+                 split: SplitConfig | None) -> None:
     global _WORKER
     import torch
     torch.set_num_threads(threads)
-    _WORKER = _Runner(spec.load(), Gallery.open(gallery), method, config)
+    _WORKER = _Runner(spec.load(), Gallery.open(gallery), method, config, split)
 
 
 def _work(request: ForgetRequest, fold: int) -> dict:
@@ -116,14 +120,14 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
               config=None, out: str | Path | None = None,
               on_row: Callable[[dict], None] | None = None, workers: int = 1,
               model_spec: ModelSpec | None = None, gallery_spec: str | None = None,
-              resume: bool = False, folds: int = 1) -> dict:
+              resume: bool = False, folds: int = 1, split: SplitConfig | None = None) -> dict:
     """One forget run per request. ``workers`` > 1 runs them in that many processes (each loads
     the model from ``model_spec`` and the gallery from ``gallery_spec`` and uses one CPU thread:
     on a small model, two one-thread processes finish more jobs than one two-thread process).
     Runs go in :func:`spread_order`; rows come back in request order; partial results are written
     to ``out`` as they arrive, and ``resume`` keeps the rows of an earlier sweep there (same
     method; the config is the caller's to keep the same) and runs only the missing requests.
-    ``folds``: each request once per fold 0 .. folds−1 (:attr:`SplitConfig.fold`)."""
+    ``folds``: each request once per fold 0 .. folds−1 (:attr:`SplitConfig.fold`, counted from ``split``'s)."""
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
     jobs = [(r, f) for r in requests for f in range(folds)]
@@ -142,14 +146,15 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
             write_json(Path(out) / "sweep.json", summarise([r for r in rows if r is not None], method))
 
     if workers <= 1:
-        runner = _Runner(bundle if bundle is not None else (model_spec or ModelSpec()).load(), gallery, method, config)
+        runner = _Runner(bundle if bundle is not None else (model_spec or ModelSpec()).load(), gallery, method, config,
+                         split)
         for i in todo:
             done(i, runner(*jobs[i]))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(model_spec or ModelSpec(), gallery_spec, method, config, 1)) as pool:
+                                 initargs=(model_spec or ModelSpec(), gallery_spec, method, config, 1, split)) as pool:
             futures = {pool.submit(_work, *jobs[i]): i for i in todo}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())

@@ -1,4 +1,5 @@
-"""Batched, seeded image augmentation (rotation, scale/crop, shift, flip, background, contrast).
+"""Batched, seeded image augmentation (rotation, scale/crop, shift, flip, background, contrast, and
+drawing-style changes: greyscale, swapped colour channels, line drawings).
 
 Used both to train the embedded model (random views) and to build deterministic held-out views
 for evaluation and for the forget / retain / calibration / test splits (a view is fully defined by
@@ -23,8 +24,15 @@ class AugmentConfig:
     bg_light: float = 0.35                # probability of a light random colour; the rest: any colour
     contrast: tuple[float, float] = (0.85, 1.15)
     brightness: float = 0.05
+    # drawing-style changes (probabilities; 0 draws no random numbers, so other views stay as they were)
+    greyscale: float = 0.0                # luminance only
+    channel_swap: float = 0.0             # a random permutation of the colour channels
+    line_drawing: float = 0.0             # dark edges on white (Sobel magnitude of the luminance)
 
     def __post_init__(self):
+        for name in ("greyscale", "channel_swap", "line_drawing"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.hflip <= 1:
             raise ValueError(f"hflip must be a probability in [0, 1], got {self.hflip}")
         if self.bg_white + self.bg_light > 1:
@@ -38,6 +46,35 @@ CLEAN = AugmentConfig(0.0, (1.0, 1.0), 0.0, 0.0, 1.0, 0.0, (1.0, 1.0), 0.0)
 # kinds of change as training (crop/scale, rotation, shift, flip, background, contrast) but milder,
 # and only white or light backgrounds. `clipforget eval` also reports the training distribution.
 VIEWS = AugmentConfig(rotation_deg=10.0, scale=(0.85, 1.1), shift=0.08, bg_white=0.6, bg_light=0.4)
+# Training views of the forget examples: the same, plus changes of drawing style, so that what the
+# forget stage learns is less tied to the examples' own styles (held-out drawings must follow) [recon]
+STYLE_VIEWS = AugmentConfig(rotation_deg=10.0, scale=(0.85, 1.1), shift=0.08, bg_white=0.6, bg_light=0.4,
+                            greyscale=0.15, channel_swap=0.25, line_drawing=0.15)
+
+
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def style_changes(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator | None) -> torch.Tensor:
+    """Greyscale, channel permutations and line drawings of (N,3,H,W) images in [0, 1]."""
+    n = x.shape[0]
+    if cfg.channel_swap > 0:
+        pick = torch.rand(n, generator=g) < cfg.channel_swap
+        perm = torch.argsort(torch.rand(n, 3, generator=g), dim=1)
+        swapped = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+        x = torch.where(pick[:, None, None, None], swapped, x)
+    if cfg.greyscale > 0:
+        pick = torch.rand(n, generator=g) < cfg.greyscale
+        x = torch.where(pick[:, None, None, None], luminance(x).expand_as(x), x)
+    if cfg.line_drawing > 0:
+        pick = torch.rand(n, generator=g) < cfg.line_drawing
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        kernels = torch.stack([sobel, sobel.t()])[:, None]
+        edges = F.conv2d(F.pad(luminance(x), (1, 1, 1, 1), mode="replicate"), kernels).norm(dim=1, keepdim=True)
+        lines = (1 - (edges * 2).clamp(0, 1)).expand_as(x)
+        x = torch.where(pick[:, None, None, None], lines, x)
+    return x
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, out_size: int,
@@ -73,7 +110,8 @@ def augment(images: torch.Tensor, masks: torch.Tensor, out_size: int,
     c = u(*cfg.contrast)[:, None, None, None]
     b = u(-cfg.brightness, cfg.brightness)[:, None, None, None]
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * c + mean + b).clamp(0, 1)
+    out = ((out - mean) * c + mean + b).clamp(0, 1)
+    return style_changes(out, cfg, g)
 
 
 def views(images: torch.Tensor, masks: torch.Tensor, out_size: int, seeds: list[int],

@@ -75,6 +75,8 @@ class SplitConfig:
     test_images: int = 3        # held-out images (files) of the forget set, and of each retain subgroup, in the tests
     calib_images: int = 2       # held-out images of the forget set / each retain subgroup in D_m (none shared with test)
     fold: int = 0               # k-fold rotation: fold f holds out the next test_images files (fold 0 .. k-1)
+    style_views: bool = False   # drawing-style changes (greyscale, colour swaps, line drawings) in the forget
+                                # examples' training views (augment.STYLE_VIEWS) [recon]
     seed: int = 0
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .augment import CLEAN, VIEWS, AugmentConfig, augment
+from .augment import CLEAN, STYLE_VIEWS, VIEWS, AugmentConfig, augment
 from .gallery import Gallery, Item, display
 from .prompts import class_prompts, coarse_prompt, fill
 from .request import ClassRequest, ForgetRequest, SplitConfig, resolve  # noqa: F401 - also this module's API
@@ -243,8 +243,8 @@ class ColumnBuilder:
         self._sc = {s: i for i, s in enumerate(self.superclasses)}
         self._c = {c: i for i, c in enumerate(self.concepts)}
 
-    def views(self, items: list[Item], split: str, n: int) -> ViewSet:
-        return self.cache.views(items, split, n, self.image_size)
+    def views(self, items: list[Item], split: str, n: int, aug: AugmentConfig = VIEWS) -> ViewSet:
+        return self.cache.views(items, split, n, self.image_size, aug)
 
     def superclass(self, name: str, items: list[Item], split: str, n: int) -> Column:
         v = self.views(items, split, n)
@@ -305,7 +305,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
     cols.shared_columns(calib, test, others, cfg, requested)
     trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", cfg.test_views)}
     return Task(request, gallery, image_size, cols.superclasses,
-                forget=cols.views(forget.train, "train", cfg.forget_views),
+                forget=cols.views(forget.train, "train", cfg.forget_views, STYLE_VIEWS if cfg.style_views else VIEWS),
                 retain=cols.views(retain.train, "train", cfg.train_views),
                 retain_subgroups=retain_names, calib=calib, test=test, trained=trained, warnings=warnings)
 

@@ -55,6 +55,8 @@ class ForgetConfig:
     margin: float = 2.0                 # ... counting a view as recognised while the coarse logit is within this
                                         # of the best other one: forgotten with a margin, so unseen views follow [recon]
     bn_mode: str = "eval"               # BatchNorm during the stage: eval (frozen stats) | train
+    check_calibration: bool = False     # stop only once D_m's held-out forget images are forgotten too (with the
+                                        # margin): the stage never trains on them, they only say when to stop [recon]
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, lr=1e-3, grad_clip=None, check_every=1))
 
     def __post_init__(self):
@@ -202,7 +204,9 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     enc = TrunkEncoder(ctx.model.visual, chosen, enabled=cfg.bn_mode == "eval")
     forget_x = enc.prepare(ctx.inputs(task.forget))
     labels = task.superclass_labels(task.forget)
-    records = {}
+    calib = task.calib.get("target") if cfg.check_calibration else None
+    calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
+    records, calib_records = {}, {}
 
     def loss_fn(step):
         return forget_objective(ctx, enc(forget_x[ctx.sample(task.forget, cfg.batch_size)]), cfg.loss)
@@ -213,12 +217,17 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     def should_stop(step):
         acc = accuracy()
         records[step] = acc
+        if calib_x is not None and acc <= target:
+            calib_records[step] = ctx.superclass_accuracy(enc.encode(calib_x), calib.labels, cfg.margin)
+            return calib_records[step] <= target
         return acc <= target
 
     history = optimize(params, loss_fn, cfg.loop, "forget", ctx.callbacks, should_stop=should_stop)
     for rec in history:
         if rec["step"] - 1 in records:
             rec["forget_acc_before_step"] = records[rec["step"] - 1]
+        if rec["step"] - 1 in calib_records:
+            rec["calib_forget_acc_before_step"] = calib_records[rec["step"] - 1]
     final_acc = accuracy()
     if peft_model is not None:
         ctx.model.visual = peft_model.merge_and_unload()
