@@ -15,12 +15,12 @@ class Stop(Exception):
 
 
 def stand_in(calls, stop_after=None):
-    def run(self, request):
+    def run(self, request, fold=0):
         if stop_after is not None and len(calls) == stop_after:
             raise Stop("killed")
-        calls.append(request.subgroup)
-        return {"superclass": request.superclass, "subgroup": request.subgroup, "style": request.style,
-                "score": 90.0 + len(calls), "alpha": 1.0, "chance": 0.04, "target_after": 0.0,
+        calls.append(request.subgroup if not fold else (request.subgroup, fold))
+        return {"superclass": request.superclass, "subgroup": request.subgroup, "style": request.style, "fold": fold,
+                "score": 90.0 + len(calls), "alpha": 1.0, "chance": 0.04, "target_after": 0.1 * fold,
                 "columns": {}, "seconds": 1.0, "stage_seconds": {"forget": 1.0}}
     return run
 
@@ -49,6 +49,22 @@ def test_a_stopped_sweep_resumes_with_the_missing_requests_only(tmp_path, monkey
     assert sorted(again) == ["dog-2", "dog-3", "dog-5"]
     assert [r["subgroup"] for r in summary["rows"]] == [r.subgroup for r in REQUESTS]   # request order
     assert summary["runs"] == 6 and (tmp_path / "sweep.md").exists()
+
+
+def test_folds_run_every_request_once_per_fold_and_average_per_request(tmp_path, monkeypatch, no_model):
+    calls = []
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in(calls))
+    summary = sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, folds=3)
+    assert sorted(map(str, calls)) == sorted(map(str, ["dog-0", ("dog-0", 1), ("dog-0", 2),
+                                                       "dog-1", ("dog-1", 1), ("dog-1", 2)]))
+    assert summary["runs"] == 6 and summary["requests"] == 2 and summary["folds"] == 3
+    by_request = {r["subgroup"]: r for r in summary["per_request"]}
+    for sg in ("dog-0", "dog-1"):
+        rows = [r for r in summary["rows"] if r["subgroup"] == sg]
+        assert by_request[sg]["score"] == pytest.approx(sum(r["score"] for r in rows) / 3)
+        assert by_request[sg]["target_after"] == pytest.approx(0.1)        # folds 0, 1, 2: 0.0, 0.1, 0.2
+    assert summary["target_at_or_below_chance"] == 0                        # the mean, not the best fold, counts
+    assert "3 folds each" in (tmp_path / "sweep.md").read_text()
 
 
 def test_resume_refuses_another_methods_sweep(tmp_path, monkeypatch, no_model):
