@@ -573,10 +573,17 @@ class AppCore:
         run = self.jobs.run_dir(job_id)
         zpath = self.jobs.job_dir(job_id) / "unlearned-model.zip"
         if not zpath.is_file():
-            with atomic_file(zpath) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-                for p in sorted((run / "export").iterdir()):
-                    z.write(p, f"export/{p.name}")
+            zip_export(run / "export", zpath)
         return {"model_zip": str(zpath), "report_md": str(run / "report.md"), "report_json": str(run / "report.json")}
+
+
+def zip_export(export_dir: str | Path, zpath: str | Path) -> Path:
+    """An export folder as a zip whose files are ``export/<name>`` (written atomically). Unzipped
+    anywhere, ``export/`` loads like the folder itself (:func:`clipforget.models.export_open_clip`)."""
+    with atomic_file(zpath) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+        for p in sorted(Path(export_dir).iterdir()):
+            z.write(p, f"export/{p.name}")
+    return Path(zpath)
 
 
 def bind_warning(host: str) -> str | None:
