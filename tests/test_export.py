@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
-import pytest
 import torch
+from conftest import fill_hub_cache
 from PIL import Image
 
 from clipforget.appcore import zip_export
 from clipforget.models import MINILM_HUB_ID, export_open_clip, load_clip
-from conftest import fill_hub_cache
 
 TEXTS = ["a photo of a poodle", "line art of a Taxi, café au lait!"]
 
@@ -90,7 +89,7 @@ def _plain_open_clip(folders: list[Path], tmp: Path, hub_cache: Path) -> dict:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_CACHE=str(hub_cache))
     out = tmp / "plain.pt"
     proc = subprocess.run([sys.executable, "-c", PLAIN, "|".join(TEXTS), str(out), *map(str, folders)],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {Path(k): v for k, v in torch.load(out).items()}
 
