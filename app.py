@@ -1,6 +1,7 @@
 """clipforget web app: pick a subgroup, forget it in the background, compare retrieval, slide α.
 
     python app.py                                   # embedded model + gallery on http://127.0.0.1:7860
+    GRADIO_SERVER_PORT=8080 python app.py           # Gradio's variables are the defaults; flags win
     python app.py --model RN50 --pretrained /path/rn50.safetensors --gallery /path/images
 
 Layout and wiring only: every handler calls :class:`clipforget.appcore.AppCore`, which does the
@@ -393,7 +394,24 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> argparse.Namespace:
+    """The app's options. ``--host``/``--port`` default to Gradio's own ``GRADIO_SERVER_NAME`` /
+    ``GRADIO_SERVER_PORT`` when set (127.0.0.1 and 7860 otherwise); a flag given wins."""
+    environ = os.environ if environ is None else environ
+    env_host, env_port = environ.get("GRADIO_SERVER_NAME"), environ.get("GRADIO_SERVER_PORT")
     p = argparse.ArgumentParser(description="clipforget web app")
     p.add_argument("--model", default="embedded", help="'embedded', an open_clip architecture, or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="pretrained tag or local checkpoint for --model")
@@ -401,12 +419,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="allow full unpickling of a trusted .pt --pretrained checkpoint (it can run code)")
     p.add_argument("--gallery", default=None, help="image folder or manifest CSV (default: the embedded gallery)")
     p.add_argument("--runs-dir", default="runs/app", help="job history and results (default: runs/app)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--host", default=env_host or DEFAULT_HOST,
+                   help=f"bind address (default: $GRADIO_SERVER_NAME, else {DEFAULT_HOST}: loopback only)")
+    p.add_argument("--port", type=_port, default=None,
+                   help=f"port (default: $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--alpha-points", type=int, default=DEFAULT_ALPHA_POINTS,
                    help=f"α values precomputed per job, evenly over 0..1, plus the calibrated α (default: {DEFAULT_ALPHA_POINTS})")
     args = p.parse_args(argv)
+    if args.port is None:
+        try:
+            args.port = _port(env_port) if env_port else DEFAULT_PORT
+        except argparse.ArgumentTypeError as e:
+            p.error(f"GRADIO_SERVER_PORT: {e}; set it to a port number, unset it, or pass --port")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (warning := bind_warning(args.host)) is not None:
         log.warning(warning)

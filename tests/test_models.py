@@ -82,7 +82,7 @@ def test_unknown_names():
         load_clip("embedded", precision="fp8")
 
 
-def test_embedded_export_loads_in_plain_open_clip(bundle, tmp_path):
+def test_embedded_export_loads_in_plain_open_clip(bundle, tmp_path, minilm_hub_cache):
     export_open_clip(bundle, bundle.model.state_dict(), tmp_path / "exp")
     plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exp'}")
     plain.eval()
@@ -90,6 +90,7 @@ def test_embedded_export_loads_in_plain_open_clip(bundle, tmp_path):
     assert all(torch.equal(v, ours[k]) for k, v in plain.state_dict().items())    # the same weights, exactly
     x = torch.rand(2, 3, 64, 64)
     tok = bundle.tokenizer(["a dog", "a cat"])
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'exp'}")(["a dog", "a cat"]), tok)
     with torch.no_grad():   # outputs to 1e-5: our tower runs channels-last, plain open_clip does not
         assert torch.allclose(plain.encode_image(x), bundle.model.encode_image(x), atol=1e-5)
         assert torch.allclose(plain.encode_text(tok), bundle.model.encode_text(tok), atol=1e-6)

@@ -1,0 +1,61 @@
+"""Starting the app the way Gradio apps are started: Gradio's environment variables give the
+defaults of --host/--port, flags win; the device is chosen as the CLI chooses it and the page says it."""
+import pytest
+import torch
+from conftest import load_app_module
+
+from clipforget.appcore import device_line
+from clipforget.cli import build_parser
+
+
+@pytest.fixture(scope="module")
+def app():
+    return load_app_module()
+
+
+def test_host_and_port_default_to_gradio_variables(app):
+    args = app.parse_args([], environ={})
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    args = app.parse_args([], environ={"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "8123"})
+    assert (args.host, args.port) == ("0.0.0.0", 8123)
+    assert app.parse_args([], environ={"GRADIO_SERVER_PORT": ""}).port == 7860     # set but empty: unset
+
+
+def test_flags_win_over_gradio_variables(app):
+    env = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "8123"}
+    args = app.parse_args(["--host", "127.0.0.1", "--port", "9000"], environ=env)
+    assert (args.host, args.port) == ("127.0.0.1", 9000)
+    # an explicit --port wins even over a variable that is not a port
+    assert app.parse_args(["--port", "9000"], environ={"GRADIO_SERVER_PORT": "http"}).port == 9000
+
+
+@pytest.mark.parametrize("value", ["eighty", "0", "70000", "80.5"])
+def test_bad_gradio_server_port_is_a_clear_error(app, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        app.parse_args([], environ={"GRADIO_SERVER_PORT": value})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "GRADIO_SERVER_PORT" in err and "not a port number" in err and "--port" in err
+
+
+def test_bad_port_flag_is_a_clear_error(app, capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--port", "99999"], environ={})
+    assert "99999 is not a port number" in capsys.readouterr().err
+
+
+def test_device_defaults_to_auto_as_in_the_cli(app):
+    assert app.parse_args([], environ={}).device == "auto"
+    assert build_parser().parse_args(["forget", "--superclass", "dog", "--out", "x"]).device == "auto"
+    assert app.parse_args(["--device", "cpu"], environ={}).device == "cpu"
+
+
+def test_page_says_device_and_precision():
+    assert device_line(torch.device("cpu"), "fp32") == "Runs on `cpu` · fp32"
+    if torch.cuda.is_available():
+        line = device_line(torch.device("cuda", 0), "bf16")
+        assert line.startswith("Runs on `cuda:0` (") and torch.cuda.get_device_name(0) in line
+
+
+def test_model_status_names_the_device(core):
+    status = core.model_status()
+    assert "Runs on `cpu` · fp32" in status        # the tests' core is on the CPU, fp32
