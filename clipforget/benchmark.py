@@ -35,7 +35,8 @@ from .eval.score import score
 from .io import save_figure, write_json, write_text
 from .methods.base import config_from_dict, get_method, list_methods
 from .models import ClipBundle
-from .pipeline import Evaluator, Run, merge_runs, save_run
+from .pipeline import Evaluator, Run, merge_runs
+from .runfolder import save_run, scaled_delta
 from .train.loop import Callback
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
             d = out / "runs" / m / s.replace("/", "_").replace("@", "_")
             save_run(run, bundle, d, export=False)
             run_dirs.append(d)
-        candidates = {f"{m}: {s} alone": _scaled(d) for s, d in zip(specs, run_dirs)}
+        candidates = {f"{m}: {s} alone": scaled_delta(d) for s, d in zip(specs, run_dirs)}
         candidates[f"{m}: merged (sum)"] = merge_runs(run_dirs, "sum")
         candidates[f"{m}: merged (average)"] = merge_runs(run_dirs, "average")
         for name, delta in candidates.items():
@@ -318,13 +319,6 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
     write_text(out / "continual.csv", table_csv(rows))
     write_json(out / "continual.json", {**meta, "title": title, "rows": rows})
     return {"title": title, "rows": rows}
-
-
-def _scaled(run_dir: Path) -> dict:
-    from .pipeline import load_delta
-    delta, meta = load_delta(run_dir)
-    a = float(meta.get("alpha", 1.0))
-    return {k: a * v for k, v in delta.items()}
 
 
 # ---- CLI wiring (cli.py calls add_bench_parser) ----------------------------------------------------

@@ -101,7 +101,8 @@ def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
 def cmd_forget(args) -> int:
     from .data.task import ForgetRequest, SplitConfig, resolve, split_forget
     from .io import check_writable
-    from .pipeline import Evaluator, forget, save_run
+    from .pipeline import Evaluator, forget
+    from .runfolder import save_run
     out = check_writable(args.out)                      # every check that is cheap comes before the model
     config = _config(args.method, args)
     gallery = _gallery(args)
@@ -170,11 +171,12 @@ def cmd_suggest(args) -> int:
 
 
 def cmd_certify(args) -> int:
-    from .certify import CertifyConfig, certify, load_run_model, markdown, read_run, save_certificate
+    from .certify import CertifyConfig, certify, markdown, save_certificate
+    from .runfolder import CERTIFICATE_JSON, load_run_model, read_run
     cfg = CertifyConfig.from_dict(_overrides(args))
     run_dir = Path(args.run_dir)
     record = read_run(run_dir)
-    _check_writable(run_dir / "certificate.json")
+    _check_writable(run_dir / CERTIFICATE_JSON)
     bundle = _bundle(args) if args.model else load_run_model(record, args.device)
     gallery = _gallery(args) if args.gallery else _run_gallery(record)
     cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[_progress])
@@ -279,10 +281,11 @@ def cmd_merge(args) -> int:
     from .io import check_writable
     from .models import export_open_clip
     from .pipeline import edited_model, merge_runs
+    from .runfolder import DELTA, has_delta
     check_writable(args.out)
-    missing = [r for r in args.runs if not (Path(r) / "delta.safetensors").is_file() and not Path(r).is_file()]
+    missing = [r for r in args.runs if not has_delta(r)]
     if missing:
-        raise FileNotFoundError(f"no delta.safetensors in {', '.join(map(str, missing))}; pass run folders "
+        raise FileNotFoundError(f"no {DELTA} in {', '.join(map(str, missing))}; pass run folders "
                                 "written by `clipforget forget`")
     bundle = _bundle(args)
     delta = merge_runs(args.runs, args.mode)

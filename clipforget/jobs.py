@@ -7,7 +7,7 @@
     registry.cancel(job.id)                        # raises Cancelled inside the job's next progress event
 
 A job lives in ``runs_dir/<id>/``: ``job.json`` (status, stage, timings; rewritten atomically) and,
-once it succeeds, ``run/`` — the folder ``save_run`` writes plus ``alpha_grid.safetensors`` — which
+once it succeeds, ``run/`` — a run folder (:mod:`clipforget.runfolder`) with its α-grid — which
 appears complete or not at all. A failed or cancelled job leaves only its ``job.json``. After a
 restart, a job that was queued or running when the process died is marked failed. One process at
 a time owns a runs folder (a lock file, released by the kernel even on SIGKILL): a second app on
@@ -41,7 +41,8 @@ except ImportError:       # Windows: no flock; one app per runs folder is then u
 
 from .alphas import DEFAULT_ALPHA_POINTS, alpha_points
 from .data.request import ForgetRequest, SplitConfig
-from .io import OutputError, atomic_dir, check_writable, save_safetensors, write_json
+from . import runfolder
+from .io import OutputError, atomic_dir, check_writable, write_json
 from .memory import release_memory
 from .train.events import Cancelled
 
@@ -205,7 +206,7 @@ class JobRegistry:
         """The finished result of a job (``save_run`` folder + α-grid); raises if it has none."""
         job = self.get(job_id)
         path = self.job_dir(job_id) / "run"
-        if job.status != "done" or not (path / "report.json").is_file():
+        if job.status != "done" or not runfolder.is_complete(path):
             raise JobError(f"job {job_id} has no result (status {job.status})")
         return path
 
@@ -309,9 +310,8 @@ class JobRegistry:
                 continue
             _remove_partials(path.parent, keep_run=True)      # e.g. an export zip cut short
             if job.active:
-                complete = (path.parent / "run" / "report.json").is_file() and \
-                    (path.parent / "run" / "alpha_grid.safetensors").is_file()
-                if complete:   # the process died between writing the result and job.json
+                # the process died between writing the result and job.json
+                if runfolder.is_complete(path.parent / "run", alpha_grid=True):
                     job.status, job.message = "done", "recovered after a restart"
                 else:
                     job.status = "failed"
@@ -329,7 +329,7 @@ def _remove_partials(job_dir: Path, keep_run: bool) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.is_file() and p.name.endswith(".tmp"):
             p.unlink(missing_ok=True)
-    if not keep_run and (job_dir / "run").exists() and not (job_dir / "run" / "alpha_grid.safetensors").is_file():
+    if not keep_run and (job_dir / "run").exists() and not runfolder.has_alpha_grid(job_dir / "run"):
         shutil.rmtree(job_dir / "run", ignore_errors=True)
 
 
@@ -388,10 +388,8 @@ class ForgetWork:
         self._evaluator = None          # a ProgressEvaluator shared by jobs: caches "before" and texts
 
     def __call__(self, job: Job, progress: Progress, job_dir: Path) -> dict:
-        import torch
-
         from .index import encode_alpha_grid
-        from .pipeline import ProgressEvaluator, forget, save_run
+        from .pipeline import ProgressEvaluator, forget
 
         progress({"stage": "prepare", "step": 0, "total": 0, "fraction": 0.0})
         res = self.resources()
@@ -413,13 +411,9 @@ class ForgetWork:
             progress=lambda i, n: progress({"stage": "alpha-grid", "step": i, "total": n, "fraction": i / n}))
         progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
         with atomic_dir(job_dir / "run") as tmp:
-            save_run(run, res.bundle, tmp)
+            runfolder.save_run(run, res.bundle, tmp)
             progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
-            save_safetensors({"embeddings": grid, "alphas": torch.tensor(alphas, dtype=torch.float64)},
-                             tmp / "alpha_grid.safetensors",
-                             {"gallery_hash": res.gallery.content_hash, "note": "alpha=0 is the original model"})
-            write_json(tmp / "alpha_grid.json", {**info, "alphas": [0.0] + alphas, "points": len(alphas) + 1,
-                                                 "gallery_hash": res.gallery.content_hash})
+            runfolder.save_alpha_grid(tmp, grid, alphas, info, res.gallery.content_hash)
         return {"alpha": run.result.alpha, "score": run.report["score"], "forget_seconds": t_forget,
                 "alpha_grid_seconds": info["seconds"], "alpha_grid_points": len(alphas) + 1,
                 "shared_trunk": info["shared_trunk"], "stage_seconds": run.report["seconds"]}

@@ -2,32 +2,29 @@
 
     bundle = load_clip("embedded")
     run = forget(bundle, ForgetRequest("dog", "poodle"), method="ours")
-    save_run(run, bundle, "runs/poodle")       # report.json / report.md / delta / export / run.json
+    save_run(run, bundle, "runs/poodle")       # the run folder (clipforget/runfolder.py owns its files)
 
 ``forget`` never mutates ``bundle.model``: methods edit a private copy of the image tower.
 """
 from __future__ import annotations
 
 import logging
-import platform
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from .data.gallery import Gallery
 from .data.task import ForgetRequest, SplitConfig, Task, ViewCache, build_task
-from .eval.report import markdown
 from .eval.score import score
 from .eval.zeroshot import TextCache, column_accuracy, evaluate_columns
-from .io import atomic_dir, save_safetensors, write_json, write_text
 from .merge import StateDict, apply_delta, sum_deltas
 from .methods.base import UnlearnResult, editable_copy, get_method
-from .models import ClipBundle, export_open_clip
+from .models import ClipBundle
+from .runfolder import load_delta, save_run, scaled_delta  # noqa: F401 - save_run, load_delta: the library's API
 from .train.loop import Callback
 
 log = logging.getLogger(__name__)
@@ -135,67 +132,10 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
     return Run(result, report, task)
 
 
-def versions() -> dict:
-    import open_clip
-    import peft
-    from . import __version__
-    return {"clipforget": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
-def save_run(run: Run, bundle: ClipBundle, out: str | Path, export: bool = True) -> Path:
-    """Write report.json, report.md, delta.safetensors, run.json and (optionally) an open_clip
-    export of the unlearned model at the chosen α — all or nothing (atomic folder swap)."""
-    out = Path(out)
-    result = run.result
-    with atomic_dir(out) as tmp:
-        write_json(tmp / "report.json", run.report)
-        write_text(tmp / "report.md", markdown(run.report))
-        save_safetensors(result.delta, tmp / "delta.safetensors",
-                         {"method": result.method, "alpha": result.alpha, "arch": bundle.arch})
-        write_json(tmp / "run.json", {
-            "method": result.method, "request": result.request, "config": result.config,
-            "alpha": result.alpha, "seed": run.report.get("seed"), "model": bundle.arch,
-            "pretrained": bundle.pretrained, "gallery": run.task.gallery.name,
-            "gallery_hash": run.task.gallery.content_hash, "versions": versions(),
-            "history": result.history, "info": _jsonable(result.info)})
-        if export:
-            model = edited_model(bundle, result.delta, result.alpha)
-            export_open_clip(bundle, {k: v for k, v in model.state_dict().items()}, tmp / "export",
-                             {"method": result.method, "alpha": result.alpha, "request": result.request})
-    return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return obj
-
-
-def load_delta(path: str | Path) -> tuple[StateDict, dict]:
-    """A delta saved by :func:`save_run` and its metadata (method, alpha, arch)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    path = Path(path)
-    if path.is_dir():
-        path = path / "delta.safetensors"
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
-
-
 def merge_runs(run_dirs: list[str | Path], mode: str = "sum") -> StateDict:
     """Continual forgetting [paper A.2]: one delta that forgets every run's target.
     ``sum``: Σ_i α_i Δ_i (task arithmetic); ``average``: mean_i α_i Δ_i (a plain average of θ_i)."""
-    deltas = []
-    for d in run_dirs:
-        delta, meta = load_delta(d)
-        a = float(meta.get("alpha", 1.0))
-        deltas.append({k: a * v for k, v in delta.items()})
+    deltas = [scaled_delta(d) for d in run_dirs]
     if mode not in ("sum", "average"):
         raise ValueError(f"merge mode must be 'sum' or 'average', got {mode!r}")
     return sum_deltas(deltas, None if mode == "sum" else [1 / len(deltas)] * len(deltas))
