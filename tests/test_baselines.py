@@ -75,6 +75,55 @@ def test_every_method_runs_and_keeps_the_interface(name, tiny, tiny_task):
     assert 0.0 <= result.alpha <= 1.0 and result.method == name
 
 
+NEW_METHOD = '''
+from dataclasses import dataclass
+
+from clipforget.methods.base import Unlearner, register_method
+
+
+@dataclass
+class DroppedInConfig:
+    seed: int = 0
+
+
+@register_method
+class DroppedIn(Unlearner):
+    name, Config = "dropped-in", DroppedInConfig
+    summary = "a method file nobody listed anywhere"
+
+    def unlearn(self, ctx):
+        pass
+'''
+
+
+def test_a_method_file_dropped_into_the_package_is_found(tmp_path, monkeypatch):
+    """Registering a method is writing its file: the registry, the CLI's choices and the app's
+    menu (read from the source, without importing it) all find it with no list to edit."""
+    import sys
+
+    import clipforget.methods as methods
+    from clipforget.cli import build_parser
+    from clipforget.methods import base
+    from clipforget.methods.catalog import builtin_methods, method_modules
+    (tmp_path / "dropped_in.py").write_text(NEW_METHOD)
+    (tmp_path / "_private_helper.py").write_text("raise AssertionError('private modules are not scanned')\n")
+    # a second folder of the package, as if the file had been saved next to ours.py
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    try:
+        assert "dropped_in" in method_modules()
+        assert builtin_methods()["dropped-in"] == "a method file nobody listed anywhere"
+        assert "dropped-in" in list_methods() and get_method("dropped-in").name == "dropped-in"
+        assert list(builtin_methods()) == list_methods()           # the menu and the registry agree
+        forget = next(a for a in build_parser()._subparsers._group_actions[0].choices["forget"]._actions
+                      if a.dest == "method")
+        assert "dropped-in" in forget.choices
+    finally:
+        base._REGISTRY.pop("dropped-in", None)
+        sys.modules.pop("clipforget.methods.dropped_in", None)
+        monkeypatch.undo()
+    assert "dropped-in" not in list_methods() + list(builtin_methods())      # gone with its folder
+
+
 def test_configs_name_the_bad_field():
     cases = {"ft": {"batch_size": 0}, "ga": {"target_accuracy": 2.0}, "fisher": {"scale": 0.0},
              "lip": {"sigma": 0.0}, "emmn": {"noise_images": 0}, "clip_lip": {"top_k_layers": 0},

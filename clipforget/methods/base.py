@@ -10,12 +10,17 @@ A method is a subclass of :class:`Unlearner` with
 
 ``Unlearner.run`` does the rest: seeding, the copy (the given model is never mutated), timing,
 and the result with the weights as a delta θ_u − θ₀ over the image tower.
+
+To add a method: write ``clipforget/methods/<your_method>.py`` with an ``Unlearner`` subclass
+(``name``, ``summary``, ``Config``, ``unlearn``) decorated ``@register_method``. Nothing else: the
+file is found by scanning the package (:mod:`.catalog`), so the CLI, the app and the tests list it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,7 +36,7 @@ from ..eval.zeroshot import TextCache
 from ..merge import StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
 from ..train.loop import Callback, NonFiniteLoss, emit
-from .catalog import menu_order
+from .catalog import menu_order, method_modules
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ _REGISTRY: dict[str, type["Unlearner"]] = {}
 
 
 def register_method(cls: type["Unlearner"]) -> type["Unlearner"]:
+    """Class decorator: put a method in the registry under ``cls.name``. A module of this package
+    that uses it is imported by :func:`list_methods` without being listed anywhere."""
     if not getattr(cls, "name", None) or not dataclasses.is_dataclass(getattr(cls, "Config", None)):
         raise TypeError(f"{cls.__name__} needs a `name` and a dataclass `Config`")
     if cls.name in _REGISTRY:
@@ -48,8 +55,10 @@ def register_method(cls: type["Unlearner"]) -> type["Unlearner"]:
 
 
 def list_methods() -> list[str]:
-    """Names of all registered methods: the single source for the CLI, the app and the tests."""
-    from . import _load_all  # noqa: F401 - importing registers every method
+    """Names of all registered methods: the single source for the CLI, the app and the tests.
+    Importing the package's method modules (found by :func:`.catalog.method_modules`) registers them."""
+    for module in method_modules():
+        importlib.import_module(f"{__package__}.{module}")
     return sorted(_REGISTRY, key=menu_order)
 
 

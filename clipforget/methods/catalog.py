@@ -1,15 +1,16 @@
-"""The built-in methods' names and one-line summaries, read from their modules' source without
-importing them (no torch: the app's page shows the method menu while the model stack loads). The
-registry (:func:`clipforget.methods.base.list_methods`) stays the source of truth; the tests check
-that the two agree."""
+"""Which modules of this package hold methods, found by reading their source: every module of
+``clipforget.methods`` (every folder of the package's ``__path__``) with a class decorated
+``@register_method``. Nothing is imported here (no torch: the app's page shows the method menu,
+names and one-line summaries, while the model stack loads). :func:`.base.list_methods` imports the
+modules found here, so a method file dropped into the package is in the registry, the CLI, the app
+and the tests without editing a list; a test checks that the menu and the registry agree."""
 from __future__ import annotations
 
 import ast
+import pkgutil
+import sys
 from functools import lru_cache
 from pathlib import Path
-
-# the modules of the built-in methods, in the order _load_all imports them
-BUILTIN_MODULES = ("ours", "ccup", "clip_lip", "emmn", "fisher", "ft", "ga", "lip", "task_negation")
 
 
 def menu_order(name: str) -> tuple[bool, str]:
@@ -32,15 +33,40 @@ def _strings(cls: ast.ClassDef) -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=1)
-def builtin_methods() -> dict[str, str]:
-    """{name: summary} of every ``@register_method`` class in the built-in modules, ``ours`` first."""
+def _registered(path: Path) -> dict[str, str]:
+    """{name: summary} of the ``@register_method`` classes at the top level of one source file."""
     found = {}
-    for module in BUILTIN_MODULES:
-        tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text(encoding="utf-8"))
-        for node in tree.body:
-            if isinstance(node, ast.ClassDef) and any(
-                    isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list):
-                consts = _strings(node)
-                found[consts["name"]] = consts.get("summary", "")
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef) and any(
+                isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list):
+            consts = _strings(node)
+            found[consts["name"]] = consts.get("summary", "")
+    return found
+
+
+@lru_cache(maxsize=8)
+def _scan(folders: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """{module: {name: summary}} for the modules in ``folders`` that register a method."""
+    out = {}
+    for info in pkgutil.iter_modules(list(folders)):
+        if info.ispkg or info.name.startswith("_"):
+            continue
+        path = Path(info.module_finder.path) / f"{info.name}.py"
+        if path.is_file() and (found := _registered(path)):
+            out[info.name] = found
+    return out
+
+
+def _folders() -> tuple[str, ...]:
+    return tuple(sys.modules[__package__].__path__)
+
+
+def method_modules() -> list[str]:
+    """Names of the package's modules that register a method (what ``list_methods`` imports)."""
+    return sorted(_scan(_folders()))
+
+
+def builtin_methods() -> dict[str, str]:
+    """{name: summary} of every ``@register_method`` class in the package's modules, ``ours`` first."""
+    found = {name: summary for module in _scan(_folders()).values() for name, summary in module.items()}
     return {name: found[name] for name in sorted(found, key=menu_order)}
