@@ -33,7 +33,7 @@ from .data.task import ClassRequest, ForgetRequest, SplitConfig, Task, ViewCache
 from .eval.report import column_title
 from .eval.score import score
 from .io import save_figure, write_json, write_text
-from .methods.base import config_from_dict, get_method, list_methods
+from .methods.base import get_method, list_methods
 from .models import ClipBundle
 from .pipeline import Evaluator, Run, merge_runs
 from .runfolder import save_run, scaled_delta
@@ -319,46 +319,3 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
     write_text(out / "continual.csv", table_csv(rows))
     write_json(out / "continual.json", {**meta, "title": title, "rows": rows})
     return {"title": title, "rows": rows}
-
-
-# ---- CLI wiring (cli.py calls add_bench_parser) ----------------------------------------------------
-
-def add_bench_parser(subparsers) -> None:
-    """``clipforget bench --task SPEC [--methods a,b] --out DIR``."""
-    from .cli import _model_args
-    b = subparsers.add_parser("bench", help="every method on one task: the paper-style table (md/csv/json/png)")
-    _model_args(b)
-    b.add_argument("--task", required=True,
-                   help=f"a preset ({', '.join(PRESETS)}, all) or a spec: SUPER/SUB, SUPER@STYLE, class:SUPER, "
-                        "continual:A+B, ablation:SPEC")
-    b.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(list_methods())}")
-    b.add_argument("--config", default=None, help='per-method configs as JSON (file or inline): {"ga": {...}}')
-    b.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"train_views\": 4}'")
-    b.add_argument("--folds", type=int, default=1,
-                   help="run the bench once per fold (other held-out files each time) into OUT/fold-K")
-    b.add_argument("--out", required=True)
-    b.set_defaults(fn=cmd_bench)
-
-
-def cmd_bench(args) -> int:
-    from .cli import _bundle, _gallery
-
-    def load(text):
-        if not text:
-            return {}
-        return json.loads(Path(text).read_text() if Path(text).is_file() else text)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    split = config_from_dict(SplitConfig, load(args.split))
-    if args.folds < 1:
-        raise ValueError(f"--folds must be >= 1, got {args.folds}")
-    bundle, gallery, results = _bundle(args), _gallery(args), []
-    for fold in range(args.folds):
-        out = Path(args.out) / f"fold-{fold}" if args.folds > 1 else args.out
-        result = run_bench(args.task, methods, bundle, gallery, out, load(args.config),
-                           dataclasses.replace(split, fold=split.fold + fold) if args.folds > 1 else split)
-        results += result.values() if args.task == "all" else [result]
-    for r in results:
-        best = max(r["rows"], key=lambda row: row["score"])
-        log.info("%s: best %s (Score %.1f)", r["title"], best["method"], best["score"])
-    log.warning("wrote the benchmark tables to %s", args.out)
-    return 0

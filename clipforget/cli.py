@@ -78,13 +78,18 @@ def _progress(event: dict) -> None:
         log.info("stage %s ...", event["stage"])
 
 
+def _json_arg(text: str | None) -> dict:
+    """A JSON option: inline, or the name of a file holding it; empty: {}."""
+    if not text:
+        return {}
+    return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+
+
 def _split(text: str | None):
     """--split: SplitConfig fields as JSON (inline or a file)."""
     from .data.request import SplitConfig
     from .methods.base import config_from_dict
-    if not text:
-        return SplitConfig()
-    return config_from_dict(SplitConfig, json.loads(Path(text).read_text() if Path(text).is_file() else text))
+    return config_from_dict(SplitConfig, _json_arg(text))
 
 
 def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
@@ -270,6 +275,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import dataclasses
+
+    from .benchmark import run_bench
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    split = _split(args.split)
+    if args.folds < 1:
+        raise ValueError(f"--folds must be >= 1, got {args.folds}")
+    bundle, gallery, results = _bundle(args), _gallery(args), []
+    for fold in range(args.folds):
+        out = Path(args.out) / f"fold-{fold}" if args.folds > 1 else args.out
+        result = run_bench(args.task, methods, bundle, gallery, out, _json_arg(args.config),
+                           dataclasses.replace(split, fold=split.fold + fold) if args.folds > 1 else split)
+        results += result.values() if args.task == "all" else [result]
+    bench_log = logging.getLogger("clipforget.benchmark")
+    for r in results:
+        best = max(r["rows"], key=lambda row: row["score"])
+        bench_log.info("%s: best %s (Score %.1f)", r["title"], best["method"], best["score"])
+    bench_log.warning("wrote the benchmark tables to %s", args.out)
+    return 0
+
+
 def cmd_list_methods(args) -> int:
     from .methods.base import get_method, list_methods
     for name in list_methods():
@@ -401,8 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="worker processes, one CPU thread each (2 on a 2-core machine finishes ~1.5x sooner)")
     sw.set_defaults(fn=cmd_sweep)
 
-    from .benchmark import add_bench_parser
-    add_bench_parser(sub)
+    from .benchmark import PRESETS
+    b = sub.add_parser("bench", help="every method on one task: the paper-style table (md/csv/json/png)")
+    _model_args(b)
+    b.add_argument("--task", required=True,
+                   help=f"a preset ({', '.join(PRESETS)}, all) or a spec: SUPER/SUB, SUPER@STYLE, class:SUPER, "
+                        "continual:A+B, ablation:SPEC")
+    b.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(list_methods())}")
+    b.add_argument("--config", default=None, help='per-method configs as JSON (file or inline): {"ga": {...}}')
+    b.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"train_views\": 4}'")
+    b.add_argument("--folds", type=int, default=1,
+                   help="run the bench once per fold (other held-out files each time) into OUT/fold-K")
+    b.add_argument("--out", required=True)
+    b.set_defaults(fn=cmd_bench)
 
     lm = sub.add_parser("list-methods", help="the registered unlearning methods")
     lm.set_defaults(fn=cmd_list_methods)
