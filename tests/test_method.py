@@ -118,9 +118,9 @@ def test_lora_touches_only_the_chosen_layers(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
     cfg = ForgetConfig(top_k_layers=2, fisher_samples=8, loop=LoopConfig(steps=4, lr=1e-3, grad_clip=None))
     info = forget_stage(ctx, cfg)
-    assert len(info["layers"]) == 2
+    assert len(info.layers) == 2
     changed = {k.rsplit(".", 1)[0] for k in ctx.current_delta()}
-    assert changed and changed <= set(info["layers"])
+    assert changed and changed <= set(info.layers)
     assert not any("lora" in k for k in ctx.model.visual.state_dict())     # merged and unloaded
 
 
@@ -203,15 +203,15 @@ def test_alignment_content_term_keeps_what_the_original_model_sees(bundle, poodl
 def test_forget_probability_objective_reaches_the_target(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
     info = forget_stage(ctx, ForgetConfig(fisher_samples=8, loss="probability", target_accuracy=0.0))
-    assert info["forget_train_accuracy"] == 0.0 and info["steps"] < ForgetConfig().loop.steps
+    assert info.forget_train_accuracy == 0.0 and info.steps < ForgetConfig().loop.steps
     assert ctx.accuracy(poodle_task.forget) == 0.0
 
 
 def test_remind_stops_once_retain_is_back_and_forget_stays_forgotten(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
-    ctx.info["forget"] = forget_stage(ctx, ForgetConfig(fisher_samples=8))
+    forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8))
     before = ctx.accuracy(poodle_task.retain)
-    info = remind_stage(ctx, RemindConfig(align=AlignConfig(steps=5)))
+    info = remind_stage(ctx, RemindConfig(align=AlignConfig(steps=5)), forgot)
     assert info["checks"], "remind never checked its goals"
     last = info["checks"][-1]
     assert last["step"] == info["steps"] < RemindConfig().loop.steps         # stopped early ...
@@ -221,20 +221,20 @@ def test_remind_stops_once_retain_is_back_and_forget_stays_forgotten(bundle, poo
     feats = torch.cat([ctx.image_features(ctx.inputs(poodle_task.forget, slice(i, i + 64)))
                        for i in range(0, len(poodle_task.forget), 64)])
     forget_acc = ctx.superclass_accuracy(feats, poodle_task.superclass_labels(poodle_task.forget),
-                                         ctx.info["forget"]["margin"])
+                                         forgot.margin)
     assert forget_acc == pytest.approx(last["forget_acc"], abs=1e-6)
     assert ctx.accuracy(poodle_task.retain) > before
     n = len(poodle_task.retain)                  # the real retain images and aligned copies of (at most 128 of) them
     assert info["train_images"] == n + min(n, AlignConfig().max_images)
     changed = {k.rsplit(".", 1)[0] for k in ctx.current_delta()}
-    assert changed <= set(ctx.info["forget"]["layers"])          # scope: only the layers the forget stage edited
+    assert changed <= set(forgot.layers)          # scope: only the layers the forget stage edited
 
 
 def test_remind_without_originals_trains_on_the_aligned_images_only(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
-    ctx.info["forget"] = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=2, lr=1e-3)))
+    forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=2, lr=1e-3)))
     info = remind_stage(ctx, RemindConfig(align=AlignConfig(steps=2, keep_originals=False),
-                                          loop=LoopConfig(steps=2, lr=1e-4)))
+                                          loop=LoopConfig(steps=2, lr=1e-4)), forgot)
     assert info["aligned"] and info["train_images"] == min(len(poodle_task.retain), AlignConfig().max_images)
 
 

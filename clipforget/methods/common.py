@@ -18,6 +18,7 @@ from torch import nn
 from ..data.gallery import display
 from ..data.prompts import class_prompts
 from ..embed import class_embeddings
+from ..losses import RetainLoss
 from ..stages.fisher import prunable_layers
 
 
@@ -26,29 +27,6 @@ def forget_loss(ctx, x: torch.Tensor, model: nn.Module | None = None) -> torch.T
     logits = ctx.superclass_logits(x, model)
     target = torch.full((len(x),), ctx.task.target_index, device=logits.device)
     return F.cross_entropy(logits, target)
-
-
-class RetainLoss:
-    """CLIP loss of retain images against their own captions and their superclass prompt (both
-    positives; a batch holds few distinct captions, so every superclass prompt is a negative too)."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        task = ctx.task
-        device = ctx.bundle.device
-        cap_emb, cap_ids = ctx.caption_embeddings(task.retain)
-        self.texts = torch.cat([cap_emb, ctx.superclass_emb])
-        n = len(task.retain)
-        self.pos = torch.zeros(n, len(self.texts), device=device)
-        self.pos[torch.arange(n), cap_ids] = 1
-        self.pos[torch.arange(n), task.superclass_labels(task.retain).to(device) + len(cap_emb)] = 1
-
-    def __call__(self, idx: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        ctx = self.ctx
-        img = ctx.image_features(ctx.inputs(ctx.task.retain, idx), model)
-        logits = ctx.logit_scale * img @ self.texts.t()
-        pos = self.pos[idx.to(self.pos.device)]
-        return -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
 
 
 @contextlib.contextmanager

@@ -30,9 +30,10 @@ class Ours(Unlearner):
     def unlearn(self, ctx: Context) -> None:
         cfg = self.config
         with ctx.stage("forget"):
-            ctx.info["forget"] = forget_stage(ctx, cfg.forget)
+            forgot = forget_stage(ctx, cfg.forget)
+            ctx.info["forget"] = forgot.to_dict()
         if cfg.remind.enabled:
             with ctx.stage("remind"):
-                ctx.info["remind"] = remind_stage(ctx, cfg.remind)
+                ctx.info["remind"] = remind_stage(ctx, cfg.remind, forgot)
         with ctx.stage("restore"):
             ctx.info["restore"] = restore_stage(ctx, cfg.restore)

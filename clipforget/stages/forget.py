@@ -80,6 +80,26 @@ class ForgetConfig:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
 
 
+@dataclass
+class ForgetResult:
+    """What the forget stage did: the stages after it read it (remind's scope and margin), and the
+    run records it (``to_dict``, in ``run.json``'s info)."""
+    layers: list[str]                   # the layers edited (ranked, or given by ``ForgetConfig.layers``)
+    lora_layers: list[str]              # those edited through a low-rank update (peft or a parametrization)
+    full_layers: list[str]              # those updated fully
+    steps: int                          # optimisation steps taken
+    forget_train_accuracy: float        # forget accuracy on its train views at the end (with the margin)
+    target_accuracy: float              # the accuracy the stage stops at
+    margin: float                       # a view counts as recognised while its coarse logit is within this
+    candidates: list[str]               # the layers the ranking chose from
+    fisher: dict = field(default_factory=dict)  # per-layer fisher_forget (and fisher_retain, relative_fisher)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("layers", "lora_layers", "full_layers", "steps", "forget_train_accuracy",
+                                           "target_accuracy", "margin", "candidates")}
+        return {**d, **self.fisher}
+
+
 def called_layers(visual: nn.Module, x: torch.Tensor, names: list[str]) -> set[str]:
     """Layers whose ``forward`` runs in a forward pass. Some towers use a layer's weight
     functionally (open_clip's attention pool calls ``F.multi_head_attention_forward`` with the
@@ -175,7 +195,7 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
     return rank_layers(importance, cfg.top_k_layers), info
 
 
-def forget_stage(ctx, cfg: ForgetConfig) -> dict:
+def forget_stage(ctx, cfg: ForgetConfig) -> ForgetResult:
     """Edit ``ctx.model.visual`` in place; return what was chosen (layers, Fisher values)."""
     chosen, info = select_layers(ctx, cfg)
     visual = ctx.model.visual
@@ -235,6 +255,6 @@ def forget_stage(ctx, cfg: ForgetConfig) -> dict:
     for p in ctx.model.visual.parameters():
         p.requires_grad_(False)
     ctx.log_history("forget", history)
-    return {"layers": chosen, "lora_layers": lora_layers + sorted(functional), "full_layers": full_layers,
-            "steps": len(history),
-            "forget_train_accuracy": final_acc, "target_accuracy": target, "margin": cfg.margin, **info}
+    candidates = info.pop("candidates")
+    return ForgetResult(chosen, lora_layers + sorted(functional), full_layers, len(history), final_acc, target,
+                        cfg.margin, candidates, info)

@@ -15,6 +15,11 @@
    [recon] The stage stops early once the retain views are classified as well as by the original
    model (within ``retain_tolerance``) while the forget views stay forgotten; ``scope`` limits
    fine-tuning to the layers the forget stage edited, so the rest of the tower keeps what it knew.
+
+:func:`remind_stage` reads top to bottom with named pieces: :func:`training_rows`, the shared
+:class:`~clipforget.losses.RetainLoss`, :func:`teacher_outputs`, :func:`trained_parameters`,
+:class:`EMA` and :class:`BestCheckpoint`; what the forget stage did comes in as a
+:class:`~clipforget.stages.forget.ForgetResult`.
 """
 from __future__ import annotations
 
@@ -27,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..embed import ENCODE_BATCH, to_input
-from ..losses import distillation
+from ..losses import RetainLoss, distillation
 from ..train.loop import LoopConfig, optimize
 from ..trunk import TrunkEncoder
-from .forget import FORGET_LOSSES, forget_objective
+from .forget import FORGET_LOSSES, ForgetResult, forget_objective
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +261,120 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
     return torch.cat(out), info
 
 
-def remind_stage(ctx, cfg: RemindConfig) -> dict:
+# ---- the pieces of the fine-tuning -----------------------------------------------------------------
+
+@dataclass
+class TrainingRows:
+    """What remind fine-tunes on: the retain images and/or their aligned copies."""
+    parts: list[torch.Tensor]     # image tensors, the rows in this order
+    source: torch.Tensor          # the retain image each row comes from (its caption and superclass)
+    n_check: int                  # progress is checked on the first n_check rows (the real images when
+                                  # they are trained on)
+
+
+def training_rows(retain: torch.Tensor, aligned: torch.Tensor, chosen: torch.Tensor, was_aligned: bool,
+                  keep_originals: bool) -> TrainingRows:
+    """``aligned``: copies of the retain images ``chosen`` (when alignment ran)."""
+    n = len(retain)
+    if not was_aligned:
+        return TrainingRows([retain], torch.arange(n), n)
+    if keep_originals:
+        return TrainingRows([retain, aligned], torch.cat([torch.arange(n), chosen]), n)
+    return TrainingRows([aligned], chosen, len(chosen))
+
+
+@dataclass
+class Teacher:
+    """The frozen original model's view of the training rows: what distillation pulls towards."""
+    features: torch.Tensor        # normalised image features (rows, D)
+    logits: torch.Tensor          # zero-shot logits over the superclass prompts (rows, classes)
+
+
+@torch.no_grad()
+def teacher_outputs(ctx, x: torch.Tensor) -> Teacher:
+    feats = torch.cat([ctx.image_features(x[i:i + ENCODE_BATCH], ctx.original) for i in range(0, len(x), ENCODE_BATCH)])
+    return Teacher(feats, ctx.logit_scale * feats @ ctx.superclass_emb.t())
+
+
+def trained_parameters(visual: nn.Module, scope: str, forget: ForgetResult | None) -> tuple[list[str], list]:
+    """(layer names, parameters) fine-tuned for ``scope``: the layers the forget stage edited
+    ("forget_layers") or ranked ("late"), else — or without a forget stage — the whole tower."""
+    names = {"late": forget.candidates, "forget_layers": forget.layers}.get(scope) if forget else None
+    if names:
+        mods = dict(visual.named_modules())
+        return list(names), [p for n in names for p in mods[n].parameters(recurse=False)]
+    return [n for n, _ in visual.named_parameters()], list(visual.parameters())
+
+
+class EMA:
+    """θ_ema ← β·θ_ema + (1 − β)·θ after every step [paper Eq. 5], starting at the ORIGINAL weights
+    θ₀, over the weights fine-tuning moves (``moving``, names in ``live``, the tower's state dict
+    whose tensors share storage with its parameters). The stage ends as θ_ema."""
+
+    def __init__(self, theta0: dict, live: dict, moving: list[str], decay: float):
+        self.weights = {k: v.detach().clone().float() for k, v in theta0.items()}
+        self.live, self.moving, self.decay = live, moving, decay
+
+    def update(self, step: int = 0) -> None:
+        with torch.no_grad():
+            for k in self.moving:
+                self.weights[k].mul_(self.decay).add_(self.live[k].float(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside the block the tower holds the EMA weights, the ones the stage returns: a check
+        measures those, not the live ones being trained."""
+        with torch.no_grad():
+            saved = {n: self.live[n].clone() for n in self.moving}
+            for n in self.moving:
+                self.live[n].copy_(self.weights[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n in self.moving:
+                    self.live[n].copy_(saved[n])
+
+    def final_state(self) -> dict:
+        """The tower's state dict with the EMA weights (in the tower's dtypes)."""
+        return {k: self.weights[k].to(v.dtype) if v.is_floating_point() else v for k, v in self.live.items()}
+
+
+class BestCheckpoint:
+    """The last check that kept D_f forgotten with the best retain accuracy: the live weights and
+    the EMA at that step, to go back to when the step budget runs out after a worse check."""
+
+    def __init__(self, live: dict, moving: list[str], ema: EMA | None):
+        self.live, self.moving, self.ema = live, moving, ema
+        self.step: int | None = None
+        self.retain_acc = -1.0
+        self._live: dict = {}
+        self._ema: dict | None = None
+
+    def __bool__(self) -> bool:
+        return self.step is not None
+
+    def offer(self, step: int, retain_acc: float, forgotten: bool) -> None:
+        if forgotten and retain_acc >= self.retain_acc:
+            self.step, self.retain_acc = step, retain_acc
+            self._live = {n: self.live[n].detach().clone() for n in self.moving}
+            self._ema = None if self.ema is None else {n: self.ema.weights[n].clone() for n in self.moving}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n in self.moving:
+                self.live[n].copy_(self._live[n])
+                if self.ema is not None:
+                    self.ema.weights[n].copy_(self._ema[n])
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None) -> dict:
+    """Fine-tune ``ctx.model.visual`` on the retain images (and aligned copies): retain loss,
+    distillation from the original, the forget objective, EMA. ``forget`` is what the forget stage
+    did: its layers set ``cfg.scope`` and its margin what still counts as forgotten (None: the
+    whole tower, no margin)."""
     task = ctx.task
     if not len(task.retain):
         log.warning("remind skipped: the retain set is empty")
@@ -270,43 +388,18 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     cap = cfg.align.max_images
     chosen = torch.arange(n) if cap is None or n <= cap else ctx.sample_indices(n, cap).sort().values
     aligned, info = align_images(ctx, retain[chosen].float() / 255.0, cfg.align, reference)
-    # training rows and the retain image each comes from: the real images and/or the aligned copies;
-    # progress is checked on the first n_check rows (the real images when they are trained on)
-    n_check = n
-    if not info.get("aligned"):
-        parts, source = [retain], torch.arange(n)
-    elif cfg.align.keep_originals:
-        parts, source = [retain, aligned], torch.cat([torch.arange(n), chosen])
-    else:
-        parts, source = [aligned], chosen
-        n_check = len(chosen)
+    rows = training_rows(retain, aligned, chosen, bool(info.get("aligned")), cfg.align.keep_originals)
     device = ctx.bundle.device
-    # CLIP loss of each retain image against its own text, contrasted with every superclass prompt
-    # too (a batch of retain images has only a handful of distinct captions); its own caption and
-    # its superclass prompt are both positives.
-    cap_emb, cap_ids = ctx.caption_embeddings(task.retain)
-    texts = torch.cat([cap_emb, ctx.superclass_emb])
-    sc_ids = task.superclass_labels(task.retain).to(device) + len(cap_emb)
-    pos_all = torch.zeros(len(task.retain), len(texts), device=device)
-    pos_all[torch.arange(len(task.retain)), cap_ids] = 1
-    pos_all[torch.arange(len(task.retain)), sc_ids] = 1
-    pos_all = pos_all[source.to(device)]
+    retain_loss = RetainLoss(ctx)
+    row_source = rows.source.to(device)
     with torch.no_grad():
         x_all = torch.cat([to_input(ctx.bundle, part[i:i + ENCODE_BATCH], ctx.model)
-                           for part in parts for i in range(0, len(part), ENCODE_BATCH)])
-        teacher_feats = torch.cat([ctx.image_features(x_all[i:i + ENCODE_BATCH], ctx.original)
-                                   for i in range(0, len(x_all), ENCODE_BATCH)])
-        teacher = ctx.logit_scale * teacher_feats @ ctx.superclass_emb.t()
-    del aligned, parts
+                           for part in rows.parts for i in range(0, len(part), ENCODE_BATCH)])
+    teacher = teacher_outputs(ctx, x_all)
+    del aligned
+    rows.parts.clear()
     visual = ctx.model.visual
-    key = {"late": "candidates", "forget_layers": "layers"}.get(cfg.scope)
-    if key and ctx.info.get("forget", {}).get(key):
-        names = list(ctx.info["forget"][key])
-        mods = dict(visual.named_modules())
-        params = [p for n in names for p in mods[n].parameters(recurse=False)]
-    else:
-        names = [n for n, _ in visual.named_parameters()]
-        params = list(visual.parameters())
+    names, params = trained_parameters(visual, cfg.scope, forget)
     # only the trained layers change: the stages before them run once per image
     enc = TrunkEncoder(visual, names, enabled=cfg.bn_mode == "eval")
     retain_x, forget_x = enc.prepare(x_all), enc.prepare(ctx.inputs(task.forget))
@@ -314,92 +407,60 @@ def remind_stage(ctx, cfg: RemindConfig) -> dict:
     for p in params:
         p.requires_grad_(True)
     visual.train(cfg.bn_mode == "train")
-    ema = {k: v.detach().clone().float() for k, v in ctx.theta0.items()} if cfg.ema else None
     live = visual.state_dict()            # shares storage with the parameters
     trained = [k for k, v in visual.named_parameters() if any(v is p for p in params)]
     # what fine-tuning changes, so what the EMA averages: the trained weights, and in train-mode
     # BatchNorm its running statistics too
     moving = trained + ([k for k, v in live.items() if v.is_floating_point() and k not in trained]
                         if cfg.bn_mode == "train" else [])
+    ema = EMA(ctx.theta0, live, moving, cfg.ema_decay) if cfg.ema else None
 
     def loss_fn(step):
         idx = ctx.sample_indices(len(retain_x), cfg.batch_size).to(device)
         img = enc(retain_x[idx])
-        logits = ctx.logit_scale * img @ texts.t()
-        pos = pos_all[idx]
-        loss = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        loss = retain_loss.of_features(img, row_source[idx])
         if cfg.kd_weight > 0:
             z = ctx.logit_scale * img @ ctx.superclass_emb.t()
-            loss = loss + cfg.kd_weight * distillation(z, teacher[idx], cfg.kd_tau)
+            loss = loss + cfg.kd_weight * distillation(z, teacher.logits[idx], cfg.kd_tau)
         if cfg.feature_kd_weight > 0:
-            loss = loss + cfg.feature_kd_weight * (1 - (img * teacher_feats[idx]).sum(-1)).mean()
+            loss = loss + cfg.feature_kd_weight * (1 - (img * teacher.features[idx]).sum(-1)).mean()
         if cfg.forget_weight > 0:
             feats = enc(forget_x[ctx.sample(task.forget, cfg.batch_size)])
             loss = loss + cfg.forget_weight * forget_objective(ctx, feats, cfg.forget_loss)
         return loss
 
-    def after_step(step):
-        if ema is None:
-            return
-        with torch.no_grad():
-            for k in moving:
-                ema[k].mul_(cfg.ema_decay).add_(live[k].float(), alpha=1 - cfg.ema_decay)
-
-    check_x = retain_x[:n_check]
-    retain_labels = task.superclass_labels(task.retain)[source[:n_check]]
+    check_x = retain_x[:rows.n_check]
+    retain_labels = task.superclass_labels(task.retain)[rows.source[:rows.n_check]]
     forget_labels = task.superclass_labels(task.forget)
-    retain_goal = float((teacher[:n_check].argmax(-1).cpu() == retain_labels).float().mean()) - (cfg.retain_tolerance or 0)
+    retain_goal = float((teacher.logits[:rows.n_check].argmax(-1).cpu() == retain_labels).float().mean()) - \
+        (cfg.retain_tolerance or 0)
     forget_goal = ctx.chance if cfg.forget_goal is None else cfg.forget_goal
-    margin = ctx.info.get("forget", {}).get("margin", 0.0)       # forgotten as the forget stage defined it
+    margin = forget.margin if forget is not None else 0.0       # forgotten as the forget stage defined it
     checks: list[dict] = []
-    best: dict = {}           # the last check that kept D_f forgotten with the best retain accuracy
-    # the weights the stage returns are the EMA's: the checks must measure those, not the live ones
-
-    @contextlib.contextmanager
-    def returned_weights():
-        if ema is None:
-            yield
-            return
-        with torch.no_grad():
-            saved = {n: live[n].clone() for n in moving}
-            for n in moving:
-                live[n].copy_(ema[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n in moving:
-                    live[n].copy_(saved[n])
+    best = BestCheckpoint(live, moving, ema)
 
     def should_stop(step):
         if cfg.retain_tolerance is None or step == 0:
             return False
-        with returned_weights():
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
             r = ctx.superclass_accuracy(enc.encode(check_x), retain_labels)
             f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
         checks.append({"step": step, "retain_acc": r, "forget_acc": f})
-        if f <= forget_goal and r >= best.get("retain_acc", -1.0):
-            best.update(step=step, retain_acc=r, live={n: live[n].detach().clone() for n in moving},
-                        ema=None if ema is None else {n: ema[n].clone() for n in moving})
+        best.offer(step, r, f <= forget_goal)
         return r >= retain_goal and f <= forget_goal
 
     history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, should_stop=should_stop,
-                       after_step=after_step)
+                       after_step=ema.update if ema is not None else None)
     for p in params:
         p.requires_grad_(False)
     last = checks[-1] if checks else None
-    if best and last is not None and (last["forget_acc"] > forget_goal or last["retain_acc"] < best["retain_acc"]) \
-            and len(history) > best["step"]:
-        # the step budget ran out after a better check: go back to it
-        with torch.no_grad():
-            for n in moving:
-                live[n].copy_(best["live"][n])
-                if ema is not None:
-                    ema[n].copy_(best["ema"][n])
-        info["restored_check"] = best["step"]
+    if best and last is not None and (last["forget_acc"] > forget_goal or last["retain_acc"] < best.retain_acc) \
+            and len(history) > best.step:
+        best.restore()                    # the step budget ran out after a better check: go back to it
+        info["restored_check"] = best.step
     if ema is not None:
-        final = {k: ema[k].to(v.dtype) if v.is_floating_point() else v for k, v in live.items()}
-        visual.load_state_dict(final)
+        visual.load_state_dict(ema.final_state())
     ctx.log_history("remind", history)
-    info.update(steps=len(history), ema=cfg.ema, train_images=len(retain_x), checks=checks, retain_goal=retain_goal, forget_goal=forget_goal)
+    info.update(steps=len(history), ema=cfg.ema, train_images=len(retain_x), checks=checks, retain_goal=retain_goal,
+                forget_goal=forget_goal)
     return info
