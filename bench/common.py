@@ -49,7 +49,7 @@ def start_app(runs: Path, port: int, alpha_points: int | None = None, quick: boo
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                TRANSFORMERS_OFFLINE="1")
     if quick:
-        code = ("import app; from clipforget.appcore import AppCore; "
+        code = ("import app; from clipforget.app import AppCore; "
                 f"core = AppCore(runs_dir={str(runs)!r}, {QUICK_JOB}"
                 + (f", alpha_points={alpha_points}" if alpha_points else "") + "); "
                 f"app.launch(core, '127.0.0.1', {port}, quiet=True)")

@@ -112,7 +112,7 @@ def free_port() -> int:
 def app_core(tmp_path_factory):
     """One AppCore on the embedded model with short jobs (QUICK_*): the model loads and the
     gallery is encoded once for every app test. Use ``core`` in tests: it leaves no job running."""
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     core = AppCore(runs_dir=tmp_path_factory.mktemp("app-runs"), device="cpu", alpha_points=3,
                    job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
     yield core

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from conftest import TINY_RN  # noqa: E402
 from tinyworld import TINY_CONFIG, TINY_MODEL, TINY_SPLIT  # noqa: E402
 
-from clipforget.appcore import AppCore  # noqa: E402
+from clipforget.app import AppCore  # noqa: E402
 from clipforget.models import register_model_config  # noqa: E402
 
 

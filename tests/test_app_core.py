@@ -281,7 +281,7 @@ def test_real_job_cancel_mid_stage_and_refusal(core, finished):
 @pytest.mark.slow
 def test_history_survives_a_restart(core, finished, tmp_path):
     import shutil
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     # one app at a time owns a runs folder, and the shared ``core`` stays open for the other tests:
     # the restarted app opens a copy of its runs folder, as a new process would find it on disk
     runs = shutil.copytree(core.runs_dir, tmp_path / "runs", ignore=shutil.ignore_patterns(".lock"))
@@ -319,7 +319,7 @@ print(release_memory(), before - rss())
 def test_the_page_is_built_without_torch(tmp_path):
     """The app serves its page before the model stack loads: importing the app and building the
     page import no torch (the core's loader thread imports it afterwards)."""
-    code = ("import sys, app; from clipforget.appcore import AppCore; "
+    code = ("import sys, app; from clipforget.app import AppCore; "
             f"core = AppCore(runs_dir={str(tmp_path)!r}, load=False); app.build_app(core); "
             "print(sorted(m for m in ('torch', 'open_clip', 'faiss') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

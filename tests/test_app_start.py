@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import load_app_module
 
-from clipforget.appcore import device_line
+from clipforget.app import device_line
 from clipforget.cli import build_parser
 
 

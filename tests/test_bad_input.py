@@ -207,7 +207,7 @@ def test_bad_checkpoints_via_the_cli(case, message, tiny_world, tmp_path, capsys
 # ---- the same cases in the app ----------------------------------------------------------------------
 
 def tiny_app(world, ckpt, runs, **kwargs):
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     return AppCore(TINY_MODEL, str(ckpt), str(world), runs, "cpu", alpha_points=2, job_config=TINY_CONFIG,
                    job_split=TINY_SPLIT, **kwargs)
 
@@ -241,7 +241,7 @@ def test_bad_requests_in_the_app_are_refused_before_a_job_starts(tiny_world, tin
     ("bad-image", "the gallery 'g' could not be loaded: .*0.png is corrupted or truncated.*re-export or remove it"),
 ], ids=["pickle", "wrong-arch", "bad-image"])
 def test_a_bad_checkpoint_or_gallery_in_the_app_says_what_to_do(case, message, tiny_world, tiny_ckpt, tmp_path):
-    from clipforget.appcore import NotReady
+    from clipforget.app import NotReady
     from safetensors.torch import load_file
     path = tmp_path / ("ckpt.safetensors" if case == "bad-image" else "ckpt.pt")
     world = shutil.copytree(tiny_world, tmp_path / "g")

@@ -176,7 +176,7 @@ def app_with_finished_job(quick_run, tmp_path_factory):
     """An AppCore whose runs folder holds a finished forget job (as a restart finds it)."""
     import uuid
 
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     from clipforget.io import write_json
     from clipforget.jobs import Job
     runs = tmp_path_factory.mktemp("app-runs")

@@ -15,7 +15,7 @@ import torch
 from conftest import fill_hub_cache
 from PIL import Image
 
-from clipforget.appcore import zip_export
+from clipforget.app import zip_export
 from clipforget.models import MINILM_HUB_ID, export_open_clip, load_clip
 
 TEXTS = ["a photo of a poodle", "line art of a Taxi, café au lait!"]

@@ -31,7 +31,7 @@ STAGES = ["prepare", "forget", "remind", "align", "restore", "evaluate", "alpha-
 
 @pytest.fixture(scope="module")
 def core(tiny_world, tiny_ckpt, tmp_path_factory):
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     c = AppCore(TINY_MODEL, str(tiny_ckpt), str(tiny_world), tmp_path_factory.mktemp("runs"), "cpu",
                 alpha_points=2, job_config=TINY_CONFIG, job_split=TINY_SPLIT)
     c.resources(timeout=300)

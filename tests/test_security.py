@@ -146,7 +146,7 @@ def app_module():
 def served(app_module, tiny_world, tiny_ckpt, tmp_path_factory):
     """The app on the tiny world, launched without a host argument, with one finished job; the
     write log was on while the job ran."""
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     runs = tmp_path_factory.mktemp("app") / "runs"
     core = AppCore(TINY_MODEL, str(tiny_ckpt), str(tiny_world), runs, "cpu", alpha_points=2,
                    job_config=TINY_CONFIG, job_split=TINY_SPLIT)
@@ -200,7 +200,7 @@ def test_the_app_binds_loopback_unless_told(served, app_module):
 
 
 def test_a_non_loopback_host_is_warned_about_and_pickle_needs_a_flag(app_module, monkeypatch, caplog, tmp_path):
-    from clipforget.appcore import bind_warning
+    from clipforget.app import bind_warning
     assert bind_warning("127.0.0.1") is None and bind_warning("::1") is None and bind_warning("localhost") is None
     assert "reachable from other machines" in bind_warning("0.0.0.0")
     assert "host name 'example.org'" in bind_warning("example.org")

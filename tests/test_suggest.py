@@ -160,7 +160,7 @@ def test_example_images_need_a_label_and_two_images(bundle, gallery, emb):
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory):
-    from clipforget.appcore import AppCore
+    from clipforget.app import AppCore
     c = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu")
     c.resources(timeout=600)
     yield c

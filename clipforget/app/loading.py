@@ -1,0 +1,112 @@
+"""The app's model, gallery pixels and original gallery embeddings, loaded once in a background
+thread: the page is served first (it needs only the gallery's names), and the model stack (torch,
+open_clip, faiss) is imported here when loading starts, never at import."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from ..data.gallery import Gallery
+from ..io import save_safetensors
+from ..jobs import Resources
+from ..memory import release_memory
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The model is still loading (or failed to load: the message says why)."""
+
+
+class ModelLoader:
+    """Loads once (:meth:`start`); :meth:`resources` blocks until loaded and raises
+    :class:`NotReady` with the reason when loading failed."""
+
+    def __init__(self, model: str, pretrained: str | None, device: str, gallery: Gallery, cache_dir: Path,
+                 allow_pickle: bool = False):
+        self.model_name, self.pretrained, self.device = model, pretrained, device
+        self.allow_pickle = allow_pickle      # full unpickling of a .pt checkpoint: only for files you trust
+        self.gallery, self.cache_dir = gallery, cache_dir
+        self.timings: dict[str, float] = {}
+        self.error: BaseException | None = None
+        self.original_index = None            # FAISS index of the original gallery embeddings
+        self._resources: Resources | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._load, name="clipforget-load", daemon=True)
+
+    def start(self) -> None:
+        if self._thread.ident is None:        # not started yet
+            self._thread.start()
+
+    @property
+    def loaded(self) -> bool:
+        """Loading ended (successfully or not)."""
+        return self._ready.is_set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.error is None
+
+    def resources(self, timeout: float | None = None) -> Resources:
+        """The loaded model and gallery; blocks up to ``timeout`` seconds (None: until loaded)."""
+        if not self._ready.wait(timeout):
+            raise NotReady(f"the model {self.model_name!r} is still loading; try again in a few seconds")
+        if self.error is not None:
+            raise NotReady(f"the app could not start: {self.error}")
+        return self._resources
+
+    def bundle(self):
+        """The loaded model, or None before (or without) it."""
+        return self._resources.bundle if self._resources is not None else None
+
+    def _load(self) -> None:
+        loading = f"the model {self.model_name!r}"        # what the error message blames
+        try:
+            # the model stack is imported here, in the background, not with this module: the page
+            # comes up without waiting for torch (bench/bench_app.py measures both)
+            from .. import index as faiss_index
+            from ..data.task import ViewCache
+            from ..models import load_clip
+            t0 = time.perf_counter()
+            bundle = load_clip(self.model_name, self.pretrained, device=self.device, allow_pickle=self.allow_pickle)
+            self.timings["model_load"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            loading = f"the gallery {self.gallery.name!r}"
+            images, _ = self.gallery.load(self.gallery.items, bundle.image_size)
+            self.timings["gallery_load"] = time.perf_counter() - t1
+            loading = f"the embeddings of the gallery {self.gallery.name!r}"
+            original = self._original_embeddings(bundle, images)
+            self.original_index = faiss_index.build(original)
+            self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery, keep_sources=False), images,
+                                        original)
+            release_memory()          # the encode's transient batches stay in this thread's arena otherwise
+            self.timings["ready"] = time.perf_counter() - t0
+            log.info("app ready in %.1fs (%s)", self.timings["ready"], self.timings)
+        except BaseException as e:  # noqa: BLE001 - reported to every caller of resources()
+            self.error = RuntimeError(f"{loading} could not be loaded: {e}")
+            log.error("%s", self.error)
+        finally:
+            self._ready.set()
+
+    def _original_embeddings(self, bundle, images):
+        """Gallery embeddings of the original model, cached per (model, weights, gallery)."""
+        from ..embed import encode_images
+        src = Path(bundle.pretrained) if bundle.pretrained and Path(str(bundle.pretrained)).is_file() else None
+        stamp = f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src else ""
+        key = hashlib.sha256(f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|"
+                             f"{self.gallery.content_hash}|{self.gallery.root}".encode()).hexdigest()[:16]
+        path = self.cache_dir / f"original-{key}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+            emb = load_file(str(path))["embeddings"]
+            if emb.shape[0] == len(images):
+                self.timings["original_embeddings_cached"] = 1.0
+                return emb
+        t0 = time.perf_counter()
+        emb = encode_images(bundle, images)
+        self.timings["original_encode"] = time.perf_counter() - t0
+        save_safetensors({"embeddings": emb}, path, {"arch": bundle.arch})
+        return emb

@@ -1,0 +1,234 @@
+"""The page's events: each handler is a thin call into :class:`~clipforget.app.AppCore` and returns
+``{component: value}`` for the components it changes (components left out keep their value);
+:func:`wire` connects them to the widgets of :class:`.layout.Page`."""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from ...jobs import JobBusy, JobError
+from ..loading import NotReady
+from .layout import ALL_STYLES, Page
+
+K = 12                      # images per grid
+PRIVATE = {"api_visibility": "private"}     # the page's events are not API endpoints (see api.py)
+
+
+def errors(fn):
+    """Turn the library's errors into gr.Error messages the page shows."""
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, JobBusy, JobError, NotReady) as e:
+            raise gr.Error(str(e)) from None
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _style(style: str) -> str:
+    return "" if style == ALL_STYLES else style
+
+
+def _grid(hits):
+    return [(h["path"], h["caption"]) for h in hits]
+
+
+def _recall(search: dict, side: str) -> str:
+    r = search.get(f"recall_{side}")
+    if r is None:
+        return "recall@k of the forgotten subgroup: run or reopen a job to mark it"
+    n = search["forget_count"]
+    return f"**recall@{search['k']} of the forgotten subgroup: {r:.2f}** ({round(r * n)}/{n} of its images in the top {search['k']})"
+
+
+def _alpha_note(search: dict) -> str:
+    if "alpha_note" not in search:
+        return "no finished job yet: the right grid fills when one is done"
+    return f"{search['alpha_note']} · grids for “{search['query']}”"
+
+
+class Handlers:
+    def __init__(self, core, page: Page):
+        self.core, self.p = core, page
+
+    def done(self, job_id) -> bool:
+        return bool(job_id) and self.core.job_status(job_id)["status"] == "done"
+
+    # ---- pick ----------------------------------------------------------------------------------
+    def pick_superclass(self, sc):
+        subs = self.core.subgroups(sc)
+        return {self.p.cards: gr.update(value=self.core.subgroup_cards(sc), selected_index=None),
+                self.p.subgroup: gr.update(choices=subs, value=subs[0])}
+
+    def pick_card(self, sc, evt: gr.SelectData):
+        return {self.p.subgroup: self.core.subgroups(sc)[evt.index]}
+
+    def describe(self, sc, sg, style):
+        try:
+            info = self.core.describe_retain(sc, sg, _style(style))
+        except ValueError as e:
+            return {self.p.retain_md: f"⚠️ {e}"}
+        return {self.p.retain_md: self.core.retain_markdown(info), self.p.query: info["query"],
+                self.p.suggestions: gr.update(choices=info["queries"], value=info["query"])}
+
+    def retain(self, sc, sg, style):
+        """The editable retain set (the siblings selected) and the over-forgetting warnings."""
+        try:
+            ed = self.core.retain_editor(sc, sg, _style(style))
+        except ValueError:
+            return {self.p.suggest_md: ""}        # describe shows the error
+        return {self.p.retain_pick: gr.update(choices=ed["choices"], value=ed["value"]),
+                self.p.suggest_md: ed["markdown"]}
+
+    @errors
+    def upload(self, files, label):
+        res = self.core.suggest_uploads(files, label)
+        return {self.p.upload_md: res["markdown"], self.p.retain_pick: gr.update(value=res["retain"])}
+
+    def method_info(self, method):
+        return {self.p.method: gr.update(info=self.core.method_summary(method))}
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    @errors
+    def start(self, sc, sg, style, method, retain):
+        job = self.core.start_job(sc, sg, _style(style), method, retain=retain)
+        return {self.p.job_state: job.id, self.p.saved_job: job.id,
+                self.p.status_md: f"Started job `{job.id[:8]}` {job.label}; progress below (a reload re-attaches)."}
+
+    @errors
+    def certify(self, job_id):
+        if not self.done(job_id):
+            raise gr.Error("run or reopen a finished job first, then certify it")
+        job = self.core.start_certificate(job_id)
+        return {self.p.cert_state: job.id, self.p.cert_progress: f"Certifying in the background (job `{job.id[:8]}`)…"}
+
+    def show_certificate(self, job_id):
+        if not self.done(job_id):
+            return {self.p.cert_md: "", self.p.dl_cert: None}
+        view = self.core.certificate_view(job_id)
+        return {self.p.cert_md: view["markdown"], self.p.dl_cert: view["file"]}
+
+    def watcher(self, output):
+        """A handler that observes a job until it ends, showing its progress in ``output``;
+        closing the tab stops this, never the job."""
+        def watch(job_id, progress=gr.Progress()):
+            if not job_id:
+                yield {output: ""}
+                return
+            while True:
+                st = self.core.job_status(job_id)
+                if st["status"] not in ("queued", "running"):
+                    yield {output: ""}              # the final status goes to the status line (show)
+                    return
+                progress(st["fraction"], desc=f"{st['stage'] or 'starting'} ({len(st['stages'])} stages so far)")
+                yield {output: st["text"]}
+                time.sleep(0.5)
+        return watch
+
+    @errors
+    def cancel(self, job_id):
+        if not job_id:
+            raise gr.Error("no job to cancel")
+        return {self.p.status_md: self.core.cancel(job_id)["text"]}
+
+    # ---- compare -------------------------------------------------------------------------------
+    @errors
+    def search(self, query, job_id, alpha):
+        """Both grids for ``query``; it becomes the query the slider moves the right grid for."""
+        done = self.done(job_id)
+        res = self.core.search(query, job_id if done else None, alpha, K)
+        p = self.p
+        return {p.left: _grid(res["left"]), p.left_md: _recall(res, "left"),
+                p.right: _grid(res["right"]) if done else [], p.right_md: _recall(res, "right") if done else "",
+                p.alpha_md: _alpha_note(res), p.shown_query: res["query"]}
+
+    def slide(self, shown, query, job_id, alpha):
+        """The right grid at the new α for the query both grids show (not a query typed since and
+        not searched yet: the left grid would not match)."""
+        if not self.done(job_id):
+            return {self.p.alpha_md: _alpha_note({})}
+        res = self.core.search(shown or query, job_id, alpha, K)
+        return {self.p.right: _grid(res["right"]), self.p.right_md: _recall(res, "right"),
+                self.p.alpha_md: _alpha_note(res)}
+
+    # ---- results -------------------------------------------------------------------------------
+    def show(self, job_id, query):
+        """Fill the results of a finished job (or clear them)."""
+        p, core = self.p, self.core
+        hist = {p.history: gr.update(choices=core.history(), value=job_id or None)}
+        if not self.done(job_id):
+            st = core.job_status(job_id)["text"] if job_id else ""
+            return {p.status_md: st, p.plot: None, p.score_md: "", p.table: None,
+                    **self.search(query, "", 1.0), **hist}
+        st = core.job_status(job_id)
+        table = core.metrics_table(job_id)
+        files = core.export(job_id)
+        alpha = st["summary"].get("alpha", 1.0)
+        score = (f"**Score {table['score']:.1f}** / 100 · method `{table['method']}` · calibrated α = "
+                 f"{table['alpha']:.2f} · {st['summary'].get('alpha_grid_points')} α-grid points precomputed in "
+                 f"{st['summary'].get('alpha_grid_seconds', 0):.1f}s")
+        return {p.status_md: st["text"], p.plot: str(core.alpha_plot(job_id)), p.score_md: score,
+                p.table: {"headers": table["headers"], "data": table["rows"]}, p.alpha: gr.update(value=alpha),
+                p.dl_model: files["model_zip"], p.dl_md: files["report_md"], p.dl_json: files["report_json"],
+                **self.search(query, job_id, alpha), **hist}
+
+    def reattach(self, saved):
+        """After a reload: pick up the job this browser last ran or opened."""
+        try:
+            self.core.job_status(saved)
+            return {self.p.job_state: saved}
+        except (JobError, TypeError):
+            return {self.p.job_state: ""}
+
+    def reopen(self, job_id):
+        if not job_id:
+            return {self.p.job_state: gr.update()}
+        req = self.core.jobs.get(job_id).spec["request"]
+        qs = self.core.suggested_queries(req["superclass"], req.get("subgroup"), req.get("style"))
+        return {self.p.job_state: job_id, self.p.saved_job: job_id, self.p.query: qs[0],
+                self.p.suggestions: gr.update(choices=qs, value=qs[0])}
+
+    def tick(self):
+        return {self.p.model_md: self.core.model_status(), self.p.timer: gr.Timer(active=not self.core.ready)}
+
+
+def wire(core, p: Page, demo: gr.Blocks) -> None:
+    """Connect the page's events (inside ``demo``, the page's ``gr.Blocks``)."""
+    h = Handlers(core, p)
+    picked = [p.superclass, p.subgroup, p.style]
+    described = [p.retain_md, p.query, p.suggestions]
+    retained = [p.retain_pick, p.suggest_md]
+    searched = [p.query, p.job_state, p.alpha]
+    certified = [p.cert_md, p.dl_cert]
+    p.superclass.change(h.pick_superclass, p.superclass, [p.cards, p.subgroup], **PRIVATE)
+    p.cards.select(h.pick_card, p.superclass, p.subgroup, **PRIVATE)
+    for comp in (p.subgroup, p.style):     # a new pick: its retain set, its queries, both grids for them
+        comp.change(h.describe, picked, described, **PRIVATE).then(h.search, searched, p.grids, **PRIVATE)
+        comp.change(h.retain, picked, retained, **PRIVATE)
+    p.model_md.change(h.retain, picked, retained, **PRIVATE)
+    p.upload_btn.click(h.upload, [p.uploads, p.upload_label], [p.upload_md, p.retain_pick], **PRIVATE)
+    p.run_btn.click(h.start, picked + [p.method, p.retain_pick], [p.job_state, p.saved_job, p.status_md], **PRIVATE) \
+        .success(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
+        .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+    p.cert_btn.click(h.certify, p.job_state, [p.cert_state, p.cert_progress], **PRIVATE) \
+        .success(h.watcher(p.cert_progress), p.cert_state, p.cert_progress, concurrency_limit=None, **PRIVATE) \
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+    p.cancel_btn.click(h.cancel, p.job_state, p.status_md, **PRIVATE)
+    p.method.change(h.method_info, p.method, p.method, **PRIVATE)
+    gr.on([p.search_btn.click, p.query.submit], h.search, searched, p.grids, **PRIVATE)
+    p.alpha.input(h.slide, [p.shown_query, p.query, p.job_state, p.alpha], [p.right, p.right_md, p.alpha_md],
+                  trigger_mode="always_last", show_progress="hidden", **PRIVATE)
+    p.history.input(h.reopen, p.history, [p.job_state, p.saved_job, p.query, p.suggestions], **PRIVATE) \
+        .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+    demo.load(h.describe, picked, described, **PRIVATE)
+    demo.load(h.retain, picked, retained, **PRIVATE)
+    p.suggestions.input(lambda q: {p.query: q}, p.suggestions, p.query, **PRIVATE) \
+        .then(h.search, searched, p.grids, **PRIVATE)
+    demo.load(h.reattach, p.saved_job, p.job_state, **PRIVATE) \
+        .then(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
+        .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+    p.timer.tick(h.tick, None, [p.model_md, p.timer], show_progress="hidden", **PRIVATE)

@@ -1,0 +1,153 @@
+"""Text-to-image search in two FAISS indexes: the original encoder, and a finished job's encoder at
+the computed α nearest the slider. Every finished job carries its α-grid of gallery embeddings
+(:mod:`clipforget.runfolder`), so moving the slider is a search, never a re-encode. Text
+embeddings come from the original text tower (no method edits it) and are cached per query."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import runfolder
+from ..alphas import nearest
+from ..data.gallery import display
+from ..data.request import ForgetRequest, resolve
+from ..jobs import JobRegistry
+from .cards import marked
+from .loading import ModelLoader
+
+MAX_K = 100                     # images per search grid, at most
+MAX_QUERY = 300                 # characters of a query, at most (text towers read ~77 tokens anyway)
+MAX_GRIDS = 3                   # jobs whose α-grid indexes stay in memory
+
+
+@dataclass
+class Hit:
+    path: str          # absolute image path (served by the app)
+    caption: str
+    concept: str
+    superclass: str
+    subgroup: str
+    style: str
+    score: float
+    forgotten: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Retrieval:
+    """Search and the caches it needs, shared by the app's handler threads."""
+
+    def __init__(self, loader: ModelLoader, jobs: JobRegistry, cache_dir: Path, max_texts: int = 512):
+        self.loader, self.jobs, self.cache_dir = loader, jobs, cache_dir
+        self.gallery = loader.gallery
+        self._lock = threading.Lock()           # tokenizer + text tower: one caller at a time
+        self._cache_lock = threading.RLock()    # the text and α-grid caches, shared by handler threads
+        self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._max_texts = max_texts
+        self._grids: OrderedDict[str, tuple[list[float], dict]] = OrderedDict()
+        self._forget_paths: dict[str, set[str]] = {}
+
+    def text_embedding(self, query: str) -> np.ndarray:
+        """One embedding per query serves every α: no method edits the text tower."""
+        query = query.strip()
+        if not query:
+            raise ValueError("type a query, e.g. 'a dog' or 'a poodle'")
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the query has {len(query)} characters; keep it under {MAX_QUERY} "
+                             "(a short description such as 'a poodle' works best)")
+        with self._cache_lock:
+            if query in self._texts:
+                self._texts.move_to_end(query)
+                return self._texts[query]
+        bundle = self.loader.resources(timeout=120).bundle
+        from ..embed import encode_texts
+        with self._lock:
+            emb = encode_texts(bundle, [query])[0].numpy()
+        with self._cache_lock:
+            self._texts[query] = emb
+            while len(self._texts) > self._max_texts:
+                self._texts.popitem(last=False)
+        return emb
+
+    def grid(self, job_id: str) -> tuple[list[float], dict]:
+        """(α points, {α: faiss index}) of a finished job; α = 0 is the original index."""
+        with self._cache_lock:
+            if job_id in self._grids:
+                self._grids.move_to_end(job_id)
+                return self._grids[job_id]
+            from .. import index as faiss_index
+            emb, alphas, made_on = runfolder.load_alpha_grid(self.jobs.run_dir(job_id))
+            if emb.shape[1] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
+                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[1]} images, hash {made_on}; "
+                                 f"this app has {len(self.gallery)}, hash {self.gallery.content_hash}); start the "
+                                 "app with that gallery to reopen it")
+            self.loader.resources(timeout=120)
+            indexes = {0.0: self.loader.original_index}
+            indexes.update({a: faiss_index.build(e) for a, e in zip(alphas, emb)})
+            entry = ([0.0] + alphas, indexes)
+            self._grids[job_id] = entry
+            while len(self._grids) > MAX_GRIDS:
+                self._grids.popitem(last=False)
+            return entry
+
+    def forgotten_paths(self, job_id: str) -> set[str]:
+        """Paths of the gallery images the job's request forgets (marked in both grids)."""
+        if job_id not in self._forget_paths:
+            req = ForgetRequest.from_dict(self.jobs.get(job_id).spec["request"])
+            self._forget_paths[job_id] = {it.path for it in resolve(self.gallery, req)[0]}
+        return self._forget_paths[job_id]
+
+    def search(self, query: str, job_id: str | None = None, alpha: float | None = None, k: int = 12) -> dict:
+        """Top-``k`` gallery images for ``query`` with the original encoder (left) and, for a
+        finished job, the unlearned encoder at the computed α nearest to ``alpha`` (right)."""
+        t0 = time.perf_counter()
+        if not 1 <= int(k) <= MAX_K:
+            raise ValueError(f"k (images per grid) must be between 1 and {MAX_K}, got {k}")
+        q = self.text_embedding(query)
+        self.loader.resources(timeout=120)
+        forgotten = self.forgotten_paths(job_id) if job_id else set()
+        out = {"query": query.strip(), "k": int(k), "job_id": job_id or None, "forget_count": len(forgotten)}
+        out["left"] = self._hits(self.loader.original_index, q, k, forgotten)
+        out["recall_left"] = recall(out["left"], forgotten)
+        if job_id:
+            points, indexes = self.grid(job_id)
+            calibrated = float(self.jobs.get(job_id).summary.get("alpha", 1.0))
+            wanted = calibrated if alpha is None else float(alpha)
+            if not 0.0 <= wanted <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], got {wanted}")
+            shown = nearest(points, wanted)
+            out.update(alpha_requested=wanted, alpha_shown=shown, alpha_points=points, alpha_calibrated=calibrated,
+                       right=self._hits(indexes[shown], q, k, forgotten))
+            out["recall_right"] = recall(out["right"], forgotten)
+            out["alpha_note"] = (f"showing α = {shown:.2f}" + ("" if abs(shown - wanted) < 1e-9 else
+                                 f" (nearest computed point to {wanted:.2f})") +
+                                 f"; calibrated α = {calibrated:.2f}; {len(points)} precomputed points")
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def _hits(self, idx, q, k, forgotten) -> list[dict]:
+        from .. import index as faiss_index
+        scores, ids = faiss_index.search(idx, q, k)
+        hits = []
+        for s, i in zip(scores[0], ids[0]):
+            it = self.gallery.items[int(i)]
+            bad = it.path in forgotten
+            # forgotten images: a red frame and a short caption (the style shows in the image)
+            name = f"FORGOTTEN {display(it.concept)}" if bad else \
+                display(it.concept) + (f" · {it.style}" if it.style else "")
+            path = marked(self.gallery, self.cache_dir, it) if bad else self.gallery.root / it.path
+            hits.append(Hit(str(path), name, it.concept, it.superclass, it.subgroup, it.style, float(s), bad).to_dict())
+        return hits
+
+
+def recall(hits: list[dict], forgotten: set[str]) -> float | None:
+    """recall@k of the forgotten subgroup: its images in the top k / all its images."""
+    if not forgotten:
+        return None
+    return sum(h["forgotten"] for h in hits) / len(forgotten)
