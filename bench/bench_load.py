@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     from gradio_client import Client
 
-    from clipforget.loadtest import run_load
+    from loadtest import run_load
 
     runs = Path(tempfile.mkdtemp(prefix="clipforget-load-"))
     port = free_port()

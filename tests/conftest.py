@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,21 @@ def load_app_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_bench_module(name: str):
+    """``bench/<name>.py`` as a module (the bench scripts are not part of the package; they import
+    their ``common`` helper from their own folder)."""
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod          # its dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(bench)
 
 
 def free_port() -> int:

@@ -83,7 +83,8 @@ def test_cancel_over_the_api(client):
 
 def test_concurrent_searches_while_a_job_runs(server):
     """A small version of bench/bench_load.py: 4 clients x 5 searches during a job, 0 errors."""
-    from clipforget.loadtest import run_load
+    from conftest import load_bench_module
+    run_load = load_bench_module("loadtest").run_load
     job = server.core.start_job("car", "taxi")
     while server.core.job_status(job.id)["status"] == "queued":
         time.sleep(0.05)

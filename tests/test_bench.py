@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforget.loadtest import LoadResult
+from conftest import load_bench_module
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+LoadResult = load_bench_module("loadtest").LoadResult
 TINY_JOB = {"forget": {"fisher_samples": 4, "batch_size": 8, "loop": {"steps": 2}, "target_accuracy": None},
             "remind": {"batch_size": 8, "loop": {"steps": 2}, "align": {"steps": 1}},
             "restore": {"grid_points": 3}}

@@ -1,6 +1,6 @@
 """A bounded load test of a running app: concurrent clients searching through its ``/search`` API.
 
-    from clipforget.loadtest import run_load
+    from loadtest import run_load
     res = run_load("http://127.0.0.1:7860/", clients=20, searches=50)
     res.errors, res.p50_ms, res.p99_ms
 
