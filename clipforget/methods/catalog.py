@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 # the modules of the built-in methods, in the order _load_all imports them
-BUILTIN_MODULES = ("ours", "ccup", "clip_lip", "emmn", "fisher", "ft", "ga", "lip", "task_negation")
+BUILTIN_MODULES = ("ours", "ccup", "clip_lip", "emmn", "fisher", "ft", "ga", "lip", "task_negation", "unsir")
 
 
 def menu_order(name: str) -> tuple[bool, str]:
