@@ -30,18 +30,21 @@ def forget_loss(ctx, x: torch.Tensor, model: nn.Module | None = None) -> torch.T
 
 class RetainLoss:
     """CLIP loss of retain images against their own captions and their superclass prompt (both
-    positives; a batch holds few distinct captions, so every superclass prompt is a negative too)."""
+    positives; a batch holds few distinct captions, so every superclass prompt is a negative too).
+    ``superclass=False``: the plain CLIP loss, each image against its own caption among the retain
+    set's captions, no superclass prompt."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, superclass: bool = True):
         self.ctx = ctx
         task = ctx.task
         device = ctx.bundle.device
         cap_emb, cap_ids = ctx.caption_embeddings(task.retain)
-        self.texts = torch.cat([cap_emb, ctx.superclass_emb])
+        self.texts = torch.cat([cap_emb, ctx.superclass_emb]) if superclass else cap_emb
         n = len(task.retain)
         self.pos = torch.zeros(n, len(self.texts), device=device)
         self.pos[torch.arange(n), cap_ids] = 1
-        self.pos[torch.arange(n), task.superclass_labels(task.retain).to(device) + len(cap_emb)] = 1
+        if superclass:
+            self.pos[torch.arange(n), task.superclass_labels(task.retain).to(device) + len(cap_emb)] = 1
 
     def __call__(self, idx: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         ctx = self.ctx
