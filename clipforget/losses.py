@@ -38,19 +38,22 @@ class RetainLoss:
     """CLIP loss of retain images against their own captions and their superclass prompt (both
     positives; a batch holds few distinct captions, so every superclass prompt is a negative too).
     Shared by the baselines (fine-tuning, EMMN's repair) and ours' remind stage.
+    ``superclass=False``: the plain CLIP loss, each image against its own caption among the retain
+    set's captions, no superclass prompt.
 
     ``ctx`` is a method's :class:`~clipforget.methods.base.Context`."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, superclass: bool = True):
         self.ctx = ctx
         task = ctx.task
         device = ctx.bundle.device
         cap_emb, cap_ids = ctx.caption_embeddings(task.retain)
-        self.texts = torch.cat([cap_emb, ctx.superclass_emb])
+        self.texts = torch.cat([cap_emb, ctx.superclass_emb]) if superclass else cap_emb
         n = len(task.retain)
         self.pos = torch.zeros(n, len(self.texts), device=device)
         self.pos[torch.arange(n), cap_ids] = 1
-        self.pos[torch.arange(n), task.superclass_labels(task.retain).to(device) + len(cap_emb)] = 1
+        if superclass:
+            self.pos[torch.arange(n), task.superclass_labels(task.retain).to(device) + len(cap_emb)] = 1
 
     def of_features(self, img: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The loss of normalised image features ``img`` of the retain images ``rows``."""
