@@ -238,7 +238,7 @@ def cmd_build_gallery(args) -> int:
 def cmd_train_embedded(args) -> int:
     from .train.embedded import TrainEmbeddedConfig, train_embedded
     from .models import EMBEDDED_WEIGHTS
-    cfg = TrainEmbeddedConfig(steps=args.steps, seed=args.seed)
+    cfg = TrainEmbeddedConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
     out = Path(args.out) if args.out else EMBEDDED_WEIGHTS
     res = train_embedded(cfg, out, callback=lambda r: print(
         f"step {r['step']}/{r['steps']}  loss {r['loss']:.4f}  {r['seconds']:.0f}s", flush=True))
@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=96)
     g.set_defaults(fn=cmd_build_gallery)
 
-    t = sub.add_parser("train-embedded", help="train the embedded model on the gallery (~15 min on 2 cores)")
-    t.add_argument("--steps", type=int, default=2200)
+    t = sub.add_parser("train-embedded", help="train the embedded model on the gallery (~20 min on 2 cores)")
+    t.add_argument("--steps", type=int, default=None, help="optimisation steps (default: TrainEmbeddedConfig's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="weights file (default: the package's embedded weights)")
     t.set_defaults(fn=cmd_train_embedded)

@@ -1,5 +1,6 @@
 """The embedded gallery, its hierarchy and the data API over galleries of any origin."""
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,39 +8,72 @@ import pytest
 import torch
 from PIL import Image
 
+from clipforget.data.build import LICENSES, OPEN_LICENCES, build_gallery
 from clipforget.data.gallery import Gallery, foreground_mask
-from clipforget.data.hierarchy import load_hierarchy
+from clipforget.data.hierarchy import Hierarchy, load_hierarchy
 from clipforget.data.task import ForgetRequest, ViewCache, build_task, resolve
+from clipforget.train.embedded import training_items
 
 REQUIRED = {"monkey", "dog", "cat", "car", "airplane", "truck", "boat", "bird", "fish", "horse", "flower", "fruit"}
 
 
+OLD_STYLES = {"twemoji", "openmoji", "noto", "fluent-flat", "line-art"}
+
+
 def test_hierarchy_size_and_required_superclasses(gallery):
-    assert len(gallery.superclasses()) >= 20
-    assert len(gallery.subgroups()) >= 150
+    assert 24 <= len(gallery.superclasses()) <= 27
+    assert 160 <= len(gallery.subgroups()) <= 180
     assert REQUIRED <= set(gallery.superclasses())
-    assert {"poodle", "guide-dog", "service-dog", "dog-face", "dog"} <= set(gallery.subgroups("dog"))
+    assert {"poodle", "dog-face", "dog"} <= set(gallery.subgroups("dog"))
     assert {"taxi", "police-car", "racing-car", "automobile"} <= set(gallery.subgroups("car"))
-    assert len(gallery.other_concepts()) >= 500
+    assert len(gallery.other_concepts()) >= 400
 
 
-def test_every_subgroup_in_at_least_four_styles(gallery):
+def test_every_subgroup_in_at_least_eight_trained_styles(gallery):
+    """Held-out splits by drawing style (examples / calibration / test styles) need many styles."""
+    need = load_hierarchy().min_trained_styles
+    assert need >= 8
     for sg in gallery.subgroups():
-        styles = {it.style for it in gallery.select(subgroup=sg)}
-        assert len(styles) >= 4, sg
-    assert len(gallery.styles()) == 5 and "line-art" in gallery.styles()
+        styles = {it.style for it in gallery.select(subgroup=sg, unseen_style=False)}
+        assert len(styles) >= need, (sg, sorted(styles))
+    assert len(gallery.styles()) == 12 and OLD_STYLES <= set(gallery.styles())
+    assert ("automobile", "line-art") in {(it.subgroup, it.style) for it in gallery.select(superclass="car")}
+    assert len({it.style for it in gallery.select(subgroup="poodle", unseen_style=False)}) >= 8
+
+
+def test_unseen_styles_are_marked_and_never_trained_on(gallery):
+    unseen = gallery.unseen_styles()
+    assert len(unseen) >= 2 and unseen == sorted(unseen) == load_hierarchy().unseen_styles
+    assert set(unseen) <= set(gallery.styles()) and not set(unseen) & OLD_STYLES
+    assert {it.style for it in gallery.select(unseen_style=True)} == set(unseen)
+    assert not {it.style for it in gallery.select(unseen_style=False)} & set(unseen)
+    # every superclass can be scored on the unseen styles
+    assert {it.superclass for it in gallery.select(kind="hierarchy", unseen_style=True)} == set(gallery.superclasses())
+    train = training_items(gallery)
+    assert train and not any(it.unseen_style or it.unseen for it in train)
+    assert {it.style for it in train} == set(gallery.styles()) - set(unseen)
+    assert len(train) == len([it for it in gallery.items if not it.unseen and it.style not in unseen])
 
 
 def test_manifest_files_licences_and_size():
     root = Path(__file__).resolve().parents[1] / "gallery"
     rows = list(csv.DictReader(open(root / "manifest.csv")))
-    assert set(rows[0]) >= {"path", "concept", "superclass", "subgroup", "style", "source_set"}
+    assert set(rows[0]) >= {"path", "concept", "superclass", "subgroup", "style", "source_set", "unseen_style"}
+    assert {r["unseen_style"] for r in rows} == {"0", "1"}
     assert all((root / r["path"]).is_file() for r in rows[::97])
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert total < 30 * 2**20
+    assert total < 40 * 2**20
     lic = (root / "LICENSES.md").read_text()
     for needle in ("CC-BY-4.0", "CC-BY-SA-4.0", "Apache-2.0", "MIT"):
         assert needle in lic
+    # every style's set is listed with its package, author and an open licence
+    listed = {line.split("|")[1].strip().strip("`"): line for line in lic.splitlines() if line.startswith("| `")}
+    for style, spec in load_hierarchy().styles.items():
+        title, author, spdx, _ = LICENSES[spec["set"]]
+        assert spdx in OPEN_LICENCES, style
+        line = listed[style]
+        assert title in line and author in line and spdx in line and f"{spec['package']}@{spec['version']}" in line
+    assert {r["style"] for r in rows} == set(listed)
     img = Image.open(root / rows[0]["path"])
     assert img.size[0] >= 96 and img.mode == "RGB"
 
@@ -157,3 +191,72 @@ def test_csv_manifest_gallery(tmp_path):
 def test_hierarchy_file_matches_gallery(gallery):
     h = load_hierarchy()
     assert gallery.hierarchy == h.superclasses
+
+
+def test_manifest_without_unseen_style_column(tmp_path):
+    """Older manifests and user CSVs have no unseen_style column: every item counts as seen."""
+    _write_folder(tmp_path, True)
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "superclass", "subgroup", "style"])
+        for p in sorted(tmp_path.rglob("*.jpg")):
+            rel = p.relative_to(tmp_path)
+            w.writerow([str(rel), rel.parts[0], rel.parts[1], rel.parts[2]])
+    g = Gallery.open(tmp_path / "list.csv")
+    assert g.unseen_styles() == [] and not any(it.unseen_style for it in g.items)
+    assert len(g.select(unseen_style=False)) == len(g) and g.select(unseen_style=True) == []
+    assert len(training_items(g)) == len(g)
+
+
+def _fake_icons(root: Path) -> Path:
+    """Two tiny iconify sets: 'twemoji' (dashed names) and 'fxemoji' (dash-less names, its own
+    spelling of one concept)."""
+    def body(colour, y):
+        return f'<rect x="2" y="{y}" width="12" height="8" fill="{colour}"/>'
+    sets = {"twemoji": {"red-apple": body("red", 2), "pear": body("green", 3), "hammer": body("gray", 4),
+                        "rock": body("black", 5), "kite": body("blue", 6)},
+            "fxemoji": {"redapple": body("#c00", 2), "pearside": body("#0c0", 3), "hammer": body("#888", 4),
+                        "rock": body("#222", 5), "kite": body("#00c", 6)}}
+    for name, icons in sets.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "icons.json").write_text(json.dumps(
+            {"prefix": name, "width": 16, "height": 16, "icons": {k: {"body": v} for k, v in icons.items()}}))
+    return root
+
+
+def _fake_hierarchy(unseen: str) -> Hierarchy:
+    styles = {"twemoji": {"set": "twemoji", "package": "@iconify-json/twemoji", "version": "1.2.5",
+                          "phrase": "flat cartoon icon"},
+              "fxemoji": {"set": "fxemoji", "package": "@iconify-json/fxemoji", "version": "1.2.2",
+                          "phrase": "smooth pastel cartoon", "strip_dashes": True, "names": {"pear": "pearside"}}}
+    styles[unseen]["unseen"] = True
+    other = {"exclude_tokens": ["kite"], "min_sets": 2, "unseen_fraction": 0.0}
+    return Hierarchy({"fruit": ["red-apple", "pear"], "tool": ["hammer"]}, styles, other, min_trained_styles=1)
+
+
+def test_build_gallery_is_reproducible_and_marks_unseen_styles(tmp_path):
+    icons = _fake_icons(tmp_path / "icons")
+    h = _fake_hierarchy("fxemoji")
+    a = build_gallery(tmp_path / "a", icons, size=32, hierarchy=h)
+    build_gallery(tmp_path / "b", icons, size=32, hierarchy=h)
+    assert (tmp_path / "a" / "GALLERY_HASH").read_text() == (tmp_path / "b" / "GALLERY_HASH").read_text()
+    assert a["subgroups"] == 3 and a["other_concepts"] == 1 and a["unseen_styles"] == ["fxemoji"]
+    g = Gallery.from_manifest(tmp_path / "a" / "manifest.csv")
+    assert g.styles() == ["fxemoji", "twemoji"] and g.unseen_styles() == ["fxemoji"]
+    assert {(it.concept, it.style) for it in g.items} == {(c, s) for c in ("red-apple", "pear", "hammer", "rock")
+                                                          for s in ("twemoji", "fxemoji")}
+    assert all(it.unseen_style == (it.style == "fxemoji") for it in g.items)
+    assert {it.style for it in training_items(g)} == {"twemoji"}
+    # the mapped names rendered the set's own icons (a green pear, not a missing one)
+    pear = np.asarray(Image.open(tmp_path / "a" / "images" / "fxemoji" / "pear.png"))
+    assert pear[16, 16, 1] > 150 and pear[16, 16, 0] < 80
+    lic = (tmp_path / "a" / "LICENSES.md").read_text()
+    assert "Firefox OS Emoji" in lic and "Apache-2.0" in lic and "Twemoji" in lic and "CC-BY-4.0" in lic
+
+
+def test_build_gallery_refuses_subgroups_in_too_few_trained_styles(tmp_path):
+    icons = _fake_icons(tmp_path / "icons")
+    h = _fake_hierarchy("twemoji")
+    strict = Hierarchy(h.superclasses, h.styles, h.other_rules, min_trained_styles=2)
+    with pytest.raises(ValueError, match="fewer than 2 trained styles"):
+        build_gallery(tmp_path / "g", icons, size=32, hierarchy=strict)

@@ -1,10 +1,10 @@
-"""Render the embedded gallery from five open-licensed emoji sets.
+"""Render the embedded gallery from twelve open-licensed emoji sets.
 
-The five npm packages ``@iconify-json/{twemoji,openmoji,noto,fluent-emoji-flat,
-fluent-emoji-high-contrast}`` hold the same CLDR-named concepts drawn in five visual styles. Each
-``icons.json`` maps a name to an SVG body; we wrap it in an ``<svg>`` element, render it with
-``resvg-py`` (no system libraries) and composite it onto white. Versions are pinned in
-``hierarchy.json`` so a rebuild gives the same pixels.
+The npm packages ``@iconify-json/<set>`` (one per style in ``hierarchy.json``) hold mostly the same
+CLDR-named concepts, each in its own visual style. Each ``icons.json`` maps a name to an SVG body;
+we wrap it in an ``<svg>`` element, render it with ``resvg-py`` (no system libraries) and composite
+it onto white. Versions, and the names a set spells differently (``fxemoji`` writes "alarmclock",
+and its "dog" is a dog's face), are pinned in ``hierarchy.json`` so a rebuild gives the same pixels.
 
     clipforget build-gallery --out gallery            # runs `npm pack` for the pinned versions
     clipforget build-gallery --icons DIR --out gallery  # DIR/<set>/icons.json already unpacked
@@ -31,7 +31,7 @@ from .hierarchy import Hierarchy, load_hierarchy
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ["path", "concept", "superclass", "subgroup", "style", "source_set", "kind"]
+MANIFEST_FIELDS = ["path", "concept", "superclass", "subgroup", "style", "source_set", "kind", "unseen_style"]
 
 LICENSES = {
     "twemoji": ("Twemoji", "Twitter, Inc and other contributors (jdecked/twemoji)", "CC-BY-4.0",
@@ -43,7 +43,22 @@ LICENSES = {
                           "https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE"),
     "fluent-emoji-high-contrast": ("Fluent Emoji (high contrast)", "Microsoft Corporation", "MIT",
                                    "https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE"),
+    "fluent-emoji": ("Fluent Emoji (3D)", "Microsoft Corporation", "MIT",
+                     "https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE"),
+    "emojione": ("Emoji One (colored)", "Emoji One (EmojiTwo/emojitwo)", "CC-BY-4.0",
+                 "https://creativecommons.org/licenses/by/4.0/"),
+    "emojione-monotone": ("Emoji One (monotone)", "Emoji One (EmojiTwo/emojitwo)", "CC-BY-4.0",
+                          "https://creativecommons.org/licenses/by/4.0/"),
+    "emojione-v1": ("Emoji One (v1)", "Emoji One (joypixels/emojione-legacy)", "CC-BY-SA-4.0",
+                    "https://creativecommons.org/licenses/by-sa/4.0/"),
+    "fxemoji": ("Firefox OS Emoji", "Mozilla (mozilla/fxemoji)", "Apache-2.0",
+                "https://mozilla.github.io/fxemoji/LICENSE.md"),
+    "noto-v1": ("Noto Emoji (v1)", "Google Inc", "Apache-2.0",
+                "https://www.apache.org/licenses/LICENSE-2.0"),
+    "streamline-emojis": ("Streamline Emojis", "Streamline (webalys-hq/streamline-vectors)", "CC-BY-4.0",
+                          "https://creativecommons.org/licenses/by/4.0/"),
 }
+OPEN_LICENCES = {"CC-BY-4.0", "CC-BY-SA-4.0", "Apache-2.0", "MIT"}
 
 
 def fetch_icon_sets(hierarchy: Hierarchy, dest: Path) -> Path:
@@ -128,6 +143,21 @@ class IconSet:
                 f'width="{w}" height="{h}" viewBox="{left} {top} {w} {h}">{body}</svg>')
 
 
+def icon_name(spec: dict, concept: str) -> str | None:
+    """The name a style's set gives a gallery concept: the style's ``names`` entry (None: the set
+    has no icon for it), else the concept without dashes for sets that write names without them
+    (``strip_dashes``), else the concept itself."""
+    names = spec.get("names", {})
+    if concept in names:
+        return names[concept]
+    return concept.replace("-", "") if spec.get("strip_dashes") else concept
+
+
+def style_has(spec: dict, icon_set: IconSet, concept: str) -> bool:
+    name = icon_name(spec, concept)
+    return name is not None and name in icon_set
+
+
 def render_svg(svg: str, size: int) -> Image.Image:
     """Render to an RGB ``size`` x ``size`` image on white."""
     import resvg_py
@@ -141,13 +171,25 @@ def render_svg(svg: str, size: int) -> Image.Image:
 
 
 def other_pool(hierarchy: Hierarchy, sets: dict[str, IconSet]) -> list[str]:
-    """Concepts outside the hierarchy, present in >= min_sets sets, minus excluded tokens."""
+    """Concepts outside the hierarchy, present in >= min_sets sets, minus excluded tokens. Concept
+    names are those of the sets that spell names with dashes; a set with ``strip_dashes`` counts
+    for a concept when it has the concept's dash-less name."""
     rules = hierarchy.other_rules
-    counts = Counter(n for s in sets.values() for n in s.names())
+    candidates = {n for style, s in sets.items() if not hierarchy.styles[style].get("strip_dashes")
+                  for n in s.names()}
+    counts = Counter(n for n in candidates for style, s in sets.items()
+                     if style_has(hierarchy.styles[style], s, n))
     excluded = set(rules["exclude_tokens"])
     in_hierarchy = set(hierarchy.subgroup_to_superclass)
     return sorted(n for n, k in counts.items()
                   if k >= rules["min_sets"] and n not in in_hierarchy and not set(n.split("-")) & excluded)
+
+
+def trained_style_counts(hierarchy: Hierarchy, sets: dict[str, IconSet]) -> dict[str, int]:
+    """subgroup -> number of styles that have it and that the embedded model trains on."""
+    return {sg: sum(style_has(spec, sets[style], sg) for style, spec in hierarchy.styles.items()
+                    if not spec.get("unseen"))
+            for sg in hierarchy.subgroup_to_superclass}
 
 
 def build_gallery(out: Path, icons_dir: Path | None = None, size: int = 96,
@@ -160,10 +202,11 @@ def build_gallery(out: Path, icons_dir: Path | None = None, size: int = 96,
         icons_dir = Path(icons_dir) if icons_dir else fetch_icon_sets(hierarchy, Path(tmp))
         sets = {style: IconSet(icons_dir / spec["set"] / "icons.json")
                 for style, spec in hierarchy.styles.items()}
-        missing = [sg for sg in hierarchy.subgroup_to_superclass
-                   if sum(sg in s for s in sets.values()) < 4]
+        need = hierarchy.min_trained_styles
+        missing = {sg: n for sg, n in trained_style_counts(hierarchy, sets).items() if n < need}
         if missing:
-            raise ValueError(f"subgroups present in fewer than 4 styles: {missing}")
+            raise ValueError(f"subgroups present in fewer than {need} trained styles: {missing}; "
+                             "replace them in hierarchy.json or map their names per style")
         others = other_pool(hierarchy, sets)
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
@@ -171,15 +214,16 @@ def build_gallery(out: Path, icons_dir: Path | None = None, size: int = 96,
         for concept in list(hierarchy.subgroup_to_superclass) + others:
             superclass = hierarchy.subgroup_to_superclass.get(concept, "")
             for style, icon_set in sets.items():
-                if concept not in icon_set:
+                spec = hierarchy.styles[style]
+                if not style_has(spec, icon_set, concept):
                     continue
                 rel = f"images/{style}/{concept}.png"
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                render_svg(icon_set.svg(concept), size).save(staging / rel, optimize=True)
+                render_svg(icon_set.svg(icon_name(spec, concept)), size).save(staging / rel, optimize=True)
                 rows.append({"path": rel, "concept": concept, "superclass": superclass,
                              "subgroup": concept if superclass else "", "style": style,
-                             "source_set": hierarchy.styles[style]["set"],
-                             "kind": "hierarchy" if superclass else "other"})
+                             "source_set": spec["set"], "kind": "hierarchy" if superclass else "other",
+                             "unseen_style": "1" if spec.get("unseen") else "0"})
         with open(staging / "manifest.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
             writer.writeheader()
@@ -199,7 +243,8 @@ def build_gallery(out: Path, icons_dir: Path | None = None, size: int = 96,
     n_hier = sum(r["kind"] == "hierarchy" for r in rows)
     return {"images": len(rows), "hierarchy_images": n_hier, "other_images": len(rows) - n_hier,
             "superclasses": len(hierarchy.superclasses),
-            "subgroups": len(hierarchy.subgroup_to_superclass), "other_concepts": len(others)}
+            "subgroups": len(hierarchy.subgroup_to_superclass), "other_concepts": len(others),
+            "styles": len(hierarchy.styles), "unseen_styles": hierarchy.unseen_styles}
 
 
 def hash_tree(root: Path) -> str:
@@ -223,6 +268,8 @@ def licence_text(hierarchy: Hierarchy) -> str:
         title, author, spdx, url = LICENSES[spec["set"]]
         lines.append(f"| `{style}` | {title} | `{spec['package']}@{spec['version']}` | {author} | "
                      f"[{spdx}]({url}) |")
-    lines += ["", "OpenMoji renderings are shared under the same CC BY-SA 4.0 licence (share-alike).",
-              "Twemoji graphics by Twitter, Inc and other contributors, CC BY 4.0.", ""]
+    lines += ["", "OpenMoji and Emoji One (v1) renderings are shared under the same CC BY-SA 4.0 licence "
+              "(share-alike).",
+              "Twemoji graphics by Twitter, Inc and other contributors, CC BY 4.0. Emoji One (colored, "
+              "monotone) and Streamline Emojis graphics, CC BY 4.0, by their authors above.", ""]
     return "\n".join(lines)

@@ -50,7 +50,7 @@ class Item:
     style: str         # "" when the gallery has no style level
     kind: str          # "hierarchy" | "other"
     unseen: bool = False   # other-pool concept never used to train the embedded model
-    unseen_style: bool = False  # drawn in a style never used to train the embedded model
+    unseen_style: bool = False   # drawn in a style never used to train the embedded model
 
 
 def display(name: str) -> str:
@@ -76,8 +76,8 @@ class Gallery:
 
     @classmethod
     def from_manifest(cls, manifest: str | Path, name: str | None = None) -> "Gallery":
-        """CSV with columns path, superclass, subgroup[, style, concept, kind]; paths relative to
-        the CSV's folder (or absolute)."""
+        """CSV with columns path, superclass, subgroup[, style, concept, kind, unseen_style ("1"/"0")];
+        paths relative to the CSV's folder (or absolute)."""
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"gallery manifest {manifest} not found; build the embedded "
@@ -94,7 +94,8 @@ class Gallery:
             kind = r.get("kind") or ("hierarchy" if r["superclass"] else "other")
             concept = r.get("concept") or r["subgroup"] or Path(r["path"]).stem
             items.append(Item(r["path"], concept, r["superclass"], r["subgroup"], r.get("style", ""),
-                              kind, kind == "other" and concept in unseen))
+                              kind, kind == "other" and concept in unseen,
+                              (r.get("unseen_style") or "0").strip() == "1"))
         return cls(manifest.parent, items, name or manifest.parent.name)
 
     @classmethod
@@ -165,8 +166,8 @@ class Gallery:
         return sorted({it.style for it in self.items if it.style})
 
     def unseen_styles(self) -> list[str]:
-        """Styles never used to train the embedded model (the report's ``unseen_styles`` column)."""
-        return sorted({it.style for it in self.items if it.unseen_style})
+        """Styles whose images never train the embedded model (sorted; empty for most galleries)."""
+        return sorted({it.style for it in self.items if it.style and it.unseen_style})
 
     def other_concepts(self, include_unseen: bool = True) -> list[str]:
         return sorted({it.concept for it in self.items if it.kind == "other"
@@ -190,7 +191,7 @@ class Gallery:
             raise ValueError(suggest(style, self.styles() or ["(this gallery has no styles)"], "style"))
 
     def select(self, superclass=None, subgroup=None, style=None, kind=None, exclude_style=None,
-               unseen=None, unseen_style=None) -> list[Item]:
+               unseen=None, unseen_style: bool | None = None) -> list[Item]:
         return [it for it in self.items
                 if (superclass is None or it.superclass == superclass)
                 and (subgroup is None or it.subgroup == subgroup)

@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainEmbeddedConfig:
-    steps: int = 2200                # optimisation steps
+    steps: int = 2800                # optimisation steps
     batch_size: int = 128
     lr: float = 1e-3                 # AdamW peak learning rate
     weight_decay: float = 0.05
     warmup: float = 0.05             # fraction of steps with linear warm-up, then cosine
-    hierarchy_fraction: float = 0.5  # share of each batch drawn from hierarchy images
+    hierarchy_fraction: float = 0.6  # share of each batch drawn from hierarchy images
     source_size: int = 96            # images are loaded at this size and augmented down to 64
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -61,6 +61,12 @@ def pooled_text_features(model, tokenizer, texts: list[str], batch: int = 512) -
     return torch.cat(out)
 
 
+def training_items(gallery: Gallery) -> list:
+    """The images the embedded model trains on: neither an other-pool concept held out of training
+    (``unseen``) nor an image in a held-out drawing style (``unseen_style``)."""
+    return [it for it in gallery.items if not it.unseen and not it.unseen_style]
+
+
 def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path = EMBEDDED_WEIGHTS,
                    gallery: Gallery | None = None,
                    callback: Callable[[dict], None] | None = None) -> dict:
@@ -75,7 +81,7 @@ def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path =
     std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
     size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
 
-    items = [it for it in gallery.items if not it.unseen]
+    items = training_items(gallery)
     t0 = time.perf_counter()
     images, masks = gallery.load(items, cfg.source_size)
     # captions and their keys
