@@ -156,7 +156,7 @@ def _write_folder(root: Path, styled: bool):
             for st in (["a", "b"] if styled else [None]):
                 d = root / sc / sg / st if st else root / sc / sg
                 d.mkdir(parents=True, exist_ok=True)
-                for i in range(2):
+                for i in range(6):      # enough files to hold out test and calibration images
                     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
 
 
@@ -181,7 +181,7 @@ def test_csv_manifest_gallery(tmp_path):
             rel = p.relative_to(tmp_path)
             w.writerow([str(rel), rel.parts[0], rel.parts[1]])
     g = Gallery.open(tmp_path / "list.csv")
-    assert len(g) == 6 and g.subgroups("tool") == ["hammer"]
+    assert len(g) == 18 and g.subgroups("tool") == ["hammer"]      # 3 subgroups x 6 files
     bad = tmp_path / "bad.csv"
     bad.write_text("file,label\nx.jpg,a\n")
     with pytest.raises(ValueError, match="path, superclass, subgroup"):
