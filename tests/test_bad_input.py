@@ -88,11 +88,11 @@ def cli(capsys, world, out, *args, ckpt=None):
     (["--superclass", "dgo", "--subgroup", "poodle"], "superclass 'dgo' not in gallery; did you mean 'dog'?"),
     (["--superclass", "dog", "--subgroup", "poodel"], "subgroup 'poodel' not in gallery; did you mean 'poodle'?"),
     (["--superclass", "dog", "--subgroup", "poodle", "--style", "notto"], "style 'notto' not in gallery; did you mean 'noto'?"),
-    (["--superclass", "dog", "--subgroup", "poodle", "--retain", "guide-dgo"], "did you mean 'guide-dog'?"),
-    (["--superclass", "dog", "--subgroup", "xyzzy"], "choose one of: dog-face, guide-dog, poodle"),
-    # black cat exists, but not in twemoji: the forget set would be empty
-    (["--superclass", "cat", "--subgroup", "black-cat", "--style", "twemoji"],
-     "no images for black cat (twemoji): the gallery has no 'black-cat' in style 'twemoji'; pick another style or subgroup"),
+    (["--superclass", "dog", "--subgroup", "poodle", "--retain", "dog-fcae"], "did you mean 'dog-face'?"),
+    (["--superclass", "dog", "--subgroup", "xyzzy"], "choose one of: dog, dog-face, poodle"),
+    # gorilla exists, but not in streamline: the forget set would be empty
+    (["--superclass", "monkey", "--subgroup", "gorilla", "--style", "streamline"],
+     "no images for gorilla (streamline): the gallery has no 'gorilla' in style 'streamline'; pick another style or subgroup"),
     (["--superclass", "dog"], "name a subgroup, a style, or both"),
     (["--superclass", "dog", "--subgroup", "poodle", "--retain", "poodle"], "retain set contains the forget subgroup"),
     (["--superclass", "dog", "--subgroup", "poodle", "--set", "forget.top_k=2"], "unknown field(s) ['top_k']"),
@@ -218,7 +218,7 @@ def test_bad_requests_in_the_app_are_refused_before_a_job_starts(tiny_world, tin
         for args, message in [(("dgo", "poodle"), "superclass 'dgo' not in gallery; did you mean 'dog'?"),
                               (("dog", "poodel"), "subgroup 'poodel' not in gallery; did you mean 'poodle'?"),
                               (("dog", "poodle", "notto"), "style 'notto' not in gallery; did you mean 'noto'?"),
-                              (("cat", "black-cat", "twemoji"), "no images for black cat (twemoji)"),
+                              (("cat", "cat-face", "twemoji"), "no images for cat face (twemoji)"),
                               (("dog",), "pick a subgroup of 'dog' (or a style)"),
                               (("",), "pick a superclass first")]:
             for call in (core.describe_retain, core.start_job):

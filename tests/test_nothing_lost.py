@@ -175,7 +175,7 @@ def test_a_second_job_is_refused_naming_the_running_one(core, on_event, done_job
     assert inside.wait(120)
     with pytest.raises(JobBusy, match=f"job {first.id} \\(poodle \\(dog\\) · ours\\) is still running \\(forget\\); "
                                       "wait for it to finish or cancel it first"):
-        core.start_job("dog", "guide-dog")
+        core.start_job("dog", "dog-face")
     core.cancel(first.id)
     gate.set()
     assert finish(core, first).status == "cancelled"

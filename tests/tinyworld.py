@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 # superclass -> subgroups; "fish" has a single subgroup: forgetting it leaves nothing to retain
-TINY_HIERARCHY = {"dog": ["poodle", "guide-dog", "dog-face"], "cat": ["cat", "black-cat"],
+TINY_HIERARCHY = {"dog": ["poodle", "dog", "dog-face"], "cat": ["cat", "cat-face"],
                   "car": ["taxi", "police-car"], "fish": ["shark"]}
-TINY_STYLES = ("noto", "twemoji")
-ONLY_STYLE = {"black-cat": "noto"}        # black cat has no twemoji image: an empty forget set
+TINY_STYLES = ("noto", "twemoji", "openmoji")    # three files a subgroup: 1 example, 1 calibration, 1 test
+ONLY_STYLE = {"cat-face": "noto"}         # cat face has no twemoji image here: an empty forget set
 TINY_OTHER = ("1st-place-medal", "anchor", "umbrella")
 TINY_MODEL = "test-tiny-rn"
 
@@ -23,7 +23,8 @@ TINY_CONFIG = {"forget": {"fisher_samples": 4, "batch_size": 8, "target_accuracy
                "remind": {"batch_size": 8, "align": {"steps": 1}, "loop": {"steps": 1}},
                "restore": {"grid_points": 2}}
 TINY_SPLIT = {"train_views": 1, "forget_views": 1, "calib_views": 1, "calib_target_views": 1, "test_views": 1,
-              "calib_other_images": 4, "calib_concept_images": 3, "max_other_images": 4}
+              "calib_other_images": 4, "calib_concept_images": 3, "max_other_images": 4,
+              "test_images": 1, "calib_images": 1}
 
 
 def make_tiny_gallery(src_root: Path, dest: Path) -> Path:

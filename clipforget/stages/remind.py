@@ -86,6 +86,8 @@ class RemindConfig:
                                      # forgotten while reminding; None: chance level, the bar restore then holds [recon]
     retain_tolerance: float | None = 0.02  # stop once retain accuracy (train views) is within this of the
                                      # original's and the forget set is still forgotten [recon]; None: all steps
+    check_calibration: bool = False  # "still forgotten" also asks it of D_m's held-out forget images (never trained
+                                     # on; they only say when to stop and which check to keep) [recon]
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, lr=5e-4, grad_clip=1.0, check_every=2))
 
     def __post_init__(self):
@@ -403,6 +405,8 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None) -> 
     # only the trained layers change: the stages before them run once per image
     enc = TrunkEncoder(visual, names, enabled=cfg.bn_mode == "eval")
     retain_x, forget_x = enc.prepare(x_all), enc.prepare(ctx.inputs(task.forget))
+    calib = task.calib.get("target") if cfg.check_calibration else None
+    calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
     del x_all                             # the trunk's output replaces it (or is it, when there is no split)
     for p in params:
         p.requires_grad_(True)
@@ -445,6 +449,8 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None) -> 
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
             r = ctx.superclass_accuracy(enc.encode(check_x), retain_labels)
             f = ctx.superclass_accuracy(enc.encode(forget_x), forget_labels, margin)
+            if calib_x is not None:       # the held-out forget images of D_m must stay forgotten too
+                f = max(f, ctx.superclass_accuracy(enc.encode(calib_x), calib.labels, margin))
         checks.append({"step": step, "retain_acc": r, "forget_acc": f})
         best.offer(step, r, f <= forget_goal)
         return r >= retain_goal and f <= forget_goal
