@@ -64,7 +64,8 @@ def test_full_flow(server, browser):
     page.locator("#cards button", has=page.locator("img[alt='poodle']")).click()
     wait_for(lambda: page.locator("#retain").inner_text().startswith("Forget poodle"), 15, "retain set for poodle")
     retain = page.locator("#retain").inner_text()
-    assert "guide dog" in retain and "poodle" not in retain.split("Retain")[1]
+    assert "dog face" in retain and "poodle" not in retain.split("Retain")[1]
+    assert "held out" in retain.split("Retain")[0]          # the page says which poodles the method never sees
     assert page.locator("#query textarea, #query input").first.input_value() == "a dog"
     wait_for(lambda: len(captions(page, "left-grid")) == 12, 120, "the original grid (model loading)")
     page.screenshot(path=str(out / "01-picked.png"), full_page=True)

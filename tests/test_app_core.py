@@ -195,11 +195,13 @@ def test_pick_handlers(core):
     from PIL import Image
     assert Image.open(cards[0][0]).size[0] >= 96 * 3                # every style in one card
     info = core.describe_retain("dog", "poodle")
-    assert len(info["forget"]) == len(core.styles()) and "poodle" not in info["retain_subgroups"]
+    assert len(info["forget"]) == len(core.gallery.select(subgroup="poodle", unseen_style=False))
+    assert sorted(info["examples"] + info["held_out"]) == sorted(info["forget"]) and info["held_out"]
+    assert "poodle" not in info["retain_subgroups"]
     assert info["retain_images"] == sum(info["retain_counts"].values()) > 0
     assert info["queries"] == ["a dog", "a poodle", "a poodle, a kind of dog"]
     md = core.retain_markdown(info)
-    assert "Retain" in md and "guide dog" in md
+    assert "Retain" in md and "dog face" in md and "held out" in md
     with pytest.raises(ValueError, match="did you mean 'poodle'"):
         core.describe_retain("dog", "poodel")
     with pytest.raises(ValueError, match="pick a subgroup"):

@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import runfolder
 from ..alphas import DEFAULT_ALPHA_POINTS
 from ..data.gallery import Gallery
-from ..data.request import ForgetRequest
+from ..data.request import ForgetRequest, SplitConfig
 from ..jobs import CertifyWork, ForgetWork, Job, JobError, JobRegistry, Resources
 from ..methods.catalog import builtin_methods
 from . import cards, results, views
@@ -114,7 +114,8 @@ class AppCore:
 
     # ---- retain set ----------------------------------------------------------------------------
     def describe_retain(self, superclass: str, subgroup: str | None = None, style: str | None = None) -> dict:
-        return retain_sets.describe_retain(self.gallery, superclass, subgroup, style)
+        split = SplitConfig(**self.job_split) if self.job_split else None
+        return retain_sets.describe_retain(self.gallery, superclass, subgroup, style, split)
 
     def retain_markdown(self, info: dict) -> str:
         return views.retain_markdown(info)

@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..data.gallery import Gallery, display
 from ..data.prompts import article
-from ..data.request import ForgetRequest, resolve
+from ..data.request import ForgetRequest, SplitConfig, resolve, split_forget
 from .loading import NotReady
 
 
@@ -42,15 +42,21 @@ def suggested_queries(gallery: Gallery, superclass: str, subgroup: str | None = 
     return list(dict.fromkeys(out))
 
 
-def describe_retain(gallery: Gallery, superclass: str, subgroup: str | None = None, style: str | None = None) -> dict:
-    """What a job would forget and keep, before it runs."""
+def describe_retain(gallery: Gallery, superclass: str, subgroup: str | None = None, style: str | None = None,
+                    split: SplitConfig | None = None) -> dict:
+    """What a job would forget and keep, before it runs: which forget images the method trains on and
+    which it holds out for calibration and the test (``split``: the job's; None: the defaults)."""
     req = make_request(gallery, superclass, subgroup, style)
     forget, retain, names, warnings = resolve(gallery, req)
+    files = split_forget(forget, split or SplitConfig(), req.label)   # too few images to hold some out: raises
     counts = {n: sum(1 for it in retain if it.subgroup == n) for n in names}
     other = sum(1 for it in gallery.items if it.kind == "hierarchy" and it.superclass != superclass)
     queries = suggested_queries(gallery, superclass, subgroup, style)
     return {"label": req.label, "request": req.to_dict(),
             "forget": [it.path for it in forget], "forget_styles": sorted({it.style for it in forget}),
+            "examples": [it.path for it in files.train], "example_styles": sorted({it.style for it in files.train}),
+            "held_out": [it.path for it in files.calib + files.test],
+            "held_out_styles": sorted({it.style for it in files.calib + files.test}),
             "retain_subgroups": names, "retain_counts": counts, "retain_images": len(retain),
             "other_superclass_images": other, "warnings": warnings, "query": queries[0], "queries": queries}
 

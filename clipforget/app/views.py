@@ -47,10 +47,13 @@ def bind_warning(host: str) -> str | None:
 
 def retain_markdown(info: dict) -> str:
     """What a job would forget and keep (:func:`clipforget.app.retain.describe_retain`)."""
-    sty = ", ".join(info["forget_styles"]) or "—"
+    def styles(key):
+        return ", ".join(info[key]) or "—"
     kept = ", ".join(f"{display(n)} ({c})" for n, c in info["retain_counts"].items()) or "none"
-    lines = [f"**Forget** {info['label']} ({info['request']['superclass']}): {len(info['forget'])} images "
-             f"in styles {sty}.",
+    lines = [f"**Forget** {info['label']} ({info['request']['superclass']}): {len(info['forget'])} images. "
+             f"The method trains on {len(info['examples'])} (styles {styles('example_styles')}); "
+             f"{len(info['held_out'])} are held out to calibrate and to test whether it forgot the subgroup, "
+             f"not just its examples (styles {styles('held_out_styles')}).",
              f"**Retain** {info['retain_images']} images of {len(info['retain_subgroups'])} subgroups: {kept}.",
              f"Also checked, not trained on: {info['other_superclass_images']} images of other superclasses "
              "and the other-concepts pool."]

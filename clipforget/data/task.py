@@ -21,7 +21,8 @@ import torch
 from .augment import CLEAN, STYLE_VIEWS, VIEWS, AugmentConfig, augment
 from .gallery import Gallery, Item, display
 from .prompts import class_prompts, coarse_prompt, fill
-from .request import ClassRequest, ForgetRequest, SplitConfig, resolve  # noqa: F401 - also this module's API
+from .request import (ClassRequest, FileSplit, ForgetRequest, SplitConfig, file_order, resolve,  # noqa: F401
+                      split_forget, split_groups, split_pool)                                # also this module's API
 
 log = logging.getLogger(__name__)
 
@@ -160,77 +161,6 @@ class ViewCache:
 def view_seed(path: str, split: str, k: int) -> int:
     h = int(hashlib.sha256(path.encode()).hexdigest()[:8], 16)
     return (h + SPLIT_OFFSETS[split] + k * 7919) % (2**63)
-
-
-@dataclass
-class FileSplit:
-    """Disjoint sets of gallery images (files): what a method trains on, D_m, and the tests."""
-    train: list[Item]
-    calib: list[Item]
-    test: list[Item]
-
-
-def file_order(items: list[Item], seed: int) -> list[Item]:
-    """A seeded order of ``items`` that depends on their paths only (not on gallery order)."""
-    return sorted(items, key=lambda it: hashlib.sha256(f"{seed}|{it.path}".encode()).hexdigest())
-
-
-def rotate(items: list, by: int) -> list:
-    by %= max(1, len(items))
-    return items[by:] + items[:by]
-
-
-def split_forget(items: list[Item], cfg: SplitConfig, label: str, examples: tuple[str, ...] | None = None) -> FileSplit:
-    """The forget set's files: examples for the method, held-out calibration and test images.
-    ``examples`` (style names or gallery paths) fixes the examples, and the other images are split
-    into D_m and the test; otherwise fold ``cfg.fold`` of a seeded order holds out the next
-    ``test_images`` files for the test and the ``calib_images`` after them for D_m."""
-    if examples is not None:
-        chosen = [it for it in items if it.style in examples or it.path in examples]
-        unknown = set(examples) - {it.style for it in chosen} - {it.path for it in chosen}
-        if unknown:
-            raise ValueError(f"forget examples {sorted(unknown)} match no image of {label}; name styles "
-                             f"({', '.join(sorted({it.style for it in items if it.style})) or 'none'}) or image "
-                             "paths relative to the gallery root")
-        rest = rotate(file_order([it for it in items if it not in chosen], cfg.seed), cfg.fold * cfg.test_images)
-        if len(rest) < 2:
-            raise ValueError(f"{label}: {len(items)} images, {len(chosen)} of them examples; at least 2 must stay "
-                             "held out (1 calibration + 1 test): name fewer examples")
-        n_calib = min(cfg.calib_images, len(rest) - 1)
-        return FileSplit(chosen, rest[:n_calib], rest[n_calib:])
-    if len(items) < cfg.min_forget_images:
-        raise ValueError(f"{label} has {len(items)} image(s); forgetting with a held-out check needs at least "
-                         f"{cfg.min_forget_images} different images ({cfg.test_images} test + {cfg.calib_images} "
-                         "calibration + 1 example): add images, or lower split.test_images / split.calib_images")
-    order = rotate(file_order(items, cfg.seed), cfg.fold * cfg.test_images)
-    t, c = cfg.test_images, cfg.calib_images
-    return FileSplit(order[t + c:], order[t:t + c], order[:t])
-
-
-def split_groups(items: list[Item], cfg: SplitConfig, key=lambda it: it.subgroup) -> FileSplit:
-    """Retain-side files, split within each group (subgroup): the same rule as the forget set, but a
-    group with few images keeps at least one for training and gives up calibration, then test images."""
-    groups: dict[str, list[Item]] = {}
-    for it in items:
-        groups.setdefault(key(it), []).append(it)
-    out = FileSplit([], [], [])
-    for members in groups.values():
-        order = rotate(file_order(members, cfg.seed), cfg.fold * cfg.test_images)
-        t = min(cfg.test_images, len(order) - 1)
-        c = min(cfg.calib_images, len(order) - 1 - t)
-        out.test += order[:t]
-        out.calib += order[t:t + c]
-        out.train += order[t + c:]
-    return out
-
-
-def split_pool(items: list[Item], n_calib: int, max_test: int | None, seed: int) -> FileSplit:
-    """Columns that nothing trains on (other superclasses, other concepts): a seeded sample of
-    ``n_calib`` images for D_m, the rest (at most ``max_test``) for the test."""
-    order = file_order(items, seed)
-    test = order[n_calib:] if max_test is None else order[n_calib:n_calib + max_test]
-    position = {it.path: i for i, it in enumerate(items)}
-    return FileSplit([], order[:n_calib], sorted(test, key=lambda it: position[it.path]))
 
 
 class ColumnBuilder:
