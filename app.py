@@ -43,8 +43,10 @@ def build_app(core: AppCore) -> gr.Blocks:
     endpoints for scripts (api.py), all calling ``core``."""
     with gr.Blocks(title="clipforget") as demo:
         page = layout.build(core)
-        handlers.wire(core, page, demo)
+        # the endpoints first: a private page event whose function is also called "search" or "cancel"
+        # would otherwise take the name and push the endpoint to "/search_1"
         api.register(core)
+        handlers.wire(core, page, demo)
     return demo
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -104,7 +105,7 @@ def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
 
 
 def cmd_forget(args) -> int:
-    from .data.task import ForgetRequest, SplitConfig, resolve, split_forget
+    from .data.task import ForgetRequest, resolve, split_forget
     from .io import check_writable
     from .pipeline import Evaluator, forget
     from .runfolder import save_run
@@ -113,7 +114,7 @@ def cmd_forget(args) -> int:
     gallery = _gallery(args)
     retain = tuple(args.retain.split(",")) if args.retain else None
     request = ForgetRequest(args.superclass, args.subgroup, args.style, retain, _examples(args.forget_examples, gallery))
-    split = SplitConfig(fold=args.fold)
+    split = dataclasses.replace(_split(args.split), fold=args.fold) if args.fold is not None else _split(args.split)
     forget_items = resolve(gallery, request)[0]         # unknown names, empty forget set: fail in a second
     split_forget(forget_items, split, request.label, request.examples)     # too few images to hold some out
     bundle = _bundle(args)
@@ -339,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the forget images the method may train on: comma-separated styles (embedded gallery), "
                         "image paths relative to the gallery, or a folder in it; the subgroup's other images are "
                         "held out for calibration and the test (default: a seeded choice)")
-    f.add_argument("--fold", type=int, default=0,
+    f.add_argument("--fold", type=int, default=None,
                    help="which held-out files (k-fold rotation; fold f holds out the next split.test_images)")
+    f.add_argument("--split", default=None,
+                   help="SplitConfig fields as JSON, e.g. '{\"test_images\": 2, \"calib_images\": 1}'")
     f.add_argument("--method", default="ours", choices=list_methods())
     f.add_argument("--config", default=None, help="method config as JSON (file or inline)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -73,7 +73,8 @@ def test_forget_never_modifies_the_model_or_its_checkpoint(tiny_forget):
 
 def cli(capsys, world, out, *args, ckpt=None):
     """Run ``clipforget forget`` on the tiny world; (exit status, stderr)."""
-    argv = ["forget", "--model", TINY_MODEL, "--gallery", str(world), "--out", str(out), *args]
+    argv = ["forget", "--model", TINY_MODEL, "--gallery", str(world), "--out", str(out),
+            "--split", json.dumps(TINY_SPLIT), *args]
     if ckpt is not None:
         argv += ["--pretrained", str(ckpt)]
     code = cli_main(argv)
@@ -90,9 +91,9 @@ def cli(capsys, world, out, *args, ckpt=None):
     (["--superclass", "dog", "--subgroup", "poodle", "--style", "notto"], "style 'notto' not in gallery; did you mean 'noto'?"),
     (["--superclass", "dog", "--subgroup", "poodle", "--retain", "dog-fcae"], "did you mean 'dog-face'?"),
     (["--superclass", "dog", "--subgroup", "xyzzy"], "choose one of: dog, dog-face, poodle"),
-    # gorilla exists, but not in streamline: the forget set would be empty
-    (["--superclass", "monkey", "--subgroup", "gorilla", "--style", "streamline"],
-     "no images for gorilla (streamline): the gallery has no 'gorilla' in style 'streamline'; pick another style or subgroup"),
+    # cat face exists, but not in twemoji: the forget set would be empty
+    (["--superclass", "cat", "--subgroup", "cat-face", "--style", "twemoji"],
+     "no images for cat face (twemoji): the gallery has no 'cat-face' in style 'twemoji'; pick another style or subgroup"),
     (["--superclass", "dog"], "name a subgroup, a style, or both"),
     (["--superclass", "dog", "--subgroup", "poodle", "--retain", "poodle"], "retain set contains the forget subgroup"),
     (["--superclass", "dog", "--subgroup", "poodle", "--set", "forget.top_k=2"], "unknown field(s) ['top_k']"),

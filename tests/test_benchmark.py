@@ -32,8 +32,9 @@ def test_every_ablation_is_a_valid_ours_config():
 
 def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_test(gallery):
     keep = {"dog", "cat", "car"}
-    items = [it for it in gallery.items if it.kind == "hierarchy" and it.superclass in keep and it.style == "noto"]
-    items += [it for it in gallery.items if it.kind == "other"][:4]
+    items = [it for it in gallery.items if it.kind == "hierarchy" and it.superclass in keep
+             and it.style in ("noto", "twemoji", "openmoji")]          # three files a subgroup: some held out
+    items += [it for it in gallery.items if it.kind == "other"][:8]
     g = Gallery(gallery.root, items, "tiny")
     split = SplitConfig(train_views=1, forget_views=1, calib_views=1, test_views=1, calib_other_images=8, calib_concept_images=4)
     task = build_class_task(g, ClassRequest("dog"), 32, split, ViewCache(g, 32), retain_per_superclass=2)
@@ -42,6 +43,8 @@ def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_t
     retain_paths = {it.path for it in task.retain.items}
     assert not retain_paths & {it.path for it in task.test["other_superclasses"].views.items}
     assert set(task.test) == {"target", "other_superclasses", "other_concepts"}
+    held_out = {it.path for col in task.test.values() for it in col.views.items}
+    assert task.test["target"].views.items and not held_out & ({it.path for it in task.forget.items} | retain_paths)
     assert task.request.to_dict()["whole_class"] is True
 
 

@@ -112,7 +112,7 @@ def cli_runs(tiny_world, tiny_ckpt, tmp_path_factory):
     try:
         code = cli_main(["forget", "--model", TINY_MODEL, "--pretrained", str(tiny_ckpt), "--gallery", str(tiny_world),
                          "--superclass", "dog", "--subgroup", "poodle", "--config", json.dumps(TINY_CONFIG),
-                         "--alpha", "0.5", "--out", str(out / "poodle")])
+                         "--split", json.dumps(TINY_SPLIT), "--alpha", "0.5", "--out", str(out / "poodle")])
         assert code == 0
         code = cli_main(["merge", "--model", TINY_MODEL, "--pretrained", str(pickled), "--allow-pickle",
                          str(out / "poodle"), str(out / "poodle"), "--out", str(out / "merged")])

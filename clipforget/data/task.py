@@ -250,6 +250,9 @@ def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, c
     gallery.check(superclass=request.superclass)
     cols = ColumnBuilder(gallery, image_size, cache)
     forget = split_groups(gallery.select(superclass=request.superclass, kind="hierarchy", unseen_style=False), cfg)
+    if not forget.test:
+        raise ValueError(f"{request.label}: every subgroup has a single image, so none can be held out for the "
+                         "test; add images")
     retain = []
     for s in cols.superclasses:
         if s != request.superclass:
