@@ -302,7 +302,7 @@ def test_ours_forgets_the_subgroup_and_keeps_the_rest(runs):
     # held-out sweep in docs/results measures how far from chance the target stays across subgroups)
     assert r["trained_on"]["forget_examples"]["after"] <= r["chance"]
     assert c["target"]["after"] <= 0.5 * c["target"]["before"]
-    assert c["retain"]["after"] >= c["retain"]["before"] - 0.1
+    assert c["retain"]["after"] >= 0.85 * c["retain"]["before"]     # held-out sibling drawings (sweep median 0.93)
     assert c["other_superclasses"]["after"] >= c["other_superclasses"]["before"] - 0.05
     assert r["score"] >= 85
     assert 0 < r["alpha"] <= 1 and len(r["alpha_curve"]) >= 2
