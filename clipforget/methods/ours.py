@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..stages.forget import ForgetConfig, forget_stage
 from ..stages.remind import RemindConfig, remind_stage
 from ..stages.restore import RestoreConfig, restore_stage
+from ..stages.synthesize import StandInConfig, stand_ins
 from .base import Context, Unlearner, register_method
 
 
@@ -19,6 +20,7 @@ class OursConfig:
     forget: ForgetConfig = field(default_factory=ForgetConfig)
     remind: RemindConfig = field(default_factory=RemindConfig)
     restore: RestoreConfig = field(default_factory=RestoreConfig)
+    stand_ins: StandInConfig = field(default_factory=StandInConfig)
     seed: int = 0
 
 
@@ -29,11 +31,19 @@ class Ours(Unlearner):
 
     def unlearn(self, ctx: Context) -> None:
         cfg = self.config
+        extra = None
+        if cfg.stand_ins.enabled:
+            with ctx.stage("stand-ins"):
+                made = stand_ins(ctx, cfg.stand_ins)
+            if made is not None:
+                extra = made.inputs
+                ctx.info["stand_ins"] = {"images": len(made.inputs), "recognised_before": made.recognised_before,
+                                         "recognised_after": made.recognised_after}
         with ctx.stage("forget"):
-            forgot = forget_stage(ctx, cfg.forget)
+            forgot = forget_stage(ctx, cfg.forget, extra)
             ctx.info["forget"] = forgot.to_dict()
         if cfg.remind.enabled:
             with ctx.stage("remind"):
-                ctx.info["remind"] = remind_stage(ctx, cfg.remind, forgot)
+                ctx.info["remind"] = remind_stage(ctx, cfg.remind, forgot, extra)
         with ctx.stage("restore"):
             ctx.info["restore"] = restore_stage(ctx, cfg.restore)

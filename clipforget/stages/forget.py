@@ -195,8 +195,10 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
     return rank_layers(importance, cfg.top_k_layers), info
 
 
-def forget_stage(ctx, cfg: ForgetConfig) -> ForgetResult:
-    """Edit ``ctx.model.visual`` in place; return what was chosen (layers, Fisher values)."""
+def forget_stage(ctx, cfg: ForgetConfig, extra: torch.Tensor | None = None) -> ForgetResult:
+    """Edit ``ctx.model.visual`` in place; return what was chosen (layers, Fisher values).
+    ``extra``: model inputs of more forget images (stand-ins, :mod:`.synthesize`), trained on
+    and checked like D_f."""
     chosen, info = select_layers(ctx, cfg)
     visual = ctx.model.visual
     task = ctx.task
@@ -213,6 +215,10 @@ def forget_stage(ctx, cfg: ForgetConfig) -> ForgetResult:
         peft_model = get_peft_model(visual, LoraConfig(target_modules=lora_layers, r=cfg.lora_rank,
                                                        lora_alpha=cfg.lora_alpha, lora_dropout=0.0))
         ctx.model.visual = peft_model
+        # get_peft_model freezes every parameter but its own adapters', the parametrizations' factors
+        # too: without this, functionally used layers chosen beside peft's never trained
+        for p in low_rank:
+            p.requires_grad_(True)
     params = [p for n, m in mods.items() if n in full_layers for p in m.parameters(recurse=False)]
     for p in params:
         p.requires_grad_(True)
@@ -222,14 +228,18 @@ def forget_stage(ctx, cfg: ForgetConfig) -> ForgetResult:
     params = list({id(p): p for p in params}.values())   # a fully updated layer is also seen via peft
     ctx.model.visual.train(cfg.bn_mode == "train")
     enc = TrunkEncoder(ctx.model.visual, chosen, enabled=cfg.bn_mode == "eval")
-    forget_x = enc.prepare(ctx.inputs(task.forget))
+    forget_in = ctx.inputs(task.forget)
     labels = task.superclass_labels(task.forget)
+    if extra is not None:
+        forget_in = torch.cat([forget_in, extra.to(forget_in)])
+        labels = torch.cat([labels, torch.full((len(extra),), task.target_index, dtype=labels.dtype)])
+    forget_x = enc.prepare(forget_in)
     calib = task.calib.get("target") if cfg.check_calibration else None
     calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
     records, calib_records = {}, {}
 
     def loss_fn(step):
-        return forget_objective(ctx, enc(forget_x[ctx.sample(task.forget, cfg.batch_size)]), cfg.loss)
+        return forget_objective(ctx, enc(forget_x[ctx.sample_indices(len(forget_x), cfg.batch_size)]), cfg.loss)
 
     def accuracy() -> float:
         return ctx.superclass_accuracy(enc.encode(forget_x), labels, cfg.margin)

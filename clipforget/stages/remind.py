@@ -237,7 +237,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                 stat_loss = stats.loss(sums)
                 grads = torch.autograd.grad(stat_loss, [s for layer in sums for s in layer[:2]])
                 if step == 0:
-                    before.append(float(stat_loss))
+                    before.append(float(stat_loss.detach()))
                 drift_sum = 0.0
                 for b in batches(n):                   # backward, a micro-batch at a time
                     with stats:
@@ -372,7 +372,8 @@ class BestCheckpoint:
 
 # ---- the stage ------------------------------------------------------------------------------------
 
-def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None) -> dict:
+def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
+                 extra_forget: torch.Tensor | None = None) -> dict:
     """Fine-tune ``ctx.model.visual`` on the retain images (and aligned copies): retain loss,
     distillation from the original, the forget objective, EMA. ``forget`` is what the forget stage
     did: its layers set ``cfg.scope`` and its margin what still counts as forgotten (None: the
@@ -404,7 +405,13 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None) -> 
     names, params = trained_parameters(visual, cfg.scope, forget)
     # only the trained layers change: the stages before them run once per image
     enc = TrunkEncoder(visual, names, enabled=cfg.bn_mode == "eval")
-    retain_x, forget_x = enc.prepare(x_all), enc.prepare(ctx.inputs(task.forget))
+    forget_in = ctx.inputs(task.forget)
+    forget_labels = task.superclass_labels(task.forget)
+    if extra_forget is not None:        # stand-ins (:mod:`.synthesize`) are forget images too
+        forget_in = torch.cat([forget_in, extra_forget.to(forget_in)])
+        forget_labels = torch.cat([forget_labels, torch.full((len(extra_forget),), task.target_index,
+                                                             dtype=forget_labels.dtype)])
+    retain_x, forget_x = enc.prepare(x_all), enc.prepare(forget_in)
     calib = task.calib.get("target") if cfg.check_calibration else None
     calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
     del x_all                             # the trunk's output replaces it (or is it, when there is no split)
@@ -429,13 +436,12 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None) -> 
         if cfg.feature_kd_weight > 0:
             loss = loss + cfg.feature_kd_weight * (1 - (img * teacher.features[idx]).sum(-1)).mean()
         if cfg.forget_weight > 0:
-            feats = enc(forget_x[ctx.sample(task.forget, cfg.batch_size)])
+            feats = enc(forget_x[ctx.sample_indices(len(forget_x), cfg.batch_size)])
             loss = loss + cfg.forget_weight * forget_objective(ctx, feats, cfg.forget_loss)
         return loss
 
     check_x = retain_x[:rows.n_check]
     retain_labels = task.superclass_labels(task.retain)[rows.source[:rows.n_check]]
-    forget_labels = task.superclass_labels(task.forget)
     retain_goal = float((teacher.logits[:rows.n_check].argmax(-1).cpu() == retain_labels).float().mean()) - \
         (cfg.retain_tolerance or 0)
     forget_goal = ctx.chance if cfg.forget_goal is None else cfg.forget_goal

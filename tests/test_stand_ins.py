@@ -1,0 +1,34 @@
+"""Stand-ins: sibling drawings the original model is made to take for the forgotten subgroup."""
+import torch
+
+from clipforget.methods.base import Context
+from clipforget.stages.forget import ForgetConfig, forget_stage
+from clipforget.stages.synthesize import StandInConfig, stand_ins
+
+
+def test_stand_ins_are_siblings_within_epsilon_that_the_model_takes_for_the_subgroup(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    cfg = StandInConfig(enabled=True, images=12, steps=15, epsilon=0.1)
+    made = stand_ins(ctx, cfg)
+    sources = poodle_task.retain.images[made.sources].float() / 255
+    assert len(made.inputs) == 12
+    assert float((made.images01 - sources).abs().max()) <= cfg.epsilon + 1e-6          # a bounded perturbation
+    assert all(poodle_task.retain.items[i].subgroup != "poodle" for i in made.sources)  # made from siblings
+    assert made.recognised_before <= 0.25 and made.recognised_after >= 0.75           # ... now taken for poodles
+    assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the original is untouched
+
+
+def test_stand_ins_are_off_by_default_and_need_a_subgroup(bundle, poodle_task):
+    assert stand_ins(Context(bundle, poodle_task), StandInConfig()) is None
+
+
+def test_forget_stage_forgets_the_stand_ins_with_the_examples(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    made = stand_ins(ctx, StandInConfig(enabled=True, images=12, steps=15))
+    result = forget_stage(ctx, ForgetConfig(fisher_samples=8), made.inputs)
+    assert result.forget_train_accuracy == 0.0           # measured over examples and stand-ins together
+    with torch.no_grad():
+        feats = ctx.image_features(made.inputs)
+    labels = torch.full((len(feats),), poodle_task.target_index)
+    assert ctx.superclass_accuracy(feats, labels) == 0.0
