@@ -198,10 +198,6 @@ def forget_stage(ctx, cfg: ForgetConfig) -> ForgetResult:
         peft_model = get_peft_model(visual, LoraConfig(target_modules=lora_layers, r=cfg.lora_rank,
                                                        lora_alpha=cfg.lora_alpha, lora_dropout=0.0))
         ctx.model.visual = peft_model
-        # get_peft_model freezes every parameter but its own adapters', the parametrizations' factors
-        # too: without this, functionally used layers chosen beside peft's never trained
-        for p in low_rank:
-            p.requires_grad_(True)
     params = [p for n, m in mods.items() if n in full_layers for p in m.parameters(recurse=False)]
     for p in params:
         p.requires_grad_(True)
