@@ -10,9 +10,11 @@ with full forward passes).
     t = enc.prepare(x)          # once per image set (no grad); x itself when no split is possible
     feats = enc(t[idx])         # per step / per α: the later stages only, differentiable
 
-Only towers with a known stage order are split: open_clip's ``ModifiedResNet`` (the paper's
-RN50/RN101 and the embedded model). Other towers (ViT) run in full; so does a trunk whose cached
-output would exceed ``budget_bytes`` (a real CLIP at 224 px on thousands of images).
+Where a tower may be split is its adapter's knowledge (:mod:`clipforget.towers`): open_clip's
+``ModifiedResNet`` (the paper's RN50/RN101 and the embedded model) splits between its six stages,
+``VisionTransformer`` between its blocks; a tower whose adapter has no stages (timm towers) runs in
+full, and so does a trunk whose cached output would exceed ``budget_bytes`` (a real CLIP at 224 px
+on thousands of images).
 """
 from __future__ import annotations
 
@@ -23,45 +25,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import ENCODE_BATCH
-
-# open_clip's ModifiedResNet.forward runs these in order; the stem owns conv1..3, bn1..3, act1..3, avgpool.
-RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "attnpool")
-_STEM_PARTS = ("conv", "bn", "act", "avgpool")
-_PEFT_PREFIXES = ("base_model.model.",)
+from .towers import adapter_for
+from .towers.base import strip_prefixes, unwrap
 
 
-def stage_of(name: str) -> str:
-    """The ModifiedResNet stage of a module or parameter name (``visual.`` / peft prefixes allowed)."""
-    name = name.removeprefix("visual.")
-    for p in _PEFT_PREFIXES:
-        name = name.removeprefix(p)
-    head = name.split(".")[0]
-    return "stem" if head.startswith(_STEM_PARTS) else head
+def stage_of(visual: nn.Module, name: str) -> str | None:
+    """The stage of ``visual`` holding a module or parameter name (``visual.`` / peft prefixes
+    allowed); None when the name is in no stage."""
+    return adapter_for(visual).stage_of(strip_prefixes(name))
 
 
-def _base(visual: nn.Module) -> nn.Module:
-    """The tower under a peft wrapper (LoRA layers stay inside it, so its stages run them)."""
-    get_base = getattr(visual, "get_base_model", None)
-    return get_base() if callable(get_base) else visual
+def stages(visual: nn.Module) -> tuple[str, ...]:
+    """The tower's stages in forward order; () when it cannot be split."""
+    base = unwrap(visual)
+    return adapter_for(base).stages(base)
 
 
 def split_index(visual: nn.Module, edited: Iterable[str]) -> int | None:
-    """Index into :data:`RESNET_STAGES` of the first stage that ``edited`` names touch, or None
-    when the tower cannot be split (unknown tower, nothing edited, or the stem is edited)."""
-    base = _base(visual)
-    if type(base).__name__ != "ModifiedResNet" or not hasattr(base, "stem"):
+    """Index into :func:`stages` of the first stage that ``edited`` names touch, or None when the
+    tower cannot be split (no stages, nothing edited, a name in no stage, or the first stage is
+    edited)."""
+    order = stages(visual)
+    if not order:
         return None
-    stages = {stage_of(n) for n in edited}
-    if not stages or not stages <= set(RESNET_STAGES):
+    touched = {stage_of(visual, n) for n in edited}
+    if not touched or not touched <= set(order):
         return None
-    first = min(RESNET_STAGES.index(s) for s in stages)
-    return first or None            # 0: the stem is edited, nothing to share
+    first = min(order.index(s) for s in touched)
+    return first or None            # 0: the first stage is edited, nothing to share
 
 
-def run_stages(visual: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    base = _base(visual)
-    for s in RESNET_STAGES[start:stop]:
-        x = base.stem(x) if s == "stem" else getattr(base, s)(x)
+def run_stages(visual: nn.Module, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    """Stages ``[start, stop)`` of ``visual`` (to the end when ``stop`` is None) on ``x``."""
+    base = unwrap(visual)
+    adapter = adapter_for(base)
+    for s in adapter.stages(base)[start:stop]:
+        x = adapter.run_stage(base, s, x)
     return x
 
 
@@ -126,7 +125,7 @@ class TrunkEncoder:
         another tower with the same trunk, e.g. a soup θ₀ + α·Δ, may be passed)."""
         visual = visual or self.visual
         x = prepared.data
-        out = visual(x) if prepared.start == 0 else run_stages(visual, x, prepared.start, len(RESNET_STAGES))
+        out = visual(x) if prepared.start == 0 else run_stages(visual, x, prepared.start)
         return F.normalize(out.float(), dim=-1)
 
     @torch.no_grad()

@@ -30,12 +30,27 @@ TINY_VIT = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
 }
 
+# timm towers (open_clip's TimmModel) built from timm's own tiny test networks, offline
+TINY_TIMM_RESNET = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "test_resnet", "timm_model_pretrained": False, "image_size": 32},
+    "text_cfg": TINY_RN["text_cfg"],
+}
+TINY_TIMM_VIT = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
+                   "image_size": 32},
+    "text_cfg": TINY_RN["text_cfg"],
+}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_configs():
     from clipforget.models import register_model_config
     register_model_config("test-tiny-rn", TINY_RN)
     register_model_config("test-tiny-vit", TINY_VIT)
+    register_model_config("test-tiny-timm-resnet", TINY_TIMM_RESNET)
+    register_model_config("test-tiny-timm-vit", TINY_TIMM_VIT)
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from clipforget.trunk import TrunkEncoder, split_index, stage_of
 
 
-def test_stage_names():
-    assert stage_of("visual.conv2.weight") == "stem"
-    assert stage_of("bn3.running_mean") == "stem"
-    assert stage_of("layer4.0.downsample.0") == "layer4"
-    assert stage_of("base_model.model.attnpool.c_proj.lora_A.default.weight") == "attnpool"
+def test_stage_names(bundle):
+    visual = bundle.model.visual
+    assert stage_of(visual, "visual.conv2.weight") == "stem"
+    assert stage_of(visual, "bn3.running_mean") == "stem"
+    assert stage_of(visual, "layer4.0.downsample.0") == "layer4"
+    assert stage_of(visual, "base_model.model.attnpool.c_proj.lora_A.default.weight") == "attnpool"
+    assert stage_of(visual, "not_a_stage.weight") is None
 
 
 def test_split_point(bundle):

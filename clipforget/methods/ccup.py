@@ -6,8 +6,9 @@ directions (seed 003, "Erasing CLIP Memories") [recon for the details; the idea 
     P_α = I − α·U Uᵀ                         α: strength of the partial projection
 
 applied on the IMAGE side (the text side is re-normalised, which would undo it): the image
-projection W (embedding = W h + b) becomes P_α W, P_α b (ModifiedResNet: ``attnpool.c_proj``;
-ViT: ``proj`` with x @ proj, so proj ← proj P_α). The change −α U (Uᵀ W) is rank ≤ m_f and is
+projection W (embedding = W h + b) becomes P_α W, P_α b (the tower adapter names it —
+ModifiedResNet: ``attnpool.c_proj``; timm towers: ``head.proj``; ViT: ``proj`` with x @ proj, so
+proj ← proj P_α). The change −α U (Uᵀ W) is rank ≤ m_f and is
 stored as factors (U, R = Uᵀ W₀, α) in ``info``: W₀ = W + α U R reverts it exactly. Raw image–text
 dot products with retained prompts are unchanged; with forget prompts' retained-orthogonal
 directions they become 0 at α = 1. No images are used.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..towers import adapter_for
 from .base import Context, Unlearner, register_method
 from .common import prompt_embeddings, request_prompts
 
@@ -56,15 +58,9 @@ def forget_basis(t_forget: torch.Tensor, t_retain: torch.Tensor | None, retain_e
 
 
 def projection_site(visual: nn.Module) -> tuple[str, str]:
-    """(parameter name, layout) of the image projection: "out_in" for a Linear's weight (W h),
-    "in_out" for a ViT's ``proj`` (x @ proj)."""
-    if isinstance(getattr(visual, "proj", None), nn.Parameter):
-        return "proj", "in_out"
-    pool = getattr(visual, "attnpool", None)
-    if pool is not None and isinstance(getattr(pool, "c_proj", None), nn.Linear):
-        return "attnpool.c_proj", "out_in"
-    raise ValueError(f"ccup: no image projection found in {type(visual).__name__} (expected `proj` or "
-                     "`attnpool.c_proj`)")
+    """(parameter name, layout) of the image projection, from the tower's adapter: "out_in" for a
+    Linear's weight (W h), "in_out" for a ViT's ``proj`` (x @ proj)."""
+    return adapter_for(visual).projection(visual)
 
 
 def low_rank_delta(state: dict, site: tuple[str, str], u: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 F_l(D) = mean over (x, t) in D of Σ_{p ∈ θ_l} (∂ s(x, t) / ∂p)²   (diagonal empirical Fisher of the
 similarity s = cos(g_img(x), g_txt(t))), and the relative Fisher I_l = F_l(D_f) / (F_l(D_r) + ε).
-[paper; exact form reconstructed] Layers are the Conv2d / Linear modules of the image tower.
+[paper; exact form reconstructed] Layers are what the tower's adapter calls prunable
+(:meth:`clipforget.towers.TowerAdapter.prunable_layers`): the Conv2d / Linear modules of the tower.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-PRUNABLE = (nn.Conv2d, nn.Linear)
+from ..towers import adapter_for
 
 
 def prunable_layers(visual: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d / Linear modules of the image tower by qualified name (relative to ``visual``)."""
-    return {name: m for name, m in visual.named_modules() if isinstance(m, PRUNABLE)}
+    """The layers Fisher ranks and LoRA edits, by qualified name (relative to ``visual``), in
+    forward order: the tower adapter's answer (Conv2d / Linear modules for open_clip's towers)."""
+    return adapter_for(visual).prunable_layers(visual)
 
 
 def layer_fisher(model: nn.Module, inputs, text_emb: torch.Tensor,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..towers import adapter_for
 from ..train.loop import LoopConfig, optimize
 from ..trunk import TrunkEncoder
 from .fisher import layer_fisher, prunable_layers, rank_layers, relative_fisher
@@ -100,30 +101,12 @@ class ForgetResult:
         return {**d, **self.fisher}
 
 
-def called_layers(visual: nn.Module, x: torch.Tensor, names: list[str]) -> set[str]:
-    """Layers whose ``forward`` runs in a forward pass. Some towers use a layer's weight
-    functionally (open_clip's attention pool calls ``F.multi_head_attention_forward`` with the
-    q/k/v/c projections' weights), so a LoRA wrapper around them would never be applied."""
-    seen: set[str] = set()
-    mods = dict(visual.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen.add(n)) for n in names]
-    was = visual.training
-    visual.eval()
-    try:
-        with torch.no_grad():
-            visual(x[:1])
-    finally:
-        visual.train(was)
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 class LowRankDelta(nn.Module):
     """A LoRA update as a weight parametrization: W → W + (α/r)·B·A (B starts at 0, so training
-    starts from W). For weights that a tower uses functionally, where peft's wrapper, which
-    replaces the module's ``forward``, would never run (open_clip's attention pool passes its
-    q/k/v/c projection weights to ``F.multi_head_attention_forward``)."""
+    starts from W). For weights that a tower uses functionally (its adapter's
+    ``functional_layers``), where peft's wrapper, which replaces the module's ``forward``, would
+    never run (open_clip's attention pool passes its q/k/v/c projection weights to
+    ``F.multi_head_attention_forward``)."""
 
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
         super().__init__()
@@ -203,10 +186,12 @@ def forget_stage(ctx, cfg: ForgetConfig, extra: torch.Tensor | None = None) -> F
     visual = ctx.model.visual
     task = ctx.task
     target = ctx.chance if cfg.target_accuracy is None else cfg.target_accuracy
-    lora_layers = sorted(called_layers(visual, ctx.inputs(task.forget, slice(0, 1)), chosen)) if cfg.use_lora else []
     mods = dict(visual.named_modules())
-    # weights used functionally get the same low-rank update as a parametrization
-    functional = {n: mods[n] for n in chosen if n not in lora_layers} if cfg.use_lora else {}
+    # weights the tower uses functionally get the same low-rank update as a parametrization
+    used_functionally = adapter_for(visual).functional_layers(visual, chosen, ctx.inputs(task.forget, slice(0, 1))) \
+        if cfg.use_lora else set()
+    lora_layers = sorted(n for n in chosen if n not in used_functionally) if cfg.use_lora else []
+    functional = {n: mods[n] for n in chosen if n in used_functionally}
     full_layers = [n for n in chosen if n not in lora_layers and n not in functional]
     low_rank = add_low_rank(functional, cfg.lora_rank, cfg.lora_alpha)
     peft_model = None

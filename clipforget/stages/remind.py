@@ -33,6 +33,7 @@ from torch import nn
 
 from ..embed import ENCODE_BATCH, to_input
 from ..losses import RetainLoss, distillation
+from ..towers import adapter_for
 from ..train.loop import LoopConfig, optimize
 from ..trunk import TrunkEncoder
 from .forget import FORGET_LOSSES, ForgetResult, forget_objective
@@ -125,19 +126,18 @@ def frozen(module: nn.Module):
 class NormStats:
     """Forward pre-hooks that sum each norm layer's input per channel — Σ(x − c) and Σ(x − c)²,
     with c the layer's target mean (a shift that keeps the variance exact in float32) — and the
-    target moments to match (BatchNorm running stats, or LayerNorm moments of a reference).
+    target moments to match (BatchNorm running stats, or LayerNorm moments of a reference). Which
+    layers, and of which kind, is the tower adapter's answer (``norm_layers``).
 
     Sums add over batches, so the moments of a whole image set come from batches run one at a
     time: ``align_images`` matches the statistics of all its images without holding all their
     activations at once."""
 
     def __init__(self, visual: nn.Module):
-        self.bn = [m for m in visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.ln = [m for m in visual.modules() if isinstance(m, nn.LayerNorm)]
-        self.layers = self.bn or self.ln
-        self.kind = "batchnorm" if self.bn else ("layernorm" if self.ln else "none")
+        self.kind, self.layers = adapter_for(visual).norm_layers(visual)
         self.targets: list[tuple[torch.Tensor, torch.Tensor]] = (
-            [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in self.bn] if self.bn else [])
+            [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in self.layers]
+            if self.kind == "batchnorm" else [])
         self.sums: list[list[torch.Tensor]] = []     # per layer [Σ(x − c), Σ(x − c)², count]
         self.dtype = torch.float32    # of the sums; float64 where there is no target mean to shift by
         self._hooks = []
