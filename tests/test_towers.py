@@ -177,11 +177,10 @@ def test_forget_stage_runs_on_the_tiny_tower(towers, adapter, model, norm, galle
     assert set(functional[:2]) <= set(result.layers)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, fixed in commit d194378 but reverted (it changes the default "
-                   "run's results): get_peft_model freezes the parametrization's LoRA factors, so a functionally used "
-                   "layer chosen beside a peft-wrapped one never trains")
 @pytest.mark.parametrize("adapter,model,norm", [c for c in CASES if c[0] in ("resnet",)], ids=["resnet"])
 def test_a_functional_layer_beside_a_peft_layer_trains(towers, adapter, model, norm, gallery):
+    """get_peft_model freezes every parameter but its own adapters; the low-rank factors of a
+    functionally used layer (a parametrization) must train all the same."""
     from clipforget.data.gallery import Gallery
     from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_task
     from clipforget.methods.base import Context
