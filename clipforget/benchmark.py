@@ -54,6 +54,7 @@ PRESETS = {
 # Ours with one ingredient off, as OursConfig overrides (nested dicts).
 ABLATIONS = {
     "ours (full)": {},
+    "no stand-ins": {"stand_ins": {"enabled": False}},
     "plain Fisher (no retain ratio)": {"forget": {"layer_selection": "plain"}},
     "all layers": {"forget": {"layer_selection": "all"}},
     "no LoRA (full update)": {"forget": {"use_lora": False}},

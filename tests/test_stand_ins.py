@@ -19,8 +19,8 @@ def test_stand_ins_are_siblings_within_epsilon_that_the_model_takes_for_the_subg
     assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the original is untouched
 
 
-def test_stand_ins_are_off_by_default_and_need_a_subgroup(bundle, poodle_task):
-    assert stand_ins(Context(bundle, poodle_task), StandInConfig()) is None
+def test_stand_ins_can_be_switched_off(bundle, poodle_task):
+    assert stand_ins(Context(bundle, poodle_task), StandInConfig(enabled=False)) is None
 
 
 def test_forget_stage_forgets_the_stand_ins_with_the_examples(bundle, poodle_task):

@@ -1,8 +1,10 @@
-"""Ours: forget (LoRA on relative-Fisher layers) -> remind (aligned retain, KD, EMA) -> restore (soup).
+"""Ours: forget (LoRA on relative-Fisher layers) -> remind (aligned retain, KD, EMA) -> restore (soup),
+with stand-ins [recon] (siblings the original model is made to take for the subgroup) forgotten
+alongside the examples so the forgetting reaches drawings the method never saw.
 
 Every stage and ingredient can be switched off for ablations: ``forget.layer_selection``
 ("relative" | "plain" | "all"), ``forget.use_lora``, ``remind.enabled``, ``remind.align.enabled``,
-``remind.kd_weight = 0``, ``remind.ema``, ``restore.enabled``.
+``remind.kd_weight = 0``, ``remind.ema``, ``restore.enabled``, ``stand_ins.enabled``.
 """
 from __future__ import annotations
 
