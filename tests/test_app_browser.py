@@ -110,7 +110,7 @@ def test_full_flow(server, browser):
 
 def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser):
     """The job is held at the start of its α-grid (after its results): the grids, the Score and the
-    α points that exist show; the slider at a point not computed yet shows the nearest one; once
+    α points that exist show, and again after a reload; the slider at a point not computed yet shows the nearest one; once
     the α-grid is let go, the page lists every point and the same slider position shows its own."""
     core, out = server.core, shots_dir()
     gate, work = threading.Event(), core.jobs.kinds["forget"]
@@ -137,6 +137,11 @@ def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser)
         assert "Score" in page.locator("#score").inner_text()
         wait_for(lambda: "alpha-grid" in page.locator("#progress").inner_text(), 30, "the α-grid's progress")
         assert "results ready" in page.locator("#progress").inner_text()
+        # a reload re-attaches to the job and shows what exists: the grids and the points so far
+        page.reload()
+        page.wait_for_selector("#cards img", timeout=120_000)
+        wait_for(lambda: len(captions(page, "right-grid")) == 12 and "computing" in " ".join(points.all_inner_texts()),
+                 120, "both grids after a reload mid-α-grid", poll=0.5)
         state = core.alpha_points(job.id)
         assert points.inner_text().strip() == state["text"] and not state["complete"]
         missing = next(a for a in state["planned"] if a not in state["ready"])
