@@ -60,7 +60,7 @@ WORKING = ("queued", "running")               # no results yet
 HAS_RESULTS = ("ready", "done")
 FINISHED = ("done", "failed", "cancelled")
 Progress = Callable[[dict], None]
-Work = Callable[["Job", Progress, Path], dict]
+Work = Callable[["Job", Progress, Path], "dict | Ready"]   # Ready: results before the end
 
 
 class JobError(ValueError):
