@@ -302,6 +302,11 @@ def test_cancel_during_the_rest_keeps_the_results_and_whole_points(tmp_path):
     assert 2 <= len(have) < 5 and runfolder.missing_alpha_points(run)          # resumable: what is missing
     assert all(p.name.startswith("alpha-") for p in (run / runfolder.ALPHA_GRID).iterdir())   # no temp file
     assert reg.run_dir(job.id) == run and "α-grid incomplete (α-grid cancelled)" in _status_text(done)
+    from clipforget.app.views import alpha_points_text
+    state = {"ready": [0.0] + have, "planned": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "complete": False}
+    state["computing"] = len(state["planned"]) - len(state["ready"])
+    assert alpha_points_text(state, done).endswith(f"({state['computing']} not computed: α-grid cancelled)")
+    assert "computing" in alpha_points_text(state, Job("a" * 32, "x", {}, status="ready"))
     reg.submit({}, "taxi (car)")                     # free again
     reg.close()
 

@@ -161,7 +161,7 @@ class AppCore:
         """The α points of a job's α-grid that the slider can show now (``ready``, α = 0 included),
         all it plans, how many are ``computing``, and ``text`` for people."""
         state = self.retrieval.alpha_points(job_id)
-        return {**state, "text": views.alpha_points_text(state)}
+        return {**state, "text": views.alpha_points_text(state, self.jobs.get(job_id))}
 
     def cancel(self, job_id: str) -> dict:
         self.jobs.cancel(job_id)

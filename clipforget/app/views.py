@@ -69,13 +69,16 @@ def _done_forget(job: Job) -> str:
             f" · α = {s.get('alpha', 1.0):.2f} · {grid}")
 
 
-def alpha_points_text(state: dict) -> str:
-    """Which α points the slider can show: ``α points ready: 0, 0.4, 1.0 (computing 3 more)``."""
+def alpha_points_text(state: dict, job: Job) -> str:
+    """Which α points the slider can show: ``α points ready: 0, 0.4, 1.0 (computing 3 more)``;
+    for a job that ended without the rest, why they are missing."""
     ready = ", ".join(f"{a:g}" for a in state["ready"])
-    if state["complete"]:
-        return f"α points ready: {ready} (all {len(state['ready'])})"
     more = state["computing"]
-    return f"α points ready: {ready} (computing {more} more)" if more else f"α points ready: {ready}"
+    if state["complete"] or not more:
+        return f"α points ready: {ready} (all {len(state['ready'])})"
+    if job.active:
+        return f"α points ready: {ready} (computing {more} more)"
+    return f"α points ready: {ready} ({more} not computed: {job.summary.get('unfinished', 'the job ended')})"
 
 
 def _done_certify(job: Job) -> str:
