@@ -80,6 +80,40 @@ def load(path: str | Path) -> faiss.Index:
 # the whole gallery's trunk output kept while an α-grid is encoded point by point, at most (the
 # embedded model's 6,837 images need 224 MiB); above it each point runs the trunk again
 TRUNK_BUDGET = 256 << 20
+# ... when it is kept in a temporary file instead (``spill``): out of the process's memory
+SPILL_BUDGET = 4 << 30
+
+
+class SpilledTrunk:
+    """The gallery's trunk output in a temporary file, read back a batch at a time with plain
+    reads: exact float32, and it adds one batch to the process's memory instead of the whole
+    gallery's (the kernel's page cache keeps the file; it is not the app's RSS)."""
+
+    def __init__(self, path: Path, start: int, n: int):
+        self.path, self.start, self.n = Path(path), start, n
+        self._file = open(self.path, "wb")
+        self._tail: tuple | None = None
+        self._dtype = None
+
+    def write(self, data: torch.Tensor) -> None:
+        self._tail, self._dtype = tuple(data.shape[1:]), data.dtype
+        self._file.write(data.contiguous().numpy().tobytes())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getitem__(self, idx: slice):
+        from .trunk import Prepared
+        per = int(np.prod(self._tail))
+        item = torch.empty((), dtype=self._dtype).element_size() * per
+        lo, hi = idx.start or 0, min(idx.stop, self.n)
+        arr = np.fromfile(self.path, dtype=torch.empty((), dtype=self._dtype).numpy().dtype,
+                          count=(hi - lo) * per, offset=lo * item)
+        return Prepared(torch.from_numpy(arr).reshape((hi - lo,) + self._tail), self.start)
+
+    def remove(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class AlphaGrid:
@@ -88,11 +122,12 @@ class AlphaGrid:
 
     One copy of the image tower, whose edited weights are set to θ₀ + α·Δ in turn. The trunk
     before the first edited stage (:mod:`.trunk`) is the same at every α: it is computed once for
-    the whole gallery when that fits ``trunk_budget`` bytes, else once per batch and point.
-    ``progress(i, total)`` is called after each batch (it may raise to cancel)."""
+    the whole gallery when that fits ``trunk_budget`` bytes (default :data:`TRUNK_BUDGET`, or
+    :data:`SPILL_BUDGET` with ``spill``: a temporary file to keep it in instead of memory), else
+    once per batch and point."""
 
     def __init__(self, bundle: ClipBundle, images: torch.Tensor, delta: dict, batch_size: int = ENCODE_BATCH,
-                 trunk_budget: int = TRUNK_BUDGET):
+                 trunk_budget: int | None = None, spill: Path | None = None):
         from .pipeline import edited_model
         if not len(images):
             raise ValueError("an α-grid needs images")
@@ -102,6 +137,9 @@ class AlphaGrid:
         self.vdelta = {k.removeprefix("visual."): v for k, v in delta.items()}
         self._weights = self.visual.state_dict()            # shares storage with the copy's parameters
         self._base = {k: bundle.model.visual.state_dict()[k] for k in self.vdelta}
+        self.spill = Path(spill) if spill is not None else None
+        if trunk_budget is None:
+            trunk_budget = SPILL_BUDGET if spill is not None else TRUNK_BUDGET
         self.enc = TrunkEncoder(self.visual, self.vdelta.keys(), batch_size=batch_size, budget_bytes=trunk_budget)
         self._trunk = None          # the whole gallery's trunk output (a Prepared), when it fits
         self._pending = None        # ... while the first point fills it
@@ -154,6 +192,8 @@ class AlphaGrid:
             if progress is not None:
                 progress(b + 1)
         if keep and self._trunk is None and self._pending is not None:
+            if isinstance(self._pending, SpilledTrunk):
+                self._pending.close()
             self._trunk, self._pending = self._pending, None
         return out
 
@@ -165,26 +205,39 @@ class AlphaGrid:
             return False
         if i == 0:
             self._fits = True
-            data = torch.empty((len(self.images),) + tuple(prepared.data.shape[1:]), dtype=prepared.data.dtype)
-            self._pending = Prepared(data, prepared.start)
-        self._pending.data[i:i + len(prepared)] = prepared.data
+            self._drop()                           # a first point cancelled earlier left a partial one
+            if self.spill is not None:
+                self._pending = SpilledTrunk(self.spill, prepared.start, len(self.images))
+            else:
+                data = torch.empty((len(self.images),) + tuple(prepared.data.shape[1:]), dtype=prepared.data.dtype)
+                self._pending = Prepared(data, prepared.start)
+        if isinstance(self._pending, SpilledTrunk):
+            self._pending.write(prepared.data)
+        else:
+            self._pending.data[i:i + len(prepared)] = prepared.data
         return True
 
-    def release(self) -> None:
-        """Drop the kept trunk (its memory goes back once the grid is done)."""
+    def _drop(self) -> None:
+        for t in (self._trunk, self._pending):
+            if isinstance(t, SpilledTrunk):
+                t.remove()
         self._trunk = self._pending = None
+
+    def release(self) -> None:
+        """Drop the kept trunk (its memory, or its file, goes once the grid is done)."""
+        self._drop()
 
 
 @torch.no_grad()
 def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alphas: list[float],
-                      progress: Callable[[int, int], None] | None = None,
-                      batch_size: int = ENCODE_BATCH, trunk_budget: int = TRUNK_BUDGET) -> tuple[torch.Tensor, dict]:
+                      progress: Callable[[int, int], None] | None = None, batch_size: int = ENCODE_BATCH,
+                      trunk_budget: int | None = None, spill: Path | None = None) -> tuple[torch.Tensor, dict]:
     """Gallery embeddings (A, N, D) at θ₀ + α·Δ for each α, and timing info (all points at once:
     :class:`AlphaGrid` gives them one by one). ``progress(i, total)`` after each batch."""
     t0 = time.perf_counter()
     if not len(images) or not alphas:
         raise ValueError("an α-grid needs images and at least one α")
-    grid = AlphaGrid(bundle, images, delta, batch_size, trunk_budget)
+    grid = AlphaGrid(bundle, images, delta, batch_size, trunk_budget, spill)
     total = grid.steps(len(alphas))
     out = None
     for j, a in enumerate(alphas):

@@ -473,19 +473,24 @@ class ForgetWork:
         alphas = [a for a in alpha_points(self.alpha_points, (calibrated,)) if a > 0]
         first = [a for a in alphas if a == calibrated]           # the right grid at the calibrated α
         t1 = time.perf_counter()
-        grid = AlphaGrid(res.bundle, res.images, run.result.delta)
-        points = {}
-        for a in first:
-            points[a] = grid.encode(a, lambda b: progress({"stage": "encode", "step": b, "total": grid.n_batches,
-                                                          "fraction": b / grid.n_batches}))
-        t_first = time.perf_counter() - t1
-        progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
-        with atomic_dir(job_dir / "run") as tmp:
-            runfolder.save_run(run, res.bundle, tmp)
-            progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
-            runfolder.plan_alpha_grid(tmp, alphas, res.gallery.content_hash, len(res.images))
-            for a, emb in points.items():
-                runfolder.save_alpha_point(tmp, a, emb, res.gallery.content_hash)
+        # the gallery's trunk is kept between points in a temporary file, not in the app's memory
+        grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp")
+        try:
+            points = {}
+            for a in first:
+                points[a] = grid.encode(a, lambda b: progress({"stage": "encode", "step": b, "total": grid.n_batches,
+                                                              "fraction": b / grid.n_batches}))
+            t_first = time.perf_counter() - t1
+            progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
+            with atomic_dir(job_dir / "run") as tmp:
+                runfolder.save_run(run, res.bundle, tmp)
+                progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
+                runfolder.plan_alpha_grid(tmp, alphas, res.gallery.content_hash, len(res.images))
+                for a, emb in points.items():
+                    runfolder.save_alpha_point(tmp, a, emb, res.gallery.content_hash)
+        except BaseException:
+            grid.release()
+            raise
         summary = {"alpha": run.result.alpha, "score": run.report["score"], "forget_seconds": t_forget,
                    "alpha_grid_planned": len(alphas) + 1, "calibrated_point_seconds": t_first,
                    "shared_trunk": grid.shared_trunk, "stage_seconds": run.report["seconds"]}

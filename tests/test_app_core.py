@@ -64,8 +64,9 @@ def test_alpha_points_and_nearest():
 @pytest.mark.parametrize("keys,shared,budget", [
     (("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True, fx.TRUNK_BUDGET),
     (("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True, 0),
+    (("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True, "spill"),
     (("visual.conv1.weight",), False, fx.TRUNK_BUDGET)])
-def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, shared, budget):
+def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, shared, budget, tmp_path):
     """The trunk shortcut is exact: same embeddings as re-encoding with θ₀ + α·Δ, whether the
     whole gallery's trunk is kept between points or (over the budget) run again per batch. A delta
     on the stem leaves nothing to share (trunk.split_index returns None): the gallery is encoded in full."""
@@ -76,10 +77,19 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, share
     g = torch.Generator().manual_seed(0)
     delta = {k: 0.05 * torch.randn(sd[k].shape, generator=g) for k in keys}
     kept = {k: sd[k].clone() for k in keys}
-    one = fx.AlphaGrid(bundle, images, delta, batch_size=16, trunk_budget=budget)
-    one.encode(0.5)
-    assert (one._trunk is not None) == (shared and budget > 0)       # kept for the next points when it fits
-    grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16, trunk_budget=budget)
+    spill = tmp_path / ".trunk.tmp" if budget == "spill" else None
+    budget = None if budget == "spill" else budget
+    one = fx.AlphaGrid(bundle, images, delta, batch_size=16, trunk_budget=budget, spill=spill)
+    first = one.encode(0.5)
+    assert (one._trunk is not None) == (shared and budget != 0)      # kept for the next points when it fits
+    assert torch.equal(one.encode(0.5), first)                        # from the kept trunk: the same
+    if spill is not None:                                             # in a file, out of memory
+        per_image = one._trunk[0:1].data.numel() * 4                 # float32
+        assert isinstance(one._trunk, fx.SpilledTrunk) and spill.stat().st_size == len(images) * per_image
+    one.release()
+    assert spill is None or not spill.exists()
+    grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16, trunk_budget=budget,
+                                      spill=spill)
     assert info["shared_trunk"] is shared
     assert all(torch.equal(bundle.model.state_dict()[k], kept[k]) for k in keys)   # the original untouched
     for i, a in enumerate([0.5, 1.0]):

@@ -282,9 +282,10 @@ def test_the_data_stage_counts_every_view_set_it_builds(tiny_world):
     """The "data" stage's step count is exact: its last step is its total (the app's time left
     in a stage comes from these counts)."""
     from clipforget.data.gallery import Gallery
-    from clipforget.data.task import ForgetRequest, build_task
+    from clipforget.data.task import ForgetRequest, SplitConfig, build_task
     events = []
-    build_task(Gallery.open(str(tiny_world)), ForgetRequest("dog", "poodle"), 32, progress=events.append)
+    build_task(Gallery.open(str(tiny_world)), ForgetRequest("dog", "poodle"), 32, SplitConfig(**TINY_SPLIT),
+               progress=events.append)
     steps = [(e["step"], e["total"]) for e in events]
     assert [s for s, _ in steps] == list(range(1, len(steps) + 1))
     assert {t for _, t in steps} == {len(steps)} and len(steps) >= 5
