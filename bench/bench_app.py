@@ -3,13 +3,15 @@
 - app start to first page (process start -> the page's widgets in the browser; the server is
   polled over HTTP first, then the page opened once),
 - a full job from the click on "Forget it" to both grids filled (the method's default config),
-  with the job's seconds per stage and its α-grid precompute,
+  with the job's seconds per stage, then the rest of its α-grid after the grids (the job done),
 - the α-slider browser round trip (key press -> the right grid and α note updated), p50 / p90,
 - the app process's peak RSS (VmHWM) over all of it.
 
     python bench/bench_app.py                     # the app as `python app.py` starts it
     python bench/bench_app.py --quick             # the tests' short job
-Prints one line per figure and a JSON line at the end.
+    python bench/bench_app.py --baseline HEAD~1   # that commit first, then this checkout: side by side
+Prints one line per figure and a JSON line at the end (with --baseline: a table of both, then the
+JSON of both).
 """
 from __future__ import annotations
 
@@ -21,8 +23,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, machine_load, peak_rss_mb, print_figures, start_app,
-                    stop, wait_for)
+from common import (CHROMIUM, CHROMIUM_ARGS, ROOT, checkout, free_port, machine_load, peak_rss_mb, print_figures,
+                    start_app, stop, wait_for)
+
+# the figures a comparison shows, in order, with their targets on 2 CPU cores (issue 20)
+COMPARED = [("start_to_first_page_s", "first page (s)", "≤ 8"),
+            ("job_click_to_grids_s", "click → both grids (s)", "≤ 30"),
+            ("alpha_grid_after_grids_s", "whole α-grid after the grids (s)", "≤ 20"),
+            ("slider_round_trip_ms_p50", "slider round trip p50 (ms)", "≤ 50"),
+            ("app_peak_rss_mb", "peak RSS (MiB)", "≤ 1536"),
+            ("job_seconds_server", "job, server side (s)", ""),
+            ("alpha_grid_seconds", "α-grid encode (s)", "")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,12 +41,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="the tests' short job instead of the default config")
     ap.add_argument("--slides", type=int, default=30, help="slider moves to time")
     ap.add_argument("--alpha-points", type=int, default=None, help="α-grid points per job (default: the app's)")
+    ap.add_argument("--baseline", default=None, help="a commit to bench first, in the same session (e.g. HEAD~1)")
     ap.add_argument("--screenshots", default=str(ROOT / "bench" / "out" / "screenshots"))
     args = ap.parse_args(argv)
     if not Path(CHROMIUM).exists():
         figures = {"skipped": f"{CHROMIUM} missing (apt-get install -y chromium)"}
         print(json.dumps(figures))
         return figures
+    if args.baseline is None:
+        return print_figures(bench(args, ROOT))
+    base_root = checkout(args.baseline, Path(tempfile.mkdtemp(prefix="clipforget-baseline-")))
+    base = bench(args, base_root, "baseline-")
+    ours = bench(args, ROOT)
+    print(f"{'figure':36s} {'this checkout':>14s} {args.baseline:>14s} {'target':>8s}")
+    for key, label, target in COMPARED:
+        print(f"{label:36s} {_fmt(ours.get(key)):>14s} {_fmt(base.get(key)):>14s} {target:>8s}")
+    print(f"machine: {ours['machine_before']} -> {ours['machine_after']} (baseline: {base['machine_before']})")
+    both = {"this": ours, "baseline": {"ref": args.baseline, **base}}
+    print(json.dumps(both))
+    return both
+
+
+def _fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def bench(args, root: Path, prefix: str = "") -> dict:
+    """The figures of the app in the checkout at ``root``."""
     from playwright.sync_api import sync_playwright
 
     runs = Path(tempfile.mkdtemp(prefix="clipforget-bench-"))
@@ -44,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         t0 = time.monotonic()
-        proc = start_app(runs, port, args.alpha_points, args.quick)
+        proc = start_app(runs, port, args.alpha_points, args.quick, root)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1100})
             url = f"http://127.0.0.1:{port}/"
@@ -73,7 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
             figures["job_click_to_grids_s"] = time.monotonic() - t1
             shots = Path(args.screenshots)
             shots.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shots / "bench-done.png"), full_page=True)
+            page.screenshot(path=str(shots / f"{prefix}bench-grids.png"), full_page=True)
+            # the rest of the α-grid: the job is done (a commit that computes it before the grids: ~0)
+            t2 = time.monotonic()
+            wait_for(lambda: _job(runs)["status"] not in ("queued", "running", "ready"), 1800, "job done", poll=0.2)
+            figures["alpha_grid_after_grids_s"] = time.monotonic() - t2
+            page.screenshot(path=str(shots / f"{prefix}bench-done.png"), full_page=True)
 
             slider = page.locator("#alpha input[type=range]")
             note = page.locator("#alpha-note")
@@ -84,24 +121,28 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(args.slides):
                 before = note.inner_text()
                 key = "ArrowLeft" if (i // 10) % 2 == 0 else "ArrowRight"
-                t2 = time.perf_counter()
+                t3 = time.perf_counter()
                 page.keyboard.press(key)
                 wait_for(lambda: note.inner_text() != before, 10, "slider round trip", poll=0.002)
-                times.append((time.perf_counter() - t2) * 1000)
+                times.append((time.perf_counter() - t3) * 1000)
             figures["slider_round_trip_ms_p50"] = statistics.median(times)
             figures["slider_round_trip_ms_p90"] = sorted(times)[int(0.9 * (len(times) - 1))]
             figures["app_peak_rss_mb"] = peak_rss_mb(proc.pid)
-            job = next(json.loads(j.read_text()) for j in runs.glob("*/job.json"))
+            job = _job(runs)
             figures["alpha_grid_points"] = job["summary"].get("alpha_grid_points")
             figures["alpha_grid_seconds"] = job["summary"].get("alpha_grid_seconds")
             figures["job_seconds_server"] = job["seconds"]
             figures["job_stage_seconds"] = job["summary"].get("stage_seconds")
-            figures["screenshot"] = str(shots / "bench-done.png")
+            figures["screenshot"] = str(shots / f"{prefix}bench-done.png")
         finally:
             stop(proc)
             browser.close()
     figures["machine_after"] = machine_load()
-    return print_figures(figures)
+    return figures
+
+
+def _job(runs: Path) -> dict:
+    return next(json.loads(j.read_text()) for j in runs.glob("*/job.json"))
 
 
 if __name__ == "__main__":

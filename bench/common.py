@@ -44,10 +44,13 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
     raise TimeoutError(f"{what}: not within {timeout}s")
 
 
-def start_app(runs: Path, port: int, alpha_points: int | None = None, quick: bool = False) -> subprocess.Popen:
-    """``python app.py`` (or, with ``quick``, the same app with the tests' short job) on 127.0.0.1."""
+def start_app(runs: Path, port: int, alpha_points: int | None = None, quick: bool = False,
+              root: Path = ROOT) -> subprocess.Popen:
+    """``python app.py`` (or, with ``quick``, the same app with the tests' short job) on 127.0.0.1,
+    from the checkout at ``root`` (its own clipforget package: first on PYTHONPATH)."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-               TRANSFORMERS_OFFLINE="1")
+               TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     if quick:
         code = ("import app; from clipforget.app import AppCore; "
                 f"core = AppCore(runs_dir={str(runs)!r}, {QUICK_JOB}"
@@ -58,7 +61,20 @@ def start_app(runs: Path, port: int, alpha_points: int | None = None, quick: boo
         cmd = [sys.executable, "app.py", "--runs-dir", str(runs), "--port", str(port)]
         if alpha_points:
             cmd += ["--alpha-points", str(alpha_points)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def checkout(ref: str, dest: Path) -> Path:
+    """The tree of commit ``ref`` of this repository, unpacked into ``dest`` (``git archive``: no
+    worktree or branch is created)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "archive", sha], cwd=ROOT, stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise RuntimeError(f"git archive {ref} failed")
+    return dest
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -74,9 +74,22 @@ def _overrides(args) -> dict:
     return data
 
 
-def _progress(event: dict) -> None:
-    if event.get("message") == "start":
-        log.info("stage %s ...", event["stage"])
+class _Progress:
+    """Progress lines (with -v): each stage as it begins, then its step count and the time left
+    at its pace so far, at most every ``every`` seconds."""
+
+    def __init__(self, every: float = 2.0):
+        from .train.events import StageClock
+        self.clock, self.every, self._last = StageClock(), every, 0.0
+
+    def __call__(self, event: dict) -> None:
+        import time
+        new = self.clock.update(event)
+        now = time.monotonic()
+        if new or now - self._last >= self.every:
+            self._last = now
+            log.info("stage %s", self.clock.text())
+
 
 
 def _json_arg(text: str | None) -> dict:
@@ -121,7 +134,7 @@ def cmd_forget(args) -> int:
     if not args.no_suggest:
         _print_risks(bundle, gallery, request)
     evaluator = Evaluator(bundle)
-    run = forget(bundle, request, args.method, config, gallery, split, callbacks=[_progress], evaluator=evaluator)
+    run = forget(bundle, request, args.method, config, gallery, split, callbacks=[_Progress()], evaluator=evaluator)
     if args.alpha is not None:                           # the user's strength instead of the calibrated one
         run.result.alpha = args.alpha
         run.report = {**evaluator.report(run.task, run.result), "seconds": run.report["seconds"],
@@ -185,7 +198,7 @@ def cmd_certify(args) -> int:
     _check_writable(run_dir / CERTIFICATE_JSON)
     bundle = _bundle(args) if args.model else load_run_model(record, args.device)
     gallery = _gallery(args) if args.gallery else _run_gallery(record)
-    cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[_progress])
+    cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[_Progress()])
     js, md = save_certificate(cert, run_dir)
     print(markdown(cert))
     print(f"wrote {js} and {md}")

@@ -77,44 +77,178 @@ def load(path: str | Path) -> faiss.Index:
 
 # ---- the α-grid (its points: clipforget.alphas) ---------------------------------------------------
 
+# the whole gallery's trunk output kept while an α-grid is encoded point by point, at most (the
+# embedded model's 6,837 images need 224 MiB); above it each point runs the trunk again
+TRUNK_BUDGET = 256 << 20
+# ... when it is kept in a temporary file instead (``spill``): out of the process's memory
+SPILL_BUDGET = 4 << 30
+
+
+class SpilledTrunk:
+    """The gallery's trunk output in a temporary file, read back a batch at a time with plain
+    reads: exact float32, and it adds one batch to the process's memory instead of the whole
+    gallery's (the kernel's page cache keeps the file; it is not the app's RSS)."""
+
+    def __init__(self, path: Path, start: int, n: int):
+        self.path, self.start, self.n = Path(path), start, n
+        self._file = open(self.path, "wb")
+        self._tail: tuple | None = None
+        self._dtype = None
+
+    def write(self, data: torch.Tensor) -> None:
+        self._tail, self._dtype = tuple(data.shape[1:]), data.dtype
+        self._file.write(data.contiguous().numpy().tobytes())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getitem__(self, idx: slice):
+        from .trunk import Prepared
+        per = int(np.prod(self._tail))
+        item = torch.empty((), dtype=self._dtype).element_size() * per
+        lo, hi = idx.start or 0, min(idx.stop, self.n)
+        arr = np.fromfile(self.path, dtype=torch.empty((), dtype=self._dtype).numpy().dtype,
+                          count=(hi - lo) * per, offset=lo * item)
+        return Prepared(torch.from_numpy(arr).reshape((hi - lo,) + self._tail), self.start)
+
+    def remove(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class AlphaGrid:
+    """Gallery embeddings at θ₀ + α·Δ, one α point at a time, so that each point can be shown as
+    soon as it exists.
+
+    One copy of the image tower, whose edited weights are set to θ₀ + α·Δ in turn. The trunk
+    before the first edited stage (:mod:`.trunk`) is the same at every α: it is computed once for
+    the whole gallery when that fits ``trunk_budget`` bytes (default :data:`TRUNK_BUDGET`, or
+    :data:`SPILL_BUDGET` with ``spill``: a temporary file to keep it in instead of memory), else
+    once per batch and point."""
+
+    def __init__(self, bundle: ClipBundle, images: torch.Tensor, delta: dict, batch_size: int = ENCODE_BATCH,
+                 trunk_budget: int | None = None, spill: Path | None = None):
+        from .pipeline import edited_model
+        if not len(images):
+            raise ValueError("an α-grid needs images")
+        self.bundle, self.images, self.batch_size = bundle, images, batch_size
+        self.model = edited_model(bundle, {}, 0.0)          # a private copy of the image tower, θ₀
+        self.visual = self.model.visual
+        self.vdelta = {k.removeprefix("visual."): v for k, v in delta.items()}
+        self._weights = self.visual.state_dict()            # shares storage with the copy's parameters
+        self._base = {k: bundle.model.visual.state_dict()[k] for k in self.vdelta}
+        self.spill = Path(spill) if spill is not None else None
+        if trunk_budget is None:
+            trunk_budget = SPILL_BUDGET if spill is not None else TRUNK_BUDGET
+        self.enc = TrunkEncoder(self.visual, self.vdelta.keys(), batch_size=batch_size, budget_bytes=trunk_budget)
+        self._trunk = None          # the whole gallery's trunk output (a Prepared), when it fits
+        self._pending = None        # ... while the first point fills it
+        self._fits: bool | None = None
+        self.trunk_seconds = 0.0
+        self.n_batches = -(-len(images) // batch_size)
+
+    @property
+    def shared_trunk(self) -> bool:
+        return self.enc.split
+
+    def _set(self, alpha: float) -> None:
+        for k, d in self.vdelta.items():            # as apply_delta: in float, then the weight's dtype
+            base = self._base[k]
+            self._weights[k].copy_((base.float() + alpha * d.to(base.device)).to(base.dtype))
+
+    def _prepare(self, i: int):
+        """A batch's trunk output. Asked whether the whole gallery's would fit (``total``) until
+        that is known; once it is known not to, the batch's own (every point runs the trunk)."""
+        t0 = time.perf_counter()
+        x = to_input(self.bundle, self.images[i:i + self.batch_size], self.model)
+        p = self.enc.prepare(x, total=None if self._fits is False else len(self.images))
+        if p.start == 0 and self.enc.split and self._fits is None:
+            self._fits = False
+            p = self.enc.prepare(x)
+        self.trunk_seconds += time.perf_counter() - t0
+        return p
+
+    def steps(self, points: int) -> int:
+        """Progress steps (batches) for ``points`` α points (the first one also fills the trunk)."""
+        return points * self.n_batches
+
+    @torch.no_grad()
+    def encode(self, alpha: float, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(N, D) normalised gallery embeddings at θ₀ + α·Δ; ``progress(batches_done)`` after each batch."""
+        self._set(alpha)
+        out = None
+        keep = self._fits is not False and self.enc.split
+        for b, i in enumerate(range(0, len(self.images), self.batch_size)):
+            if self._trunk is not None:
+                prepared = self._trunk[i:i + self.batch_size]
+            else:
+                prepared = self._prepare(i)
+                if keep:
+                    keep = self._keep(prepared, i)
+            emb = self.enc.encode(prepared, self.visual)
+            if out is None:
+                out = torch.empty(len(self.images), emb.shape[-1])
+            out[i:i + self.batch_size] = emb
+            if progress is not None:
+                progress(b + 1)
+        if keep and self._trunk is None and self._pending is not None:
+            if isinstance(self._pending, SpilledTrunk):
+                self._pending.close()
+            self._trunk, self._pending = self._pending, None
+        return out
+
+    def _keep(self, prepared, i: int) -> bool:
+        """Store a batch's trunk output for the next points; False once it does not fit."""
+        from .trunk import Prepared
+        if self._fits is False:                    # the whole gallery's trunk is over the budget
+            self._pending = None
+            return False
+        if i == 0:
+            self._fits = True
+            self._drop()                           # a first point cancelled earlier left a partial one
+            if self.spill is not None:
+                self._pending = SpilledTrunk(self.spill, prepared.start, len(self.images))
+            else:
+                data = torch.empty((len(self.images),) + tuple(prepared.data.shape[1:]), dtype=prepared.data.dtype)
+                self._pending = Prepared(data, prepared.start)
+        if isinstance(self._pending, SpilledTrunk):
+            self._pending.write(prepared.data)
+        else:
+            self._pending.data[i:i + len(prepared)] = prepared.data
+        return True
+
+    def _drop(self) -> None:
+        for t in (self._trunk, self._pending):
+            if isinstance(t, SpilledTrunk):
+                t.remove()
+        self._trunk = self._pending = None
+
+    def release(self) -> None:
+        """Drop the kept trunk (its memory, or its file, goes once the grid is done)."""
+        self._drop()
+
+
 @torch.no_grad()
 def encode_alpha_grid(bundle: ClipBundle, images: torch.Tensor, delta: dict, alphas: list[float],
-                      progress: Callable[[int, int], None] | None = None,
-                      batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, dict]:
-    """Gallery embeddings (A, N, D) at θ₀ + α·Δ for each α, and timing info.
-
-    Batch by batch: a batch's trunk is computed once and runs through the later stages at every
-    α, with one copy of the image tower whose edited weights are set to θ₀ + α·Δ in turn — so
-    neither the whole gallery's trunk nor one tower per α is ever held. ``progress(i, total)``
-    is called after each batch (it may raise to cancel)."""
-    from .pipeline import edited_model
-
+                      progress: Callable[[int, int], None] | None = None, batch_size: int = ENCODE_BATCH,
+                      trunk_budget: int | None = None, spill: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """Gallery embeddings (A, N, D) at θ₀ + α·Δ for each α, and timing info (all points at once:
+    :class:`AlphaGrid` gives them one by one). ``progress(i, total)`` after each batch."""
     t0 = time.perf_counter()
     if not len(images) or not alphas:
         raise ValueError("an α-grid needs images and at least one α")
-    model = edited_model(bundle, {}, 0.0)           # a private copy of the image tower, θ₀
-    visual = model.visual
-    vdelta = {k.removeprefix("visual."): v for k, v in delta.items()}
-    weights = visual.state_dict()                   # shares storage with the copy's parameters
-    base = {k: bundle.model.visual.state_dict()[k] for k in vdelta}
-    enc = TrunkEncoder(visual, vdelta.keys(), batch_size=batch_size)
-    out: torch.Tensor | None = None
-    t_trunk, n_batches = 0.0, -(-len(images) // batch_size)
-    for b, i in enumerate(range(0, len(images), batch_size)):
-        t1 = time.perf_counter()
-        prepared = enc.prepare(to_input(bundle, images[i:i + batch_size], model))
-        t_trunk += time.perf_counter() - t1
-        for j, a in enumerate(alphas):
-            for k, d in vdelta.items():            # as apply_delta: in float, then the weight's dtype
-                weights[k].copy_((base[k].float() + a * d.to(base[k].device)).to(base[k].dtype))
-            emb = enc.encode(prepared, visual)
-            if out is None:
-                out = torch.empty(len(alphas), len(images), emb.shape[-1])
-            out[j, i:i + batch_size] = emb
-        if progress is not None:
-            progress(b + 1, n_batches)
+    grid = AlphaGrid(bundle, images, delta, batch_size, trunk_budget, spill)
+    total = grid.steps(len(alphas))
+    out = None
+    for j, a in enumerate(alphas):
+        done = j * grid.n_batches
+        emb = grid.encode(a, None if progress is None else (lambda b, done=done: progress(done + b, total)))
+        if out is None:
+            out = torch.empty(len(alphas), *emb.shape)
+        out[j] = emb
+    grid.release()
     info = {"alphas": list(alphas), "images": len(images), "seconds": time.perf_counter() - t0,
-            "shared_trunk": enc.split, "trunk_seconds": t_trunk}
+            "shared_trunk": grid.shared_trunk, "trunk_seconds": grid.trunk_seconds}
     log.info("α-grid: %d points x %d images in %.2fs (shared trunk: %s)", len(alphas), len(images),
              info["seconds"], info["shared_trunk"])
     return out, info

@@ -7,9 +7,13 @@
     registry.cancel(job.id)                        # raises Cancelled inside the job's next progress event
 
 A job lives in ``runs_dir/<id>/``: ``job.json`` (status, stage, timings; rewritten atomically) and,
-once it succeeds, ``run/`` — a run folder (:mod:`clipforget.runfolder`) with its α-grid — which
-appears complete or not at all. A failed or cancelled job leaves only its ``job.json``. After a
-restart, a job that was queued or running when the process died is marked failed. One process at
+once its results exist, ``run/`` — a run folder (:mod:`clipforget.runfolder`) — which appears
+complete or not at all. A work function may publish its results before it ends (it returns
+:class:`Ready`): the job is then ``ready`` — results usable, the rest (a forget job's α-grid)
+still running — and ``done`` when the rest ends. A job that failed or was cancelled before its
+results leaves only its ``job.json``; one cancelled (or failed) after them keeps them and ends
+``done``, its summary saying what is unfinished. After a restart, a job that was queued or
+running when the process died is marked failed; one that was ``ready`` is done with what it had. One process at
 a time owns a runs folder (a lock file, released by the kernel even on SIGKILL): a second app on
 the same folder is refused instead of failing the first one's running job.
 
@@ -44,15 +48,19 @@ from .data.request import ForgetRequest, SplitConfig
 from . import runfolder
 from .io import OutputError, atomic_dir, check_writable, write_json
 from .memory import release_memory
-from .train.events import Cancelled
+from .train.events import Cancelled, StageClock, describe_seconds
 
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-ACTIVE = ("queued", "running")
+# "ready": the results are usable while the job's rest (the α-grid) still runs; it is still active
+# (one model, one worker: a second job waits for the α-grid or cancels it)
+ACTIVE = ("queued", "running", "ready")
+WORKING = ("queued", "running")               # no results yet
+HAS_RESULTS = ("ready", "done")
 FINISHED = ("done", "failed", "cancelled")
 Progress = Callable[[dict], None]
-Work = Callable[["Job", Progress, Path], dict]
+Work = Callable[["Job", Progress, Path], "dict | Ready"]   # Ready: results before the end
 
 
 class JobError(ValueError):
@@ -63,13 +71,25 @@ class RunsDirBusy(RuntimeError):
     """Another process owns the runs folder."""
 
 
+@dataclass
+class Ready:
+    """What a work function returns to publish its results before it ends: the job becomes
+    ``ready`` with ``summary``, then ``rest()`` runs — reporting through the work function's own
+    ``progress``, so a cancel stops it as it stops the rest of the job — and the dict it returns
+    is added to the summary when the job is ``done``."""
+    summary: dict
+    rest: Callable[[], dict]
+    what: str = "the rest"           # for people: what is still running ("α-grid")
+
+
 class JobBusy(RuntimeError):
     """A job is already running; the message names it."""
 
     def __init__(self, running: "Job"):
         self.running = running
-        super().__init__(f"job {running.id} ({running.label}) is still {running.status} "
-                         f"({running.stage or 'starting'}); wait for it to finish or cancel it first")
+        state = "running (its results are ready)" if running.status == "ready" else running.status
+        super().__init__(f"job {running.id} ({running.label}) is still {state} ({running.stage or 'starting'}); "
+                         "wait for it to finish or cancel it first")
 
 
 def check_id(job_id: str) -> str:
@@ -85,11 +105,12 @@ class Job:
     label: str                         # what is forgotten, for people
     spec: dict                         # what the work function needs (request, method, config)
     kind: str = "forget"               # which work function runs it (the registry's ``work`` keys)
-    status: str = "queued"             # queued | running | done | failed | cancelled
+    status: str = "queued"             # queued | running | ready (results usable) | done | failed | cancelled
     stage: str = ""                    # the stage the last progress event named
     step: int = 0
     total: int = 0
     fraction: float = 0.0              # within the stage
+    eta: float | None = None           # seconds left in the stage at its pace so far (None: unknown)
     stages: list = field(default_factory=list)   # stages seen so far, in order
     message: str = ""
     error: str = ""
@@ -101,6 +122,17 @@ class Job:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+    @property
+    def has_results(self) -> bool:
+        """Its results are usable: ``ready`` (the rest still running) or ``done``."""
+        return self.status in HAS_RESULTS
+
+    @property
+    def where(self) -> str:
+        """``stage step/total · about N s left`` for people."""
+        out = (self.stage or "starting") + (f" {self.step}/{self.total}" if self.total else "")
+        return out + (f" · {describe_seconds(self.eta)} left" if self.eta is not None else "")
 
     @property
     def seconds(self) -> float:
@@ -203,19 +235,21 @@ class JobRegistry:
         return self.runs_dir / check_id(job_id)
 
     def run_dir(self, job_id: str) -> Path:
-        """The finished result of a job (``save_run`` folder + α-grid); raises if it has none."""
+        """The result of a job (a run folder; a forget job's α-grid may still be growing: see
+        :mod:`clipforget.runfolder`); raises if it has none yet."""
         job = self.get(job_id)
         path = self.job_dir(job_id) / "run"
-        if job.status != "done" or not runfolder.is_complete(path):
+        if not job.has_results or not runfolder.is_complete(path):
             raise JobError(f"job {job_id} has no result (status {job.status})")
         return path
 
-    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.1) -> Job:
-        """Block until the job finishes (tests and scripts)."""
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.1, results: bool = False) -> Job:
+        """Block until the job finishes — or, with ``results``, until its results are usable or
+        it ended without (tests and scripts)."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get(job_id)
-            if not job.active:
+            if not job.active or (results and job.has_results):
                 return job
             if end is not None and time.monotonic() > end:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
@@ -243,17 +277,17 @@ class JobRegistry:
     def _execute(self, job: Job) -> None:
         cancel = self._cancel[job.id]
         job_dir = self.job_dir(job.id)
+        clock = StageClock()
 
         def progress(event: dict) -> None:
             if cancel.is_set():
                 raise Cancelled(f"job {job.id} cancelled")
             with self._lock:
-                stage = event.get("stage", job.stage)
-                new_stage = stage != job.stage
+                new_stage = clock.update(event)
                 if new_stage:
-                    job.stages.append(stage)
-                job.stage = stage
-                job.step, job.total = int(event.get("step", 0)), int(event.get("total", 0))
+                    job.stages.append(clock.stage)
+                job.stage, job.step, job.total = clock.stage, clock.step, clock.total
+                job.eta = clock.seconds_left()
                 job.fraction = float(event.get("fraction", 0.0))
                 if new_stage or time.monotonic() - self._last_save.get(job.id, 0.0) >= self.save_every:
                     self._save(job)
@@ -282,13 +316,36 @@ class JobRegistry:
             status, error = "done", ""
         if status != "done":
             _remove_partials(job_dir, keep_run=False)
+        elif isinstance(summary, Ready):
+            summary = self._rest(job, summary)
         with self._lock:
             job.status, job.error, job.summary, job.finished = status, error, summary or {}, time.time()
             job.message = {"done": "finished", "cancelled": "cancelled", "failed": "failed"}[status]
+            if summary and summary.get("unfinished"):
+                job.message = f"finished; {summary['unfinished']}"
             if status == "done":
-                job.fraction = 1.0
+                job.fraction, job.eta = 1.0, None
             self._save(job)
         release_memory()
+
+    def _rest(self, job: Job, ready: Ready) -> dict:
+        """Publish a job's results (status ``ready``), run the rest of its work, and return its
+        final summary. A cancel or a failure now stops only the rest: the results stay."""
+        with self._lock:
+            job.status, job.summary, job.message = "ready", dict(ready.summary), f"results ready; {ready.what} running"
+            self._save(job)
+        log.info("job %s: results ready; %s running", job.id, ready.what)
+        release_memory()
+        try:
+            more = ready.rest()
+        except Cancelled:
+            log.info("job %s: %s cancelled; its results stay", job.id, ready.what)
+            return {**ready.summary, "unfinished": f"{ready.what} cancelled"}
+        except Exception as e:  # noqa: BLE001 - the results are saved; only the rest failed
+            log.error("job %s: %s failed:\n%s", job.id, ready.what, traceback.format_exc())
+            _remove_partials(self.job_dir(job.id), keep_run=True)
+            return {**ready.summary, "unfinished": f"{ready.what} failed: {describe_failure(e)}"}
+        return {**ready.summary, **(more or {})}
 
     # ---- persistence -------------------------------------------------------------------------
     def _save(self, job: Job) -> None:
@@ -310,9 +367,11 @@ class JobRegistry:
                 continue
             _remove_partials(path.parent, keep_run=True)      # e.g. an export zip cut short
             if job.active:
-                # the process died between writing the result and job.json
-                if runfolder.is_complete(path.parent / "run", alpha_grid=True):
+                # the process died after the results were written (the α-grid, or job.json, unfinished)
+                if runfolder.is_complete(path.parent / "run"):
                     job.status, job.message = "done", "recovered after a restart"
+                    if not runfolder.is_complete(path.parent / "run", alpha_grid=True):
+                        job.summary = {**job.summary, "unfinished": "α-grid interrupted by a restart"}
                 else:
                     job.status = "failed"
                     job.error = "interrupted: the app stopped while this job was running; no result was saved"
@@ -323,13 +382,16 @@ class JobRegistry:
 
 
 def _remove_partials(job_dir: Path, keep_run: bool) -> None:
-    """Temporary folders (``atomic_dir``) and files (``atomic_file``) a dead process left behind."""
-    for p in job_dir.glob(".*"):
-        if p.is_dir() and (p.name.endswith(".partial") or ".old." in p.name):
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.is_file() and p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
-    if not keep_run and (job_dir / "run").exists() and not runfolder.has_alpha_grid(job_dir / "run"):
+    """Temporary folders (``atomic_dir``) and files (``atomic_file``) a dead process left behind,
+    in the job folder and in its run folder's α-grid (points added after the rest); without
+    ``keep_run``, a run folder that is not complete."""
+    for folder in (job_dir, job_dir / "run" / runfolder.ALPHA_GRID):
+        for p in folder.glob(".*"):
+            if p.is_dir() and (p.name.endswith(".partial") or ".old." in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+    if not keep_run and (job_dir / "run").exists() and not runfolder.is_complete(job_dir / "run"):
         shutil.rmtree(job_dir / "run", ignore_errors=True)
 
 
@@ -377,7 +439,9 @@ class Resources:
 
 
 class ForgetWork:
-    """The work function of a forget job: unlearn, evaluate, precompute the α-grid, save.
+    """The work function of a forget job: unlearn, evaluate, encode the gallery at the calibrated
+    α, save the run folder — the results, shown at once (the job is ``ready``) — then the rest of
+    the α-grid, one point at a time, each added to the run folder as it is done.
 
     ``resources()`` blocks until the model and gallery are loaded (the app loads them in the
     background so its page is up in seconds)."""
@@ -387,8 +451,8 @@ class ForgetWork:
         self.alpha_points = alpha_points
         self._evaluator = None          # a ProgressEvaluator shared by jobs: caches "before" and texts
 
-    def __call__(self, job: Job, progress: Progress, job_dir: Path) -> dict:
-        from .index import encode_alpha_grid
+    def __call__(self, job: Job, progress: Progress, job_dir: Path) -> Ready:
+        from .index import AlphaGrid
         from .pipeline import ProgressEvaluator, forget
 
         progress({"stage": "prepare", "step": 0, "total": 0, "fraction": 0.0})
@@ -405,18 +469,57 @@ class ForgetWork:
                      evaluator=self._evaluator)
         t_forget = time.perf_counter() - t0
         # α = 0 is θ₀ exactly: its embeddings are the original ones, so the grid starts above 0
-        alphas = [a for a in alpha_points(self.alpha_points, (run.result.alpha,)) if a > 0]
-        grid, info = encode_alpha_grid(
-            res.bundle, res.images, run.result.delta, alphas,
-            progress=lambda i, n: progress({"stage": "alpha-grid", "step": i, "total": n, "fraction": i / n}))
-        progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
-        with atomic_dir(job_dir / "run") as tmp:
-            runfolder.save_run(run, res.bundle, tmp)
-            progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
-            runfolder.save_alpha_grid(tmp, grid, alphas, info, res.gallery.content_hash)
-        return {"alpha": run.result.alpha, "score": run.report["score"], "forget_seconds": t_forget,
-                "alpha_grid_seconds": info["seconds"], "alpha_grid_points": len(alphas) + 1,
-                "shared_trunk": info["shared_trunk"], "stage_seconds": run.report["seconds"]}
+        calibrated = round(float(run.result.alpha), 6)
+        alphas = [a for a in alpha_points(self.alpha_points, (calibrated,)) if a > 0]
+        first = [a for a in alphas if a == calibrated]           # the right grid at the calibrated α
+        t1 = time.perf_counter()
+        # the gallery's trunk is kept between points in a temporary file, not in the app's memory
+        grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp")
+        try:
+            points = {}
+            for a in first:
+                points[a] = grid.encode(a, lambda b: progress({"stage": "encode", "step": b, "total": grid.n_batches,
+                                                              "fraction": b / grid.n_batches}))
+            t_first = time.perf_counter() - t1
+            progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
+            with atomic_dir(job_dir / "run") as tmp:
+                runfolder.save_run(run, res.bundle, tmp)
+                progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
+                runfolder.plan_alpha_grid(tmp, alphas, res.gallery.content_hash, len(res.images))
+                for a, emb in points.items():
+                    runfolder.save_alpha_point(tmp, a, emb, res.gallery.content_hash)
+        except BaseException:
+            grid.release()
+            raise
+        summary = {"alpha": run.result.alpha, "score": run.report["score"], "forget_seconds": t_forget,
+                   "alpha_grid_planned": len(alphas) + 1, "calibrated_point_seconds": t_first,
+                   "shared_trunk": grid.shared_trunk, "stage_seconds": run.report["seconds"]}
+        del run, points
+        return Ready(summary, lambda: self.rest(grid, job_dir / "run", progress, t_first, res.gallery.content_hash),
+                     what="α-grid")
+
+    @staticmethod
+    def rest(grid, run_dir: Path, progress: Progress, first_seconds: float, gallery_hash: str) -> dict:
+        """The α-grid's other points, each added to the run folder as soon as it is encoded (a
+        cancel keeps the points finished so far)."""
+        t0 = time.perf_counter()
+        missing = runfolder.missing_alpha_points(run_dir)
+        total = grid.steps(len(missing))
+        progress({"stage": "alpha-grid", "step": 0, "total": total, "fraction": 0.0})
+        try:
+            for j, a in enumerate(missing):
+                done = j * grid.n_batches
+                emb = grid.encode(a, lambda b: progress({"stage": "alpha-grid", "step": done + b, "total": total,
+                                                        "fraction": (done + b) / total}))
+                runfolder.save_alpha_point(run_dir, a, emb, gallery_hash)
+        finally:
+            grid.release()
+        rest = time.perf_counter() - t0
+        info = {"seconds": first_seconds + rest, "rest_seconds": rest,
+                "shared_trunk": grid.shared_trunk, "trunk_seconds": grid.trunk_seconds}
+        runfolder.finish_alpha_grid(run_dir, info)
+        return {"alpha_grid_seconds": info["seconds"], "alpha_grid_rest_seconds": rest,
+                "alpha_grid_points": len(runfolder.alpha_grid_points(run_dir)) + 1}
 
 
 # ---- the certify job -----------------------------------------------------------------------------

@@ -116,7 +116,13 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
     """Build the task, run the method, evaluate before/after on the test columns."""
     gallery = gallery or (cache.gallery if cache else Gallery.embedded())
     t0 = time.perf_counter()
-    task = build_task(gallery, request, bundle.image_size, split or SplitConfig(), cache)
+    callbacks = list(callbacks)
+
+    def data_progress(event: dict) -> None:
+        for cb in callbacks:
+            cb(event)
+    data_progress({"stage": "data", "step": 0, "total": 0, "fraction": 0.0})
+    task = build_task(gallery, request, bundle.image_size, split or SplitConfig(), cache, data_progress)
     t_data = time.perf_counter() - t0
     evaluator = evaluator or Evaluator(bundle)
     unlearner = get_method(method)(config)

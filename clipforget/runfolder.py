@@ -5,7 +5,7 @@ calls these functions instead of naming files.
     save_run(run, bundle, "runs/poodle")     # report.json, report.md, delta.safetensors, run.json, export/
     read_run("runs/poodle")                  # RunRecord: delta, α, request, model, gallery (certify)
     scaled_delta("runs/poodle")              # α·Δ: what merging and the continual bench add up
-    is_complete(job_dir / "run", alpha_grid=True)   # an app job's result also holds its α-grid
+    is_complete(job_dir / "run", alpha_grid=True)   # ... and every point of an app job's α-grid
 
 What a run folder holds (all written atomically; the folder appears complete or not at all):
 
@@ -13,8 +13,12 @@ What a run folder holds (all written atomically; the folder appears complete or 
     delta.safetensors          Δ = θ_u − θ₀ of the image tower; the model at strength α is θ₀ + α·Δ
     run.json                   config, seed, package versions, gallery hash, per-stage history
     export/                    the unlearned model at the reported α as an open_clip folder
-    alpha_grid.safetensors     (app jobs) gallery embeddings at the slider's α points, and
-    alpha_grid.json            what encoding them took
+    alpha_grid.json            (app jobs) the α-grid's plan: every α point the job encodes the
+                               gallery at (for the slider), the gallery's hash, what encoding took
+    alpha_grid/alpha-<α>.safetensors  one file per α point, added one at a time after the rest of the
+                               folder (each written to a temporary name and renamed: a point is
+                               there whole or not at all, so a cancelled or killed α-grid leaves
+                               the points finished so far and a job resumes with the missing ones)
     certificate.json, .md      (after ``clipforget certify``) the forgetting certificate
 
 No torch at import: the app's job registry reads run folders before the model stack loads.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,8 +44,10 @@ REPORT_MD = "report.md"
 DELTA = "delta.safetensors"
 RUN_JSON = "run.json"
 EXPORT = "export"
-ALPHA_GRID = "alpha_grid.safetensors"
+ALPHA_GRID = "alpha_grid"                   # the folder of α points
 ALPHA_GRID_JSON = "alpha_grid.json"
+LEGACY_ALPHA_GRID = "alpha_grid.safetensors"  # every point in one file (run folders before the folder)
+_POINT = re.compile(r"alpha-([0-9]+\.[0-9]{6})\.safetensors")
 CERTIFICATE_JSON = "certificate.json"
 CERTIFICATE_MD = "certificate.md"
 
@@ -73,15 +80,26 @@ def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = T
     return out
 
 
-def save_alpha_grid(run_dir: str | Path, grid, alphas: list[float], info: dict, gallery_hash: str) -> None:
-    """An app job's α-grid: gallery embeddings (A, N, D) at ``alphas`` (all > 0; α = 0 is the
-    original model) and what encoding them took."""
-    import torch
-    run_dir = Path(run_dir)
-    save_safetensors({"embeddings": grid, "alphas": torch.tensor(alphas, dtype=torch.float64)},
-                     run_dir / ALPHA_GRID, {"gallery_hash": gallery_hash, "note": "alpha=0 is the original model"})
-    write_json(run_dir / ALPHA_GRID_JSON, {**info, "alphas": [0.0] + list(alphas), "points": len(alphas) + 1,
-                                           "gallery_hash": gallery_hash})
+def plan_alpha_grid(run_dir: str | Path, alphas: list[float], gallery_hash: str, images: int) -> None:
+    """Record the α points an app job will encode the gallery at (all > 0; α = 0 is the original
+    model): what :func:`missing_alpha_points` and :func:`alpha_grid_complete` measure against."""
+    write_json(Path(run_dir) / ALPHA_GRID_JSON, {"alphas": [0.0] + [_key(a) for a in alphas],
+                                                 "points": len(alphas) + 1, "images": images,
+                                                 "gallery_hash": gallery_hash})
+
+
+def save_alpha_point(run_dir: str | Path, alpha: float, embeddings, gallery_hash: str) -> Path:
+    """One α point's gallery embeddings (N, D), written to a temporary name and renamed."""
+    path = Path(run_dir) / ALPHA_GRID / f"alpha-{_key(alpha):.6f}.safetensors"
+    save_safetensors({"embeddings": embeddings}, path, {"alpha": _key(alpha), "gallery_hash": gallery_hash})
+    return path
+
+
+def finish_alpha_grid(run_dir: str | Path, info: dict) -> None:
+    """Add what encoding the α-grid took to its plan (the timings the app and the bench show)."""
+    path = Path(run_dir) / ALPHA_GRID_JSON
+    plan = json.loads(path.read_text())
+    write_json(path, {**plan, **{k: v for k, v in info.items() if k not in plan}})
 
 
 def save_certificate(run_dir: str | Path, cert: dict, markdown: str) -> tuple[Path, Path]:
@@ -116,14 +134,56 @@ def _jsonable(obj):
 # ---- reading -------------------------------------------------------------------------------------
 
 def is_complete(run_dir: str | Path, alpha_grid: bool = False) -> bool:
-    """Whether ``run_dir`` holds a finished run (and, with ``alpha_grid``, an app job's α-grid)."""
+    """Whether ``run_dir`` holds a finished run: usable once its report is there (an app job's
+    grids show from then on). With ``alpha_grid``: and every α point it planned."""
     run_dir = Path(run_dir)
-    return (run_dir / REPORT_JSON).is_file() and (not alpha_grid or has_alpha_grid(run_dir))
+    return (run_dir / REPORT_JSON).is_file() and (not alpha_grid or alpha_grid_complete(run_dir))
+
+
+def _key(alpha: float) -> float:
+    return round(float(alpha), 6)
+
+
+def alpha_grid_plan(run_dir: str | Path) -> dict | None:
+    """The α-grid's plan (``alphas`` includes 0, the original model), or None without one."""
+    path = Path(run_dir) / ALPHA_GRID_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alpha_grid_points(run_dir: str | Path) -> list[float]:
+    """The α points (> 0) whose embeddings are in the run folder, sorted; a file name is only
+    ever a whole point (temporary files have other names)."""
+    run_dir = Path(run_dir)
+    if (run_dir / LEGACY_ALPHA_GRID).is_file():
+        from safetensors import safe_open
+        with safe_open(str(run_dir / LEGACY_ALPHA_GRID), "pt") as f:
+            return sorted(_key(a) for a in f.get_tensor("alphas").tolist())
+    folder = run_dir / ALPHA_GRID
+    if not folder.is_dir():
+        return []
+    return sorted(float(m[1]) for p in folder.iterdir() if (m := _POINT.fullmatch(p.name)))
+
+
+def missing_alpha_points(run_dir: str | Path) -> list[float]:
+    """The planned α points (> 0) not encoded yet: what a resumed α-grid computes."""
+    plan = alpha_grid_plan(run_dir)
+    if plan is None:
+        return []
+    have = set(alpha_grid_points(run_dir))
+    return [a for a in plan["alphas"] if a > 0 and _key(a) not in have]
+
+
+def alpha_grid_complete(run_dir: str | Path) -> bool:
+    """Every planned point is there (an old single-file α-grid is complete by construction)."""
+    run_dir = Path(run_dir)
+    if (run_dir / LEGACY_ALPHA_GRID).is_file():
+        return True
+    return alpha_grid_plan(run_dir) is not None and not missing_alpha_points(run_dir)
 
 
 def has_alpha_grid(run_dir: str | Path) -> bool:
-    """The α-grid is the last thing an app job writes into its run folder."""
-    return (Path(run_dir) / ALPHA_GRID).is_file()
+    """At least one α point (> 0) is there."""
+    return bool(alpha_grid_points(run_dir))
 
 
 def has_delta(path: str | Path) -> bool:
@@ -162,13 +222,20 @@ def scaled_delta(path: str | Path) -> dict:
     return {k: a * v for k, v in delta.items()}
 
 
-def load_alpha_grid(run_dir: str | Path) -> tuple[object, list[float], str | None]:
-    """(embeddings (A, N, D), their α values, the hash of the gallery they were encoded on)."""
+def load_alpha_grid(run_dir: str | Path, skip=()) -> tuple[dict[float, object], str | None]:
+    """({α: gallery embeddings (N, D)} of the points there, except those in ``skip`` — the ones a
+    caller already has —, the hash of the gallery they were encoded on)."""
     from safetensors.torch import load_file
     run_dir = Path(run_dir)
-    data = load_file(str(run_dir / ALPHA_GRID))
-    made_on = json.loads((run_dir / ALPHA_GRID_JSON).read_text()).get("gallery_hash")
-    return data["embeddings"], [round(float(a), 6) for a in data["alphas"]], made_on
+    plan = alpha_grid_plan(run_dir) or {}
+    made_on = plan.get("gallery_hash")
+    skip = {_key(a) for a in skip}
+    if (run_dir / LEGACY_ALPHA_GRID).is_file():
+        data = load_file(str(run_dir / LEGACY_ALPHA_GRID))
+        return ({_key(a): e for a, e in zip(data["alphas"].tolist(), data["embeddings"]) if _key(a) not in skip},
+                made_on)
+    return ({a: load_file(str(run_dir / ALPHA_GRID / f"alpha-{a:.6f}.safetensors"))["embeddings"]
+             for a in alpha_grid_points(run_dir) if a not in skip}, made_on)
 
 
 def load_certificate(run_dir: str | Path) -> dict | None:

@@ -1,10 +1,12 @@
 """The app in a real browser (Debian chromium + PyPI playwright): load, pick a subgroup, run the job
 (reloading the page mid-job; a second tab is refused), check the forgotten subgroup is gone from the
-right grid but not the left, slide α to 0 and check both grids agree. Screenshots go to
-$CLIPFORGET_SCREENSHOTS or bench/out/screenshots. The server is conftest.py's ``server``."""
+right grid but not the left, slide α to 0 and check both grids agree; and the grids shown while the
+α-grid is still computing, a slider point arriving later. Screenshots go to $CLIPFORGET_SCREENSHOTS
+or bench/out/screenshots. The server is conftest.py's ``server``."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -104,3 +106,63 @@ def test_full_flow(server, browser):
     wait_for(lambda: captions(page, "right-grid") == captions(page, "left-grid"), 15, "right grid == left grid")
     page.screenshot(path=str(out / "04-alpha0.png"), full_page=True)
     page.close()
+
+
+def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser):
+    """The job is held at the start of its α-grid (after its results): the grids, the Score and the
+    α points that exist show, and again after a reload; the slider at a point not computed yet shows the nearest one; once
+    the α-grid is let go, the page lists every point and the same slider position shows its own."""
+    core, out = server.core, shots_dir()
+    gate, work = threading.Event(), core.jobs.kinds["forget"]
+
+    def gated(job, progress, job_dir):
+        def hook(event):
+            progress(event)
+            if event.get("stage") == "alpha-grid":
+                gate.wait(600)
+        return work(job, hook, job_dir)
+    core.jobs.kinds["forget"] = gated
+    try:
+        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        page.set_default_timeout(120_000)
+        page.goto(server.url)
+        page.wait_for_selector("#cards img", timeout=120_000)
+        wait_for(lambda: len(captions(page, "left-grid")) == 12, 300, "the original grid (model loading)")
+        page.locator("#run").click()
+        points = page.locator("#alpha-points")
+        wait_for(lambda: len(captions(page, "right-grid")) == 12 and "computing" in " ".join(points.all_inner_texts()),
+                 1200, "both grids while the α-grid computes", poll=0.5)
+        job = core.jobs.running()
+        assert job is not None and job.status == "ready"                  # shown before the job is done
+        assert "Score" in page.locator("#score").inner_text()
+        wait_for(lambda: "alpha-grid" in page.locator("#progress").inner_text(), 30, "the α-grid's progress")
+        assert "results ready" in page.locator("#progress").inner_text()
+        # a reload re-attaches to the job and shows what exists: the grids and the points so far
+        page.reload()
+        page.wait_for_selector("#cards img", timeout=120_000)
+        wait_for(lambda: len(captions(page, "right-grid")) == 12 and "computing" in " ".join(points.all_inner_texts()),
+                 120, "both grids after a reload mid-α-grid", poll=0.5)
+        state = core.alpha_points(job.id)
+        assert points.inner_text().strip() == state["text"] and not state["complete"]
+        missing = next(a for a in state["planned"] if a not in state["ready"])
+        slider, note = page.locator("#alpha input[type=range]"), page.locator("#alpha-note")
+        slider.focus()
+        page.keyboard.press("Home")
+        for _ in range(round(missing / 0.05)):
+            page.keyboard.press("ArrowRight")
+        wait_for(lambda: f"nearest computed point to {missing:.2f}" in note.inner_text(), 30,
+                 f"the nearest computed point while α = {missing} is missing")
+        page.screenshot(path=str(out / "05-grids-before-alpha-grid.png"), full_page=True)
+
+        gate.set()
+        wait_for(lambda: "(all " in points.inner_text(), 600, "every α point", poll=0.5)
+        assert core.jobs.get(job.id).status == "done"
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowLeft")             # back to the same position: its own point now
+        wait_for(lambda: f"showing α = {missing:.2f};" in note.inner_text(), 30, f"α = {missing} once computed")
+        assert "nearest" not in note.inner_text()
+        page.screenshot(path=str(out / "06-alpha-point-arrived.png"), full_page=True)
+        page.close()
+    finally:
+        gate.set()
+        core.jobs.kinds["forget"] = work

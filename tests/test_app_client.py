@@ -57,12 +57,13 @@ def test_job_lifecycle_over_the_api(client):
     while True:
         st = client.predict(job["id"], api_name="/job_status")
         seen.add(st["stage"])
-        if st["status"] not in ("queued", "running"):
+        if st["status"] not in ("queued", "running", "ready"):      # ready: results shown, α-grid computing
             break
         assert time.monotonic() - t0 < 600
         time.sleep(0.5)
     assert st["status"] == "done", st["error"]
     assert {"forget", "alpha-grid"} <= seen | set(st["stages"])
+    assert st["stages"].index("save") < st["stages"].index("alpha-grid")     # the results before the α-grid
     res = client.predict("a dog", job["id"], -1.0, 12, api_name="/search")
     assert res["alpha_shown"] == pytest.approx(st["summary"]["alpha"])
     assert res["recall_right"] < res["recall_left"]
@@ -75,7 +76,7 @@ def test_cancel_over_the_api(client):
     time.sleep(1.0)
     client.predict(job["id"], api_name="/cancel")
     t0 = time.monotonic()
-    while (st := client.predict(job["id"], api_name="/job_status"))["status"] in ("queued", "running"):
+    while (st := client.predict(job["id"], api_name="/job_status"))["status"] in ("queued", "running", "ready"):
         assert time.monotonic() - t0 < 120
         time.sleep(0.3)
     assert st["status"] == "cancelled"

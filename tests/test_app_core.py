@@ -61,11 +61,15 @@ def test_alpha_points_and_nearest():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keys,shared", [(("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True),
-                                         (("visual.conv1.weight",), False)])
-def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, shared):
-    """The trunk shortcut is exact: same embeddings as re-encoding with θ₀ + α·Δ. A delta on the
-    stem leaves nothing to share (trunk.split_index returns None): the gallery is encoded in full."""
+@pytest.mark.parametrize("keys,shared,budget", [
+    (("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True, fx.TRUNK_BUDGET),
+    (("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True, 0),
+    (("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight"), True, "spill"),
+    (("visual.conv1.weight",), False, fx.TRUNK_BUDGET)])
+def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, shared, budget, tmp_path):
+    """The trunk shortcut is exact: same embeddings as re-encoding with θ₀ + α·Δ, whether the
+    whole gallery's trunk is kept between points or (over the budget) run again per batch. A delta
+    on the stem leaves nothing to share (trunk.split_index returns None): the gallery is encoded in full."""
     from clipforget.embed import encode_images
     from clipforget.pipeline import edited_model
     images, _ = gallery.load(gallery.items[:40], bundle.image_size)
@@ -73,7 +77,19 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, share
     g = torch.Generator().manual_seed(0)
     delta = {k: 0.05 * torch.randn(sd[k].shape, generator=g) for k in keys}
     kept = {k: sd[k].clone() for k in keys}
-    grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16)
+    spill = tmp_path / ".trunk.tmp" if budget == "spill" else None
+    budget = None if budget == "spill" else budget
+    one = fx.AlphaGrid(bundle, images, delta, batch_size=16, trunk_budget=budget, spill=spill)
+    first = one.encode(0.5)
+    assert (one._trunk is not None) == (shared and budget != 0)      # kept for the next points when it fits
+    assert torch.equal(one.encode(0.5), first)                        # from the kept trunk: the same
+    if spill is not None:                                             # in a file, out of memory
+        per_image = one._trunk[0:1].data.numel() * 4                 # float32
+        assert isinstance(one._trunk, fx.SpilledTrunk) and spill.stat().st_size == len(images) * per_image
+    one.release()
+    assert spill is None or not spill.exists()
+    grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16, trunk_budget=budget,
+                                      spill=spill)
     assert info["shared_trunk"] is shared
     assert all(torch.equal(bundle.model.state_dict()[k], kept[k]) for k in keys)   # the original untouched
     for i, a in enumerate([0.5, 1.0]):
@@ -96,7 +112,6 @@ def _slow_work(seconds=30.0):
                 progress({"stage": "forget" if i < 20 else "remind", "step": i, "total": 0, "fraction": 0.5})
                 time.sleep(0.01)
             (tmp / "report.json").write_text("{}")
-            (tmp / "alpha_grid.safetensors").write_bytes(b"")
         return {"steps": i}
     return work
 
@@ -178,6 +193,183 @@ def test_restart_marks_running_jobs_failed_and_reopens_finished_ones(tmp_path):
     reg2.close()
 
 
+# ---- the run folder's α-grid, point by point ----------------------------------------------------
+
+def test_alpha_grid_points_are_added_atomically_and_resumable(tmp_path, monkeypatch):
+    from clipforget import runfolder
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    assert runfolder.is_complete(run) and not runfolder.is_complete(run, alpha_grid=True)   # no plan yet
+    runfolder.plan_alpha_grid(run, [0.2, 0.6, 1.0], "hash", images=5)
+    assert runfolder.missing_alpha_points(run) == [0.2, 0.6, 1.0] and not runfolder.alpha_grid_complete(run)
+    emb = {a: _unit(5, 4, seed=int(a * 10)) for a in (0.2, 0.6, 1.0)}
+    runfolder.save_alpha_point(run, 0.6, emb[0.6], "hash")
+    assert runfolder.alpha_grid_points(run) == [0.6] and runfolder.missing_alpha_points(run) == [0.2, 1.0]
+    assert runfolder.is_complete(run) and not runfolder.is_complete(run, alpha_grid=True)
+
+    # a point whose write fails (here: the disk fills mid-file) leaves no file: not even a partial one
+    import safetensors.torch
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a point")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError):
+        runfolder.save_alpha_point(run, 0.2, emb[0.2], "hash")
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert sorted(p.name for p in (run / runfolder.ALPHA_GRID).iterdir()) == ["alpha-0.600000.safetensors"]
+    # a temporary file a killed process left is never taken for a point
+    (run / runfolder.ALPHA_GRID / ".alpha-0.200000.safetensors.x1.tmp").write_bytes(b"half")
+    assert runfolder.alpha_grid_points(run) == [0.6]
+
+    # resuming computes only the missing points; then the grid is complete and loads whole
+    for a in runfolder.missing_alpha_points(run):
+        runfolder.save_alpha_point(run, a, emb[a], "hash")
+    assert runfolder.alpha_grid_complete(run) and runfolder.is_complete(run, alpha_grid=True)
+    loaded, made_on = runfolder.load_alpha_grid(run)
+    assert made_on == "hash" and sorted(loaded) == [0.2, 0.6, 1.0]
+    assert all(torch.equal(loaded[a], emb[a]) for a in loaded)
+    assert sorted(runfolder.load_alpha_grid(run, skip=[0.0, 0.2, 0.6])[0]) == [1.0]     # only the new ones
+
+
+def test_a_run_folder_of_the_single_file_grid_still_loads(tmp_path):
+    from clipforget import runfolder
+    from clipforget.io import save_safetensors
+    run = tmp_path / "old"
+    (run).mkdir()
+    (run / "report.json").write_text("{}")
+    grid = torch.stack([_unit(5, 4, seed=1), _unit(5, 4, seed=2)])
+    save_safetensors({"embeddings": grid, "alphas": torch.tensor([0.5, 1.0], dtype=torch.float64)},
+                     run / runfolder.LEGACY_ALPHA_GRID)
+    write_json(run / runfolder.ALPHA_GRID_JSON, {"alphas": [0.0, 0.5, 1.0], "gallery_hash": "h"})
+    assert runfolder.alpha_grid_points(run) == [0.5, 1.0] and runfolder.is_complete(run, alpha_grid=True)
+    loaded, made_on = runfolder.load_alpha_grid(run)
+    assert made_on == "h" and torch.equal(loaded[1.0], grid[1])
+
+
+# ---- a job whose results come before its end (Ready) ----------------------------------------------
+
+def _results_then_rest(points=4, seconds_per_point=0.3, fail_at=None):
+    """Publishes its run folder (report + plan + first point), then adds the other points one by one."""
+    from clipforget import runfolder
+    from clipforget.jobs import Ready
+
+    def work(job, progress, job_dir):
+        progress({"stage": "forget", "step": 1, "total": 1})
+        alphas = [round((i + 1) / points, 6) for i in range(points)]
+        with atomic_dir(job_dir / "run") as tmp:
+            (tmp / "report.json").write_text("{}")
+            runfolder.plan_alpha_grid(tmp, alphas, "h", 3)
+            runfolder.save_alpha_point(tmp, alphas[-1], _unit(3, 4), "h")
+
+        def rest():
+            missing = runfolder.missing_alpha_points(job_dir / "run")
+            for i, a in enumerate(missing):
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < seconds_per_point:
+                    progress({"stage": "alpha-grid", "step": i, "total": len(missing)})
+                    time.sleep(0.01)
+                if fail_at == i:
+                    raise OSError(28, "No space left on device")
+                runfolder.save_alpha_point(job_dir / "run", a, _unit(3, 4), "h")
+            return {"alpha_grid_points": points + 1}
+        return Ready({"score": 1.0}, rest, what="α-grid")
+    return work
+
+
+def test_results_are_ready_before_the_job_is_done_and_a_second_job_waits(tmp_path):
+    from clipforget import runfolder
+    reg = JobRegistry(tmp_path, _results_then_rest(points=4, seconds_per_point=0.4))
+    job = reg.submit({}, "poodle (dog)")
+    ready = reg.wait(job.id, timeout=20, results=True)
+    assert ready.status == "ready" and ready.has_results and ready.active and ready.summary == {"score": 1.0}
+    run = reg.run_dir(job.id)                                   # usable now
+    assert runfolder.is_complete(run) and not runfolder.is_complete(run, alpha_grid=True)
+    with pytest.raises(JobBusy, match="results are ready"):    # one model, one worker: the α-grid first
+        reg.submit({}, "taxi (car)")
+    on_disk = json.loads((reg.job_dir(job.id) / "job.json").read_text())
+    assert on_disk["status"] == "ready"
+    done = reg.wait(job.id, timeout=20)
+    assert done.status == "done" and done.summary == {"score": 1.0, "alpha_grid_points": 5}
+    assert runfolder.is_complete(run, alpha_grid=True) and runfolder.alpha_grid_points(run) == [0.25, 0.5, 0.75, 1.0]
+    reg.close()
+
+
+def test_cancel_during_the_rest_keeps_the_results_and_whole_points(tmp_path):
+    from clipforget import runfolder
+    reg = JobRegistry(tmp_path, _results_then_rest(points=5, seconds_per_point=0.3))
+    job = reg.submit({}, "poodle (dog)")
+    reg.wait(job.id, timeout=20, results=True)
+    run = reg.run_dir(job.id)
+    while len(runfolder.alpha_grid_points(run)) < 2:
+        time.sleep(0.02)
+    reg.cancel(job.id)
+    done = reg.wait(job.id, timeout=10)
+    assert done.status == "done" and done.summary["unfinished"] == "α-grid cancelled"
+    have = runfolder.alpha_grid_points(run)
+    assert 2 <= len(have) < 5 and runfolder.missing_alpha_points(run)          # resumable: what is missing
+    assert all(p.name.startswith("alpha-") for p in (run / runfolder.ALPHA_GRID).iterdir())   # no temp file
+    assert reg.run_dir(job.id) == run and "α-grid incomplete (α-grid cancelled)" in _status_text(done)
+    from clipforget.app.views import alpha_points_text
+    state = {"ready": [0.0] + have, "planned": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "complete": False}
+    state["computing"] = len(state["planned"]) - len(state["ready"])
+    assert alpha_points_text(state, done).endswith(f"({state['computing']} not computed: α-grid cancelled)")
+    assert "computing" in alpha_points_text(state, Job("a" * 32, "x", {}, status="ready"))
+    reg.submit({}, "taxi (car)")                     # free again
+    reg.close()
+
+
+def test_a_failed_rest_keeps_the_results_and_says_why(tmp_path):
+    from clipforget import runfolder
+    reg = JobRegistry(tmp_path, _results_then_rest(points=3, seconds_per_point=0.05, fail_at=1))
+    done = reg.wait(reg.submit({}, "poodle (dog)").id, timeout=20)
+    assert done.status == "done" and "α-grid failed: OSError" in done.summary["unfinished"]
+    assert runfolder.alpha_grid_points(reg.run_dir(done.id)) == [0.333333, 1.0]
+    reg.close()
+
+
+def test_restart_during_the_rest_keeps_the_results(tmp_path):
+    from clipforget import runfolder
+    job_dir = tmp_path / ("e" * 32)
+    run = job_dir / "run"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text("{}")
+    runfolder.plan_alpha_grid(run, [0.5, 1.0], "h", 3)
+    runfolder.save_alpha_point(run, 1.0, _unit(3, 4), "h")
+    (run / runfolder.ALPHA_GRID / ".alpha-0.500000.safetensors.abc.tmp").write_bytes(b"half")   # killed mid-write
+    write_json(job_dir / "job.json", Job("e" * 32, "killed in the α-grid", {}, status="ready", stage="alpha-grid",
+                                         started=time.time(), summary={"score": 1.0}).to_dict())
+    reg = JobRegistry(tmp_path, _slow_work(0))
+    job = reg.get("e" * 32)
+    assert job.status == "done" and job.summary["unfinished"] == "α-grid interrupted by a restart"
+    assert job.summary["score"] == 1.0 and reg.run_dir(job.id) == run and reg.running() is None
+    assert [p.name for p in (run / runfolder.ALPHA_GRID).iterdir()] == ["alpha-1.000000.safetensors"]
+    assert runfolder.missing_alpha_points(run) == [0.5]
+    reg.close()
+
+
+def test_stage_clock_estimates_time_left_from_the_pace_so_far():
+    from clipforget.train.events import StageClock
+    now = [0.0]
+    clock = StageClock(lambda: now[0])
+    assert clock.update({"stage": "forget", "step": 0, "total": 40})
+    now[0] = 5.0                                                    # start-up, not a step
+    clock.update({"stage": "forget", "step": 1, "total": 40})
+    assert clock.seconds_left() is None and clock.text() == "forget 1/40"
+    now[0] = 7.0
+    assert not clock.update({"stage": "forget", "step": 5, "total": 40})
+    assert clock.seconds_left() == pytest.approx(0.5 * 35) and clock.text() == "forget 5/40 · about 18 s left"
+    assert clock.update({"stage": "remind", "step": 0, "total": 0}) and clock.seconds_left() is None
+    assert clock.text() == "remind"
+
+
+def _status_text(job):
+    from clipforget.app.views import status_text
+    return status_text(job)
+
+
 # ---- AppCore on the embedded model (the shared ``core`` fixture of conftest.py) -----------------------
 
 @pytest.fixture(scope="module")
@@ -236,6 +428,52 @@ def test_finished_job_forgets_for_its_query_and_alpha_zero_is_original(core, fin
     assert snapped["alpha_shown"] in snapped["alpha_points"] and "nearest computed point" in snapped["alpha_note"]
     with pytest.raises(ValueError, match="alpha"):
         core.search(q, finished.id, 1.5)
+
+
+@pytest.fixture
+def gated_alpha_grid(core):
+    """Holds a forget job at the start of its α-grid until the test sets the returned event."""
+    import threading
+    gate = threading.Event()
+    work = core.jobs.kinds["forget"]
+
+    def gated(job, progress, job_dir):
+        def hook(event):
+            progress(event)
+            if event.get("stage") == "alpha-grid":
+                gate.wait(300)
+        return work(job, hook, job_dir)
+    core.jobs.kinds["forget"] = gated
+    yield gate
+    gate.set()
+    core.jobs.kinds["forget"] = work
+
+
+@pytest.mark.slow
+def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
+    job = core.start_job("dog", "poodle")
+    ready = core.jobs.wait(job.id, timeout=600, results=True)
+    assert ready.status == "ready", ready.error
+    calibrated = round(ready.summary["alpha"], 6)
+    while core.job_status(job.id)["stage"] != "alpha-grid":             # held there by the gate
+        time.sleep(0.05)
+    st = core.job_status(job.id)
+    assert st["results"] and "results ready, still running · alpha-grid 0/" in st["text"]
+    pts = core.alpha_points(job.id)
+    assert pts["ready"] == sorted({0.0, calibrated}) and not pts["complete"] and pts["computing"] >= 1
+    assert pts["text"] == f"α points ready: {', '.join(f'{a:g}' for a in pts['ready'])} (computing {pts['computing']} more)"
+    res = core.search("a dog", job.id, None, k=12)                # the grids, at the calibrated α
+    assert res["alpha_shown"] == calibrated and res["recall_right"] < res["recall_left"]
+    missing = next(a for a in pts["planned"] if a not in pts["ready"])
+    assert core.search("a dog", job.id, missing, k=12)["alpha_shown"] != missing     # not there yet
+    assert core.metrics_table(job.id)["score"] == ready.summary["score"]
+    with pytest.raises(JobBusy, match="its results are ready"):
+        core.start_job("car", "taxi")
+    gated_alpha_grid.set()
+    done = core.jobs.wait(job.id, timeout=600)
+    assert done.status == "done" and done.summary["alpha_grid_points"] == len(pts["planned"])
+    assert core.alpha_points(job.id)["complete"] and "(all " in core.alpha_points(job.id)["text"]
+    assert core.search("a dog", job.id, missing, k=12)["alpha_shown"] == missing          # arrived
 
 
 @pytest.mark.slow

@@ -19,21 +19,25 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipforget import runfolder
 from clipforget.jobs import Job, JobError, JobRegistry, RunsDirBusy
 from clipforget.io import write_json
 from tinyworld import TINY_CONFIG, TINY_MODEL, TINY_SPLIT, file_hash, state_hash, tree
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# the stages a job reports, in order (the remind stage aligns its images first, then fine-tunes)
-STAGES = ["prepare", "forget", "remind", "align", "restore", "evaluate", "alpha-grid", "save"]
+# the stages a job reports, in order (the remind stage aligns its images first, then fine-tunes; "encode"
+# is the gallery at the calibrated α, "save" the run folder — the results — and "alpha-grid" the other points)
+STAGES = ["prepare", "data", "forget", "remind", "align", "restore", "evaluate", "encode", "save", "alpha-grid"]
+RESULTS_FROM = STAGES.index("alpha-grid")       # a cancel from here on keeps the results
 
 
 @pytest.fixture(scope="module")
 def core(tiny_world, tiny_ckpt, tmp_path_factory):
     from clipforget.app import AppCore
+    # 3 α points (0, 0.5, 1): besides the calibrated α there is always one left for the α-grid stage
     c = AppCore(TINY_MODEL, str(tiny_ckpt), str(tiny_world), tmp_path_factory.mktemp("runs"), "cpu",
-                alpha_points=2, job_config=TINY_CONFIG, job_split=TINY_SPLIT)
+                alpha_points=3, job_config=TINY_CONFIG, job_split=TINY_SPLIT)
     c.resources(timeout=300)
     yield c
     c.close()
@@ -82,7 +86,8 @@ def test_a_job_never_modifies_the_original_weights(done_job, core):
     assert after == before           # state dict (weights + BatchNorm buffers) and checkpoint file
     assert list(dict.fromkeys(job.stages)) == STAGES
     run = core.jobs.run_dir(job.id)
-    assert {"report.json", "delta.safetensors", "alpha_grid.safetensors", "export"} <= {p.name for p in run.iterdir()}
+    assert {"report.json", "delta.safetensors", "alpha_grid.json", "alpha_grid", "export"} <= {p.name for p in run.iterdir()}
+    assert runfolder.is_complete(run, alpha_grid=True) and "unfinished" not in job.summary
     assert no_leftovers(core.runs_dir) == []
 
 
@@ -90,13 +95,23 @@ def test_a_job_never_modifies_the_original_weights(done_job, core):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_cancel_in_every_stage_leaves_only_job_json(core, on_event, stage, done_job):
+    """Before the results: nothing is kept. In the α-grid (after the results were shown): the run
+    folder stays, with the α points finished so far, each whole."""
     on_event(lambda job, e: core.jobs.cancel(job.id) if e["stage"] == stage else None)
     job = finish(core, core.start_job("dog", "poodle"))
-    assert job.status == "cancelled" and job.stage == stage and job.stages[-1] == stage, (job.status, job.stages)
+    assert job.stage == stage and job.stages[-1] == stage, (job.status, job.stages)
     assert list(dict.fromkeys(job.stages)) == STAGES[:STAGES.index(stage) + 1]     # it went no further
-    assert tree(core.jobs.job_dir(job.id)) == ["job.json"]            # no run/, no partial folder
     assert no_leftovers(core.runs_dir) == []
-    assert "cancelled (nothing saved)" in core.job_status(job.id)["text"]
+    if STAGES.index(stage) < RESULTS_FROM:
+        assert job.status == "cancelled"
+        assert tree(core.jobs.job_dir(job.id)) == ["job.json"]            # no run/, no partial folder
+        assert "cancelled (nothing saved)" in core.job_status(job.id)["text"]
+        return
+    run = core.jobs.run_dir(job.id)
+    assert job.status == "done" and job.summary["unfinished"] == "α-grid cancelled"
+    assert runfolder.is_complete(run) and runfolder.missing_alpha_points(run)        # resumable
+    assert not runfolder.is_complete(run, alpha_grid=True)
+    assert "α-grid incomplete (α-grid cancelled)" in core.job_status(job.id)["text"]
 
 
 # ---- failures: the reason, no artifact, the registry goes on ---------------------------------------
@@ -207,9 +222,9 @@ def test_sigkill_mid_stage_leaves_no_partial_artifact_and_shows_failed(core, don
         record = json.loads((runs / job_id / "job.json").read_text())
         assert record["status"] == "running" and record["stage"] == stage
         partial = [p for p in (runs / job_id).iterdir() if p.name.endswith(".partial")]
-        if stage == "save":     # the result is half written: save_run's files, no α-grid yet
+        if stage == "save":     # the result is half written: save_run's files, not the α-grid's first point
             assert len(partial) == 1 and (partial[0] / "report.json").is_file()
-            assert not (partial[0] / "alpha_grid.safetensors").exists()
+            assert not (partial[0] / "alpha_grid").exists()
         with pytest.raises(RunsDirBusy, match=f"in use by another clipforget app \\(pid {proc.pid}\\)"):
             JobRegistry(runs, lambda *a: {})                   # a second app on the same folder
     finally:
@@ -261,3 +276,16 @@ def test_one_app_per_runs_folder(tmp_path):
         JobRegistry(tmp_path, lambda *a: {})
     reg.close()
     JobRegistry(tmp_path, lambda *a: {}).close()       # free once the first is closed
+
+
+def test_the_data_stage_counts_every_view_set_it_builds(tiny_world):
+    """The "data" stage's step count is exact: its last step is its total (the app's time left
+    in a stage comes from these counts)."""
+    from clipforget.data.gallery import Gallery
+    from clipforget.data.task import ForgetRequest, SplitConfig, build_task
+    events = []
+    build_task(Gallery.open(str(tiny_world)), ForgetRequest("dog", "poodle"), 32, SplitConfig(**TINY_SPLIT),
+               progress=events.append)
+    steps = [(e["step"], e["total"]) for e in events]
+    assert [s for s, _ in steps] == list(range(1, len(steps) + 1))
+    assert {t for _, t in steps} == {len(steps)} and len(steps) >= 5

@@ -350,7 +350,7 @@ def test_app_api_refuses_bad_values(served):
 def test_app_artifacts_are_safetensors_only_and_written_atomically(served):
     core = served["core"]
     run = core.jobs.run_dir(served["job"].id)
-    assert {"alpha_grid.safetensors", "delta.safetensors", "report.json"} <= {p.name for p in run.iterdir()}
+    assert {"alpha_grid", "alpha_grid.json", "delta.safetensors", "report.json"} <= {p.name for p in run.iterdir()}
     assert artifact_problems(core.runs_dir) == []
     paths = [p for p in served["writes"] if Path(p).name != ".lock"]    # the runs-folder lock is not an artifact
     assert any(TEMP_NAME.fullmatch(Path(p).name) for p in paths) and any(".partial/" in p for p in paths)

@@ -149,10 +149,19 @@ class AppCore:
         return self.jobs.submit(spec, f"{req.label} ({req.superclass}) · {method}")
 
     def job_status(self, job_id: str) -> dict:
+        """The job as a dict, with ``text`` (its status for people) and ``results`` (its results
+        are usable: ``ready`` — a forget job's α-grid still computing — or ``done``)."""
         job = self.jobs.get(job_id)
         d = job.to_dict()
         d["text"] = views.status_text(job)
+        d["results"] = job.has_results
         return d
+
+    def alpha_points(self, job_id: str) -> dict:
+        """The α points of a job's α-grid that the slider can show now (``ready``, α = 0 included),
+        all it plans, how many are ``computing``, and ``text`` for people."""
+        state = self.retrieval.alpha_points(job_id)
+        return {**state, "text": views.alpha_points_text(state, self.jobs.get(job_id))}
 
     def cancel(self, job_id: str) -> dict:
         self.jobs.cancel(job_id)
@@ -199,8 +208,8 @@ class AppCore:
         return self.retrieval.forgotten_paths(job_id)
 
     def search(self, query: str, job_id: str | None = None, alpha: float | None = None, k: int = 12) -> dict:
-        """Top-``k`` gallery images for ``query`` with the original encoder (left) and, for a
-        finished job, the unlearned encoder at the computed α nearest to ``alpha`` (right)."""
+        """Top-``k`` gallery images for ``query`` with the original encoder (left) and, for a job
+        with results, the unlearned encoder at the computed α nearest to ``alpha`` (right)."""
         return self.retrieval.search(query, job_id, alpha, k)
 
     # ---- results -----------------------------------------------------------------------------

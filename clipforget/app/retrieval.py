@@ -1,7 +1,8 @@
-"""Text-to-image search in two FAISS indexes: the original encoder, and a finished job's encoder at
-the computed α nearest the slider. Every finished job carries its α-grid of gallery embeddings
-(:mod:`clipforget.runfolder`), so moving the slider is a search, never a re-encode. Text
-embeddings come from the original text tower (no method edits it) and are cached per query."""
+"""Text-to-image search in two FAISS indexes: the original encoder, and a job's encoder at the
+computed α nearest the slider. A job's run folder holds its α-grid of gallery embeddings
+(:mod:`clipforget.runfolder`) — from the calibrated α when its results appear, the other points as
+they are encoded — so moving the slider is a search, never a re-encode. Text embeddings come from
+the original text tower (no method edits it) and are cached per query."""
 from __future__ import annotations
 
 import threading
@@ -50,7 +51,7 @@ class Retrieval:
         self._cache_lock = threading.RLock()    # the text and α-grid caches, shared by handler threads
         self._texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self._max_texts = max_texts
-        self._grids: OrderedDict[str, tuple[list[float], dict]] = OrderedDict()
+        self._grids: OrderedDict[str, AlphaIndexes] = OrderedDict()
         self._forget_paths: dict[str, set[str]] = {}
 
     def text_embedding(self, query: str) -> np.ndarray:
@@ -75,26 +76,41 @@ class Retrieval:
                 self._texts.popitem(last=False)
         return emb
 
-    def grid(self, job_id: str) -> tuple[list[float], dict]:
-        """(α points, {α: faiss index}) of a finished job; α = 0 is the original index."""
+    def grid(self, job_id: str) -> "AlphaIndexes":
+        """The α points of a job with results and their FAISS indexes (α = 0: the original index).
+        While its α-grid grows, each call adds the points written since the last one (a listing of
+        the run folder's α-grid; only new points are read)."""
         with self._cache_lock:
-            if job_id in self._grids:
+            entry = self._grids.get(job_id)
+            if entry is not None:
                 self._grids.move_to_end(job_id)
-                return self._grids[job_id]
+                if entry.complete:
+                    return entry
+            run = self.jobs.run_dir(job_id)
+            if entry is None:
+                self.loader.resources(timeout=120)
+                entry = AlphaIndexes({0.0: self.loader.original_index})
             from .. import index as faiss_index
-            emb, alphas, made_on = runfolder.load_alpha_grid(self.jobs.run_dir(job_id))
-            if emb.shape[1] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
-                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[1]} images, hash {made_on}; "
-                                 f"this app has {len(self.gallery)}, hash {self.gallery.content_hash}); start the "
-                                 "app with that gallery to reopen it")
-            self.loader.resources(timeout=120)
-            indexes = {0.0: self.loader.original_index}
-            indexes.update({a: faiss_index.build(e) for a, e in zip(alphas, emb)})
-            entry = ([0.0] + alphas, indexes)
+            new, made_on = runfolder.load_alpha_grid(run, skip=entry.indexes)
+            for a, emb in sorted(new.items()):
+                if emb.shape[0] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
+                    raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[0]} images, hash "
+                                     f"{made_on}; this app has {len(self.gallery)}, hash {self.gallery.content_hash});"
+                                     " start the app with that gallery to reopen it")
+                entry.indexes[a] = faiss_index.build(emb)
+            plan = runfolder.alpha_grid_plan(run)
+            entry.planned = sorted(set(plan["alphas"]) | set(entry.indexes)) if plan else entry.points
+            entry.complete = runfolder.alpha_grid_complete(run)
             self._grids[job_id] = entry
             while len(self._grids) > MAX_GRIDS:
                 self._grids.popitem(last=False)
             return entry
+
+    def alpha_points(self, job_id: str) -> dict:
+        """Which α points of a job can be shown and how many are still being computed."""
+        g = self.grid(job_id)
+        return {"ready": g.points, "planned": g.planned, "computing": len(g.planned) - len(g.points),
+                "complete": g.complete}
 
     def forgotten_paths(self, job_id: str) -> set[str]:
         """Paths of the gallery images the job's request forgets (marked in both grids)."""
@@ -116,7 +132,8 @@ class Retrieval:
         out["left"] = self._hits(self.loader.original_index, q, k, forgotten)
         out["recall_left"] = recall(out["left"], forgotten)
         if job_id:
-            points, indexes = self.grid(job_id)
+            g = self.grid(job_id)
+            points, indexes = g.points, g.indexes
             calibrated = float(self.jobs.get(job_id).summary.get("alpha", 1.0))
             wanted = calibrated if alpha is None else float(alpha)
             if not 0.0 <= wanted <= 1.0:
@@ -125,9 +142,11 @@ class Retrieval:
             out.update(alpha_requested=wanted, alpha_shown=shown, alpha_points=points, alpha_calibrated=calibrated,
                        right=self._hits(indexes[shown], q, k, forgotten))
             out["recall_right"] = recall(out["right"], forgotten)
+            out["alpha_planned"], out["alpha_complete"] = g.planned, g.complete
             out["alpha_note"] = (f"showing α = {shown:.2f}" + ("" if abs(shown - wanted) < 1e-9 else
                                  f" (nearest computed point to {wanted:.2f})") +
-                                 f"; calibrated α = {calibrated:.2f}; {len(points)} precomputed points")
+                                 f"; calibrated α = {calibrated:.2f}; {len(points)} precomputed points"
+                                 + ("" if g.complete else f" so far, {len(g.planned) - len(points)} computing"))
         out["seconds"] = time.perf_counter() - t0
         return out
 
@@ -144,6 +163,18 @@ class Retrieval:
             path = marked(self.gallery, self.cache_dir, it) if bad else self.gallery.root / it.path
             hits.append(Hit(str(path), name, it.concept, it.superclass, it.subgroup, it.style, float(s), bad).to_dict())
         return hits
+
+
+@dataclass
+class AlphaIndexes:
+    """A job's α points loaded so far: {α: FAISS index}, the planned points, whether all are in."""
+    indexes: dict
+    planned: list = None
+    complete: bool = False
+
+    @property
+    def points(self) -> list[float]:
+        return sorted(self.indexes)
 
 
 def recall(hits: list[dict], forgotten: set[str]) -> float | None:

@@ -63,9 +63,22 @@ def retain_markdown(info: dict) -> str:
 
 def _done_forget(job: Job) -> str:
     s = job.summary
+    grid = (f"α-grid {s['alpha_grid_points']} points in {s.get('alpha_grid_seconds', float('nan')):.1f}s"
+            if "alpha_grid_points" in s else f"α-grid incomplete ({s.get('unfinished', 'not computed')})")
     return (f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · Score {s.get('score', float('nan')):.1f}"
-            f" · α = {s.get('alpha', 1.0):.2f} · α-grid {s.get('alpha_grid_points', '?')} points in "
-            f"{s.get('alpha_grid_seconds', float('nan')):.1f}s")
+            f" · α = {s.get('alpha', 1.0):.2f} · {grid}")
+
+
+def alpha_points_text(state: dict, job: Job) -> str:
+    """Which α points the slider can show: ``α points ready: 0, 0.4, 1.0 (computing 3 more)``;
+    for a job that ended without the rest, why they are missing."""
+    ready = ", ".join(f"{a:g}" for a in state["ready"])
+    more = state["computing"]
+    if state["complete"] or not more:
+        return f"α points ready: {ready} (all {len(state['ready'])})"
+    if job.active:
+        return f"α points ready: {ready} (computing {more} more)"
+    return f"α points ready: {ready} ({more} not computed: {job.summary.get('unfinished', 'the job ended')})"
 
 
 def _done_certify(job: Job) -> str:
@@ -79,8 +92,9 @@ def status_text(job: Job) -> str:
     if job.status == "queued":
         return f"Job `{job.id[:8]}` {job.label}: queued"
     if job.status == "running":
-        where = f"{job.stage}" + (f" {job.step}/{job.total}" if job.total else "")
-        return f"Job `{job.id[:8]}` {job.label}: running · {where} · {job.seconds:.0f}s"
+        return f"Job `{job.id[:8]}` {job.label}: running · {job.where} · {job.seconds:.0f}s"
+    if job.status == "ready":
+        return f"Job `{job.id[:8]}` {job.label}: results ready, still running · {job.where} · {job.seconds:.0f}s"
     if job.status == "done":
         return DONE_TEXT.get(job.kind, _done_forget)(job)
     if job.status == "cancelled":

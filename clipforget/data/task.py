@@ -15,6 +15,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -166,15 +167,38 @@ def view_seed(path: str, split: str, k: int) -> int:
 class ColumnBuilder:
     """Columns of a task: views of a list of images, labelled by superclass or by concept."""
 
-    def __init__(self, gallery: Gallery, image_size: int, cache: ViewCache):
+    def __init__(self, gallery: Gallery, image_size: int, cache: ViewCache, progress: Callable[[dict], None] | None = None):
         self.gallery, self.image_size, self.cache = gallery, image_size, cache
         self.superclasses = gallery.superclasses()
         self.concepts = gallery.other_concepts()
         self._sc = {s: i for i, s in enumerate(self.superclasses)}
         self._c = {c: i for i, c in enumerate(self.concepts)}
+        self.progress, self.done, self.total = progress, 0, 0    # view sets built / to build ("data" stage)
 
     def views(self, items: list[Item], split: str, n: int, aug: AugmentConfig = VIEWS) -> ViewSet:
-        return self.cache.views(items, split, n, self.image_size, aug)
+        v = self.cache.views(items, split, n, self.image_size, aug)
+        self.done += 1
+        if self.progress is not None:
+            self.progress({"stage": "data", "step": self.done, "total": max(self.total, self.done),
+                           "fraction": self.done / max(self.total, self.done)})
+        return v
+
+    def shared_plan(self, others: list[Item], cfg: SplitConfig, exclude) -> dict:
+        """The items of the shared columns (other superclasses, other concepts, unseen styles),
+        chosen before any view is made so that a task knows how many view sets it builds."""
+        return {"other_superclasses": (self.superclass, split_pool(others, cfg.calib_other_images,
+                                                                    cfg.max_other_images, cfg.seed)),
+                "other_concepts": (self.concept, split_pool(self.gallery.select(kind="other", unseen=False,
+                                                                                unseen_style=False),
+                                                            cfg.calib_concept_images, cfg.max_other_images, cfg.seed)),
+                "unseen_styles": [it for it in self.gallery.select(kind="hierarchy", unseen_style=True)
+                                  if not exclude(it)]}
+
+    @staticmethod
+    def shared_count(plan: dict) -> int:
+        """View sets :meth:`shared_columns` builds for ``plan``."""
+        pools = [plan[name][1] for name in ("other_superclasses", "other_concepts")]
+        return sum(bool(pool.test) + bool(pool.calib) for pool in pools) + bool(plan["unseen_styles"])
 
     def superclass(self, name: str, items: list[Item], split: str, n: int) -> Column:
         v = self.views(items, split, n)
@@ -185,34 +209,31 @@ class ColumnBuilder:
         return Column(name, v, self.concepts, torch.tensor([self._c[it.concept] for it in v.items], dtype=torch.long),
                       "concept")
 
-    def shared_columns(self, calib: dict, test: dict, others: list[Item], cfg: SplitConfig, exclude) -> None:
-        """Other superclasses, other concepts and unseen styles: D_m and test disjoint by file."""
-        pools = {"other_superclasses": (self.superclass, split_pool(others, cfg.calib_other_images,
-                                                                     cfg.max_other_images, cfg.seed)),
-                 "other_concepts": (self.concept, split_pool(self.gallery.select(kind="other", unseen=False,
-                                                                                 unseen_style=False),
-                                                             cfg.calib_concept_images, cfg.max_other_images, cfg.seed))}
-        for name, (column, pool) in pools.items():
+    def shared_columns(self, calib: dict, test: dict, plan: dict) -> None:
+        """Other superclasses, other concepts and unseen styles (:meth:`shared_plan`): D_m and test
+        disjoint by file."""
+        for name in ("other_superclasses", "other_concepts"):
+            column, pool = plan[name]
             if pool.test:
                 test[name] = column(name, pool.test, "test", 1)
             if pool.calib:
                 calib[name] = column(name, pool.calib, "calib", 1)
-        unseen = [it for it in self.gallery.select(kind="hierarchy", unseen_style=True) if not exclude(it)]
-        if unseen:    # the analogue of the paper's zero-shot datasets: drawing styles the model never trained on
-            test["unseen_styles"] = self.superclass("unseen_styles", unseen, "test", 1)
+        if plan["unseen_styles"]:   # the analogue of the paper's zero-shot datasets: drawing styles the model never trained on
+            test["unseen_styles"] = self.superclass("unseen_styles", plan["unseen_styles"], "test", 1)
 
 
 def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
-               cache: ViewCache | None = None) -> Task:
+               cache: ViewCache | None = None, progress: Callable[[dict], None] | None = None) -> Task:
     """The request's images as disjoint files: forget examples D_f, retain training images D_r, the
     calibration set D_m and the test columns (held out from both). ``forget_examples`` — the files
-    D_f is made of, seen through test augmentations — is reported apart, outside the Score."""
+    D_f is made of, seen through test augmentations — is reported apart, outside the Score.
+    ``progress`` gets a "data" event after each set of views (step / total view sets)."""
     cache = cache or ViewCache(gallery)
     forget_items, retain_items, retain_names, warnings = resolve(gallery, request)
     for w in warnings:
         log.warning(w)
     r = request
-    cols = ColumnBuilder(gallery, image_size, cache)
+    cols = ColumnBuilder(gallery, image_size, cache, progress)
     forget = split_forget(forget_items, cfg, r.label, r.examples)
     retain = split_groups(retain_items, cfg)
     used = {it.path for it in forget_items} | {it.path for it in retain_items}
@@ -222,17 +243,20 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
     def requested(it: Item) -> bool:
         return it.superclass == r.superclass and r.subgroup in (None, it.subgroup) and r.style in (None, it.style)
 
-    test = {"target": cols.superclass("target", forget.test, "test", cfg.test_views)}
-    calib = {"target": cols.superclass("target", forget.calib, "calib", cfg.calib_target_views)}
     main = [it for it in retain.test if not (r.subgroup and it.subgroup == r.subgroup)]
     same_sub = [it for it in retain.test if r.subgroup and it.subgroup == r.subgroup]
+    plan = cols.shared_plan(others, cfg, requested)
+    # target test + calib, forget_examples, D_f, D_r; the retain columns; the shared ones
+    cols.total = 5 + bool(main) + bool(same_sub) + bool(retain.calib) + cols.shared_count(plan)
+    test = {"target": cols.superclass("target", forget.test, "test", cfg.test_views)}
+    calib = {"target": cols.superclass("target", forget.calib, "calib", cfg.calib_target_views)}
     if main:
         test["retain"] = cols.superclass("retain", main, "test", cfg.test_views)
     if same_sub:
         test["other_styles"] = cols.superclass("other_styles", same_sub, "test", cfg.test_views)
     if retain.calib:
         calib["retain"] = cols.superclass("retain", retain.calib, "calib", cfg.calib_views)
-    cols.shared_columns(calib, test, others, cfg, requested)
+    cols.shared_columns(calib, test, plan)
     trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", cfg.test_views)}
     return Task(request, gallery, image_size, cols.superclasses,
                 forget=cols.views(forget.train, "train", cfg.forget_views, STYLE_VIEWS if cfg.style_views else VIEWS),
@@ -263,7 +287,7 @@ def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, c
               if it.superclass != request.superclass and it.path not in retain_paths]
     test = {"target": cols.superclass("target", forget.test, "test", 1)}
     calib = {"target": cols.superclass("target", forget.calib, "calib", 1)}
-    cols.shared_columns(calib, test, others, cfg, lambda it: it.superclass == request.superclass)
+    cols.shared_columns(calib, test, cols.shared_plan(others, cfg, lambda it: it.superclass == request.superclass))
     trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", 1)}
     train_views = max(1, cfg.train_views // 4)     # the forget set is a whole class: fewer views each
     return Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import time
 
 import gradio as gr
 
-from ...jobs import JobBusy, JobError
+from ...jobs import WORKING, JobBusy, JobError
 from ..loading import NotReady
 from .layout import ALL_STYLES, Page
 
@@ -48,12 +48,25 @@ def _alpha_note(search: dict) -> str:
     return f"{search['alpha_note']} · grids for “{search['query']}”"
 
 
+def _score(table: dict, st: dict) -> str:
+    s = st["summary"]
+    if "alpha_grid_points" in s:
+        grid = f"{s['alpha_grid_points']} α-grid points precomputed in {s.get('alpha_grid_seconds', 0):.1f}s"
+    elif st["status"] == "ready":
+        grid = "the α-grid's other points are computing (the slider gains them as they arrive)"
+    else:
+        grid = f"α-grid incomplete ({s.get('unfinished', 'not computed')})"
+    return (f"**Score {table['score']:.1f}** / 100 · method `{table['method']}` · calibrated α = "
+            f"{table['alpha']:.2f} · {grid}")
+
+
 class Handlers:
     def __init__(self, core, page: Page):
         self.core, self.p = core, page
 
     def done(self, job_id) -> bool:
-        return bool(job_id) and self.core.job_status(job_id)["status"] == "done"
+        """The job's results can be shown (its α-grid may still be growing)."""
+        return bool(job_id) and self.core.job_status(job_id)["results"]
 
     # ---- pick ----------------------------------------------------------------------------------
     def pick_superclass(self, sc):
@@ -110,21 +123,39 @@ class Handlers:
         return {self.p.cert_md: view["markdown"], self.p.dl_cert: view["file"]}
 
     def watcher(self, output):
-        """A handler that observes a job until it ends, showing its progress in ``output``;
-        closing the tab stops this, never the job."""
+        """A handler that observes a job until it has results or ended, showing its progress in
+        ``output``; closing the tab stops this, never the job."""
         def watch(job_id, progress=gr.Progress()):
             if not job_id:
                 yield {output: ""}
                 return
             while True:
                 st = self.core.job_status(job_id)
-                if st["status"] not in ("queued", "running"):
-                    yield {output: ""}              # the final status goes to the status line (show)
+                if st["status"] not in WORKING:
+                    yield {output: ""}              # the results and final status: show
                     return
                 progress(st["fraction"], desc=f"{st['stage'] or 'starting'} ({len(st['stages'])} stages so far)")
                 yield {output: st["text"]}
                 time.sleep(0.5)
         return watch
+
+    def watch_grid(self, job_id):
+        """After the grids are shown: the α-grid's progress (as text: a progress overlay would
+        cover the α points and the status), and the α points the slider gains as they arrive,
+        until the job is done (the slider's searches pick the new points up)."""
+        p = self.p
+        while job_id:
+            st = self.core.job_status(job_id)
+            if st["status"] != "ready":
+                break
+            yield {p.progress_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"]}
+            time.sleep(0.5)
+        if not self.done(job_id):
+            yield {p.progress_md: ""}
+            return
+        st = self.core.job_status(job_id)
+        yield {p.progress_md: "", p.status_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"],
+               p.score_md: _score(self.core.metrics_table(job_id), st)}
 
     @errors
     def cancel(self, job_id):
@@ -159,16 +190,14 @@ class Handlers:
         hist = {p.history: gr.update(choices=core.history(), value=job_id or None)}
         if not self.done(job_id):
             st = core.job_status(job_id)["text"] if job_id else ""
-            return {p.status_md: st, p.plot: None, p.score_md: "", p.table: None,
+            return {p.status_md: st, p.plot: None, p.score_md: "", p.table: None, p.points_md: "",
                     **self.search(query, "", 1.0), **hist}
         st = core.job_status(job_id)
         table = core.metrics_table(job_id)
         files = core.export(job_id)
         alpha = st["summary"].get("alpha", 1.0)
-        score = (f"**Score {table['score']:.1f}** / 100 · method `{table['method']}` · calibrated α = "
-                 f"{table['alpha']:.2f} · {st['summary'].get('alpha_grid_points')} α-grid points precomputed in "
-                 f"{st['summary'].get('alpha_grid_seconds', 0):.1f}s")
-        return {p.status_md: st["text"], p.plot: str(core.alpha_plot(job_id)), p.score_md: score,
+        return {p.status_md: st["text"], p.plot: str(core.alpha_plot(job_id)), p.score_md: _score(table, st),
+                p.points_md: core.alpha_points(job_id)["text"],
                 p.table: {"headers": table["headers"], "data": table["rows"]}, p.alpha: gr.update(value=alpha),
                 p.dl_model: files["model_zip"], p.dl_md: files["report_md"], p.dl_json: files["report_json"],
                 **self.search(query, job_id, alpha), **hist}
@@ -208,10 +237,12 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
         comp.change(h.retain, picked, retained, **PRIVATE)
     p.model_md.change(h.retain, picked, retained, **PRIVATE)
     p.upload_btn.click(h.upload, [p.uploads, p.upload_label], [p.upload_md, p.retain_pick], **PRIVATE)
+    grid_watched = [p.progress_md, p.points_md, p.status_md, p.score_md]
     p.run_btn.click(h.start, picked + [p.method, p.retain_pick], [p.job_state, p.saved_job, p.status_md], **PRIVATE) \
         .success(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
-        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE) \
+        .then(h.watch_grid, p.job_state, grid_watched, concurrency_limit=None, show_progress="hidden", **PRIVATE)
     p.cert_btn.click(h.certify, p.job_state, [p.cert_state, p.cert_progress], **PRIVATE) \
         .success(h.watcher(p.cert_progress), p.cert_state, p.cert_progress, concurrency_limit=None, **PRIVATE) \
         .then(h.show_certificate, p.job_state, certified, **PRIVATE)
@@ -222,7 +253,8 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
                   trigger_mode="always_last", show_progress="hidden", **PRIVATE)
     p.history.input(h.reopen, p.history, [p.job_state, p.saved_job, p.query, p.suggestions], **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
-        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE) \
+        .then(h.watch_grid, p.job_state, grid_watched, concurrency_limit=None, show_progress="hidden", **PRIVATE)
     demo.load(h.describe, picked, described, **PRIVATE)
     demo.load(h.retain, picked, retained, **PRIVATE)
     p.suggestions.input(lambda q: {p.query: q}, p.suggestions, p.query, **PRIVATE) \
@@ -230,5 +262,6 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
     demo.load(h.reattach, p.saved_job, p.job_state, **PRIVATE) \
         .then(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
-        .then(h.show_certificate, p.job_state, certified, **PRIVATE)
+        .then(h.show_certificate, p.job_state, certified, **PRIVATE) \
+        .then(h.watch_grid, p.job_state, grid_watched, concurrency_limit=None, show_progress="hidden", **PRIVATE)
     p.timer.tick(h.tick, None, [p.model_md, p.timer], show_progress="hidden", **PRIVATE)

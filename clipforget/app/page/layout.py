@@ -17,7 +17,7 @@ CSS = """
   white-space: normal; line-height: 1.15}
 .recall {font-size: 1.05em}
 .grid-title p {margin: 0 0 -6px 2px}
-#alpha-note p {margin: 0; color: var(--body-text-color-subdued)}
+#alpha-note p, #alpha-points p {margin: 0; color: var(--body-text-color-subdued)}
 footer {display: none !important}
 """
 
@@ -32,9 +32,10 @@ class Page(SimpleNamespace):
 
     @property
     def results(self) -> list:
-        """What a finished (or cleared) job fills: status, plot, score, table, α, downloads, grids, history."""
+        """What a job's results (or clearing them) fill: status, plot, score, table, α, downloads,
+        grids, α points, history."""
         return [self.status_md, self.plot, self.score_md, self.table, self.alpha, self.dl_model, self.dl_md,
-                self.dl_json] + self.grids + [self.history]
+                self.dl_json] + self.grids + [self.points_md, self.history]
 
 
 def build(core) -> Page:
@@ -99,6 +100,7 @@ def build(core) -> Page:
             p.alpha = gr.Slider(0, 1, value=1.0, step=0.05, label="α · unlearning strength (0 = original, "
                                 "1 = fully unlearned)", elem_id="alpha")
             p.alpha_md = gr.Markdown(elem_id="alpha-note")
+            p.points_md = gr.Markdown(elem_id="alpha-points")     # which α points exist; grows after the grids
             with gr.Row():
                 with gr.Column():
                     gr.Markdown("**Original encoder**", elem_classes="grid-title")
