@@ -128,7 +128,8 @@ def run(arch: str = "RN50", forget_images: int = 1300, device: str = "cuda", con
 
     from clipforget.data.task import ViewCache
     from clipforget.embed import encode_images
-    from clipforget.jobs import ForgetWork, Job, Resources
+    from clipforget.jobs import Job
+    from clipforget.work import ForgetWork, Resources
     from clipforget.models import load_clip
 
     work = Path(workdir or tempfile.mkdtemp(prefix="clipforget-gpu-"))

@@ -20,7 +20,8 @@ from .. import runfolder
 from ..alphas import DEFAULT_ALPHA_POINTS
 from ..data.gallery import Gallery
 from ..data.request import ForgetRequest, SplitConfig
-from ..jobs import CertifyWork, ForgetWork, Job, JobError, JobRegistry, Resources
+from ..jobs import Job, JobError, JobRegistry
+from ..work import CertifyWork, ForgetWork, Resources
 from ..methods.catalog import builtin_methods
 from . import cards, results, views
 from . import retain as retain_sets

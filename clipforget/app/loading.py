@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data.gallery import Gallery
 from ..io import save_safetensors
-from ..jobs import Resources
+from ..work import Resources
 from ..memory import release_memory
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,140 @@
+"""The kinds of work a job runs (:class:`~clipforget.jobs.JobRegistry`'s ``work``): a forget job
+(unlearn, evaluate, save the run folder, then the α-grid point by point) and a certify job.
+
+No torch at import here either: each work function imports the model stack when a job runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import runfolder
+from .alphas import DEFAULT_ALPHA_POINTS, alpha_points
+from .data.request import ForgetRequest, SplitConfig
+from .io import atomic_dir
+from .jobs import Job, Progress, Ready
+
+
+# ---- the forget job ------------------------------------------------------------------------------
+
+@dataclass
+class Resources:
+    """What a forget job needs, loaded once by the app: the model, the gallery, its pixel cache,
+    the gallery images at the model's input size and their original embeddings."""
+    bundle: object
+    gallery: object
+    cache: object
+    images: object        # uint8 (N, 3, S, S), gallery order
+    original: object      # (N, D) float32 embeddings with the original model
+
+
+class ForgetWork:
+    """The work function of a forget job: unlearn, evaluate, encode the gallery at the calibrated
+    α, save the run folder — the results, shown at once (the job is ``ready``) — then the rest of
+    the α-grid, one point at a time, each added to the run folder as it is done.
+
+    ``resources()`` blocks until the model and gallery are loaded (the app loads them in the
+    background so its page is up in seconds)."""
+
+    def __init__(self, resources: Callable[[], Resources], alpha_points: int = DEFAULT_ALPHA_POINTS):
+        self.resources = resources
+        self.alpha_points = alpha_points
+        self._evaluator = None          # a ProgressEvaluator shared by jobs: caches "before" and texts
+
+    def __call__(self, job: Job, progress: Progress, job_dir: Path) -> Ready:
+        from .index import AlphaGrid
+        from .pipeline import ProgressEvaluator, forget
+
+        progress({"stage": "prepare", "step": 0, "total": 0, "fraction": 0.0})
+        res = self.resources()
+        if self._evaluator is None or self._evaluator.bundle is not res.bundle:
+            self._evaluator = ProgressEvaluator(res.bundle, progress)
+        self._evaluator.progress = progress          # one worker thread: one job at a time
+        spec = job.spec
+        request = ForgetRequest.from_dict(spec["request"])
+        t0 = time.perf_counter()
+        run = forget(res.bundle, request, method=spec.get("method", "ours"), config=spec.get("config"),
+                     gallery=res.gallery, split=SplitConfig(**spec["split"]) if spec.get("split") else None,
+                     callbacks=[progress], cache=res.cache,
+                     evaluator=self._evaluator)
+        t_forget = time.perf_counter() - t0
+        # α = 0 is θ₀ exactly: its embeddings are the original ones, so the grid starts above 0
+        calibrated = round(float(run.result.alpha), 6)
+        alphas = [a for a in alpha_points(self.alpha_points, (calibrated,)) if a > 0]
+        first = [a for a in alphas if a == calibrated]           # the right grid at the calibrated α
+        t1 = time.perf_counter()
+        # the gallery's trunk is kept between points in a temporary file, not in the app's memory
+        grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp")
+        try:
+            points = {}
+            for a in first:
+                points[a] = grid.encode(a, lambda b: progress({"stage": "encode", "step": b, "total": grid.n_batches,
+                                                              "fraction": b / grid.n_batches}))
+            t_first = time.perf_counter() - t1
+            progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
+            with atomic_dir(job_dir / "run") as tmp:
+                runfolder.save_run(run, res.bundle, tmp)
+                progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
+                runfolder.plan_alpha_grid(tmp, alphas, res.gallery.content_hash, len(res.images))
+                for a, emb in points.items():
+                    runfolder.save_alpha_point(tmp, a, emb, res.gallery.content_hash)
+        except BaseException:
+            grid.release()
+            raise
+        summary = {"alpha": run.result.alpha, "score": run.report["score"], "forget_seconds": t_forget,
+                   "alpha_grid_planned": len(alphas) + 1, "calibrated_point_seconds": t_first,
+                   "shared_trunk": grid.shared_trunk, "stage_seconds": run.report["seconds"]}
+        del run, points
+        return Ready(summary, lambda: self.rest(grid, job_dir / "run", progress, t_first, res.gallery.content_hash),
+                     what="α-grid")
+
+    @staticmethod
+    def rest(grid, run_dir: Path, progress: Progress, first_seconds: float, gallery_hash: str) -> dict:
+        """The α-grid's other points, each added to the run folder as soon as it is encoded (a
+        cancel keeps the points finished so far)."""
+        t0 = time.perf_counter()
+        missing = runfolder.missing_alpha_points(run_dir)
+        total = grid.steps(len(missing))
+        progress({"stage": "alpha-grid", "step": 0, "total": total, "fraction": 0.0})
+        try:
+            for j, a in enumerate(missing):
+                done = j * grid.n_batches
+                emb = grid.encode(a, lambda b: progress({"stage": "alpha-grid", "step": done + b, "total": total,
+                                                        "fraction": (done + b) / total}))
+                runfolder.save_alpha_point(run_dir, a, emb, gallery_hash)
+        finally:
+            grid.release()
+        rest = time.perf_counter() - t0
+        info = {"seconds": first_seconds + rest, "rest_seconds": rest,
+                "shared_trunk": grid.shared_trunk, "trunk_seconds": grid.trunk_seconds}
+        runfolder.finish_alpha_grid(run_dir, info)
+        return {"alpha_grid_seconds": info["seconds"], "alpha_grid_rest_seconds": rest,
+                "alpha_grid_points": len(runfolder.alpha_grid_points(run_dir)) + 1}
+
+
+# ---- the certify job -----------------------------------------------------------------------------
+
+class CertifyWork:
+    """The work function of a "certify" job: certify the run folder named in the job's spec
+    (:func:`clipforget.certify.certify`) and save the certificate next to it.
+
+    ``resources()`` returns the loaded model, gallery and pixel cache (:class:`Resources`)."""
+
+    def __init__(self, resources: Callable[[], Resources], config: dict | None = None):
+        self.resources = resources
+        self.config = config            # CertifyConfig fields for every job (None: the defaults)
+
+    def __call__(self, job: Job, progress: Progress, job_dir: Path) -> dict:
+        from .certify import CertifyConfig, certify, save_certificate
+
+        progress({"stage": "certify: prepare", "step": 0, "total": 0, "fraction": 0.0})
+        res = self.resources()
+        run_dir = Path(job.spec["run_dir"])
+        cfg = CertifyConfig.from_dict(job.spec.get("config") or self.config)
+        cert = certify(res.bundle, run_dir, res.gallery, cfg, callbacks=[progress], cache=res.cache)
+        progress({"stage": "certify: save", "step": 0, "total": 1, "fraction": 0.0})
+        save_certificate(cert, run_dir)
+        return {"certified": cert["certified"], "verdict": cert["verdict"], "run_dir": str(run_dir),
+                "of_job": job.spec.get("of_job"), "seconds": cert["seconds"]}
