@@ -91,6 +91,7 @@ class SpilledTrunk:
 
     def __init__(self, path: Path, start: int, n: int):
         self.path, self.start, self.n = Path(path), start, n
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "wb")
         self._tail: tuple | None = None
         self._dtype = None
