@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # the stages a job reports, in order (the remind stage aligns its images first, then fine-tunes; "encode"
 # is the gallery at the calibrated α, "save" the run folder — the results — and "alpha-grid" the other points)
-STAGES = ["prepare", "data", "forget", "remind", "align", "restore", "evaluate", "encode", "save", "alpha-grid"]
+STAGES = ["prepare", "data", "stand-ins", "forget", "remind", "align", "restore", "evaluate", "encode", "save", "alpha-grid"]
 RESULTS_FROM = STAGES.index("alpha-grid")       # a cancel from here on keeps the results
 
 
@@ -131,9 +131,9 @@ def test_nan_loss_fails_the_job_with_the_reason(core, done_job):
 def test_out_of_memory_fails_the_job_with_advice(core, monkeypatch, exc, where, done_job):
     def oom(*args, **kwargs):
         raise exc
-    monkeypatch.setattr("clipforget.train.loop.make_optimizer", oom)     # inside the forget stage's loop
+    monkeypatch.setattr("clipforget.train.loop.make_optimizer", oom)     # inside the first loop: stand-ins'
     job = finish(core, core.start_job("dog", "poodle"))
-    assert job.status == "failed" and job.stage == "forget"
+    assert job.status == "failed" and job.stage == "stand-ins"
     assert job.error.startswith(f"out of {where} memory") and "lower the batch size" in job.error
     assert tree(core.jobs.job_dir(job.id)) == ["job.json"]
     assert core.jobs.running() is None
