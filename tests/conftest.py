@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +223,21 @@ def tiny_ckpt(tiny_world, tmp_path_factory):
     from tinyworld import recognising_checkpoint
     return recognising_checkpoint(tiny_world, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors",
                                   "dog", "poodle")
+
+
+@pytest.fixture
+def gated_alpha_grid(core):
+    """Holds a forget job at the start of its α-grid until the test sets the returned event."""
+    gate = threading.Event()
+    work = core.jobs.kinds["forget"]
+
+    def gated(job, progress, job_dir):
+        def hook(event):
+            progress(event)
+            if event.get("stage") == "alpha-grid":
+                gate.wait(600)
+        return work(job, hook, job_dir)
+    core.jobs.kinds["forget"] = gated
+    yield gate
+    gate.set()
+    core.jobs.kinds["forget"] = work

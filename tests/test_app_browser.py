@@ -6,7 +6,6 @@ or bench/out/screenshots. The server is conftest.py's ``server``."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -111,20 +110,11 @@ def test_full_flow(server, browser):
     page.close()
 
 
-def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser):
+def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser, gated_alpha_grid):
     """The job is held at the start of its α-grid (after its results): the grids, the Score and the
     α points that exist show, and again after a reload; the slider at a point not computed yet shows the nearest one; once
     the α-grid is let go, the page lists every point and the same slider position shows its own."""
-    core, out = server.core, shots_dir()
-    gate, work = threading.Event(), core.jobs.kinds["forget"]
-
-    def gated(job, progress, job_dir):
-        def hook(event):
-            progress(event)
-            if event.get("stage") == "alpha-grid":
-                gate.wait(600)
-        return work(job, hook, job_dir)
-    core.jobs.kinds["forget"] = gated
+    core, out, gate = server.core, shots_dir(), gated_alpha_grid
     try:
         page = browser.new_page(viewport={"width": 1440, "height": 1100})
         page.set_default_timeout(120_000)
@@ -170,4 +160,3 @@ def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser)
         page.close()
     finally:
         gate.set()
-        core.jobs.kinds["forget"] = work

@@ -430,25 +430,6 @@ def test_finished_job_forgets_for_its_query_and_alpha_zero_is_original(core, fin
         core.search(q, finished.id, 1.5)
 
 
-@pytest.fixture
-def gated_alpha_grid(core):
-    """Holds a forget job at the start of its α-grid until the test sets the returned event."""
-    import threading
-    gate = threading.Event()
-    work = core.jobs.kinds["forget"]
-
-    def gated(job, progress, job_dir):
-        def hook(event):
-            progress(event)
-            if event.get("stage") == "alpha-grid":
-                gate.wait(300)
-        return work(job, hook, job_dir)
-    core.jobs.kinds["forget"] = gated
-    yield gate
-    gate.set()
-    core.jobs.kinds["forget"] = work
-
-
 @pytest.mark.slow
 def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
     job = core.start_job("dog", "poodle")
