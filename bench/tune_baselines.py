@@ -31,7 +31,8 @@ GRIDS = {
     "ft": {"loop.lr": [1e-5, 1e-4, 3e-4]},
     "fisher": {"cap": [1e-3, 3e-3, 1e-2], "scale": [0.2]},
     "lip": {"loop.optimizer": ["sgd"], "loop.lr": [1e-3, 1e-2, 1e-1], "sigma": [0.1, 1.0]},
-    "clip_lip": {"loop.lr": [2e-5, 2e-4], "sigma": [0.1, 1.0]},
+    "clip_lip_image": {"loop.lr": [2e-5, 2e-4], "sigma": [0.1, 1.0]},
+    "clip_lip": {"loop.lr": [3e-4, 1e-3, 3e-3], "retain_weight": [0.3, 1.0]},      # LoRA on the text tower
     "emmn": {"impair.lr": [2e-5, 2e-4], "repair.lr": [1e-5, 1e-4]},
     "task_negation": {"loop.lr": [1e-5, 1e-4]},
     "ccup": {"retain_energy": [1.0, 0.9]},

@@ -8,12 +8,15 @@
 The α-grid: for an unlearning delta Δ, the gallery is encoded once per α on a grid with the model
 θ₀ + α·Δ (:func:`encode_alpha_grid`). Methods edit a few late layers of the image tower, so the
 trunk before the first edited stage is computed once and shared by every α (:mod:`.trunk`; exact,
-checked against a full re-encode in the tests).
+checked against a full re-encode in the tests). A delta without image-tower entries (CLIP-LIP edits
+the text tower) leaves the gallery's embeddings as they are at every α: they are encoded once (or
+taken as given); what changes with α is the text side, :class:`TextAlpha` (query embeddings at α).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -128,14 +131,18 @@ class AlphaGrid:
     once per batch and point."""
 
     def __init__(self, bundle: ClipBundle, images: torch.Tensor, delta: dict, batch_size: int = ENCODE_BATCH,
-                 trunk_budget: int | None = None, spill: Path | None = None):
+                 trunk_budget: int | None = None, spill: Path | None = None, original: torch.Tensor | None = None):
+        from .merge import image_part
         from .pipeline import edited_model
         if not len(images):
             raise ValueError("an α-grid needs images")
         self.bundle, self.images, self.batch_size = bundle, images, batch_size
         self.model = edited_model(bundle, {}, 0.0)          # a private copy of the image tower, θ₀
         self.visual = self.model.visual
-        self.vdelta = {k.removeprefix("visual."): v for k, v in delta.items()}
+        self.vdelta = {k.removeprefix("visual."): v for k, v in image_part(delta).items()}
+        # without an image-tower delta every α point is θ₀'s gallery: ``original`` when given, else
+        # encoded once by the first point
+        self._same = original if not self.vdelta else None
         self._weights = self.visual.state_dict()            # shares storage with the copy's parameters
         self._base = {k: bundle.model.visual.state_dict()[k] for k in self.vdelta}
         self.spill = Path(spill) if spill is not None else None
@@ -176,6 +183,10 @@ class AlphaGrid:
     @torch.no_grad()
     def encode(self, alpha: float, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """(N, D) normalised gallery embeddings at θ₀ + α·Δ; ``progress(batches_done)`` after each batch."""
+        if self._same is not None:          # no image-tower delta: the same embeddings at every α
+            if progress is not None:
+                progress(self.n_batches)
+            return self._same.clone()
         self._set(alpha)
         out = None
         keep = self._fits is not False and self.enc.split
@@ -196,6 +207,8 @@ class AlphaGrid:
             if isinstance(self._pending, SpilledTrunk):
                 self._pending.close()
             self._trunk, self._pending = self._pending, None
+        if not self.vdelta:
+            self._same = out.clone()
         return out
 
     def _keep(self, prepared, i: int) -> bool:
@@ -227,6 +240,58 @@ class AlphaGrid:
     def release(self) -> None:
         """Drop the kept trunk (its memory, or its file, goes once the grid is done)."""
         self._drop()
+
+
+class TextAlpha:
+    """Text embeddings at θ₀ + α·Δ_text for a delta that edits the text tower: one private copy of
+    the text side (the image tower stays shared), set to each α in turn, and the embeddings cached
+    per (α, text), so a query is encoded once per α point it is searched at. Works for any text
+    tower through ``model.encode_text`` (open_clip's own transformer or a Hugging Face tower).
+    Not thread-safe: callers hold a lock around :meth:`encode`."""
+
+    def __init__(self, bundle: ClipBundle, delta: dict, max_texts: int = 512):
+        from .merge import text_part
+        from .methods.base import editable_copy, text_state
+        self.bundle = bundle
+        self.tdelta = text_part(delta)
+        if not self.tdelta:
+            raise ValueError("TextAlpha needs a delta with text-side entries (keys outside visual.)")
+        self.model = editable_copy(bundle.model, text=True, visual=False).eval()
+        self._weights = text_state(self.model)             # shares storage with the copy's parameters
+        missing = [k for k in self.tdelta if k not in self._weights]
+        if missing:
+            raise KeyError(f"delta entry {missing[0]!r} is not a weight of this model's text tower")
+        self._base = {k: text_state(bundle.model)[k] for k in self.tdelta}
+        self._alpha: float | None = None
+        self._cache: "OrderedDict[tuple[float, str], torch.Tensor]" = OrderedDict()
+        self.max_texts = max_texts
+
+    def _set(self, alpha: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (unlearning strength) must be in [0, 1], got {alpha}")
+        if self._alpha != alpha:
+            for k, d in self.tdelta.items():        # as apply_delta: in float, then the weight's dtype
+                base = self._base[k]
+                self._weights[k].copy_((base.float() + alpha * d.to(base.device)).to(base.dtype))
+            self._alpha = alpha
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], alpha: float) -> torch.Tensor:
+        """(len(texts), D) normalised embeddings with the text tower at θ₀ + α·Δ_text."""
+        from .embed import encode_texts
+        alpha = round(float(alpha), 6)
+        todo = [t for t in dict.fromkeys(texts) if (alpha, t) not in self._cache]
+        if todo:
+            self._set(alpha)
+            for t, e in zip(todo, encode_texts(self.bundle, todo, self.model)):
+                self._cache[(alpha, t)] = e
+        out = []
+        for t in texts:
+            self._cache.move_to_end((alpha, t))
+            out.append(self._cache[(alpha, t)])
+        while len(self._cache) > self.max_texts:
+            self._cache.popitem(last=False)
+        return torch.stack(out)
 
 
 @torch.no_grad()

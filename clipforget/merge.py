@@ -1,13 +1,40 @@
 """Merging weights: pure functions over state dicts (no model, no device).
 
 θ(α) = θ₀ + α·(θ_u − θ₀) is the soup of the restore stage; deltas (θ_u − θ₀) are what the
-methods return and what continual forgetting adds up.
+methods return and what continual forgetting adds up. A delta's keys are those of
+``model.state_dict()``: ``visual.*`` is the image tower, every other key the text side (the text
+tower, its projection; :func:`image_part` / :func:`text_part`). Merging is per key, so an image
+delta and a text delta simply sum to one delta that edits both towers.
 """
 from __future__ import annotations
 
 import torch
 
 StateDict = dict[str, torch.Tensor]
+
+VISUAL = "visual."          # the image tower's prefix in model.state_dict()
+
+
+def is_text_key(key: str) -> bool:
+    """A key of ``model.state_dict()`` outside the image tower (the text side)."""
+    return not key.startswith(VISUAL)
+
+
+def image_part(d: StateDict) -> StateDict:
+    """The image-tower entries of a delta (keys keep their ``visual.`` prefix)."""
+    return {k: v for k, v in d.items() if not is_text_key(k)}
+
+
+def text_part(d: StateDict) -> StateDict:
+    """The text-side entries of a delta (every key not under ``visual.``)."""
+    return {k: v for k, v in d.items() if is_text_key(k)}
+
+
+def towers(keys) -> list[str]:
+    """Which towers a delta (or its keys) edits: a sub-list of ["image", "text"]."""
+    keys = list(keys)
+    return [t for t, hit in (("image", any(not is_text_key(k) for k in keys)),
+                             ("text", any(is_text_key(k) for k in keys))) if hit]
 
 
 def delta(theta0: StateDict, theta1: StateDict) -> StateDict:

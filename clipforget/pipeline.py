@@ -4,7 +4,8 @@
     run = forget(bundle, ForgetRequest("dog", "poodle"), method="ours")
     save_run(run, bundle, "runs/poodle")       # the run folder (clipforget/runfolder.py owns its files)
 
-``forget`` never mutates ``bundle.model``: methods edit a private copy of the image tower.
+``forget`` never mutates ``bundle.model``: methods edit a private copy of the image tower (and of
+the text tower, for a method that edits it).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from .data.gallery import Gallery
 from .data.task import ForgetRequest, SplitConfig, Task, ViewCache, build_task
 from .eval.score import score
 from .eval.zeroshot import TextCache, column_accuracy, evaluate_columns
-from .merge import StateDict, apply_delta, sum_deltas
-from .methods.base import UnlearnResult, editable_copy, get_method
+from .merge import StateDict, apply_delta, image_part, sum_deltas, text_part
+from .methods.base import UnlearnResult, editable_copy, get_method, load_text_state, text_state
 from .models import ClipBundle
 from .runfolder import load_delta, save_run, scaled_delta  # noqa: F401 - save_run, load_delta: the library's API
 from .train.loop import Callback
@@ -38,11 +39,22 @@ class Run:
 
 
 def edited_model(bundle: ClipBundle, delta: StateDict, alpha: float = 1.0) -> nn.Module:
-    """A model equal to ``bundle.model`` with θ₀ + α·Δ in its image tower (the original untouched)."""
-    model = editable_copy(bundle.model)
-    visual_delta = {k.removeprefix("visual."): v for k, v in delta.items()}
+    """A model equal to ``bundle.model`` with θ₀ + α·Δ (the original untouched): the image tower's
+    entries (``visual.*``) in a private copy of the image tower, and — only when the delta has
+    any — the text-side entries in a private copy of the text tower."""
+    text_delta = text_part(delta)
+    model = editable_copy(bundle.model, text=bool(text_delta))
+    visual_delta = {k.removeprefix("visual."): v for k, v in image_part(delta).items()}
     model.visual.load_state_dict(apply_delta(bundle.model.visual.state_dict(), visual_delta, alpha))
+    if text_delta:
+        load_text_state(model, apply_delta(text_state(bundle.model), text_delta, alpha))
     return model.eval()
+
+
+def texts_for(bundle: ClipBundle, delta: StateDict, model: nn.Module, texts: TextCache) -> TextCache:
+    """The class embeddings to evaluate ``model`` = θ₀ + α·Δ with: ``texts`` (the original text
+    tower's) when Δ leaves the text tower alone, else a cache of ``model``'s own text tower."""
+    return TextCache(bundle, model) if text_part(delta) else texts
 
 
 class Evaluator:
@@ -71,7 +83,8 @@ class Evaluator:
         """Accuracy of θ₀ + α·Δ per column of ``split`` ("test", "trained", or "test+trained": one
         edited model for both)."""
         columns = {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
-        return evaluate_columns(self.bundle, columns, self.texts, edited_model(self.bundle, delta, alpha))
+        model = edited_model(self.bundle, delta, alpha)
+        return evaluate_columns(self.bundle, columns, texts_for(self.bundle, delta, model, self.texts), model)
 
     def report(self, task: Task, result: UnlearnResult, alpha: float | None = None) -> dict:
         """The run's report: held-out ``columns`` (the Score's) and ``trained_on`` (the files the

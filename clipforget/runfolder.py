@@ -10,7 +10,9 @@ calls these functions instead of naming files.
 What a run folder holds (all written atomically; the folder appears complete or not at all):
 
     report.json, report.md     the evaluation (method, request, Score, α, columns) and its table
-    delta.safetensors          Δ = θ_u − θ₀ of the image tower; the model at strength α is θ₀ + α·Δ
+    delta.safetensors          Δ = θ_u − θ₀ with the keys of model.state_dict(): ``visual.*`` for the
+                               image tower, the others for the text tower (CLIP-LIP); the model at
+                               strength α is θ₀ + α·Δ (its metadata ``towers`` names which)
     run.json                   config, seed, package versions, gallery hash, per-stage history
     export/                    the unlearned model at the reported α as an open_clip folder
     alpha_grid.json            (app jobs) the α-grid's plan: every α point the job encodes the
@@ -58,6 +60,7 @@ def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = T
     """Write report.json, report.md, delta.safetensors, run.json and (optionally) an open_clip
     export of the unlearned model at the chosen α — all or nothing (atomic folder swap)."""
     from .eval.report import markdown
+    from .merge import towers
     from .models import export_open_clip
     from .pipeline import edited_model
     out = Path(out)
@@ -66,7 +69,7 @@ def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = T
         write_json(tmp / REPORT_JSON, run.report)
         write_text(tmp / REPORT_MD, markdown(run.report))
         save_safetensors(result.delta, tmp / DELTA, {"method": result.method, "alpha": result.alpha,
-                                                     "arch": bundle.arch})
+                                                     "arch": bundle.arch, "towers": ",".join(towers(result.delta))})
         write_json(tmp / RUN_JSON, {
             "method": result.method, "request": result.request, "config": result.config,
             "alpha": result.alpha, "seed": run.report.get("seed"), "model": bundle.arch,
@@ -213,6 +216,19 @@ def load_delta(path: str | Path) -> tuple[dict, dict]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     return load_file(str(path)), meta
+
+
+def load_text_delta(path: str | Path) -> dict:
+    """The text-side entries of a saved delta (keys outside ``visual.``), reading only those: {}
+    for a delta of the image tower alone (the common case costs a look at the file's header)."""
+    from safetensors import safe_open
+
+    from .merge import is_text_key
+    path = Path(path)
+    if path.is_dir():
+        path = path / DELTA
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if is_text_key(k)}
 
 
 def scaled_delta(path: str | Path) -> dict:

@@ -66,7 +66,9 @@ class ForgetWork:
         first = [a for a in alphas if a == calibrated]           # the right grid at the calibrated α
         t1 = time.perf_counter()
         # the gallery's trunk is kept between points in a temporary file, not in the app's memory
-        grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp")
+        # (a delta without image-tower entries — a text-tower method — reuses the original embeddings)
+        grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp",
+                         original=res.original)
         try:
             points = {}
             for a in first:

@@ -9,7 +9,8 @@ import torch
 
 from clipforget.data.gallery import Gallery
 from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_task
-from clipforget.methods.base import Context, get_method, list_methods
+from clipforget.merge import towers
+from clipforget.methods.base import Context, get_method, list_methods, text_state
 from clipforget.train.loop import LoopConfig
 from tinyworld import state_hash
 
@@ -27,8 +28,9 @@ QUICK_CONFIGS = {
     "emmn": {"impair": QUICK, "repair": QUICK, "early_stop": False},
     "unsir": {"noise_images": 4, "noise_loop": LoopConfig(steps=3, lr=0.1, grad_clip=None),
               "impair": QUICK, "repair": QUICK},
-    "clip_lip": {"synthetic": 4, "synth_loop": LoopConfig(steps=2, lr=0.05, grad_clip=None), "copies": 2,
-                 "batch_size": 4, "loop": QUICK},
+    "clip_lip_image": {"synthetic": 4, "synth_loop": LoopConfig(steps=2, lr=0.05, grad_clip=None), "copies": 2,
+                       "batch_size": 4, "loop": QUICK},
+    "clip_lip": {"copies": 2, "loop": QUICK, "early_stop": False},
     "task_negation": {"loop": QUICK, "lam_grid": (0.5, 1.0)},
     "ccup": {},
 }
@@ -79,7 +81,7 @@ def test_every_method_runs_and_keeps_the_interface(name, tiny, tiny_task):
     assert state_hash(tiny.model) == before, f"{name} mutated the model it was given"
     assert all(p.grad is None for p in tiny.model.parameters()), f"{name} left gradients on the given model"
     assert result.delta, f"{name} changed nothing"
-    assert all(k.startswith("visual.") for k in result.delta)
+    assert towers(result.delta) == (["text"] if cls.edits_text else ["image"])   # the tower it says it edits
     assert all(torch.isfinite(v).all() for v in result.delta.values())
     assert 0.0 <= result.alpha <= 1.0 and result.method == name
 
@@ -136,7 +138,7 @@ def test_a_method_file_dropped_into_the_package_is_found(tmp_path, monkeypatch):
 def test_configs_name_the_bad_field():
     cases = {"ft": {"loss": "mse"}, "ga": {"target_accuracy": 2.0}, "fisher": {"scale": 0.0},
              "fisher_retain": {"cap": 0.0}, "lip": {"sigma": 0.0}, "emmn": {"forget_weight": 0.0},
-             "unsir": {"noise_images": 0}, "clip_lip": {"top_k_layers": 0},
+             "unsir": {"noise_images": 0}, "clip_lip_image": {"top_k_layers": 0}, "clip_lip": {"lora_rank": 0},
              "task_negation": {"lam": -1.0}, "ccup": {"strength": 1.5}}
     for name, bad in cases.items():
         field = next(iter(bad))
@@ -234,8 +236,9 @@ def test_lip_lowers_the_lipschitz_ratio(tiny, tiny_task):
     assert ratio(with_weights(tiny, result)) < ratio(tiny.model)
 
 
-def test_clip_lip_synthesizes_the_class_and_smooths_only_the_layers_it_picks(tiny, tiny_task):
-    from clipforget.methods.clip_lip import synthesize
+def test_clip_lip_image_synthesizes_the_class_and_smooths_only_the_layers_it_picks(tiny, tiny_task):
+    """The earlier, image-tower variant of CLIP-LIP (``clip_lip_image``)."""
+    from clipforget.methods.clip_lip_image import synthesize
     from clipforget.methods.common import lipschitz_ratio
     ctx = Context(tiny, tiny_task)
     torch.manual_seed(0)
@@ -248,7 +251,7 @@ def test_clip_lip_synthesizes_the_class_and_smooths_only_the_layers_it_picks(tin
         assert sim(samples) > sim(start)             # inverted towards the coarse text
     cfg = {"synthetic": 4, "synth_loop": LoopConfig(steps=3, lr=0.05, grad_clip=None), "copies": 3, "batch_size": 4,
            "top_k_layers": 2, "text_sigma": 0.05, "loop": LoopConfig(steps=4, lr=1e-3)}
-    result = get_method("clip_lip")(cfg).run(tiny, tiny_task)
+    result = get_method("clip_lip_image")(cfg).run(tiny, tiny_task)
     chosen = result.info["layers"]
     magnitude = result.info["grad_magnitude"]
     assert len(chosen) == 2 and min(magnitude[n] for n in chosen) >= max(
@@ -261,6 +264,63 @@ def test_clip_lip_synthesizes_the_class_and_smooths_only_the_layers_it_picks(tin
             return float(lipschitz_ratio(ctx, x, 4, 1.0, torch.Generator().manual_seed(7), model.eval(),
                                          text_sigma=0.05))
     assert ratio(with_weights(tiny, result)) < ratio(tiny.model)
+
+
+def test_clip_lip_changes_only_the_text_tower_through_low_rank_updates(tiny, tiny_task):
+    """CLIP-LIP (its source's version): LoRA on the text-tower layers with the largest gradients;
+    the image tower is untouched, its objective falls, and its forget term alone (the random tiny
+    model cannot tell poodles from the dogs the retain term keeps) lowers the target's probability
+    for the forget samples."""
+    from clipforget.methods.clip_lip import embed_fixed
+    before = state_hash(tiny.model)
+    cfg = {"copies": 2, "top_k_layers": 2, "lora_rank": 2, "early_stop": False, "loop": LoopConfig(steps=6, lr=1e-2)}
+    full = get_method("clip_lip")(cfg).run(tiny, tiny_task)
+    losses = [h["loss"] for h in full.history["lipschitz"]]
+    assert losses[-1] < losses[0] and towers(full.delta) == ["text"]
+    result = get_method("clip_lip")({**cfg, "retain_weight": 0.0, "lip_weight": 0.0}).run(tiny, tiny_task)
+    assert state_hash(tiny.model) == before
+    assert result.delta and towers(result.delta) == ["text"]
+    assert set(result.delta) <= set(text_state(tiny.model))                   # only text-tower weights
+    chosen, magnitude = result.info["layers"], result.info["grad_magnitude"]
+    assert len(chosen) == 2 and min(magnitude[n] for n in chosen) >= max(
+        v for n, v in magnitude.items() if n not in chosen)                   # the largest gradients
+    assert {k.rsplit(".", 1)[0] for k in result.delta} <= set(chosen)
+    for v in result.delta.values():                                          # merged LoRA: rank <= r
+        assert torch.linalg.matrix_rank(v.float()) <= 2
+    ctx = Context(tiny, tiny_task)
+    e = embed_fixed(ctx, ctx.inputs(tiny_task.forget))
+    c = tiny_task.target_index
+
+    def target_prob(model):
+        with torch.no_grad():
+            text = ctx.text_features(tiny_task.superclasses, model)
+            return float((ctx.logit_scale * e @ text.t()).softmax(-1)[:, c].mean())
+    assert target_prob(with_weights(tiny, result)) < target_prob(tiny.model)
+
+
+def test_a_text_delta_alpha_curve_recomputes_the_class_embeddings(tiny, tiny_task):
+    """The restore α-curve of a text-tower edit: α = 0 is the original model's row, α = 1 the
+    edited model's, each with class embeddings from its own text tower."""
+    from clipforget.eval.zeroshot import TextCache, column_accuracy
+    from clipforget.stages.restore import alpha_curve
+    ctx = Context(tiny, tiny_task, edits_text=True)
+    g = torch.Generator().manual_seed(0)
+    ctx.set_text({k: v + torch.randn(v.shape, generator=g) for k, v in ctx.text_weights().items()
+                  if k == "text_projection"})
+    tdelta = ctx.text_delta()
+    assert list(tdelta) == ["text_projection"] and ctx.current_delta() == {}
+    curve = alpha_curve(ctx, {}, [0.0, 1.0], tdelta)
+    assert torch.equal(ctx.text_weights()["text_projection"], ctx.text_theta0["text_projection"] + tdelta["text_projection"])
+    from clipforget.pipeline import edited_model
+    for row, a in zip(curve, (0.0, 1.0)):
+        model = edited_model(tiny, ctx.delta(), a)
+        texts = TextCache(tiny, model)
+        for name, col in {**tiny_task.calib, **tiny_task.trained}.items():
+            assert row[name] == pytest.approx(column_accuracy(tiny, col, texts, model)), (a, name)
+    plain = TextCache(tiny)
+    assert curve[0]["target"] == pytest.approx(column_accuracy(tiny, tiny_task.calib["target"], plain, tiny.model))
+    edited = TextCache(tiny, edited_model(tiny, ctx.delta(), 1.0))
+    assert not torch.allclose(edited.classes(tiny_task.superclasses), plain.classes(tiny_task.superclasses), atol=1e-3)
 
 
 def test_emmn_maximises_the_forget_loss_and_minimises_the_retain_loss(tiny, tiny_task, monkeypatch):

@@ -1,8 +1,11 @@
 """Text-to-image search in two FAISS indexes: the original encoder, and a job's encoder at the
 computed α nearest the slider. A job's run folder holds its α-grid of gallery embeddings
 (:mod:`clipforget.runfolder`) — from the calibrated α when its results appear, the other points as
-they are encoded — so moving the slider is a search, never a re-encode. Text embeddings come from
-the original text tower (no method edits it) and are cached per query."""
+they are encoded — so moving the slider is a search, never a re-encode. Query embeddings come from
+the original text tower, cached per query; for a job whose delta edits the text tower (CLIP-LIP)
+the right grid's query is embedded by that text tower at the shown α (:class:`~clipforget.index.TextAlpha`,
+cached per α and query). A job with an image-tower delta only never loads more than its delta's
+header for this."""
 from __future__ import annotations
 
 import threading
@@ -55,13 +58,9 @@ class Retrieval:
         self._forget_paths: dict[str, set[str]] = {}
 
     def text_embedding(self, query: str) -> np.ndarray:
-        """One embedding per query serves every α: no method edits the text tower."""
-        query = query.strip()
-        if not query:
-            raise ValueError("type a query, e.g. 'a dog' or 'a poodle'")
-        if len(query) > MAX_QUERY:
-            raise ValueError(f"the query has {len(query)} characters; keep it under {MAX_QUERY} "
-                             "(a short description such as 'a poodle' works best)")
+        """The original text tower's embedding of a query (the left grid's; the right grid's too
+        unless the job's delta edits the text tower: :meth:`edited_text_embedding`)."""
+        query = check_query(query)
         with self._cache_lock:
             if query in self._texts:
                 self._texts.move_to_end(query)
@@ -76,6 +75,12 @@ class Retrieval:
                 self._texts.popitem(last=False)
         return emb
 
+    def edited_text_embedding(self, query: str, entry: "AlphaIndexes", alpha: float) -> np.ndarray:
+        """A query's embedding by a job's edited text tower at ``alpha`` (cached per α and query)."""
+        query = check_query(query)
+        with self._lock:
+            return entry.text.encode([query], alpha)[0].numpy()
+
     def grid(self, job_id: str) -> "AlphaIndexes":
         """The α points of a job with results and their FAISS indexes (α = 0: the original index).
         While its α-grid grows, each call adds the points written since the last one (a listing of
@@ -88,8 +93,12 @@ class Retrieval:
                     return entry
             run = self.jobs.run_dir(job_id)
             if entry is None:
-                self.loader.resources(timeout=120)
+                res = self.loader.resources(timeout=120)
                 entry = AlphaIndexes({0.0: self.loader.original_index})
+                text_delta = runfolder.load_text_delta(run) if runfolder.has_delta(run) else {}
+                if text_delta:        # the job edits the text tower: queries are embedded at α
+                    from ..index import TextAlpha
+                    entry.text = TextAlpha(res.bundle, text_delta)
             from .. import index as faiss_index
             new, made_on = runfolder.load_alpha_grid(run, skip=entry.indexes)
             for a, emb in sorted(new.items()):
@@ -139,8 +148,9 @@ class Retrieval:
             if not 0.0 <= wanted <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {wanted}")
             shown = nearest(points, wanted)
+            q_right = q if g.text is None or shown == 0.0 else self.edited_text_embedding(query, g, shown)
             out.update(alpha_requested=wanted, alpha_shown=shown, alpha_points=points, alpha_calibrated=calibrated,
-                       right=self._hits(indexes[shown], q, k, forgotten))
+                       right=self._hits(indexes[shown], q_right, k, forgotten), text_edited=g.text is not None)
             out["recall_right"] = recall(out["right"], forgotten)
             out["alpha_planned"], out["alpha_complete"] = g.planned, g.complete
             out["alpha_note"] = (f"showing α = {shown:.2f}" + ("" if abs(shown - wanted) < 1e-9 else
@@ -171,10 +181,21 @@ class AlphaIndexes:
     indexes: dict
     planned: list = None
     complete: bool = False
+    text: object = None         # a TextAlpha when the job's delta edits the text tower, else None
 
     @property
     def points(self) -> list[float]:
         return sorted(self.indexes)
+
+
+def check_query(query: str) -> str:
+    query = query.strip()
+    if not query:
+        raise ValueError("type a query, e.g. 'a dog' or 'a poodle'")
+    if len(query) > MAX_QUERY:
+        raise ValueError(f"the query has {len(query)} characters; keep it under {MAX_QUERY} "
+                         "(a short description such as 'a poodle' works best)")
+    return query
 
 
 def recall(hits: list[dict], forgotten: set[str]) -> float | None:

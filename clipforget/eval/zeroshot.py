@@ -1,7 +1,9 @@
 """Zero-shot accuracy of the report's columns, with text embeddings computed once.
 
-Every method in clipforget edits the image tower only, so class (prompt) embeddings come from the
-original model and are shared by the before / after / α-grid evaluations.
+Most methods edit the image tower only: class (prompt) embeddings then come from the original
+model and are shared by the before / after / α-grid evaluations. A delta with text-side keys
+(CLIP-LIP) changes them: evaluating θ₀ + α·Δ then uses a :class:`TextCache` of the edited model
+at that α (``TextCache(bundle, model)``), which computes each class list's embeddings once.
 """
 from __future__ import annotations
 
@@ -15,16 +17,18 @@ from ..models import ClipBundle
 
 
 class TextCache:
-    """Class embeddings per tuple of class names (prompt ensemble), from one model's text tower."""
+    """Class embeddings per tuple of class names (prompt ensemble), from one model's text tower:
+    ``model``, default the bundle's (the original)."""
 
-    def __init__(self, bundle: ClipBundle):
+    def __init__(self, bundle: ClipBundle, model: nn.Module | None = None):
         self.bundle = bundle
+        self.model = model
         self._cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     def classes(self, names: list[str]) -> torch.Tensor:
         key = tuple(names)
         if key not in self._cache:
-            self._cache[key] = class_embeddings(self.bundle, class_prompts(names))
+            self._cache[key] = class_embeddings(self.bundle, class_prompts(names), self.model)
         return self._cache[key]
 
 

@@ -7,9 +7,13 @@ A method is a subclass of :class:`Unlearner` with
 - ``unlearn(ctx)``: edits ``ctx.model`` — an editable copy whose image tower is private to the
   run — using the data and helpers of ``ctx`` (:class:`Context`). It may set ``ctx.alpha`` and
   ``ctx.alpha_curve`` (methods with a restore stage); otherwise α = 1.
+- ``edits_text`` (default False): True for a method that edits the text tower (CLIP-LIP); only
+  then does the copy own a private text tower too (most methods stay as cheap as an image-tower
+  copy), and ``ctx.text_delta()`` / ``ctx.set_text`` work on it.
 
 ``Unlearner.run`` does the rest: seeding, the copy (the given model is never mutated), timing,
-and the result with the weights as a delta θ_u − θ₀ over the image tower.
+and the result with the weights as a delta θ_u − θ₀ with the keys of ``model.state_dict()``:
+``visual.*`` for the image tower, the others for the text side (:func:`clipforget.merge.text_part`).
 
 To add a method: write ``clipforget/methods/<your_method>.py`` with an ``Unlearner`` subclass
 (``name``, ``summary``, ``Config``, ``unlearn``) decorated ``@register_method``. Nothing else: the
@@ -33,7 +37,7 @@ from torch import nn
 from ..data.task import Task, ViewSet
 from ..embed import ENCODE_BATCH, encode_texts, to_input
 from ..eval.zeroshot import TextCache
-from ..merge import StateDict, apply_delta, delta as state_delta
+from ..merge import VISUAL, StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
 from ..train.loop import Callback, NonFiniteLoss, emit
 from .catalog import menu_order, method_modules
@@ -111,17 +115,49 @@ class UnlearnResult:
         return apply_delta(theta0, self.delta, self.alpha if alpha is None else alpha)
 
 
-def editable_copy(model: nn.Module) -> nn.Module:
-    """A model sharing the (frozen) text tower with ``model`` but owning a deep copy of its image
-    tower. Methods edit only the image tower, so the original is never touched."""
+def editable_copy(model: nn.Module, text: bool = False, visual: bool = True) -> nn.Module:
+    """A model that owns a deep copy of the towers it may edit and shares the rest with ``model``
+    (frozen), so editing it never touches the original. ``visual``: the image tower; ``text``:
+    the text side — every module, parameter and buffer outside ``visual`` (open_clip's
+    ``transformer``/``token_embedding``/``text_projection``…, or a Hugging Face tower's ``text``),
+    so any tower works through ``model.encode_text``. The copies start frozen."""
     new = copy.copy(model)
     new._modules = copy.copy(model._modules)
     new._parameters = copy.copy(model._parameters)
     new._buffers = copy.copy(model._buffers)
-    new.visual = copy.deepcopy(model.visual)
-    for p in new.visual.parameters():
-        p.requires_grad_(False)
+    owned = []
+    if visual:
+        new.visual = copy.deepcopy(model.visual)
+        owned.append(new.visual)
+    if text:
+        for name, m in model._modules.items():
+            if name != "visual" and m is not None:
+                new._modules[name] = copy.deepcopy(m)
+                owned.append(new._modules[name])
+        for name, p in model._parameters.items():
+            if p is not None:
+                new._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in model._buffers.items():
+            if b is not None:
+                new._buffers[name] = b.clone()
+    for m in owned:
+        for p in m.parameters():
+            p.requires_grad_(False)
     return new
+
+
+def text_state(model: nn.Module) -> StateDict:
+    """The text side of ``model.state_dict()``: every entry outside the image tower (shares storage)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(VISUAL)}
+
+
+def load_text_state(model: nn.Module, state: StateDict) -> None:
+    """Load text-side entries (keys of ``model.state_dict()``) into ``model``, leaving the image
+    tower as it is; a key that is not a text-side weight of ``model`` is an error."""
+    bad = [k for k in state if k.startswith(VISUAL)]
+    result = model.load_state_dict(state, strict=False)
+    if bad or result.unexpected_keys:
+        raise KeyError(f"not text-side weights of this model: {(bad + list(result.unexpected_keys))[:3]}")
 
 
 class Context:
@@ -129,14 +165,18 @@ class Context:
     embeddings, differentiable zero-shot logits, batches, stage timing and progress events."""
 
     def __init__(self, bundle: ClipBundle, task: Task, callbacks: Iterable[Callback] = (),
-                 texts: TextCache | None = None, seed: int = 0):
+                 texts: TextCache | None = None, seed: int = 0, edits_text: bool = False):
         self.bundle = bundle
         self.task = task
         self.callbacks = list(callbacks)
-        self.texts = texts or TextCache(bundle)
+        self.texts = texts or TextCache(bundle)     # the ORIGINAL text tower's class embeddings
         self.original = bundle.model
-        self.model = editable_copy(bundle.model)
+        self.edits_text = edits_text
+        self.model = editable_copy(bundle.model, text=edits_text)
         self.theta0 = {k: v.detach().clone() for k, v in bundle.model.visual.state_dict().items()}
+        # θ₀ of the text side (keys of model.state_dict()), only for a method that edits it
+        self.text_theta0 = ({k: v.detach().clone() for k, v in text_state(bundle.model).items()}
+                            if edits_text else {})
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.history: dict[str, list[dict]] = {}
@@ -227,11 +267,45 @@ class Context:
     def chance(self) -> float:
         return 1.0 / len(self.task.superclasses)
 
+    def text_features(self, names: list[str], model: nn.Module | None = None) -> torch.Tensor:
+        """Class embeddings of ``names`` (normalised mean over each class's prompts, as
+        :class:`TextCache` computes them) from ``model``'s text tower, differentiable w.r.t. it."""
+        from ..data.prompts import class_prompts
+        model = model or self.model
+        prompts = class_prompts(names)
+        tokens = self.bundle.tokenizer([p for ps in prompts for p in ps]).to(self.bundle.device)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        out, i = [], 0
+        for ps in prompts:
+            out.append(F.normalize(emb[i:i + len(ps)].mean(0), dim=-1))
+            i += len(ps)
+        return torch.stack(out)
+
     def current_delta(self) -> StateDict:
+        """θ_u − θ₀ of the image tower (keys of ``model.visual.state_dict()``)."""
         return state_delta(self.theta0, self.model.visual.state_dict())
+
+    def text_delta(self) -> StateDict:
+        """θ_u − θ₀ of the text side (keys of ``model.state_dict()``); {} unless the method edits it."""
+        return state_delta(self.text_theta0, text_state(self.model)) if self.edits_text else {}
+
+    def delta(self) -> StateDict:
+        """The whole edit θ_u − θ₀ with the keys of ``model.state_dict()`` (what the result holds)."""
+        return {**{f"{VISUAL}{k}": v for k, v in self.current_delta().items()}, **self.text_delta()}
 
     def set_visual(self, state: StateDict) -> None:
         self.model.visual.load_state_dict(state)
+
+    def text_weights(self) -> StateDict:
+        """The editable copy's text-side weights (keys of ``model.state_dict()``; shares storage)."""
+        return text_state(self.model)
+
+    def set_text(self, state: StateDict) -> None:
+        """Load text-side weights (keys of ``model.state_dict()``) into the editable copy."""
+        if not self.edits_text:
+            raise RuntimeError("this context's text tower is the original's, shared; a method that edits "
+                               "it sets `edits_text = True`")
+        load_text_state(self.model, state)
 
 
 class Unlearner:
@@ -239,6 +313,7 @@ class Unlearner:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
     summary: ClassVar[str] = ""          # one line for `clipforget list-methods`
+    edits_text: ClassVar[bool] = False   # True: the editable copy owns a private text tower too
 
     def __init__(self, config=None):
         if isinstance(config, dict):
@@ -254,10 +329,10 @@ class Unlearner:
             texts: TextCache | None = None) -> UnlearnResult:
         seed = getattr(self.config, "seed", 0)
         torch.manual_seed(seed)
-        ctx = Context(bundle, task, callbacks, texts, seed)
+        ctx = Context(bundle, task, callbacks, texts, seed, edits_text=self.edits_text)
         t0 = time.perf_counter()
         self.unlearn(ctx)
-        d = {f"visual.{k}": v for k, v in ctx.current_delta().items()}
+        d = ctx.delta()
         bad = [k for k, v in d.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:   # never hand NaN/inf weights to evaluation or saving
             raise NonFiniteLoss(f"method {self.name!r} produced NaN/inf weights ({len(bad)} tensors, e.g. "

@@ -47,23 +47,36 @@ def alpha_grid(points: int) -> list[float]:
 
 
 @torch.no_grad()
-def alpha_curve(ctx, delta: dict, alphas: list[float]) -> list[dict]:
+def alpha_curve(ctx, delta: dict, alphas: list[float], text_delta: dict | None = None) -> list[dict]:
     """Accuracy at each α of every calibration column and of the trained-on forget examples (shown
-    beside the held-out target, never used to choose α); the model is left at θ_u. The stages
-    before the first one the delta touches are computed once for all α (exact)."""
+    beside the held-out target, never used to choose α); the model is left at θ_u. ``delta``: the
+    image tower's (keys of ``model.visual``), ``text_delta``: the text side's (keys of the model;
+    a method that edits the text tower). The stages before the first one the image delta touches
+    are computed once for all α (exact; without an image delta, the whole image embedding). With
+    a text delta the class embeddings are recomputed at each α with the text tower θ₀ + α·Δ."""
+    from ..eval.zeroshot import TextCache
     theta_u = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
+    text_u = {k: v.clone() for k, v in ctx.text_weights().items()} if text_delta else None
     enc = TrunkEncoder(ctx.model.visual, delta.keys())
     columns = {**ctx.task.calib, **ctx.task.trained}
     prepared = {name: enc.prepare(ctx.inputs(col.views)) for name, col in columns.items()}
+    fixed = {name: enc.encode(p) for name, p in prepared.items()} if not delta else None
     curve = []
     for i, a in enumerate(alphas):
         ctx.set_visual(apply_delta(ctx.theta0, delta, a))
+        texts = ctx.texts
+        if text_delta:
+            ctx.set_text(apply_delta(ctx.text_theta0, text_delta, a))
+            texts = TextCache(ctx.bundle, ctx.model)        # class embeddings of this α, once per class list
         row = {"alpha": a}
         for name, col in columns.items():
-            row[name] = column_accuracy(ctx.bundle, col, ctx.texts, image_emb=enc.encode(prepared[name]))
+            emb = fixed[name] if fixed is not None else enc.encode(prepared[name])
+            row[name] = column_accuracy(ctx.bundle, col, texts, image_emb=emb)
         curve.append(row)
         emit(ctx.callbacks, stage="restore", step=i + 1, total=len(alphas), fraction=(i + 1) / len(alphas))
     ctx.set_visual(theta_u)
+    if text_u is not None:
+        ctx.set_text(text_u)
     return curve
 
 
@@ -89,7 +102,7 @@ def restore_stage(ctx, cfg: RestoreConfig) -> dict:
     if not cfg.enabled:
         ctx.alpha = 1.0
         return {"alpha": 1.0, "soup": False}
-    curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points))
+    curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points), ctx.text_delta())
     best, feasible = choose_alpha(curve, target, cfg.keep_tolerance, tuple(ctx.task.trained))
     if not feasible:
         log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, best)
