@@ -13,7 +13,7 @@ What a run folder holds (all written atomically; the folder appears complete or 
     delta.safetensors          Δ = θ_u − θ₀ with the keys of model.state_dict(): ``visual.*`` for the
                                image tower, the others for the text tower (CLIP-LIP); the model at
                                strength α is θ₀ + α·Δ (its metadata ``towers`` names which)
-    run.json                   config, seed, package versions, gallery hash, per-stage history
+    run.json                   config, seed, split, package versions, gallery hash, per-stage history
     export/                    the unlearned model at the reported α as an open_clip folder
     alpha_grid.json            (app jobs) the α-grid's plan: every α point the job encodes the
                                gallery at (for the slider), the gallery's hash, what encoding took
@@ -27,6 +27,7 @@ No torch at import: the app's job registry reads run folders before the model st
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import re
@@ -75,7 +76,10 @@ def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = T
             "alpha": result.alpha, "seed": run.report.get("seed"), "model": bundle.arch,
             "pretrained": bundle.pretrained, "gallery": run.task.gallery.name,
             "gallery_hash": run.task.gallery.content_hash, "versions": versions(),
-            "history": result.history, "info": _jsonable(result.info)})
+            "history": result.history, "info": _jsonable(result.info),
+            # the split rebuilds the test columns' images with the request and the gallery
+            # (data/task.py: deterministic, seeded): bench/external_eval.py evaluates them apart
+            "split": dataclasses.asdict(run.task.split) if run.task.split is not None else None})
         if export:
             model = edited_model(bundle, result.delta, result.alpha)
             export_open_clip(bundle, {k: v for k, v in model.state_dict().items()}, tmp / EXPORT,

@@ -70,6 +70,8 @@ class Task:
     test: dict[str, Column]            # held-out columns: the report and the Score
     trained: dict[str, Column] = field(default_factory=dict)   # trained-on files (forget_examples), outside the Score
     warnings: list[str] = field(default_factory=list)
+    split: SplitConfig | None = None   # the split it was built with: with the request and the gallery, it
+                                       # rebuilds every column's images (run.json records it)
 
     @property
     def coarse_text(self) -> str:
@@ -261,7 +263,8 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
     return Task(request, gallery, image_size, cols.superclasses,
                 forget=cols.views(forget.train, "train", cfg.forget_views, STYLE_VIEWS if cfg.style_views else VIEWS),
                 retain=cols.views(retain.train, "train", cfg.train_views),
-                retain_subgroups=retain_names, calib=calib, test=test, trained=trained, warnings=warnings)
+                retain_subgroups=retain_names, calib=calib, test=test, trained=trained, warnings=warnings,
+                split=cfg)
 
 
 def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
@@ -293,7 +296,7 @@ def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, c
     return Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]
                 forget=cols.views(forget.train, "train", train_views),
                 retain=cols.views(retain, "train", cfg.train_views),
-                retain_subgroups=[], calib=calib, test=test, trained=trained)
+                retain_subgroups=[], calib=calib, test=test, trained=trained, split=cfg)
 
 
 def superclass_prompts(superclasses: list[str]) -> list[list[str]]:
