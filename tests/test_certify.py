@@ -223,3 +223,28 @@ def test_app_certifies_a_finished_job_in_the_background(app_with_finished_job):
     assert [j for _, j in core.history()] == [job_id]           # certify jobs are not in the reopen list
     with pytest.raises(JobError, match="certify a forget job"):
         core.start_certificate(done.id)
+
+
+def test_a_text_edit_is_certified_with_the_unlearned_models_own_text_tower(bundle, gallery):
+    """A run that edits the text tower (CLIP-LIP) is checked with the unlearned model's own class
+    and query embeddings; the same edit read through the original text tower changes nothing."""
+    from clipforget.certify.retrieval import retrieval_check
+    from clipforget.certify.zeroshot import superclass_texts
+    from clipforget.data.task import resolve
+    from clipforget.pipeline import edited_model
+
+    weight = bundle.model.state_dict()["text.proj.2.weight"]
+    delta = {"text.proj.2.weight": torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 3}
+    models = {"original": bundle.model, "unlearned": edited_model(bundle, delta, 1.0)}
+    _, shared = superclass_texts(bundle, gallery, models, edits_text=False)
+    _, own = superclass_texts(bundle, gallery, models, edits_text=True)
+    assert torch.equal(shared["original"], shared["unlearned"]) and torch.equal(own["original"], shared["original"])
+    assert (own["unlearned"] - own["original"]).norm(dim=-1).min() > 0.1
+
+    req = ForgetRequest("dog", "poodle")
+    forget_items = resolve(gallery, req)[0]
+    cfg = CertifyConfig.from_dict({"retrieval": {"pool": 100}})
+    read_through_original = retrieval_check(bundle, models, gallery, req, forget_items, cfg, [], edits_text=False)
+    read_through_own = retrieval_check(bundle, models, gallery, req, forget_items, cfg, [], edits_text=True)
+    assert all(r["after"] == r["before"] for r in read_through_original["queries"])   # the image tower is untouched
+    assert any(r["after"] != r["before"] for r in read_through_own["queries"])

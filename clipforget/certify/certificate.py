@@ -8,6 +8,7 @@ from typing import Iterable
 
 from ..data.gallery import Gallery
 from ..data.task import ViewCache, resolve
+from ..merge import text_part
 from ..models import ClipBundle
 from ..runfolder import read_run
 from ..train.loop import Callback, emit
@@ -45,20 +46,21 @@ def certify(bundle: ClipBundle, run_dir: str | Path, gallery: Gallery | None = N
 
     emit(callbacks, stage="certify: prepare", step=0, total=0, fraction=0.0, message="start")
     forget_items, retain_items, retain_names, _ = resolve(gallery, req)
-    superclasses, sc_emb = superclass_texts(bundle, gallery)
     models = {"original": bundle.model, "unlearned": edited_model(bundle, run.delta, alpha)}
+    edits_text = bool(text_part(run.delta))
+    superclasses, sc_embs = superclass_texts(bundle, gallery, models, edits_text)
     enc = Encoder(bundle, models)
 
     # ---- relearning attack --------------------------------------------------------------------
     t0 = time.perf_counter()
-    relearn = relearning_attack(bundle, run.delta, alpha, gallery, cache, req, forget_items, superclasses, sc_emb,
+    relearn = relearning_attack(bundle, run.delta, alpha, gallery, cache, req, forget_items, superclasses, sc_embs,
                                 cfg, callbacks)
     seconds["relearn"] = time.perf_counter() - t0
 
     # ---- the rest kept ------------------------------------------------------------------------
     t0 = time.perf_counter()
     emit(callbacks, stage="certify: rest kept", step=0, total=1, fraction=0.0)
-    kept = kept_check(bundle, models, gallery, cache, req, superclasses, sc_emb, cfg)
+    kept = kept_check(bundle, models, gallery, cache, req, superclasses, sc_embs, cfg)
     seconds["kept"] = time.perf_counter() - t0
 
     # ---- linear probes ------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def certify(bundle: ClipBundle, run_dir: str | Path, gallery: Gallery | None = N
 
     # ---- retrieval ----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    retrieval = retrieval_check(bundle, models, gallery, req, forget_items, cfg, callbacks)
+    retrieval = retrieval_check(bundle, models, gallery, req, forget_items, cfg, callbacks, edits_text)
     seconds["retrieval"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
 

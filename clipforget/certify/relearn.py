@@ -89,10 +89,12 @@ def relearn_curve(bundle: ClipBundle, model: nn.Module, sample: ViewSet, sample_
 
 
 def relearning_attack(bundle: ClipBundle, delta: dict, alpha: float, gallery: Gallery, cache: ViewCache,
-                      req: ForgetRequest, forget_items: list[Item], superclasses: list[str], sc_emb: torch.Tensor,
+                      req: ForgetRequest, forget_items: list[Item], superclasses: list[str], sc_embs: dict[str, torch.Tensor],
                       cfg: CertifyConfig, callbacks: list[Callback]) -> dict:
     """Relearn the forgotten subgroup from a small sample (and, as a control, an unrelated
-    subgroup), each on a fresh copy of θ₀ + α·Δ; target accuracy on held-out images per step."""
+    subgroup), each on a fresh copy of θ₀ + α·Δ; target accuracy on held-out images per step.
+    ``sc_embs``: the class embeddings of the original and of the unlearned model (its own text
+    tower's when the run edits it); the attack fine-tunes the image tower against the latter."""
     size = bundle.image_size
     target = superclasses.index(req.superclass)
     rc = cfg.relearn
@@ -111,13 +113,13 @@ def relearning_attack(bundle: ClipBundle, delta: dict, alpha: float, gallery: Ga
                           key=anchor_pool.index)
     anchors = cache.views(anchor_items, "train", 1, size)
     anchor_labels = torch.tensor([superclasses.index(it.superclass) for it in anchors.items])
-    original_acc = accuracy(bundle, bundle.model, eval_views, target, sc_emb)
+    original_acc = accuracy(bundle, bundle.model, eval_views, target, sc_embs["original"])
     curves = {}
     for name, views, label, what in (("forget", relearn_views, target, "the forgotten subgroup"),
                                      ("control", c_train, c_index, "a control subgroup")):
         model = _trainable_copy(bundle, delta, alpha)
         curves[name] = relearn_curve(bundle, model, views, label, anchors, anchor_labels, eval_views, target,
-                                     sc_emb, rc, cfg.seed, f"certify: relearn on {what}", callbacks)
+                                     sc_embs["unlearned"], rc, cfg.seed, f"certify: relearn on {what}", callbacks)
         del model
     curve = [{"step": a["step"], "forget_sample": a["accuracy"], "control_sample": b["accuracy"]}
              for a, b in zip(curves["forget"], curves["control"])]

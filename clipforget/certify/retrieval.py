@@ -52,7 +52,10 @@ def _fix_article(text: str) -> str:
 
 
 def retrieval_check(bundle: ClipBundle, models: dict[str, nn.Module], gallery: Gallery, req: ForgetRequest,
-               forget_items: list[Item], cfg: CertifyConfig, callbacks: list[Callback], chunk: int = 512) -> dict:
+               forget_items: list[Item], cfg: CertifyConfig, callbacks: list[Callback], edits_text: bool = False,
+                    chunk: int = 512) -> dict:
+    """Recall of the forget images among the top k of each query, per model. ``edits_text``: the
+    run edits the text tower, so the unlearned model embeds the queries with its own."""
     rc = cfg.retrieval
     forget_paths = {it.path for it in forget_items}
     near = [it for it in gallery.items if it.superclass == req.superclass or it.path in forget_paths]
@@ -62,7 +65,10 @@ def retrieval_check(bundle: ClipBundle, models: dict[str, nn.Module], gallery: G
     pool = near + rest
     relevant = torch.tensor([it.path in forget_paths for it in pool])
     queries = retrieval_queries(req, gallery, rc.paraphrases)
-    q_emb = encode_texts(bundle, [q for _, q in queries])
+    texts = [q for _, q in queries]
+    q_original = encode_texts(bundle, texts)
+    q_embs = {which: encode_texts(bundle, texts, model) if edits_text and which != "original" else q_original
+              for which, model in models.items()}
     k = min(rc.k, len(pool))
     rows = [{"kind": kind, "query": q} for kind, q in queries]
     parts = [pool[i:i + chunk] for i in range(0, len(pool), chunk)]
@@ -74,7 +80,7 @@ def retrieval_check(bundle: ClipBundle, models: dict[str, nn.Module], gallery: G
             embs[which].append(encode_images(bundle, images, model))
     for which in models:
         emb = torch.cat(embs[which])
-        top = (q_emb @ emb.t()).topk(k, dim=1).indices
+        top = (q_embs[which] @ emb.t()).topk(k, dim=1).indices
         for row, idx in zip(rows, top):
             row[side(which)] = float(relevant[idx].sum()) / float(relevant.sum())
     return {"k": k, "pool": len(pool), "relevant": int(relevant.sum()), "queries": rows}

@@ -15,9 +15,17 @@ from ..models import ClipBundle
 from .config import CertifyConfig
 
 
-def superclass_texts(bundle: ClipBundle, gallery: Gallery) -> tuple[list[str], torch.Tensor]:
+def superclass_texts(bundle: ClipBundle, gallery: Gallery, models: dict[str, nn.Module],
+                     edits_text: bool = False) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The superclass names and, per model, their class embeddings. ``edits_text``: the run's delta
+    edits the text tower, so each model's embeddings come from its own text tower; otherwise every
+    model shares the original text tower and one encoding."""
     scs = gallery.superclasses()
-    return scs, class_embeddings(bundle, class_prompts(scs))
+    prompts = class_prompts(scs)
+    if not edits_text:
+        emb = class_embeddings(bundle, prompts)
+        return scs, {which: emb for which in models}
+    return scs, {which: class_embeddings(bundle, prompts, model) for which, model in models.items()}
 
 
 @torch.no_grad()
@@ -29,7 +37,7 @@ def accuracy(bundle: ClipBundle, model: nn.Module, views: ViewSet, label: int | 
 
 
 def kept_check(bundle: ClipBundle, models: dict[str, nn.Module], gallery: Gallery, cache: ViewCache,
-          req: ForgetRequest, superclasses: list[str], sc_emb: torch.Tensor, cfg: CertifyConfig) -> dict:
+          req: ForgetRequest, superclasses: list[str], sc_embs: dict[str, torch.Tensor], cfg: CertifyConfig) -> dict:
     """Zero-shot accuracy on held-out views of other superclasses' images, before and after: the
     certificate is about forgetting one thing, so it also checks the rest was not forgotten too."""
     pool = [it for it in gallery.select(kind="hierarchy") if it.superclass != req.superclass]
@@ -38,7 +46,7 @@ def kept_check(bundle: ClipBundle, models: dict[str, nn.Module], gallery: Galler
     items = sorted(random.Random(cfg.seed).sample(pool, min(cfg.kept_images, len(pool))), key=pool.index)
     views = cache.views(items, "test", 1, bundle.image_size)
     labels = torch.tensor([superclasses.index(it.superclass) for it in views.items])
-    return {"images": len(views), **{side(w): accuracy(bundle, m, views, labels, sc_emb) for w, m in models.items()}}
+    return {"images": len(views), **{side(w): accuracy(bundle, m, views, labels, sc_embs[w]) for w, m in models.items()}}
 
 
 def side(which: str) -> str:
