@@ -48,6 +48,7 @@ class EMMNConfig:
 class EMMN(Unlearner):
     name, Config = "emmn", EMMNConfig
     summary = "baseline: maximise the forget loss on the forget set while minimising the retain loss, then repair"
+    learned = True                    # trains its delta: `emmn+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

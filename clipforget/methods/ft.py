@@ -39,6 +39,7 @@ class FTConfig:
 class FineTune(Unlearner):
     name, Config = "ft", FTConfig
     summary = "baseline: fine-tune the image tower on the retain set with the CLIP loss (never sees a forget image)"
+    learned = True                    # trains its delta: `ft+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

@@ -32,6 +32,7 @@ class GAConfig:
 class GradientAscent(Unlearner):
     name, Config = "ga", GAConfig
     summary = "baseline: gradient ascent on the forget loss (zero-shot cross-entropy) over the forget set"
+    learned = True                    # trains its delta: `ga+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

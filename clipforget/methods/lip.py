@@ -38,6 +38,7 @@ class LIPConfig:
 class Lipschitz(Unlearner):
     name, Config = "lip", LIPConfig
     summary = "baseline: minimise the Lipschitz ratio ‖g(x)−g(x+ε)‖/‖ε‖ around forget images (N noisy copies)"
+    learned = True                    # trains its delta: `lip+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

@@ -30,6 +30,7 @@ class OursConfig:
 class Ours(Unlearner):
     name, Config = "ours", OursConfig
     summary = "three stages of the paper: forget (LoRA on relative-Fisher layers), remind, restore (soup)"
+    learned, restores = True, True   # trains its delta; calibrates α itself (restore stage)
 
     def unlearn(self, ctx: Context) -> None:
         cfg = self.config

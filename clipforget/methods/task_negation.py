@@ -45,6 +45,7 @@ class TaskNegationConfig:
 class TaskNegation(Unlearner):
     name, Config = "task_negation", TaskNegationConfig
     summary = "baseline: task arithmetic, θ₀ − λ·(θ fine-tuned on the forget set − θ₀)"
+    learned = True                    # trains its delta: `task_negation+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

@@ -69,6 +69,7 @@ def error_maximising_noise(ctx: Context, cfg: UNSIRConfig) -> tuple[torch.Tensor
 class UNSIR(Unlearner):
     name, Config = "unsir", UNSIRConfig
     summary = "baseline (UNSIR): error-maximising noise for the forget class, impair on noise + retain, repair on retain"
+    learned = True                    # trains its delta: `unsir+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task
