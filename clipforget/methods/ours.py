@@ -24,6 +24,9 @@ class OursConfig:
     restore: RestoreConfig = field(default_factory=RestoreConfig)
     stand_ins: StandInConfig = field(default_factory=StandInConfig)
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"forget.loop.lr": (3e-4, 1e-3, 3e-3), "forget.top_k_layers": (2, 3, 4),
+                    "remind.loop.lr": (2e-4, 5e-4, 1e-3), "remind.forget_weight": (5.0, 20.0)}
 
 
 @register_method
