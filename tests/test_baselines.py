@@ -438,6 +438,12 @@ def test_every_learned_method_has_a_soup_variant_and_only_those():
         assert issubclass(variant.Config, get_method(n).Config)
     assert {"fisher", "fisher_retain", "ccup"}.isdisjoint(learned)           # noise / closed form: no training
     assert list(builtin_methods()) == names          # the app's menu lists the variants too, from the source
+    from clipforget.cli import build_parser
+    commands = build_parser()._subparsers._group_actions[0].choices
+    forget = next(a for a in commands["forget"]._actions if a.dest == "method")
+    assert {n + SOUP_SUFFIX for n in learned} <= set(forget.choices)               # clipforget forget --method
+    bench = next(a for a in commands["bench"]._actions if a.dest == "methods")
+    assert "ga+soup" in bench.help                                                   # bench --methods
 
 
 @pytest.mark.xfail(strict=True, reason="clip_lip.py is being rewritten for the text tower by another change; "
