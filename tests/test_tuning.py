@@ -138,3 +138,16 @@ def test_untuned_methods_are_named_not_silently_run(tiny, tiny_task, monkeypatch
     monkeypatch.setattr(get_method("ga").Config, "search_space", {})
     tuned = tuning.tune(tiny, {"dog/poodle": tiny_task}, methods=["ga"], trials=2)    # runs nothing
     assert tuned["_protocol"]["untuned"] == ["ga"] and not tuned["_trials"] and "ga" not in tuned
+
+
+def test_bench_runs_a_soup_variant_with_its_methods_config(tiny, tiny_gallery, tmp_path):
+    """A tuned file's ``ga`` entry drives ``ga+soup`` too; the variant's row carries restore's α and
+    its α-curve is plotted (the tiny model, car/taxi as above)."""
+    from clipforget.benchmark import run_bench
+    configs = {"_protocol": {"note": "ignored"}, "ga": {**QUICK_CONFIGS["ga"], "loop": {"steps": 2, "lr": 1e-3}}}
+    out = run_bench("car/taxi", ["ga", "ga+soup"], tiny, tiny_gallery, tmp_path, configs, TINY_SPLIT,
+                    cache=ViewCache(tiny_gallery, source_size=32))
+    rows = {r["method"]: r for r in out["rows"]}
+    assert rows["ga"]["alpha"] == 1.0 and 0.0 <= rows["ga+soup"]["alpha"] <= 1.0
+    assert out["plots"] == ["alpha_curve-ga+soup.png"] and (tmp_path / "alpha_curve-ga+soup.png").is_file()
+    assert "| ga+soup |" in (tmp_path / "table.md").read_text()
