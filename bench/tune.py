@@ -44,9 +44,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
-    overlap = set(specs) & tuning.bench_specs()
+    bench = {tuning.superclass_of(b) for b in tuning.bench_specs()}
+    overlap = sorted(s for s in specs if tuning.superclass_of(s) in bench)
     if overlap:
-        raise SystemExit(f"tuning task(s) {sorted(overlap)} are benchmark tasks: tune on others")
+        raise SystemExit(f"tuning task(s) {overlap} share a superclass with the benchmark's tasks: tune on others")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else tuning.tunable_methods()
     bundle, gallery = load_clip(args.model, device=args.device), Gallery.embedded()
     cache = ViewCache(gallery)
