@@ -34,6 +34,7 @@ from .eval.report import column_title
 from .eval.score import score
 from .io import save_figure, write_json, write_text
 from .methods.base import get_method, list_methods
+from .methods.catalog import soup_base
 from .models import ClipBundle
 from .pipeline import Evaluator, Run, merge_runs
 from .runfolder import save_run, scaled_delta
@@ -206,6 +207,15 @@ def deep_update(base: dict, over: dict) -> dict:
     return out
 
 
+def method_config(configs: dict, method: str):
+    """``configs[method]``; a ``+soup`` variant without its own entry runs its method's (a tuned
+    config of ``ga`` is ``ga+soup``'s too: the row then differs from ``ga``'s by restore alone).
+    Keys starting with ``_`` (a tuned file's ``_protocol``) are notes, never a method."""
+    if method in configs:
+        return configs[method]
+    return configs.get(soup_base(method)) if soup_base(method) else None
+
+
 def run_method(bundle: ClipBundle, task: Task, method: str, config, evaluator: Evaluator,
                callbacks: Iterable[Callback] = ()) -> Run:
     t0 = time.perf_counter()
@@ -245,10 +255,14 @@ def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gal
     rows, plots = [], []
     for m in methods:
         log.info("bench %s: %s", spec, m)
-        run = run_method(bundle, task, m, configs.get(m), evaluator, callbacks)
+        run = run_method(bundle, task, m, method_config(configs, m), evaluator, callbacks)
         rows.append(row_from_report(m, run.report))
         if m == "ours":
-            plots = plots_for_ours(run, _mkdir(out), label)
+            plots += plots_for_ours(run, _mkdir(out), label)
+        elif soup_base(m) and run.result.alpha_curve:
+            p = plot_alpha_curve(run.result.alpha_curve, run.result.alpha, _mkdir(out) / f"alpha_curve-{m}.png",
+                                 f"{m}: forget {label}")
+            plots += [p.name] if p else []
     title = f"forget {label} ({spec}) — {bundle.arch}"
     note = ("Score = 100/K·[(1 − min(1, a'_T/a_T)) + Σ_j min(1, a'_j/a_j)] over the K held-out columns (the "
             "paper's); the forget examples column is measured on the files the method trained on and is not in it. "
@@ -286,7 +300,7 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
     for m in list(methods or ["ours"]):
         run_dirs = []
         for s, task in zip(specs, tasks):
-            run = run_method(bundle, task, m, configs.get(m), evaluator, callbacks)
+            run = run_method(bundle, task, m, method_config(configs, m), evaluator, callbacks)
             d = out / "runs" / m / s.replace("/", "_").replace("@", "_")
             save_run(run, bundle, d, export=False)
             run_dirs.append(d)

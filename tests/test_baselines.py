@@ -11,6 +11,7 @@ from clipforget.data.gallery import Gallery
 from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_task
 from clipforget.merge import towers
 from clipforget.methods.base import Context, get_method, list_methods, text_state
+from clipforget.methods.catalog import soup_base
 from clipforget.train.loop import LoopConfig
 from tinyworld import state_hash
 
@@ -64,6 +65,13 @@ def tiny_task(tiny, tiny_gallery):
                       ViewCache(tiny_gallery, source_size=32))
 
 
+def quick_config(name: str) -> dict | None:
+    """QUICK_CONFIGS of a method; a ``+soup`` variant: its method's, with a 3-point α grid."""
+    if soup_base(name):
+        return {**QUICK_CONFIGS.get(soup_base(name), {}), "restore": {"grid_points": 3}}
+    return QUICK_CONFIGS.get(name)
+
+
 def with_weights(bundle, result, alpha=1.0):
     from clipforget.pipeline import edited_model
     return edited_model(bundle, result.delta, alpha)
@@ -77,7 +85,7 @@ def test_every_method_runs_and_keeps_the_interface(name, tiny, tiny_task):
     assert cls.summary, f"{name} needs a one-line summary"
     assert dataclasses.is_dataclass(cls.Config)
     before = state_hash(tiny.model)
-    result = cls(QUICK_CONFIGS.get(name)).run(tiny, tiny_task)
+    result = cls(quick_config(name)).run(tiny, tiny_task)
     assert state_hash(tiny.model) == before, f"{name} mutated the model it was given"
     assert all(p.grad is None for p in tiny.model.parameters()), f"{name} left gradients on the given model"
     assert result.delta, f"{name} changed nothing"
@@ -472,3 +480,77 @@ def test_learned_baselines_lower_the_held_out_target_at_their_defaults(name, bun
     result = get_method(name)().run(bundle, held_out_task, texts=texts)
     after = column_accuracy(bundle, column, texts, with_weights(bundle, result))
     assert before >= 0.75 and after <= before - 0.25, f"{name}: target {before:.2f} -> {after:.2f}"
+
+
+# ---- +soup: every learned method followed by ours' restore stage -----------------------------------
+
+def test_every_learned_method_has_a_soup_variant_and_only_those():
+    from clipforget.methods.catalog import SOUP_SUFFIX, builtin_methods
+    names = list_methods()
+    plain = [n for n in names if not soup_base(n)]
+    learned = [n for n in plain if get_method(n).learned and not get_method(n).restores]
+    assert {"ft", "ga", "emmn", "unsir", "lip", "task_negation"} <= set(learned)
+    assert "ours" in plain and get_method("ours").learned and "ours+soup" not in names   # restores itself
+    assert {n for n in names if soup_base(n)} == {n + SOUP_SUFFIX for n in learned}
+    for n in learned:
+        variant = get_method(n + SOUP_SUFFIX)
+        assert variant.soup_of == n and issubclass(variant, get_method(n)) and variant.restores
+        assert issubclass(variant.Config, get_method(n).Config)
+    assert {"fisher", "fisher_retain", "ccup"}.isdisjoint(learned)           # noise / closed form: no training
+    assert list(builtin_methods()) == names          # the app's menu lists the variants too, from the source
+    from clipforget.cli import build_parser
+    commands = build_parser()._subparsers._group_actions[0].choices
+    forget = next(a for a in commands["forget"]._actions if a.dest == "method")
+    assert {n + SOUP_SUFFIX for n in learned} <= set(forget.choices)               # clipforget forget --method
+    bench = next(a for a in commands["bench"]._actions if a.dest == "methods")
+    assert "ga+soup" in bench.help                                                   # bench --methods
+
+
+def test_clip_lip_is_declared_learned():
+    assert get_method("clip_lip").learned
+
+
+def test_a_soup_variant_takes_its_methods_overrides_and_a_restore_field():
+    from clipforget.methods.soup import soup_config
+    from clipforget.stages.restore import RestoreConfig
+    cls = get_method("ga+soup")
+    m = cls({"loop": {"lr": 3e-5}, "restore": {"margin": 0.0}})
+    assert m.config.loop.lr == 3e-5 and m.config.loop.steps == 40 and m.config.restore.margin == 0.0
+    assert cls().config.restore == RestoreConfig()                                       # ours' defaults
+    with pytest.raises(ValueError, match="target_accuracy"):
+        cls({"target_accuracy": 2.0})                                                   # the method's checks
+    with pytest.raises(TypeError, match="restore"):
+        soup_config(get_method("ours").Config)
+
+
+def test_soup_keeps_the_methods_delta_and_picks_alpha_by_the_restore_rule(tiny, tiny_task):
+    from clipforget.stages.restore import choose_alpha
+    over = {"loop": QUICK, "early_stop": False}
+    plain = get_method("ga")(over).run(tiny, tiny_task)
+    soup = get_method("ga+soup")({**over, "restore": {"grid_points": 5}}).run(tiny, tiny_task)
+    assert plain.alpha == 1.0 and plain.alpha_curve == []
+    assert soup.delta.keys() == plain.delta.keys()
+    assert all(torch.equal(soup.delta[k], plain.delta[k]) for k in plain.delta)      # Δ is the method's
+    assert [r["alpha"] for r in soup.alpha_curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    best, feasible = choose_alpha(soup.alpha_curve, 0.0, 0.01, tuple(tiny_task.trained))
+    assert soup.alpha == (min(1.0, round(best + 0.1, 6)) if feasible else best)
+    assert soup.info["restore"]["alpha"] == soup.alpha and soup.info["restore"]["feasible"] == feasible
+    assert soup.config["restore"]["grid_points"] == 5 and soup.method == "ga+soup"
+
+
+def test_soup_backs_off_a_delta_that_destroys_the_retain_set(tiny, tiny_task, monkeypatch):
+    """A curve on which α = 1 forgets but wrecks the retain column: restore keeps the weakest α
+    that still forgets (plus the margin), as it does for ours; forgetting nowhere -> lowest target."""
+    import clipforget.stages.restore as restore
+    def wrecking(ctx, delta, alphas):
+        return [{"alpha": a, "target": 1.0 if a < 0.3 else 0.0, "retain": 1.0 - a, "forget_examples": 0.0}
+                for a in alphas]
+    monkeypatch.setattr(restore, "alpha_curve", wrecking)
+    over = {"loop": QUICK, "early_stop": False}
+    soup = get_method("ga+soup")(over).run(tiny, tiny_task)
+    assert soup.alpha == pytest.approx(0.4) and soup.info["restore"]["calibrated_alpha"] == pytest.approx(0.3)
+    assert soup.alpha_curve == wrecking(None, None, [i / 10 for i in range(11)])
+    monkeypatch.setattr(restore, "alpha_curve", lambda ctx, d, alphas: [
+        {"alpha": a, "target": 1.0 - 0.5 * a, "retain": 1.0} for a in alphas])
+    soup = get_method("ga+soup")(over).run(tiny, tiny_task)
+    assert soup.alpha == 1.0 and soup.info["restore"]["feasible"] is False

@@ -18,6 +18,11 @@ and the result with the weights as a delta θ_u − θ₀ with the keys of ``mod
 To add a method: write ``clipforget/methods/<your_method>.py`` with an ``Unlearner`` subclass
 (``name``, ``summary``, ``Config``, ``unlearn``) decorated ``@register_method``. Nothing else: the
 file is found by scanning the package (:mod:`.catalog`), so the CLI, the app and the tests list it.
+
+A method that trains its delta declares ``learned = True``; unless it calibrates α itself
+(``restores = True``, as ours does), registering it also registers ``<name>+soup``: the same
+method followed by ours' restore stage (:mod:`.soup`). A Config may declare ``search_space``
+(:mod:`clipforget.tuning`).
 """
 from __future__ import annotations
 
@@ -55,6 +60,9 @@ def register_method(cls: type["Unlearner"]) -> type["Unlearner"]:
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
+    if cls.learned and not cls.restores:      # its delta gets ours' restore stage as "<name>+soup"
+        from .soup import soup_variant
+        register_method(soup_variant(cls))
     return cls
 
 
@@ -314,6 +322,8 @@ class Unlearner:
     Config: ClassVar[type] = type(None)
     summary: ClassVar[str] = ""          # one line for `clipforget list-methods`
     edits_text: ClassVar[bool] = False   # True: the editable copy owns a private text tower too
+    learned: ClassVar[bool] = False      # trains its delta (θ_u − θ₀): gets a "+soup" variant
+    restores: ClassVar[bool] = False     # calibrates α itself (a restore stage): no "+soup" variant
 
     def __init__(self, config=None):
         if isinstance(config, dict):

@@ -13,13 +13,28 @@ from functools import lru_cache
 from pathlib import Path
 
 
+SOUP_SUFFIX = "+soup"      # ``ga+soup``: a learned method followed by ours' restore stage (.soup)
+
+
 def menu_order(name: str) -> tuple[bool, str]:
-    """Sort key of method names wherever they are listed: ``ours`` first, then alphabetical."""
+    """Sort key of method names wherever they are listed: ``ours`` first, then alphabetical (a
+    ``+soup`` variant right after its method)."""
     return name != "ours", name
 
 
-def _strings(cls: ast.ClassDef) -> dict[str, str]:
-    """The class-level string constants of a class body: ``x = "..."`` and ``x, Y = "...", Y``."""
+def soup_summary(summary: str) -> str:
+    """The one-line summary of ``<method>+soup`` from its method's (here, so the menu needs no torch)."""
+    return f"{summary} — then ours' restore: θ₀ + α·Δ, α calibrated on the calibration set"
+
+
+def soup_base(name: str) -> str | None:
+    """The method a ``+soup`` variant runs (``ga+soup`` -> ``ga``); None for any other name."""
+    return name.removesuffix(SOUP_SUFFIX) if name.endswith(SOUP_SUFFIX) else None
+
+
+def _strings(cls: ast.ClassDef) -> dict[str, str | bool]:
+    """The class-level string and bool constants of a class body: ``x = "..."``, ``learned = True``
+    and ``x, Y = "...", Y``."""
     out = {}
     for node in cls.body:
         if not isinstance(node, ast.Assign) or len(node.targets) != 1:
@@ -28,19 +43,23 @@ def _strings(cls: ast.ClassDef) -> dict[str, str]:
         pairs = (zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
                  else [(target, value)])
         for t, v in pairs:
-            if isinstance(t, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, str):
+            if isinstance(t, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (str, bool)):
                 out[t.id] = v.value
     return out
 
 
 def _registered(path: Path) -> dict[str, str]:
-    """{name: summary} of the ``@register_method`` classes at the top level of one source file."""
+    """{name: summary} of the ``@register_method`` classes at the top level of one source file, and
+    of the ``+soup`` variant registering one makes when it says ``learned = True`` (and not
+    ``restores = True``) in its own body, as :func:`.base.register_method` does."""
     found = {}
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.ClassDef) and any(
                 isinstance(d, ast.Name) and d.id == "register_method" for d in node.decorator_list):
             consts = _strings(node)
             found[consts["name"]] = consts.get("summary", "")
+            if consts.get("learned") is True and consts.get("restores") is not True:
+                found[consts["name"] + SOUP_SUFFIX] = soup_summary(consts.get("summary", ""))
     return found
 
 

@@ -104,6 +104,8 @@ class CCUPConfig:
     retain_energy: float = 1.0        # fraction of T_r's squared spectrum spanned by U_r (1: all of it)
     orthogonalize: bool = True        # make U orthogonal to the retained span (False: U = orth(T_f))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"retain_energy": (0.8, 0.9, 0.95, 0.99, 1.0), "include_concepts": (False, True)}
 
     def __post_init__(self):
         if not 0.0 <= self.strength <= 1.0:

@@ -58,6 +58,8 @@ class CLIPLIPConfig:
     early_stop: bool = True           # stop once the forget training views are no longer the target
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=30, lr=1e-3, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"loop.lr": (3e-4, 1e-3, 3e-3), "lora_rank": (4, 8), "top_k_layers": (2, 4, 8)}
 
     def __post_init__(self):
         if self.synthetic < 0:
@@ -110,6 +112,7 @@ class CLIPLIP(Unlearner):
     name, Config = "clip_lip", CLIPLIPConfig
     summary = "baseline: LoRA on the text tower, forgetting in the joint image–text space with a Lipschitz loss"
     edits_text = True
+    learned = True                    # trains its delta: `clip_lip+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

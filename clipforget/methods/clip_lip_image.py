@@ -34,6 +34,8 @@ class CLIPLIPImageConfig:
     batch_size: int = 8               # samples per step
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=30, lr=2e-4, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"loop.lr": (1e-4, 2e-4, 5e-4), "sigma": (0.5, 1.0), "top_k_layers": (3, 5)}
 
     def __post_init__(self):
         if self.synthetic < 0:
@@ -64,6 +66,7 @@ def synthesize(ctx: Context, n: int, loop: LoopConfig) -> torch.Tensor:
 @register_method
 class CLIPLIPImage(Unlearner):
     name, Config = "clip_lip_image", CLIPLIPImageConfig
+    learned = True                    # trains its delta: `clip_lip_image+soup` adds ours' restore
     summary = ("baseline (earlier CLIP-LIP variant): Lipschitz forgetting of image-tower layers picked by gradient, "
                "on synthetic samples")
 

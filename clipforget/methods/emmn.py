@@ -34,6 +34,8 @@ class EMMNConfig:
     impair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=40, lr=1e-4, grad_clip=1.0))
     repair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=5, lr=1e-5, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"impair.lr": (2e-5, 1e-4, 2e-4), "repair.lr": (1e-5, 1e-4), "forget_weight": (0.5, 1.0)}
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -48,6 +50,7 @@ class EMMNConfig:
 class EMMN(Unlearner):
     name, Config = "emmn", EMMNConfig
     summary = "baseline: maximise the forget loss on the forget set while minimising the retain loss, then repair"
+    learned = True                    # trains its delta: `emmn+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

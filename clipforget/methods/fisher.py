@@ -36,6 +36,8 @@ class FisherConfig:
     cap: float = 1e-2                 # upper bound on σ (weights the Fisher's data never uses)
     samples: int = 64                 # images for the Fisher estimate (one backward each)
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"scale": (0.05, 0.2, 1.0), "cap": (1e-3, 3e-3, 1e-2, 3e-2)}
 
     def __post_init__(self):
         if not self.scale > 0:

@@ -27,6 +27,8 @@ class FTConfig:
     loss: str = "clip"                # clip: own captions only | retain: own captions + superclass prompt
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=40, lr=1e-5, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"loop.lr": (3e-6, 1e-5, 3e-5, 1e-4, 3e-4), "loop.steps": (20, 40)}
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -39,6 +41,7 @@ class FTConfig:
 class FineTune(Unlearner):
     name, Config = "ft", FTConfig
     summary = "baseline: fine-tune the image tower on the retain set with the CLIP loss (never sees a forget image)"
+    learned = True                    # trains its delta: `ft+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

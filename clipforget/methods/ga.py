@@ -20,6 +20,8 @@ class GAConfig:
     early_stop: bool = True           # False: always run every step of the loop
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=40, lr=1e-5, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"loop.lr": (3e-6, 1e-5, 3e-5, 1e-4), "loop.steps": (20, 40, 80)}
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -32,6 +34,7 @@ class GAConfig:
 class GradientAscent(Unlearner):
     name, Config = "ga", GAConfig
     summary = "baseline: gradient ascent on the forget loss (zero-shot cross-entropy) over the forget set"
+    learned = True                    # trains its delta: `ga+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

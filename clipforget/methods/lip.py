@@ -24,6 +24,8 @@ class LIPConfig:
     batch_size: int = 8               # forget images per step (x copies forward passes)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=30, lr=1e-2, grad_clip=1.0, optimizer="sgd"))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"loop.lr": (1e-3, 1e-2, 1e-1), "sigma": (0.1, 0.5, 1.0)}
 
     def __post_init__(self):
         if self.copies < 1:
@@ -38,6 +40,7 @@ class LIPConfig:
 class Lipschitz(Unlearner):
     name, Config = "lip", LIPConfig
     summary = "baseline: minimise the Lipschitz ratio ‖g(x)−g(x+ε)‖/‖ε‖ around forget images (N noisy copies)"
+    learned = True                    # trains its delta: `lip+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

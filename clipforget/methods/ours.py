@@ -24,12 +24,16 @@ class OursConfig:
     restore: RestoreConfig = field(default_factory=RestoreConfig)
     stand_ins: StandInConfig = field(default_factory=StandInConfig)
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"forget.loop.lr": (3e-4, 1e-3, 3e-3), "forget.top_k_layers": (2, 3, 4),
+                    "remind.loop.lr": (2e-4, 5e-4, 1e-3), "remind.forget_weight": (5.0, 20.0)}
 
 
 @register_method
 class Ours(Unlearner):
     name, Config = "ours", OursConfig
     summary = "three stages of the paper: forget (LoRA on relative-Fisher layers), remind, restore (soup)"
+    learned, restores = True, True   # trains its delta; calibrates α itself (restore stage)
 
     def unlearn(self, ctx: Context) -> None:
         cfg = self.config

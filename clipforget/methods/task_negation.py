@@ -31,6 +31,8 @@ class TaskNegationConfig:
     batch_size: int = 64              # forget images per fine-tuning step
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, lr=1e-5, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"loop.lr": (3e-6, 1e-5, 3e-5, 1e-4), "loop.steps": (10, 20, 40)}
 
     def __post_init__(self):
         if self.lam is not None and self.lam < 0:
@@ -45,6 +47,7 @@ class TaskNegationConfig:
 class TaskNegation(Unlearner):
     name, Config = "task_negation", TaskNegationConfig
     summary = "baseline: task arithmetic, θ₀ − λ·(θ fine-tuned on the forget set − θ₀)"
+    learned = True                    # trains its delta: `task_negation+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task

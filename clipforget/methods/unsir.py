@@ -31,6 +31,8 @@ class UNSIRConfig:
     impair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=10, lr=2e-5, grad_clip=1.0))
     repair: LoopConfig = field(default_factory=lambda: LoopConfig(steps=10, lr=1e-5, grad_clip=1.0))
     seed: int = 0
+    # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
+    search_space = {"impair.lr": (1e-5, 2e-5, 1e-4), "repair.lr": (1e-5, 1e-4), "noise_l2": (0.01, 0.1)}
 
     def __post_init__(self):
         if self.noise_images < 1:
@@ -69,6 +71,7 @@ def error_maximising_noise(ctx: Context, cfg: UNSIRConfig) -> tuple[torch.Tensor
 class UNSIR(Unlearner):
     name, Config = "unsir", UNSIRConfig
     summary = "baseline (UNSIR): error-maximising noise for the forget class, impair on noise + retain, repair on retain"
+    learned = True                    # trains its delta: `unsir+soup` adds ours' restore
 
     def unlearn(self, ctx: Context) -> None:
         cfg, task = self.config, ctx.task
