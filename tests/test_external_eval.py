@@ -34,9 +34,11 @@ def test_clip_benchmark_agrees_with_the_report(ccup_run, gallery, minilm_hub_cac
     from clipforget.data.task import SplitConfig
     assert SplitConfig(**json.loads((run_dir / "run.json").read_text())["split"]) == run.task.split
     copy = shutil.copytree(run_dir, tmp_path / "copied-run")          # the run folder moved: nothing points back
-    results = ext.external_eval(copy, gallery, hub_cache=minilm_hub_cache)
-    columns = {**run.report["columns"], **run.report["trained_on"]}
-    assert list(results) == list(columns)
+    # every column but other concepts: clip-benchmark encodes one class per forward pass, and that
+    # column's 460 concepts take minutes here (`python bench/external_eval.py RUN` scores it too)
+    columns = {k: v for k, v in {**run.report["columns"], **run.report["trained_on"]}.items() if k != "other_concepts"}
+    results = ext.external_eval(copy, gallery, hub_cache=minilm_hub_cache, only=tuple(columns))
+    assert list(results) == list(columns) and len(columns) >= 5
     for name, r in results.items():
         assert r["images"] == columns[name]["images"], name      # the rebuilt column holds the report's images
         assert r["report"] == columns[name]["after"]
