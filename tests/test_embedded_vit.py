@@ -62,6 +62,7 @@ def test_train_config_of_the_vit():
         TrainEmbeddedConfig(arch="mlp")
 
 
+@pytest.mark.slow
 def test_quick_forget_changes_only_the_image_tower(vit, gallery, view_cache):
     """The BN-free path end to end: stand-ins, Fisher, LoRA forget, remind with the LayerNorm
     alignment, restore — a few steps each."""
@@ -70,7 +71,8 @@ def test_quick_forget_changes_only_the_image_tower(vit, gallery, view_cache):
            "remind": {"align": {"steps": 2, "max_images": 16}, "loop": {"steps": 2, "check_every": 2}},
            "restore": {"grid_points": 3}}
     before = {k: v.clone() for k, v in vit.model.state_dict().items()}
-    run = forget(vit, ForgetRequest("dog", "poodle"), "ours", cfg, gallery, split=SplitConfig(**QUICK_SPLIT),
+    # taxi: a subgroup the shipped ViT recognises on this split's test files (2 of 3; poodle: none)
+    run = forget(vit, ForgetRequest("car", "taxi"), "ours", cfg, gallery, split=SplitConfig(**QUICK_SPLIT),
                  cache=view_cache)
     assert all(torch.equal(v, before[k]) for k, v in vit.model.state_dict().items()), "the given model changed"
     delta = run.result.delta
@@ -80,3 +82,5 @@ def test_quick_forget_changes_only_the_image_tower(vit, gallery, view_cache):
     changed = {k for k, v in edited.items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("visual.") for k in changed)
     assert run.report["columns"]["target"]["before"] > 0
+    remind = run.result.info["remind"]   # no BatchNorm: the LayerNorm inputs were aligned [recon]
+    assert remind["aligned"] is True and remind["norm"] == "layernorm"
