@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     environ = os.environ if environ is None else environ
     env_host, env_port = environ.get("GRADIO_SERVER_NAME"), environ.get("GRADIO_SERVER_PORT")
     p = argparse.ArgumentParser(description="clipforget web app")
-    p.add_argument("--model", default="embedded", help="'embedded', an open_clip architecture, or local-dir:PATH")
+    p.add_argument("--model", default="embedded", help="'embedded', 'embedded-vit', an open_clip architecture, or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="pretrained tag or local checkpoint for --model")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling of a trusted .pt --pretrained checkpoint (it can run code)")

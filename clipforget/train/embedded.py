@@ -1,7 +1,8 @@
 """Train the embedded model on the emoji gallery (``clipforget train-embedded``).
 
 The MiniLM text encoder stays frozen, so its pooled output is computed once per unique caption and
-only the MLP text projection, the ResNet image tower and the logit scale train. The loss is a
+only the MLP text projection, the image tower and the logit scale train. ``arch`` picks the image
+tower: ``rn`` the BatchNorm ResNet of ``embedded``, ``vit`` the VisionTransformer of ``embedded-vit``. The loss is a
 multi-positive contrastive loss: a caption is a positive for every image in the batch whose concept
 or superclass and style match it (``a dog`` is positive for a poodle, ``a black and white line
 drawing of a car`` for every line-art car).
@@ -24,9 +25,12 @@ from ..data.gallery import Gallery
 from ..data.prompts import training_captions
 from ..io import save_safetensors
 from ..losses import multi_positive_loss
-from ..models import EMBEDDED_ARCH, EMBEDDED_WEIGHTS, _create, register_embedded, trainable_state_dict
+from ..models import EMBEDDED, EMBEDDED_MODELS, EMBEDDED_VIT, _create, register_embedded, trainable_state_dict
 
 log = logging.getLogger(__name__)
+
+# --arch of `clipforget train-embedded` -> the embedded model it trains
+ARCHS = {"rn": EMBEDDED, "vit": EMBEDDED_VIT}
 
 
 @dataclass
@@ -38,10 +42,14 @@ class TrainEmbeddedConfig:
     warmup: float = 0.05             # fraction of steps with linear warm-up, then cosine
     hierarchy_fraction: float = 0.6  # share of each batch drawn from hierarchy images
     source_size: int = 96            # images are loaded at this size and augmented down to 64
+    grad_clip: float = 0.0          # max gradient norm (0: none)
     seed: int = 0
+    arch: str = "rn"                 # rn: the ResNet of `embedded`; vit: the ViT of `embedded-vit`
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps must be >= 1 and batch_size >= 2")
         if not 0 < self.hierarchy_fraction < 1:
@@ -67,16 +75,35 @@ def training_items(gallery: Gallery) -> list:
     return [it for it in gallery.items if not it.unseen and not it.unseen_style]
 
 
-def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path = EMBEDDED_WEIGHTS,
+# the ViT's own defaults (a ViT trained from scratch wants a longer warm-up and clipped gradients);
+# its step count is what the shipped run could afford on a shared 2-core machine (docs/results/embedded-vit.md)
+ARCH_DEFAULTS = {"rn": {}, "vit": {"steps": 800, "warmup": 0.1, "grad_clip": 1.0}}
+
+
+def default_config(arch: str = "rn", **overrides) -> TrainEmbeddedConfig:
+    """``TrainEmbeddedConfig`` with ``arch``'s defaults, then ``overrides``."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return TrainEmbeddedConfig(arch=arch, **{**ARCH_DEFAULTS[arch], **overrides})
+
+
+def default_weights(arch: str = "rn") -> Path:
+    """Where the shipped weights of ``arch``'s embedded model live."""
+    return EMBEDDED_MODELS[ARCHS[arch]][1]
+
+
+def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path | None = None,
                    gallery: Gallery | None = None,
                    callback: Callable[[dict], None] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     gallery = gallery or Gallery.embedded()
+    out = Path(out) if out else default_weights(cfg.arch)
+    arch = EMBEDDED_MODELS[ARCHS[cfg.arch]][0]
     register_embedded()
     import open_clip
-    model, _ = _create(EMBEDDED_ARCH, None, "fp32", torch.device("cpu"), text_pretrained=True)
-    tokenizer = open_clip.get_tokenizer(EMBEDDED_ARCH)
+    model, _ = _create(arch, None, "fp32", torch.device("cpu"), text_pretrained=True)
+    tokenizer = open_clip.get_tokenizer(arch)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
     std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
     size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
@@ -129,6 +156,8 @@ def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path =
         loss = multi_positive_loss(img, txt, pos, model.logit_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == cfg.steps - 1:
@@ -140,9 +169,10 @@ def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path =
                 callback(rec)
     model.eval()
     sd = {k: v.half() if v.is_floating_point() else v
-          for k, v in trainable_state_dict(model, EMBEDDED_ARCH).items()}
+          for k, v in trainable_state_dict(model, arch).items()}
     train_seconds = time.perf_counter() - t_train
-    save_safetensors(sd, out, {"arch": EMBEDDED_ARCH, "config": asdict(cfg), "train_seconds": round(train_seconds),
+    save_safetensors(sd, out, {"arch": arch, "config": asdict(cfg), "train_seconds": round(train_seconds),
+                               "threads": torch.get_num_threads(),
                                "gallery_hash": gallery.content_hash})
     return {"out": str(out), "train_seconds": train_seconds, "captions": len(texts), "images": len(items),
             "final_loss": history[-1]["loss"]}
