@@ -276,6 +276,9 @@ def cmd_sweep(args) -> int:
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
 
     def row(r):
+        if "skipped" in r:
+            print(f"  {r['superclass']}/{r['subgroup']} fold {r['fold']}: skipped ({r['skipped']})", flush=True)
+            return
         print(f"  {r['superclass']}/{r['subgroup']} fold {r['fold']}: Score {r['score']:.1f}, held-out target "
               f"{r['columns']['target']['before']:.2f}"
               f" -> {r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s", flush=True)
@@ -284,8 +287,12 @@ def cmd_sweep(args) -> int:
     s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
                   args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
                   resume=args.resume, folds=args.folds, split=_split(args.split))
+    if s["median_score"] is None:
+        print(f"no request was scored: the model recognised none of them ({len(s['skipped'])} skipped)")
+        return 1
     print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, held-out target <= chance in "
-          f"{s['target_at_or_below_chance']}/{s['requests']}, median {s['median_seconds']:.1f}s per job")
+          f"{s['target_at_or_below_chance']}/{s['requests']}, median {s['median_seconds']:.1f}s per job"
+          + (f"; {len(s['skipped'])} skipped (not recognised before unlearning)" if s["skipped"] else ""))
     return 0
 
 

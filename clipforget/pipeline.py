@@ -140,7 +140,7 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
     evaluator = evaluator or Evaluator(bundle)
     unlearner = get_method(method)(config)
     if evaluator.before(task)["target"] <= 0:     # memoised: the report reuses it; fail before training
-        raise ValueError(f"the model does not recognise {request.label} as {request.superclass!r} (zero-shot "
+        raise NothingToForget(f"the model does not recognise {request.label} as {request.superclass!r} (zero-shot "
                          "accuracy 0 on its test images before unlearning), so there is nothing to forget; "
                          "check the model and its weights, or pick another subgroup")
     result = unlearner.run(bundle, task, callbacks, evaluator.texts)
@@ -149,6 +149,10 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
     report["seconds"]["total"] = time.perf_counter() - t0
     report["seed"] = getattr(unlearner.config, "seed", 0)
     return Run(result, report, task)
+
+
+class NothingToForget(ValueError):
+    """The model does not recognise the request's held-out target images before unlearning."""
 
 
 def merge_runs(run_dirs: list[str | Path], mode: str = "sum") -> StateDict:

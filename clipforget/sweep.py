@@ -19,7 +19,7 @@ from .data.gallery import Gallery
 from .data.task import ForgetRequest, SplitConfig, ViewCache
 from .io import write_json, write_text
 from .models import ClipBundle
-from .pipeline import Evaluator, forget
+from .pipeline import Evaluator, NothingToForget, forget
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,17 @@ class _Runner:
         self.cache, self.evaluator = ViewCache(gallery), Evaluator(bundle)
 
     def __call__(self, request: ForgetRequest, fold: int = 0) -> dict:
+        """The request's row; a request the model does not recognise before unlearning is a row
+        with ``skipped`` (the reason) instead of figures, and the sweep goes on."""
         t0 = time.perf_counter()
-        run = forget(self.bundle, request, self.method, self.config, self.gallery,
-                     dataclasses.replace(self.split, fold=self.split.fold + fold),
-                     cache=self.cache, evaluator=self.evaluator)
+        try:
+            run = forget(self.bundle, request, self.method, self.config, self.gallery,
+                         dataclasses.replace(self.split, fold=self.split.fold + fold),
+                         cache=self.cache, evaluator=self.evaluator)
+        except NothingToForget as e:
+            log.warning("skipped %s: %s", request.label, e)
+            return {"superclass": request.superclass, "subgroup": request.subgroup, "style": request.style,
+                    "fold": fold, "skipped": str(e), "wall": time.perf_counter() - t0}
         return {**sweep_row(run, fold), "wall": time.perf_counter() - t0}
 
 
@@ -177,6 +184,10 @@ def per_request(rows: list[dict]) -> list[dict]:
 
 
 def summarise(rows: list[dict], method: str) -> dict:
+    """Median / minimum Score and the rest over the scored rows; ``skipped`` lists the requests
+    the model did not recognise before unlearning (nothing to forget: no figure)."""
+    every_row, skipped = rows, [r for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     requests = per_request(rows)
     scores = [r["score"] for r in requests]
     at_chance = [r["target_after"] <= r["chance"] + 1e-9 for r in requests]
@@ -191,7 +202,8 @@ def summarise(rows: list[dict], method: str) -> dict:
             "max_seconds": max(secs) if secs else None,
             "median_stage_seconds": {k: statistics.median(r["stage_seconds"][k] for r in rows
                                                           if k in r.get("stage_seconds", {})) for k in stages},
-            "per_request": requests, "rows": rows}
+            "per_request": requests, "rows": every_row,
+            "skipped": [{k: r[k] for k in ("superclass", "subgroup", "style", "fold", "skipped")} for r in skipped]}
 
 
 def markdown(summary: dict) -> str:
@@ -201,15 +213,20 @@ def markdown(summary: dict) -> str:
              "forget examples column is the trained-on files, outside the Score."
              + (" A request's figures below are the mean over its folds; the table lists each run." if folds > 1 else ""),
              "",
-             f"- median Score {summary['median_score']:.1f}, minimum {summary['min_score']:.1f}",
+             (f"- median Score {summary['median_score']:.1f}, minimum {summary['min_score']:.1f}"
+              if summary["median_score"] is not None else "- no run was scored"),
              f"- held-out target accuracy after <= chance in {summary['target_at_or_below_chance']} of {n}",
-             f"- seconds per job: median {summary['median_seconds']:.1f}, max {summary['max_seconds']:.1f}; "
-             "median per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("median_stage_seconds", {}).items()),
+             *([f"- skipped {len(summary['skipped'])} run(s) the model does not recognise before unlearning "
+                "(nothing to forget): " + ", ".join(f"{r['superclass']}/{r['subgroup'] or r['style']}"
+                                                    for r in summary["skipped"])] if summary.get("skipped") else []),
+             *([f"- seconds per job: median {summary['median_seconds']:.1f}, max {summary['max_seconds']:.1f}; "
+                "median per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("median_stage_seconds", {}).items())]
+               if summary["median_seconds"] is not None else []),
              "",
              "| superclass | subgroup | style | fold | α | target (held out) before → after | forget examples (trained on) | "
              "retain | other superclasses | other concepts | unseen styles | Score |",
              "|---|---|---|---:|---:|---|---|---|---|---|---|---:|"]
-    for r in summary["rows"]:
+    for r in (r for r in summary["rows"] if "skipped" not in r):
         c = {**r["columns"], **r.get("trained_on", {})}
 
         def fmt(name):

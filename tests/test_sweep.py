@@ -92,3 +92,30 @@ def test_resume_checks_come_before_the_model_loads(args, sweep_json, message, tm
     code = cli_main(["sweep", "--resume", *[a.format(out=tmp_path) for a in args]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.startswith("clipforget sweep: error: "), err
+
+
+def test_a_request_the_model_does_not_recognise_is_skipped_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """A weak model (the 800-step embedded ViT) recognises some subgroups not at all: the pipeline
+    refuses them (nothing to forget) and the sweep records why, scores the rest and says how many."""
+    from types import SimpleNamespace
+
+    from clipforget.data.task import SplitConfig
+    from clipforget.pipeline import NothingToForget
+
+    def init(self, *args):
+        self.bundle = self.gallery = self.method = self.config = self.cache = self.evaluator = None
+        self.split = SplitConfig()
+    monkeypatch.setattr(sweep._Runner, "__init__", init)
+
+    def fake_forget(bundle, request, *args, **kwargs):
+        if request.subgroup == "dog-1":
+            raise NothingToForget("the model does not recognise dog-1")
+        report = {"score": 90.0, "alpha": 1.0, "chance": 0.04, "columns": {"target": {"before": 1.0, "after": 0.0}},
+                  "seconds": {"total": 1.0}}
+        return SimpleNamespace(report=report, task=SimpleNamespace(request=request))
+    monkeypatch.setattr(sweep, "forget", fake_forget)
+    summary = sweep.run_sweep(object(), None, REQUESTS[:3], out=tmp_path)
+    assert summary["requests"] == 2 and summary["median_score"] == 90.0 and summary["target_at_or_below_chance"] == 2
+    assert [r["subgroup"] for r in summary["skipped"]] == ["dog-1"] and "recognise" in summary["skipped"][0]["skipped"]
+    assert [r["subgroup"] for r in summary["rows"]] == ["dog-0", "dog-1", "dog-2"]      # request order, kept for resume
+    assert "skipped 1 run(s)" in (tmp_path / "sweep.md").read_text()
