@@ -37,7 +37,7 @@ from torch import nn
 from ..stages.forget import add_low_rank, merge_low_rank
 from ..train.loop import LoopConfig, optimize
 from .base import Context, Unlearner, register_method
-from .clip_lip_image import synthesize
+from .clip_lip_image import check_samples, synthesize
 from .common import trainable
 
 
@@ -62,17 +62,9 @@ class CLIPLIPConfig:
     search_space = {"loop.lr": (3e-4, 1e-3, 3e-3), "lora_rank": (4, 8), "top_k_layers": (2, 4, 8)}
 
     def __post_init__(self):
-        if self.synthetic < 0:
-            raise ValueError(f"synthetic must be >= 0, got {self.synthetic}")
-        if self.synthetic == 0 and not self.use_forget_images:
-            raise ValueError("synthetic must be > 0 when use_forget_images is False (no samples left)")
-        if self.top_k_layers < 1:
-            raise ValueError(f"top_k_layers must be >= 1, got {self.top_k_layers}")
+        check_samples(self)
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.copies < 1 or not self.sigma > 0 or self.text_sigma < 0:
-            raise ValueError(f"copies must be >= 1, sigma > 0, text_sigma >= 0; got copies={self.copies}, "
-                             f"sigma={self.sigma}, text_sigma={self.text_sigma}")
         for name in ("lip_weight", "retain_weight", "anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

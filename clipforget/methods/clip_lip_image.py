@@ -38,15 +38,7 @@ class CLIPLIPImageConfig:
     search_space = {"loop.lr": (1e-4, 2e-4, 5e-4), "sigma": (0.5, 1.0), "top_k_layers": (3, 5)}
 
     def __post_init__(self):
-        if self.synthetic < 0:
-            raise ValueError(f"synthetic must be >= 0, got {self.synthetic}")
-        if self.synthetic == 0 and not self.use_forget_images:
-            raise ValueError("synthetic must be > 0 when use_forget_images is False (no samples left)")
-        if self.top_k_layers < 1:
-            raise ValueError(f"top_k_layers must be >= 1, got {self.top_k_layers}")
-        if self.copies < 1 or not self.sigma > 0 or self.text_sigma < 0:
-            raise ValueError(f"copies must be >= 1, sigma > 0, text_sigma >= 0; got copies={self.copies}, "
-                             f"sigma={self.sigma}, text_sigma={self.text_sigma}")
+        check_samples(self)
 
 
 def synthesize(ctx: Context, n: int, loop: LoopConfig) -> torch.Tensor:
@@ -61,6 +53,19 @@ def synthesize(ctx: Context, n: int, loop: LoopConfig) -> torch.Tensor:
                  ctx.callbacks)
     ctx.original.visual.train(was)
     return x.detach()
+
+
+def check_samples(cfg) -> None:
+    """The checks both CLIP-LIP configs share: samples, layers and noise."""
+    if cfg.synthetic < 0:
+        raise ValueError(f"synthetic must be >= 0, got {cfg.synthetic}")
+    if cfg.synthetic == 0 and not cfg.use_forget_images:
+        raise ValueError("synthetic must be > 0 when use_forget_images is False (no samples left)")
+    if cfg.top_k_layers < 1:
+        raise ValueError(f"top_k_layers must be >= 1, got {cfg.top_k_layers}")
+    if cfg.copies < 1 or not cfg.sigma > 0 or cfg.text_sigma < 0:
+        raise ValueError(f"copies must be >= 1, sigma > 0, text_sigma >= 0; got copies={cfg.copies}, "
+                         f"sigma={cfg.sigma}, text_sigma={cfg.text_sigma}")
 
 
 @register_method
