@@ -26,6 +26,7 @@ import torch
 
 from .alphas import DEFAULT_ALPHA_POINTS, alpha_points, nearest  # noqa: F401 - also this module's API
 from .embed import ENCODE_BATCH, to_input
+from .merge import write_delta
 from .models import ClipBundle
 from .trunk import TrunkEncoder
 
@@ -160,9 +161,7 @@ class AlphaGrid:
         return self.enc.split
 
     def _set(self, alpha: float) -> None:
-        for k, d in self.vdelta.items():            # as apply_delta: in float, then the weight's dtype
-            base = self._base[k]
-            self._weights[k].copy_((base.float() + alpha * d.to(base.device)).to(base.dtype))
+        write_delta(self._weights, self._base, self.vdelta, alpha)
 
     def _prepare(self, i: int):
         """A batch's trunk output. Asked whether the whole gallery's would fit (``total``) until
@@ -270,9 +269,7 @@ class TextAlpha:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (unlearning strength) must be in [0, 1], got {alpha}")
         if self._alpha != alpha:
-            for k, d in self.tdelta.items():        # as apply_delta: in float, then the weight's dtype
-                base = self._base[k]
-                self._weights[k].copy_((base.float() + alpha * d.to(base.device)).to(base.dtype))
+            write_delta(self._weights, self._base, self.tdelta, alpha)
             self._alpha = alpha
 
     @torch.no_grad()

@@ -55,6 +55,15 @@ def apply_delta(theta0: StateDict, d: StateDict, alpha: float = 1.0) -> StateDic
     return out
 
 
+def write_delta(weights: StateDict, base: StateDict, d: StateDict, alpha: float) -> None:
+    """In place: ``weights[k]`` ← base[k] + α·Δ[k] for every entry of ``d``, computed as
+    :func:`apply_delta` does (in float, then the weight's dtype), so a model's own parameters can be
+    moved along the soup line without new tensors (the α-grid, text embeddings at α)."""
+    for k, v in d.items():
+        b = base[k]
+        weights[k].copy_((b.float() + alpha * v.to(b.device)).to(b.dtype))
+
+
 def interpolate(theta0: StateDict, theta1: StateDict, alpha: float) -> StateDict:
     """The soup θ₀ + α(θ₁ − θ₀); non-float entries (BN counters) come from θ₁."""
     return {k: theta0[k] + alpha * (theta1[k] - theta0[k]) if theta0[k].is_floating_point() else theta1[k]
