@@ -11,9 +11,16 @@ A task is named by a spec:
 - ``continual:A+B+...``  continual forgetting by merging single-request runs [paper A.2]
 - ``ablation:SPEC``      the ablation table of ours on one request (each ingredient switched off)
 
-or by a preset name of :data:`PRESETS` (``all`` runs every preset into its own sub-folder).
-Rows: one per method (or merge / ablation variant); columns: each report column's after-accuracy
-and its ratio to before, and the Score.
+or by a preset name of :data:`PRESETS` (``all`` runs every preset into its own sub-folder). A preset
+holds several requests of one kind (five subgroups, five styles, ...): each gets its own table in a
+sub-folder and the preset a summary over them (each method's mean Score ± sd, its minimum, how many
+requests end with the held-out target at or below chance, and each column's mean), so no figure
+hangs on one subgroup. Rows: one per method (or merge / ablation variant); columns: each report
+column's after-accuracy and its ratio to before, and the Score.
+
+When a learned method and its ``+soup`` variant run with the same config, the variant runs once
+and the method's row is its delta at α = 1 (the variant makes exactly the method's delta first),
+so the table shows what restore buys at the cost of one run.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from .eval.report import column_title
 from .eval.score import score
 from .io import save_figure, write_json, write_text
 from .methods.base import get_method, list_methods
-from .methods.catalog import soup_base
+from .methods.catalog import SOUP_SUFFIX, soup_base
 from .models import ClipBundle
 from .pipeline import Evaluator, Run, merge_runs
 from .runfolder import save_run, scaled_delta
@@ -42,14 +49,16 @@ from .train.loop import Callback
 
 log = logging.getLogger(__name__)
 
-PRESETS = {
-    "in-domain-monkey": "monkey/gorilla",      # the paper's marmoset (a primate subgroup)
-    "in-domain-reptile": "reptile/turtle",     # the paper's box turtle
-    "in-domain-dog": "dog/poodle",
-    "style": "car@line-art",                   # the paper's sketch cars
-    "whole-class": "class:dog",                # CCUP's setting
-    "continual": "continual:dog/poodle+monkey/gorilla+reptile/turtle",
-    "ablation": "ablation:dog/poodle",
+IN_DOMAIN = ("monkey/gorilla",       # the paper's marmoset (a primate subgroup)
+             "reptile/turtle",       # the paper's box turtle
+             "dog/poodle", "big cat/leopard", "insect/butterfly")
+PRESETS: dict[str, tuple[str, ...]] = {
+    "in-domain": IN_DOMAIN,
+    # the paper's sketch cars, and four more superclasses each forgotten in one trained style
+    "style": ("car@line-art", "fruit@openmoji", "airplane@noto", "flower@twemoji", "cat@emojione-mono"),
+    "whole-class": ("class:dog", "class:monkey", "class:car", "class:flower", "class:train"),   # CCUP's setting
+    "continual": ("continual:dog/poodle+monkey/gorilla+reptile/turtle",),
+    "ablation": tuple(f"ablation:{s}" for s in IN_DOMAIN),
 }
 
 # Ours with one ingredient off, as OursConfig overrides (nested dicts).
@@ -226,20 +235,62 @@ def run_method(bundle: ClipBundle, task: Task, method: str, config, evaluator: E
     return Run(result, report, task)
 
 
+def without_restore(run: Run, method: str, evaluator: Evaluator) -> Run:
+    """The row of ``method`` from its ``+soup`` variant's run: the same delta at α = 1 (the variant
+    makes the method's delta first, with the same config and seed), its restore stage left out of
+    the seconds."""
+    res = run.result
+    seconds = {k: v for k, v in res.seconds.items() if k != "restore"}
+    seconds["total"] = res.seconds.get("total", 0.0) - res.seconds.get("restore", 0.0)
+    result = dataclasses.replace(
+        res, method=method, alpha=1.0, alpha_curve=[], seconds=seconds,
+        config={k: v for k, v in res.config.items() if k != "restore"},
+        info={k: v for k, v in res.info.items() if k != "restore"},
+        history={k: v for k, v in res.history.items() if k != "restore"})
+    t0 = time.perf_counter()
+    report = evaluator.report(run.task, result)
+    report["seconds"]["total"] = seconds["total"] + time.perf_counter() - t0
+    return Run(result, report, run.task)
+
+
+def run_methods(bundle: ClipBundle, task: Task, methods: list[str], configs: dict, evaluator: Evaluator,
+                callbacks: Iterable[Callback] = ()) -> dict[str, Run]:
+    """{method: Run} in the order of ``methods``; a method whose ``+soup`` variant is also asked for
+    with the same config comes from the variant's run (:func:`without_restore`)."""
+    runs: dict[str, Run] = {}
+    for m in methods:
+        if m in runs:
+            continue
+        base = soup_base(m) or m
+        soup = base + SOUP_SUFFIX
+        if base in methods and soup in methods and method_config(configs, soup) is method_config(configs, base):
+            log.info("bench %s: %s (and %s from its delta at α = 1)", task.request.label, soup, base)
+            runs[soup] = run_method(bundle, task, soup, method_config(configs, soup), evaluator, callbacks)
+            runs[base] = without_restore(runs[soup], base, evaluator)
+        else:
+            log.info("bench %s: %s", task.request.label, m)
+            runs[m] = run_method(bundle, task, m, method_config(configs, m), evaluator, callbacks)
+    return {m: runs[m] for m in methods}
+
+
 def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gallery: Gallery,
               out_dir: str | Path, configs: dict[str, dict] | None = None, split: SplitConfig | None = None,
               callbacks: Iterable[Callback] = (), cache: ViewCache | None = None) -> dict:
     """Run ``methods`` (default: every registered one) on the task ``task_name`` (a spec or a preset
     of :data:`PRESETS`; ``all``: every preset) and write the table to ``out_dir``. ``configs``: per
-    method config dicts. Returns {"title", "rows", ...} (for ``all``: {preset: that})."""
+    method config dicts. Returns {"title", "rows", ...} (for ``all``: {preset: that}; for a preset
+    of several requests, the summary's rows and {"requests": {spec: that}})."""
     out = Path(out_dir)
     split = split or SplitConfig()
     cache = cache or ViewCache(gallery)
     configs = configs or {}
     if task_name == "all":
-        return {name: run_bench(spec, methods, bundle, gallery, out / name, configs, split, callbacks, cache)
-                for name, spec in PRESETS.items()}
+        return {name: run_bench(name, methods, bundle, gallery, out / name, configs, split, callbacks, cache)
+                for name in PRESETS}
     spec = PRESETS.get(task_name, task_name)
+    if isinstance(spec, tuple) and len(spec) > 1:
+        return _preset(task_name, spec, methods, bundle, gallery, out, configs, split, callbacks, cache)
+    spec = spec[0] if isinstance(spec, tuple) else spec
     evaluator = Evaluator(bundle)
     meta = {"task": spec, "model": bundle.arch, "gallery": gallery.name, "split": dataclasses.asdict(split)}
     if spec.startswith("continual:"):
@@ -252,11 +303,10 @@ def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gal
         get_method(m)      # unknown names fail before any work, with a suggestion
     task = make_task(spec, bundle, gallery, split, cache)
     label = task.request.label
+    chance = 1 / len(task.superclasses)
     rows, plots = [], []
-    for m in methods:
-        log.info("bench %s: %s", spec, m)
-        run = run_method(bundle, task, m, method_config(configs, m), evaluator, callbacks)
-        rows.append(row_from_report(m, run.report))
+    for m, run in run_methods(bundle, task, methods, configs, evaluator, callbacks).items():
+        rows.append(row_from_report(m, run.report, chance=chance))
         if m == "ours":
             plots += plots_for_ours(run, _mkdir(out), label)
         elif soup_base(m) and run.result.alpha_curve:
@@ -266,9 +316,77 @@ def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gal
     title = f"forget {label} ({spec}) — {bundle.arch}"
     note = ("Score = 100/K·[(1 − min(1, a'_T/a_T)) + Σ_j min(1, a'_j/a_j)] over the K held-out columns (the "
             "paper's); the forget examples column is measured on the files the method trained on and is not in it. "
-            f"Chance (1 / superclasses) = {1 / len(task.superclasses):.3f}.")
+            f"Chance (1 / superclasses) = {chance:.3f}.")
     write_table(out, "table", title, rows, {**meta, "plots": plots}, note)
     return {"title": title, "rows": rows, "plots": plots}
+
+
+def slug(spec: str) -> str:
+    """A folder name for a request spec: 'big cat/leopard' -> 'big-cat_leopard'."""
+    return spec.replace("/", "_").replace("@", "_").replace(":", "-").replace(" ", "-")
+
+
+def _preset(name, specs, methods, bundle, gallery, out, configs, split, callbacks, cache) -> dict:
+    """Each request of the preset into its own sub-folder, then the summary over them."""
+    results = {s: run_bench(s, methods, bundle, gallery, out / slug(s), configs, split, callbacks, cache)
+               for s in specs}
+    rows = summary_rows(results)
+    title = f"{name}: {len(specs)} requests ({', '.join(specs)}) — {bundle.arch}"
+    note = ("Each method's Score over the requests: mean ± sd (population), minimum; 'at chance': requests whose "
+            "held-out target accuracy ends at or below chance (1 / superclasses). Column cells: the mean after "
+            "accuracy over the requests (mean after / before). Each request's own table is in its sub-folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "summary.md", summary_markdown(title, rows, note))
+    write_text(out / "summary.csv", table_csv(rows))
+    write_json(out / "summary.json", {"preset": name, "requests": list(specs), "model": bundle.arch,
+                                      "gallery": gallery.name, "split": dataclasses.asdict(split),
+                                      "title": title, "rows": rows})
+    return {"title": title, "rows": rows, "requests": results}
+
+
+def summary_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per method (in first-seen order) aggregating its rows over the requests' tables."""
+    by_method: dict[str, list[dict]] = {}
+    for res in results.values():
+        for r in res["rows"]:
+            by_method.setdefault(r["method"], []).append(r)
+    out = []
+    for m, rs in by_method.items():
+        scores = [r["score"] for r in rs]
+        mean = sum(scores) / len(scores)
+        row = {"method": m, "requests": len(rs), "score": mean,
+               "score_sd": (sum((x - mean) ** 2 for x in scores) / len(scores)) ** 0.5,
+               "score_min": min(scores), "score_max": max(scores)}
+        if all("target_after" in r and "chance" in r for r in rs):
+            row["target_at_chance"] = sum(r["target_after"] <= r["chance"] + 1e-9 for r in rs)
+        for key in sorted({k for r in rs for k in r if k.endswith(("_after", "_ratio"))}):
+            vals = [r[key] for r in rs if key in r and r[key] == r[key]]
+            if vals:
+                row[key] = sum(vals) / len(vals)
+        for key in ("alpha", "seconds"):
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                row[key] = sum(vals) / len(vals)
+        out.append(row)
+    return out
+
+
+def summary_markdown(title: str, rows: list[dict], note: str = "") -> str:
+    cols = columns_of(rows)
+    head = (["method", "Score mean ± sd", "min"] + (["at chance"] if any("target_at_chance" in r for r in rows) else [])
+            + [column_title(c) for c in cols] + ["α", "seconds"])
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [f"**{r['score']:.1f}** ± {r['score_sd']:.1f}", f"{r['score_min']:.1f}"]
+        if "at chance" in head:
+            cells.append(f"{r['target_at_chance']}/{r['requests']}" if "target_at_chance" in r else "")
+        cells += [f"{r[f'{c}_after']:.3f} ({r[f'{c}_ratio']:.2f})" if f"{c}_ratio" in r
+                  else (f"{r[f'{c}_after']:.3f}" if f"{c}_after" in r else "") for c in cols]
+        cells += [f"{r.get('alpha', 1.0):.2f}", f"{r.get('seconds', float('nan')):.0f}"]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
 
 
 def _mkdir(p: Path) -> Path:
@@ -283,7 +401,7 @@ def _ablation(spec, bundle, gallery, out, configs, split, callbacks, cache, eval
     for name, over in ABLATIONS.items():
         log.info("ablation %s: %s", spec, name)
         run = run_method(bundle, task, "ours", deep_update(base, over), evaluator, callbacks)
-        rows.append(row_from_report(name, run.report, overrides=json.dumps(over)))
+        rows.append(row_from_report(name, run.report, chance=1 / len(task.superclasses), overrides=json.dumps(over)))
     title = f"ablation of ours: forget {task.request.label} ({spec}) — {bundle.arch}"
     write_table(out, "ablation", title, rows, meta, "Each row switches one ingredient of ours off (OursConfig overrides).")
     return {"title": title, "rows": rows}

@@ -218,7 +218,7 @@ def table(tuned: dict) -> str:
 def bench_specs() -> set[str]:
     """Every request spec the benchmark's presets evaluate (continual and ablation parts included)."""
     out = set()
-    for spec in PRESETS.values():
+    for spec in (s for specs in PRESETS.values() for s in specs):
         body = spec.split(":", 1)[1] if spec.startswith(("continual:", "ablation:")) else spec
         out.update(body.split("+"))
     return out

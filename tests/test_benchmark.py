@@ -57,3 +57,41 @@ def test_tables_are_written_in_three_formats(tmp_path):
     assert "| ours | 0.000 (0.00) | 0.400 (0.50) | **80.0** | 0.50 |" in md
     assert list(csv.DictReader(open(tmp_path / "table.csv")))[0]["retain_ratio"] == "0.5"
     assert json.loads((tmp_path / "table.json").read_text())["rows"][0]["score"] == 80.0
+
+
+def test_presets_hold_five_valid_requests_of_one_kind(gallery):
+    """Every preset but continual spreads over ≥ 5 requests, each naming a subgroup, trained style or
+    superclass the embedded gallery has (the tuning tasks are kept apart in test_tuning)."""
+    from clipforget.benchmark import PRESETS
+    trained_styles = set(gallery.styles()) - set(gallery.unseen_styles())
+    for name, specs in PRESETS.items():
+        assert isinstance(specs, tuple) and specs, name
+        if name != "continual":
+            assert len(set(specs)) >= 5, name
+        for spec in specs:
+            body = spec.split(":", 1)[1] if spec.startswith(("continual:", "ablation:")) else spec
+            for part in body.split("+"):
+                req = parse_request(part)
+                assert req.superclass in gallery.superclasses(), spec
+                if isinstance(req, ForgetRequest) and req.subgroup:
+                    assert req.subgroup in gallery.subgroups(req.superclass), spec
+                if isinstance(req, ForgetRequest) and req.style:
+                    assert req.style in trained_styles, spec
+
+
+def test_summary_aggregates_each_method_over_the_requests(tmp_path):
+    from clipforget.benchmark import summary_markdown, summary_rows
+
+    def res(score_a, score_b, target_a):
+        return {"rows": [
+            row_from_report("a", {"score": score_a, "columns": {"target": {"before": 1.0, "after": target_a},
+                                                                "retain": {"before": 0.8, "after": 0.4}}}, chance=0.04),
+            row_from_report("b", {"score": score_b, "columns": {"target": {"before": 1.0, "after": 1.0},
+                                                                "retain": {"before": 0.8, "after": 0.8}}}, chance=0.04)]}
+    rows = {r["method"]: r for r in summary_rows({"x/1": res(90, 70, 0.0), "x/2": res(80, 74, 0.5)})}
+    assert rows["a"]["requests"] == 2 and rows["a"]["score"] == pytest.approx(85.0)
+    assert rows["a"]["score_sd"] == pytest.approx(5.0) and rows["a"]["score_min"] == 80
+    assert rows["a"]["target_at_chance"] == 1 and rows["b"]["target_at_chance"] == 0
+    assert rows["a"]["target_after"] == pytest.approx(0.25) and rows["a"]["retain_ratio"] == pytest.approx(0.5)
+    md = summary_markdown("t", list(rows.values()))
+    assert "| a | **85.0** ± 5.0 | 80.0 | 1/2 | 0.250 (0.25) | 0.400 (0.50) |" in md

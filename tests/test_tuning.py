@@ -54,10 +54,10 @@ def test_tuning_tasks_are_disjoint_from_the_benchmarks(gallery):
     """No tuning task shares a superclass (so no subgroup, and not class:dog's images) with any
     request the benchmark's presets evaluate; each names a subgroup of the embedded gallery."""
     bench = tuning.bench_specs()
-    assert {"dog/poodle", "monkey/gorilla", "reptile/turtle", "car@line-art", "class:dog"} <= bench
+    assert {"dog/poodle", "monkey/gorilla", "reptile/turtle", "car@line-art", "class:dog", "big cat/leopard"} <= bench
     assert len(tuning.TUNING_TASKS) >= 2
     assert not {tuning.superclass_of(s) for s in tuning.TUNING_TASKS} & {tuning.superclass_of(s) for s in bench}
-    assert not set(tuning.TUNING_TASKS) & set(PRESETS.values())
+    assert not set(tuning.TUNING_TASKS) & {s for specs in PRESETS.values() for s in specs}
     for spec in tuning.TUNING_TASKS:
         superclass, _, subgroup = spec.partition("/")
         assert subgroup in gallery.subgroups(superclass), spec
@@ -142,3 +142,26 @@ def test_bench_runs_a_soup_variant_with_its_methods_config(tiny, tiny_gallery, t
     assert rows["ga"]["alpha"] == 1.0 and 0.0 <= rows["ga+soup"]["alpha"] <= 1.0
     assert out["plots"] == ["alpha_curve-ga+soup.png"] and (tmp_path / "alpha_curve-ga+soup.png").is_file()
     assert "| ga+soup |" in (tmp_path / "table.md").read_text()
+
+
+def test_bench_runs_a_method_and_its_soup_variant_once(tiny, tiny_gallery, tmp_path, monkeypatch):
+    """``ga`` and ``ga+soup`` with one config: one run (the variant's), ``ga``'s row its delta at
+    α = 1 — the same report as running ``ga`` alone; with a config of its own the variant runs apart."""
+    from clipforget import benchmark
+    cache = ViewCache(tiny_gallery, source_size=32)
+    configs = {"ga": {**QUICK_CONFIGS["ga"], "loop": {"steps": 2, "lr": 1e-3}}}
+    ran, real = [], benchmark.run_method
+    monkeypatch.setattr(benchmark, "run_method", lambda b, t, m, *a, **k: ran.append(m) or real(b, t, m, *a, **k))
+    out = benchmark.run_bench("car/taxi", ["ga", "ga+soup"], tiny, tiny_gallery, tmp_path / "a", configs, TINY_SPLIT,
+                              cache=cache)
+    assert ran == ["ga+soup"]
+    rows = {r["method"]: r for r in out["rows"]}
+    alone = benchmark.run_bench("car/taxi", ["ga"], tiny, tiny_gallery, tmp_path / "b", configs, TINY_SPLIT,
+                                cache=cache)["rows"][0]
+    assert ran == ["ga+soup", "ga"]
+    for key in [k for k in alone if k.endswith("_after")] + ["score", "alpha"]:
+        assert rows["ga"][key] == pytest.approx(alone[key], abs=1e-6), key
+    benchmark.run_bench("car/taxi", ["ga", "ga+soup"], tiny, tiny_gallery, tmp_path / "c",
+                        {**configs, "ga+soup": {**configs["ga"], "restore": {"grid_points": 3}}}, TINY_SPLIT,
+                        cache=cache)
+    assert ran[2:] == ["ga", "ga+soup"]
