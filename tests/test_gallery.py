@@ -131,6 +131,25 @@ def test_view_cache_without_sources_makes_the_same_views(gallery):
     assert torch.equal(fresh.images[[2, 10, 18]], one.images)
 
 
+def test_a_view_is_the_same_made_alone_or_in_a_batch(gallery, monkeypatch):
+    """Views are transformed a sub-batch at a time, each with the draws of its own seeded generator:
+    every view equals augment() of that image alone with that generator (style changes included)."""
+    from clipforget.data import task as task_mod
+    from clipforget.data.augment import STYLE_VIEWS, augment
+    items = gallery.select(superclass="cat")[:7]
+    monkeypatch.setattr(task_mod, "VIEW_BATCH_PIXELS", 3 * 32 * 32)      # sub-batches of 3, 3, 1
+    cache = ViewCache(gallery, source_size=48)
+    sources = cache._sources(items)
+    for cfg in (STYLE_VIEWS, task_mod.VIEWS):
+        views = cache.views(items, "train", 2, 32, cfg)
+        for k in range(2):
+            for i, it in enumerate(items):
+                g = torch.Generator().manual_seed(task_mod.view_seed(it.path, "train", k))
+                im, m = sources[it.path]
+                alone = (augment(im[None], m[None].float() / 255, 32, g, cfg)[0] * 255).round().to(torch.uint8)
+                assert torch.equal(views.images[k * len(items) + i], alone), (cfg, k, it.path)
+
+
 def test_style_and_subgroup_in_style_requests(gallery):
     forget, retain, _, _ = resolve(gallery, ForgetRequest("car", style="line-art"))
     assert {it.style for it in forget} == {"line-art"} and {it.superclass for it in forget} == {"car"}

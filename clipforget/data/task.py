@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .augment import CLEAN, STYLE_VIEWS, VIEWS, AugmentConfig, augment
+from .augment import CLEAN, STYLE_VIEWS, VIEWS, AugmentConfig, AugmentDraw, apply, draw
 from .gallery import Gallery, Item, display
 from .prompts import class_prompts, coarse_prompt, fill
 from .request import (ClassRequest, FileSplit, ForgetRequest, SplitConfig, file_order, resolve,  # noqa: F401
@@ -28,6 +28,8 @@ from .request import (ClassRequest, FileSplit, ForgetRequest, SplitConfig, file_
 log = logging.getLogger(__name__)
 
 SPLIT_OFFSETS = {"train": 1_000_000, "calib": 2_000_000, "test": 3_000_000}
+# views are transformed in batches of at most this many output pixels (64 px: 1,024 images; 224 px: 83)
+VIEW_BATCH_PIXELS = 2 ** 22
 
 
 @dataclass
@@ -152,12 +154,18 @@ class ViewCache:
         for start in range(0, len(items), 256):
             chunk = items[start:start + 256]
             sources = self._sources(chunk)
-            for i, it in enumerate(chunk, start):
-                im, m = sources[it.path]
-                for k in range(n):
-                    g = torch.Generator().manual_seed(view_seed(it.path, split, k))
-                    cfg = CLEAN if (clean_first and k == 0) else aug
-                    out[k * len(items) + i] = (augment(im[None], m[None].float() / 255, size, g, cfg)[0] * 255).round()
+            for k in range(n):
+                cfg = CLEAN if (clean_first and k == 0) else aug
+                # each view's own generator (seeded by path, split, k), one batched transform per
+                # sub-batch of at most VIEW_BATCH_PIXELS output pixels
+                for sub in range(0, len(chunk), max(1, VIEW_BATCH_PIXELS // (size * size))):
+                    part = chunk[sub:sub + max(1, VIEW_BATCH_PIXELS // (size * size))]
+                    ims = torch.stack([sources[it.path][0] for it in part])
+                    masks = torch.stack([sources[it.path][1] for it in part]).float() / 255
+                    d = AugmentDraw.cat([draw(1, torch.Generator().manual_seed(view_seed(it.path, split, k)), cfg)
+                                         for it in part])
+                    row = k * len(items) + start + sub
+                    out[row:row + len(part)] = (apply(ims, masks, size, d) * 255).round()
         return ViewSet(out, [it for _ in range(n) for it in items])
 
 
