@@ -104,8 +104,8 @@ def minilm_hub_cache(tmp_path, monkeypatch):
 
 # ---- the web app: one AppCore and one launched server shared by the app tests -------------------
 
-# A small but real job: the method's stages all run, on fewer views, so a job takes seconds.
-QUICK_CONFIG = {"remind": {"enabled": False}, "restore": {"grid_points": 5}}
+# A small but real job: the method's stages all run, on fewer views and stand-ins, so a job takes seconds.
+QUICK_CONFIG = {"stand_ins": {"images": 16, "steps": 10}, "remind": {"enabled": False}, "restore": {"grid_points": 5}}
 QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
                "calib_concept_images": 40, "max_other_images": 80}
 ROOT = Path(__file__).resolve().parents[1]

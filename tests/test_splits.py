@@ -10,6 +10,12 @@ from clipforget.data.task import (ClassRequest, ForgetRequest, SplitConfig, View
 SMALL = SplitConfig(train_views=1, forget_views=1, calib_views=1, calib_target_views=1, test_views=1)
 
 
+@pytest.fixture(scope="module")
+def small_cache(gallery):
+    """One view cache for the module: each gallery image is decoded once (the splits are by file)."""
+    return ViewCache(gallery, source_size=32)
+
+
 def files(views) -> set[str]:
     return {it.path for it in views.items}
 
@@ -33,10 +39,10 @@ def assert_disjoint(task) -> None:
 @pytest.mark.parametrize("request_", [ForgetRequest("dog", "poodle"), ForgetRequest("car", style="line-art"),
                                       ForgetRequest("bird", "bird"), ForgetRequest("ball", "bowling")],
                          ids=lambda r: r.label)
-def test_every_column_is_disjoint_by_file(gallery, request_):
+def test_every_column_is_disjoint_by_file(gallery, request_, small_cache):
     if request_.subgroup and request_.subgroup not in gallery.subgroups(request_.superclass):
         pytest.skip(f"{request_.label} is not in this gallery")
-    task = build_task(gallery, request_, 32, SMALL, ViewCache(gallery, source_size=32))
+    task = build_task(gallery, request_, 32, SMALL, small_cache)
     assert_disjoint(task)
     assert {"target", "retain", "other_superclasses"} <= set(task.test)
     # held-out images of the subgroup itself: the target column is other drawings of the same subgroup
@@ -44,8 +50,8 @@ def test_every_column_is_disjoint_by_file(gallery, request_):
         assert {it.subgroup for it in task.test["target"].views.items} == {request_.subgroup}
 
 
-def test_whole_class_task_is_disjoint_by_file(gallery):
-    assert_disjoint(build_class_task(gallery, ClassRequest("dog"), 32, SMALL, ViewCache(gallery, source_size=32)))
+def test_whole_class_task_is_disjoint_by_file(gallery, small_cache):
+    assert_disjoint(build_class_task(gallery, ClassRequest("dog"), 32, SMALL, small_cache))
 
 
 @pytest.mark.parametrize("fold", [0, 1, 2])
@@ -70,11 +76,11 @@ def test_every_file_is_held_out_in_some_fold(gallery):
     assert {it.path for it in seen} == {it.path for it in items}
 
 
-def test_named_examples_are_the_training_files_and_the_rest_is_held_out(gallery):
+def test_named_examples_are_the_training_files_and_the_rest_is_held_out(gallery, small_cache):
     items = gallery.select(superclass="dog", subgroup="poodle", unseen_style=False)
     styles = sorted({it.style for it in items})[:3]
     task = build_task(gallery, ForgetRequest("dog", "poodle", examples=tuple(styles)), 32, SMALL,
-                      ViewCache(gallery, source_size=32))
+                      small_cache)
     assert {it.style for it in task.forget.items} == set(styles)
     held = files(task.test["target"].views) | files(task.calib["target"].views)
     assert held == {it.path for it in items} - files(task.forget)
@@ -97,10 +103,10 @@ def test_too_few_files_is_a_clear_error(tmp_path):
     assert_disjoint(task)
 
 
-def test_unseen_styles_are_only_in_their_own_column(gallery):
+def test_unseen_styles_are_only_in_their_own_column(gallery, small_cache):
     if not gallery.unseen_styles():
         pytest.skip("this gallery marks no unseen style")
-    task = build_task(gallery, ForgetRequest("dog", "poodle"), 32, SMALL, ViewCache(gallery, source_size=32))
+    task = build_task(gallery, ForgetRequest("dog", "poodle"), 32, SMALL, small_cache)
     unseen = set(gallery.unseen_styles())
     assert {it.style for it in task.test["unseen_styles"].views.items} <= unseen
     assert not any(it.subgroup == "poodle" for it in task.test["unseen_styles"].views.items)

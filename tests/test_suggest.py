@@ -158,13 +158,7 @@ def test_example_images_need_a_label_and_two_images(bundle, gallery, emb):
 
 # ---- in the app: the editable retain set and uploaded examples ------------------------------------------
 
-@pytest.fixture(scope="module")
-def core(tmp_path_factory):
-    from clipforget.app import AppCore
-    c = AppCore(runs_dir=tmp_path_factory.mktemp("runs"), device="cpu")
-    c.resources(timeout=600)
-    yield c
-    c.close()
+# ``core``: the app tests' shared AppCore (conftest), loaded once for the session
 
 
 @pytest.mark.slow
