@@ -140,12 +140,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def app_gallery(per_concept: int = 2):
+    """The embedded gallery with every subgroup's drawings but ``per_concept`` drawings of each
+    other concept (~2,800 of its ~6,800 images): the app tests' index and α-grid encode less."""
+    from clipforget.data.gallery import Gallery
+    g, seen, items = Gallery.embedded(), {}, []
+    for it in g.items:
+        if it.kind == "other":
+            seen[it.concept] = seen.get(it.concept, 0) + 1
+            if seen[it.concept] > per_concept:
+                continue
+        items.append(it)
+    return Gallery(g.root, items, "embedded-app-tests")
+
+
 @pytest.fixture(scope="session")
 def app_core(tmp_path_factory):
     """One AppCore on the embedded model with short jobs (QUICK_*): the model loads and the
     gallery is encoded once for every app test. Use ``core`` in tests: it leaves no job running."""
     from clipforget.app import AppCore
-    core = AppCore(runs_dir=tmp_path_factory.mktemp("app-runs"), device="cpu", alpha_points=3,
+    core = AppCore(runs_dir=tmp_path_factory.mktemp("app-runs"), gallery=app_gallery(), device="cpu", alpha_points=3,
                    job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
     yield core
     core.close()

@@ -506,7 +506,7 @@ def test_history_survives_a_restart(core, finished, tmp_path):
     # one app at a time owns a runs folder, and the shared ``core`` stays open for the other tests:
     # the restarted app opens a copy of its runs folder, as a new process would find it on disk
     runs = shutil.copytree(core.runs_dir, tmp_path / "runs", ignore=shutil.ignore_patterns(".lock"))
-    again = AppCore(runs_dir=runs, device="cpu")
+    again = AppCore(runs_dir=runs, gallery=core.gallery, device="cpu")      # the same gallery as before the restart
     try:
         ids = [i for _, i in again.history()]
         assert finished.id in ids

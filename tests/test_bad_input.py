@@ -143,11 +143,14 @@ def test_nothing_to_retain_is_a_warning_and_the_run_completes(tiny_world, tiny_g
         run_tiny(bundle, tiny_gallery, ("fish", "shark"), method="ft", config={})
 
 
-def test_a_model_that_does_not_know_the_subgroup_is_refused_before_training(tiny_bundle, tiny_gallery):
-    events = []
+def test_a_model_that_does_not_know_the_subgroup_is_refused_before_training(tiny_bundle, tiny_gallery, monkeypatch):
+    from clipforget import pipeline
+    events, encoded, real = [], [], pipeline.column_accuracy
+    monkeypatch.setattr(pipeline, "column_accuracy", lambda b, col, *a, **k: encoded.append(col) or real(b, col, *a, **k))
     with pytest.raises(ValueError, match="does not recognise taxi as 'car'.*nothing to forget"):
         run_tiny(tiny_bundle, tiny_gallery, ("car", "taxi"), callbacks=[events.append])
     assert {e["stage"] for e in events} == {"data"}       # the task was built; no training stage started
+    assert len(encoded) == 1 and {it.subgroup for it in encoded[0].views.items} == {"taxi"}   # the target alone
 
 
 # ---- images in a gallery ---------------------------------------------------------------------------

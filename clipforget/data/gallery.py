@@ -128,9 +128,11 @@ class Gallery:
         return cls(root, items, root.name)
 
     @classmethod
-    def open(cls, spec: str | Path | None = None) -> "Gallery":
+    def open(cls, spec: "str | Path | Gallery | None" = None) -> "Gallery":
         """None/'embedded' -> embedded gallery; a .csv -> manifest; a folder with manifest.csv ->
-        manifest; any other folder -> folder layout."""
+        manifest; any other folder -> folder layout; a Gallery -> itself."""
+        if isinstance(spec, Gallery):
+            return spec
         if spec in (None, "", "embedded"):
             return cls.embedded()
         p = Path(spec)
