@@ -275,21 +275,22 @@ def run_methods(bundle: ClipBundle, task: Task, methods: list[str], configs: dic
 
 def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gallery: Gallery,
               out_dir: str | Path, configs: dict[str, dict] | None = None, split: SplitConfig | None = None,
-              callbacks: Iterable[Callback] = (), cache: ViewCache | None = None) -> dict:
+              callbacks: Iterable[Callback] = (), cache: ViewCache | None = None, resume: bool = False) -> dict:
     """Run ``methods`` (default: every registered one) on the task ``task_name`` (a spec or a preset
     of :data:`PRESETS`; ``all``: every preset) and write the table to ``out_dir``. ``configs``: per
     method config dicts. Returns {"title", "rows", ...} (for ``all``: {preset: that}; for a preset
-    of several requests, the summary's rows and {"requests": {spec: that}})."""
+    of several requests, the summary's rows and {"requests": {spec: that}}). ``resume``: a preset's
+    request whose table is already in ``out_dir`` is read back instead of run again."""
     out = Path(out_dir)
     split = split or SplitConfig()
     cache = cache or ViewCache(gallery)
     configs = configs or {}
     if task_name == "all":
-        return {name: run_bench(name, methods, bundle, gallery, out / name, configs, split, callbacks, cache)
+        return {name: run_bench(name, methods, bundle, gallery, out / name, configs, split, callbacks, cache, resume)
                 for name in PRESETS}
     spec = PRESETS.get(task_name, task_name)
     if isinstance(spec, tuple) and len(spec) > 1:
-        return _preset(task_name, spec, methods, bundle, gallery, out, configs, split, callbacks, cache)
+        return _preset(task_name, spec, methods, bundle, gallery, out, configs, split, callbacks, cache, resume)
     spec = spec[0] if isinstance(spec, tuple) else spec
     evaluator = Evaluator(bundle)
     meta = {"task": spec, "model": bundle.arch, "gallery": gallery.name, "split": dataclasses.asdict(split)}
@@ -326,10 +327,17 @@ def slug(spec: str) -> str:
     return spec.replace("/", "_").replace("@", "_").replace(":", "-").replace(" ", "-")
 
 
-def _preset(name, specs, methods, bundle, gallery, out, configs, split, callbacks, cache) -> dict:
-    """Each request of the preset into its own sub-folder, then the summary over them."""
-    results = {s: run_bench(s, methods, bundle, gallery, out / slug(s), configs, split, callbacks, cache)
-               for s in specs}
+def _preset(name, specs, methods, bundle, gallery, out, configs, split, callbacks, cache, resume=False) -> dict:
+    """Each request of the preset into its own sub-folder, then the summary over them (``resume``: a
+    request whose table is there already is read back, so a stopped preset run finishes the rest)."""
+    results = {}
+    for s in specs:
+        done = out / slug(s) / ("ablation.json" if s.startswith("ablation:") else "table.json")
+        if resume and done.is_file():
+            log.info("bench %s: %s read back from %s", name, s, done)
+            results[s] = json.loads(done.read_text())
+        else:
+            results[s] = run_bench(s, methods, bundle, gallery, out / slug(s), configs, split, callbacks, cache)
     rows = summary_rows(results)
     title = f"{name}: {len(specs)} requests ({', '.join(specs)}) — {bundle.arch}"
     note = ("Each method's Score over the requests: mean ± sd (population), minimum; 'at chance': requests whose "

@@ -308,7 +308,8 @@ def cmd_bench(args) -> int:
     for fold in range(args.folds):
         out = Path(args.out) / f"fold-{fold}" if args.folds > 1 else args.out
         result = run_bench(args.task, methods, bundle, gallery, out, _json_arg(args.config),
-                           dataclasses.replace(split, fold=split.fold + fold) if args.folds > 1 else split)
+                           dataclasses.replace(split, fold=split.fold + fold) if args.folds > 1 else split,
+                           resume=args.resume)
         results += result.values() if args.task == "all" else [result]
     bench_log = logging.getLogger("clipforget.benchmark")
     for r in results:
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"train_views\": 4}'")
     b.add_argument("--folds", type=int, default=1,
                    help="run the bench once per fold (other held-out files each time) into OUT/fold-K")
+    b.add_argument("--resume", action="store_true",
+                   help="a preset's requests whose tables are in OUT already are read back, not run again")
     b.add_argument("--out", required=True)
     b.set_defaults(fn=cmd_bench)
 

@@ -95,3 +95,21 @@ def test_summary_aggregates_each_method_over_the_requests(tmp_path):
     assert rows["a"]["target_after"] == pytest.approx(0.25) and rows["a"]["retain_ratio"] == pytest.approx(0.5)
     md = summary_markdown("t", list(rows.values()))
     assert "| a | **85.0** ± 5.0 | 80.0 | 1/2 | 0.250 (0.25) | 0.400 (0.50) |" in md
+
+
+def test_a_stopped_preset_resumes_from_the_tables_it_wrote(tmp_path, monkeypatch):
+    """``--resume``: a preset's requests with a table in OUT are read back (nothing runs), and the
+    summary covers them all; without it they would run again."""
+    from types import SimpleNamespace
+    from clipforget import benchmark
+    monkeypatch.setitem(benchmark.PRESETS, "two", ("dog/poodle", "big cat/leopard"))
+    for spec, score in (("dog/poodle", 90.0), ("big cat/leopard", 70.0)):
+        row = row_from_report("ours", {"score": score, "columns": {"target": {"before": 1.0, "after": 0.0}}}, chance=0.04)
+        write_table(tmp_path / benchmark.slug(spec), "table", spec, [row], {"task": spec})
+    monkeypatch.setattr(benchmark, "make_task", lambda *a, **k: pytest.fail("a finished request ran again"))
+    out = benchmark.run_bench("two", ["ours"], SimpleNamespace(arch="m"), SimpleNamespace(name="g"), tmp_path,
+                              split=SplitConfig(), cache=object(), resume=True)
+    assert set(out["requests"]) == {"dog/poodle", "big cat/leopard"}
+    assert out["rows"][0]["score"] == pytest.approx(80.0) and out["rows"][0]["target_at_chance"] == 2
+    assert "| ours | **80.0** ± 10.0 | 70.0 | 2/2 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "big-cat_leopard" / "table.json").is_file()
