@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from .train.events import LogProgress
+
 log = logging.getLogger("clipforget")
 
 # glibc's default malloc thresholds make CPU training steps erratic (0.9-2.8 s instead of 0.6 s)
@@ -51,15 +53,7 @@ def _config(method: str, args):
 
 def _overrides(args) -> dict:
     """--config JSON (file or inline) with --set key.path=value applied, as a nested dict."""
-    data: dict = {}
-    if getattr(args, "config", None):
-        is_file = Path(args.config).is_file()
-        text = Path(args.config).read_text() if is_file else args.config
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            what = f"file {args.config}" if is_file else f"{args.config[:60]!r} (not a file either)"
-            raise ValueError(f"--config: {what} is not valid JSON ({e})") from None
+    data = _json_arg(getattr(args, "config", None))
     for item in getattr(args, "set", None) or []:
         key, _, value = item.partition("=")
         if not _:
@@ -75,36 +69,23 @@ def _overrides(args) -> dict:
     return data
 
 
-class _Progress:
-    """Progress lines (with -v): each stage as it begins, then its step count and the time left
-    at its pace so far, at most every ``every`` seconds."""
-
-    def __init__(self, every: float = 2.0):
-        from .train.events import StageClock
-        self.clock, self.every, self._last = StageClock(), every, 0.0
-
-    def __call__(self, event: dict) -> None:
-        import time
-        new = self.clock.update(event)
-        now = time.monotonic()
-        if new or now - self._last >= self.every:
-            self._last = now
-            log.info("stage %s", self.clock.text())
-
-
-
-def _json_arg(text: str | None) -> dict:
+def _json_arg(text: str | None, option: str = "--config") -> dict:
     """A JSON option: inline, or the name of a file holding it; empty: {}."""
     if not text:
         return {}
-    return json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    is_file = Path(text).is_file()
+    try:
+        return json.loads(Path(text).read_text() if is_file else text)
+    except json.JSONDecodeError as e:
+        what = f"file {text}" if is_file else f"{text[:60]!r} (not a file either)"
+        raise ValueError(f"{option}: {what} is not valid JSON ({e})") from None
 
 
 def _split(text: str | None):
     """--split: SplitConfig fields as JSON (inline or a file)."""
     from .data.request import SplitConfig
     from .methods.base import config_from_dict
-    return config_from_dict(SplitConfig, _json_arg(text))
+    return config_from_dict(SplitConfig, _json_arg(text, "--split"))
 
 
 def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
@@ -135,7 +116,7 @@ def cmd_forget(args) -> int:
     if not args.no_suggest:
         _print_risks(bundle, gallery, request)
     evaluator = Evaluator(bundle)
-    run = forget(bundle, request, args.method, config, gallery, split, callbacks=[_Progress()], evaluator=evaluator)
+    run = forget(bundle, request, args.method, config, gallery, split, callbacks=[LogProgress(log)], evaluator=evaluator)
     if args.alpha is not None:                           # the user's strength instead of the calibrated one
         run.result.alpha = args.alpha
         run.report = {**evaluator.report(run.task, run.result), "seconds": run.report["seconds"],
@@ -199,7 +180,7 @@ def cmd_certify(args) -> int:
     _check_writable(run_dir / CERTIFICATE_JSON)
     bundle = _bundle(args) if args.model else load_run_model(record, args.device)
     gallery = _gallery(args) if args.gallery else _run_gallery(record)
-    cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[_Progress()])
+    cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[LogProgress(log)])
     js, md = save_certificate(cert, run_dir)
     print(markdown(cert))
     print(f"wrote {js} and {md}")

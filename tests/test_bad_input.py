@@ -99,6 +99,7 @@ def cli(capsys, world, out, *args, ckpt=None):
     (["--superclass", "dog", "--subgroup", "poodle", "--set", "forget.top_k=2"], "unknown field(s) ['top_k']"),
     (["--superclass", "dog", "--subgroup", "poodle", "--set", "forget.loop.lr=fast"], "a value has the wrong type"),
     (["--superclass", "dog", "--subgroup", "poodle", "--config", "{not json"], "is not valid JSON"),
+    (["--superclass", "dog", "--subgroup", "poodle", "--split", "{bad"], "--split: '{bad' (not a file either) is not valid JSON"),
 ])
 def test_bad_requests_fail_before_the_model_loads(args, message, tiny_world, tmp_path, capsys, no_model):
     code, err = cli(capsys, tiny_world, tmp_path / "out", *args)

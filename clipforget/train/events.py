@@ -61,3 +61,19 @@ def describe_seconds(seconds: float) -> str:
     if seconds < 90:
         return f"about {max(1, round(seconds))} s"
     return f"about {round(seconds / 60)} min"
+
+
+class LogProgress:
+    """A callback writing progress lines to ``logger`` (the CLI's, shown with -v): each stage as it
+    begins, then its step count and the time left at its pace so far, at most every ``every`` seconds."""
+
+    def __init__(self, logger, every: float = 2.0):
+        self.logger, self.clock, self.every, self._last = logger, StageClock(), every, 0.0
+
+    def __call__(self, event: dict) -> None:
+        import time
+        new = self.clock.update(event)
+        now = time.monotonic()
+        if new or now - self._last >= self.every:
+            self._last = now
+            self.logger.info("stage %s", self.clock.text())
