@@ -14,12 +14,13 @@ from .zeroshot import predict
 DISTRIBUTIONS = {"held-out views": VIEWS, "training-distribution views": AugmentConfig()}
 
 
-def evaluate_model(bundle: ClipBundle, gallery: Gallery, views: int = 2, cache: ViewCache | None = None) -> list[dict]:
+def evaluate_model(bundle: ClipBundle, gallery: Gallery, views: int = 2, cache: ViewCache | None = None,
+                   distributions: tuple[str, ...] = tuple(DISTRIBUTIONS)) -> list[dict]:
     """Rows of {task, images, classes, top1 per view distribution, chance}. The held-out views
     (``VIEWS``) and the training distribution (stronger rotation, any background colour) are scored
-    on the styles the model trains on; clean images give the superclass and subgroup rows of those
-    styles and, when the gallery has styles held out of training (``unseen_style``), the superclass
-    row of those styles."""
+    on the styles the model trains on (``distributions``: which of the two); clean images give the
+    superclass and subgroup rows of those styles and, when the gallery has styles held out of
+    training (``unseen_style``), the superclass row of those styles."""
     cache = cache or ViewCache(gallery)
     size = bundle.image_size
     hier = gallery.select(kind="hierarchy", unseen_style=False)
@@ -45,7 +46,8 @@ def evaluate_model(bundle: ClipBundle, gallery: Gallery, views: int = 2, cache: 
     def superclass_labels(items):
         return torch.tensor([scs.index(it.superclass) for it in items])
 
-    for dist, aug in DISTRIBUTIONS.items():
+    for dist in distributions:
+        aug = DISTRIBUTIONS[dist]
         hv = cache.views(hier, "test", views, size, aug)
         emb = encode_images(bundle, hv.images)
         add("superclass", dist, emb, "superclass", torch.tensor([scs.index(it.superclass) for it in hv.items]), len(scs))
