@@ -427,7 +427,7 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
         run_dirs = []
         for s, task in zip(specs, tasks):
             run = run_method(bundle, task, m, method_config(configs, m), evaluator, callbacks)
-            d = out / "runs" / m / s.replace("/", "_").replace("@", "_")
+            d = out / "runs" / m / slug(s)
             save_run(run, bundle, d, export=False)
             run_dirs.append(d)
         candidates = {f"{m}: {s} alone": scaled_delta(d) for s, d in zip(specs, run_dirs)}

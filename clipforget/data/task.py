@@ -154,14 +154,15 @@ class ViewCache:
         for start in range(0, len(items), 256):
             chunk = items[start:start + 256]
             sources = self._sources(chunk)
-            for k in range(n):
-                cfg = CLEAN if (clean_first and k == 0) else aug
-                # each view's own generator (seeded by path, split, k), one batched transform per
-                # sub-batch of at most VIEW_BATCH_PIXELS output pixels
-                for sub in range(0, len(chunk), max(1, VIEW_BATCH_PIXELS // (size * size))):
-                    part = chunk[sub:sub + max(1, VIEW_BATCH_PIXELS // (size * size))]
-                    ims = torch.stack([sources[it.path][0] for it in part])
-                    masks = torch.stack([sources[it.path][1] for it in part]).float() / 255
+            # one batched transform per sub-batch of at most VIEW_BATCH_PIXELS output pixels, each
+            # view with its own generator (seeded by path, split, k)
+            per = max(1, VIEW_BATCH_PIXELS // (size * size))
+            for sub in range(0, len(chunk), per):
+                part = chunk[sub:sub + per]
+                ims = torch.stack([sources[it.path][0] for it in part])
+                masks = torch.stack([sources[it.path][1] for it in part]).float() / 255
+                for k in range(n):
+                    cfg = CLEAN if (clean_first and k == 0) else aug
                     d = AugmentDraw.cat([draw(1, torch.Generator().manual_seed(view_seed(it.path, split, k)), cfg)
                                          for it in part])
                     row = k * len(items) + start + sub
