@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads (CI's cores), or OMP_NUM_THREADS when set: one per process when two share 2 cores
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 TINY_RN = {  # a BatchNorm ResNet CLIP small enough to build in milliseconds
     "embed_dim": 16,
@@ -102,12 +103,46 @@ def minilm_hub_cache(tmp_path, monkeypatch):
     return root
 
 
+# ---- the method end to end: default-config runs of ours ------------------------------------------
+SECOND_EDIT = {"stand_ins": {"images": 16, "steps": 10}, "remind": {"loop": {"steps": 30}}}
+
+
+@pytest.fixture(scope="session")
+def runs(bundle, gallery, view_cache, tmp_path_factory):
+    """Default-config runs of ours, saved like the CLI does: the quality, export and merging tests
+    of test_method.py and the certificate's real run read them."""
+    from clipforget.data.task import ForgetRequest, SplitConfig
+    from clipforget.pipeline import Evaluator, forget, save_run
+    from tinyworld import state_hash
+    out = {}
+    ev = Evaluator(bundle)
+    # poodle at the defaults (the quality test); taxi, the second edit of the merging test, shorter.
+    # The default split but 300 test images of the other columns (all of them: ~5,000 views to encode
+    # before and after; the method's data, calibration included, is the default)
+    split = SplitConfig(max_other_images=300)
+    for sc, sg, cfg in (("dog", "poodle", None), ("car", "taxi", SECOND_EDIT)):
+        before = state_hash(bundle.model)
+        run = forget(bundle, ForgetRequest(sc, sg), config=cfg, gallery=gallery, split=split, cache=view_cache,
+                     evaluator=ev)
+        assert state_hash(bundle.model) == before, "forget() mutated the model it was given"
+        d = tmp_path_factory.mktemp(sg)
+        save_run(run, bundle, d)
+        out[sg] = (run, d)
+    return out
+
+
 # ---- the web app: one AppCore and one launched server shared by the app tests -------------------
 
 # A small but real job: the method's stages all run, on fewer views and stand-ins, so a job takes seconds.
 QUICK_CONFIG = {"stand_ins": {"images": 16, "steps": 10}, "remind": {"enabled": False}, "restore": {"grid_points": 5}}
 QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
                "calib_concept_images": 40, "max_other_images": 80}
+# a certificate small enough for seconds, big enough to separate a real run from a sham
+CERTIFY_SMALL = {"relearn": {"steps": 4, "eval_every": 2, "batch_size": 8, "train_views": 2, "eval_views": 2,
+                             "anchor_images": 16},
+                 # fewer views or negatives and the coarse probe misses most poodles even in the original model
+                 "probe": {"train_views": 2, "eval_views": 4, "max_negatives": 200},
+                 "retrieval": {"pool": 100}}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,9 +175,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_gallery(per_concept: int = 2):
-    """The embedded gallery with every subgroup's drawings but ``per_concept`` drawings of each
-    other concept (~2,800 of its ~6,800 images): the app tests' index and α-grid encode less."""
+# the app tests' world: seven superclasses (the subgroups the app tests name among them) and one
+# drawing of each other concept
+APP_SUPERCLASSES = ("dog", "cat", "big cat", "car", "truck", "bird", "fish")
+
+
+def app_gallery(superclasses=APP_SUPERCLASSES, per_concept: int = 1):
+    """The embedded gallery cut to ``superclasses`` (every drawing of their subgroups) and
+    ``per_concept`` drawings of each other concept: ~920 of its ~6,800 images, so the app tests'
+    model load, jobs and α-grid encode a seventh of it. The app's logic is the same on any gallery;
+    the method's quality is tested on the whole one."""
     from clipforget.data.gallery import Gallery
     g, seen, items = Gallery.embedded(), {}, []
     for it in g.items:
@@ -150,6 +192,8 @@ def app_gallery(per_concept: int = 2):
             seen[it.concept] = seen.get(it.concept, 0) + 1
             if seen[it.concept] > per_concept:
                 continue
+        elif it.superclass not in superclasses:
+            continue
         items.append(it)
     return Gallery(g.root, items, "embedded-app-tests")
 
@@ -160,9 +204,17 @@ def app_core(tmp_path_factory):
     gallery is encoded once for every app test. Use ``core`` in tests: it leaves no job running."""
     from clipforget.app import AppCore
     core = AppCore(runs_dir=tmp_path_factory.mktemp("app-runs"), gallery=app_gallery(), device="cpu", alpha_points=3,
-                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT)
+                   job_config=QUICK_CONFIG, job_split=QUICK_SPLIT, certify_config=CERTIFY_SMALL)
     yield core
     core.close()
+
+
+@pytest.fixture(scope="session")
+def finished_job(app_core):
+    """A poodle job of the shared AppCore, done (its results and α-grid on disk)."""
+    app_core.resources(timeout=300)
+    _stop_jobs(app_core)
+    return app_core.jobs.wait(app_core.start_job("dog", "poodle").id, timeout=600)
 
 
 def _stop_jobs(core) -> None:

@@ -372,11 +372,10 @@ def _status_text(job):
 
 # ---- AppCore on the embedded model (the shared ``core`` fixture of conftest.py) -----------------------
 
-@pytest.fixture(scope="module")
-def finished(app_core):
-    app_core.resources(timeout=300)
-    job = app_core.start_job("dog", "poodle")
-    return app_core.jobs.wait(job.id, timeout=600)
+@pytest.fixture
+def finished(finished_job):
+    """The shared AppCore's finished poodle job (conftest; test_certify.py certifies it)."""
+    return finished_job
 
 
 @pytest.mark.slow

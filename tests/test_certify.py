@@ -14,19 +14,10 @@ from clipforget.certify import (CertifyConfig, ProbeConfig, RelearnConfig, Thres
                                 verdict_line, _probe_predict)
 from clipforget.cli import main as cli_main
 from clipforget.data.gallery import Item
-from clipforget.data.task import ForgetRequest, SplitConfig
+from clipforget.data.task import ForgetRequest
+from conftest import CERTIFY_SMALL
 
-# small enough for seconds, big enough to separate a real run from a sham
-SMALL = {"relearn": {"steps": 4, "eval_every": 2, "batch_size": 8, "train_views": 2, "eval_views": 2,
-                     "anchor_images": 16},
-         # fewer views or negatives and the coarse probe misses most poodles even in the original model
-         "probe": {"train_views": 2, "eval_views": 4, "max_negatives": 200},
-         "retrieval": {"pool": 100}}
-# a short run that still keeps the siblings (remind on): without remind the method forgets most dogs,
-# and the poodles keep their rank among them in retrieval
-QUICK_CONFIG = {"restore": {"grid_points": 5}}
-QUICK_SPLIT = {"train_views": 2, "forget_views": 2, "calib_views": 1, "test_views": 1, "calib_other_images": 40,
-               "calib_concept_images": 40, "max_other_images": 80}
+SMALL = CERTIFY_SMALL       # the app tests' AppCore certifies with it too
 
 
 def _items(n_styles=5, subgroup="poodle"):
@@ -118,13 +109,9 @@ def test_a_folder_without_a_run_is_refused(tmp_path):
 # ---- a real run vs a sham ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_run(bundle, gallery, view_cache, tmp_path_factory):
-    from clipforget.pipeline import forget, save_run
-    run = forget(bundle, ForgetRequest("dog", "poodle"), config=QUICK_CONFIG, gallery=gallery,
-                 split=SplitConfig(**QUICK_SPLIT), cache=view_cache)
-    d = tmp_path_factory.mktemp("cert") / "poodle"
-    save_run(run, bundle, d, export=False)
-    return d
+def quick_run(runs):
+    """The default-config poodle run of ours (conftest's ``runs``, shared with test_method.py)."""
+    return runs["poodle"][1]
 
 
 @pytest.mark.slow
@@ -150,8 +137,8 @@ def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cach
     assert sham["probes"]["subgroup"]["after"] == sham["probes"]["subgroup"]["before"]
     assert all(q["after"] == q["before"] for q in sham["retrieval"]["queries"])
 
-    # the real run: mostly forgotten on held-out styles (the quick run does not bring every held-out
-    # drawing to the certificate's 0.10), gone from coarse-label retrieval, weaker in a probe
+    # the real run: mostly forgotten on held-out styles (not every held-out drawing down to the
+    # certificate's 0.10), gone from coarse-label retrieval, weaker in a probe
     by_name = {c["name"]: c for c in real["checks"]}
     sham_checks = {c["name"]: c for c in sham["checks"]}
     assert by_name["target accuracy"]["value"] <= 0.5 * sham_checks["target accuracy"]["value"], real["verdict"]
@@ -174,30 +161,11 @@ def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cach
 
 # ---- in the app: a background job with progress and cancel --------------------------------------------
 
-@pytest.fixture(scope="module")
-def app_with_finished_job(quick_run, tmp_path_factory):
-    """An AppCore whose runs folder holds a finished forget job (as a restart finds it)."""
-    import uuid
-
-    from clipforget.app import AppCore
-    from clipforget.io import write_json
-    from clipforget.jobs import Job
-    runs = tmp_path_factory.mktemp("app-runs")
-    job_id = uuid.uuid4().hex
-    shutil.copytree(quick_run, runs / job_id / "run")
-    write_json(runs / job_id / "job.json", Job(job_id, "poodle (dog) · ours",
-                                               {"request": ForgetRequest("dog", "poodle").to_dict()},
-                                               status="done", started=1.0, finished=2.0).to_dict())
-    core = AppCore(runs_dir=runs, device="cpu", certify_config=SMALL)
-    core.resources(timeout=600)
-    yield core, job_id
-    core.close()
-
-
 @pytest.mark.slow
-def test_app_certifies_a_finished_job_in_the_background(app_with_finished_job):
+def test_app_certifies_a_finished_job_in_the_background(core, finished_job):
+    """The app tests' shared AppCore (conftest: certifies with CERTIFY_SMALL) and its finished poodle job."""
     from clipforget.jobs import JobError
-    core, job_id = app_with_finished_job
+    job_id = finished_job.id
     assert "Not certified yet" in core.certificate_view(job_id)["markdown"]
 
     # cancelled mid-stage: nothing is written
@@ -220,7 +188,8 @@ def test_app_certifies_a_finished_job_in_the_background(app_with_finished_job):
     assert view["markdown"].startswith("# Forgetting certificate: poodle") and cert["verdict"] in view["markdown"]
     assert view["file"].endswith("certificate.md")
     assert cert["verdict"] in core.job_status(done.id)["text"]
-    assert [j for _, j in core.history()] == [job_id]           # certify jobs are not in the reopen list
+    reopen = [j for _, j in core.history()]
+    assert job_id in reopen and job.id not in reopen and done.id not in reopen   # certify jobs are not in the reopen list
     with pytest.raises(JobError, match="certify a forget job"):
         core.start_certificate(done.id)
 

@@ -99,3 +99,30 @@ def test_embedded_export_loads_in_plain_open_clip(bundle, tmp_path, minilm_hub_c
     again.eval()
     with torch.no_grad():
         assert torch.allclose(again.encode_image(x), bundle.model.encode_image(x), atol=1e-5)
+
+
+def test_padding_cut_from_hf_text_towers_changes_no_embedding(bundle):
+    """The embedded model's MiniLM masks its padding: prompts are encoded without the columns that
+    are padding in every row, to the same embeddings as at the full context length."""
+    from clipforget.embed import tokenize
+    texts = ["a dog", "a picture of a guide dog", "a poodle, a kind of dog"]
+    full = bundle.tokenizer(texts)
+    cut = tokenize(bundle, texts)
+    assert cut.shape[1] < full.shape[1] and torch.equal(cut, full[:, :cut.shape[1]])
+    assert (full[:, cut.shape[1]:] == bundle.model.text.config.pad_token_id).all()
+    with torch.no_grad():
+        a, b = bundle.model.encode_text(full), bundle.model.encode_text(cut)
+    assert torch.allclose(a, b, atol=1e-5)
+    # batched by length, returned in the caller's order: the same as one text at a time
+    from clipforget.embed import encode_texts
+    alone = torch.cat([encode_texts(bundle, [t]) for t in texts])
+    assert torch.allclose(encode_texts(bundle, texts, batch_size=2), alone, atol=1e-5)
+
+
+def test_open_clip_text_transformers_get_the_full_context():
+    """open_clip's own text transformer adds positional embeddings of the whole context: no cut."""
+    from clipforget.embed import tokenize
+    from clipforget.models import load_clip
+    tiny = load_clip("test-tiny-rn", device="cpu")
+    texts = ["a dog", "a poodle"]
+    assert torch.equal(tokenize(tiny, texts), tiny.tokenizer(texts))

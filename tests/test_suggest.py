@@ -162,7 +162,8 @@ def test_example_images_need_a_label_and_two_images(bundle, gallery, emb):
 
 
 @pytest.mark.slow
-def test_app_retain_editor_and_edited_retain_set(core, gallery):
+def test_app_retain_editor_and_edited_retain_set(core):
+    gallery = core.gallery
     ed = core.retain_editor("dog", "poodle")
     siblings = [x for x in gallery.subgroups("dog") if x != "poodle"]
     assert ed["value"] == siblings and ed["choices"][:len(siblings)] == siblings

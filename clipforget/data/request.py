@@ -72,7 +72,7 @@ class SplitConfig:
     test_views: int = 4         # views per image in the test columns
     calib_other_images: int = 120   # other-superclass images in D_m
     calib_concept_images: int = 120  # other-concept images in D_m
-    max_other_images: int | None = None  # cap on test images of the other columns (None: all)
+    max_other_images: int | None = None  # cap on test images of each other column, unseen styles too (None: all)
     test_images: int = 3        # held-out images (files) of the forget set, and of each retain subgroup, in the tests
     calib_images: int = 2       # held-out images of the forget set / each retain subgroup in D_m (none shared with test)
     fold: int = 0               # k-fold rotation: fold f holds out the next test_images files (fold 0 .. k-1)

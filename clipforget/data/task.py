@@ -202,8 +202,8 @@ class ColumnBuilder:
                 "other_concepts": (self.concept, split_pool(self.gallery.select(kind="other", unseen=False,
                                                                                 unseen_style=False),
                                                             cfg.calib_concept_images, cfg.max_other_images, cfg.seed)),
-                "unseen_styles": [it for it in self.gallery.select(kind="hierarchy", unseen_style=True)
-                                  if not exclude(it)]}
+                "unseen_styles": split_pool([it for it in self.gallery.select(kind="hierarchy", unseen_style=True)
+                                             if not exclude(it)], 0, cfg.max_other_images, cfg.seed).test}
 
     @staticmethod
     def shared_count(plan: dict) -> int:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.task import Task, ViewSet
-from ..embed import ENCODE_BATCH, encode_texts, to_input
+from ..embed import ENCODE_BATCH, encode_texts, to_input, tokenize
 from ..eval.zeroshot import TextCache
 from ..merge import VISUAL, StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
@@ -281,7 +281,7 @@ class Context:
         from ..data.prompts import class_prompts
         model = model or self.model
         prompts = class_prompts(names)
-        tokens = self.bundle.tokenizer([p for ps in prompts for p in ps]).to(self.bundle.device)
+        tokens = tokenize(self.bundle, [p for ps in prompts for p in ps], model)
         emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
         out, i = [], 0
         for ps in prompts:
