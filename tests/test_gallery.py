@@ -11,7 +11,7 @@ from PIL import Image
 from clipforget.data.build import LICENSES, OPEN_LICENCES, build_gallery
 from clipforget.data.gallery import Gallery, foreground_mask
 from clipforget.data.hierarchy import Hierarchy, load_hierarchy
-from clipforget.data.task import ForgetRequest, ViewCache, build_task, resolve
+from clipforget.data.task import ForgetRequest, SplitConfig, ViewCache, build_task, resolve
 from clipforget.train.embedded import training_items
 
 REQUIRED = {"monkey", "dog", "cat", "car", "airplane", "truck", "boat", "bird", "fish", "horse", "flower", "fruit"}
@@ -88,8 +88,12 @@ def test_unknown_names_get_suggestions(gallery):
 
 
 def test_splits_are_deterministic_and_disjoint(gallery):
-    a = build_task(gallery, ForgetRequest("dog", "poodle"), 64, cache=ViewCache(gallery))
-    b = build_task(gallery, ForgetRequest("dog", "poodle"), 64, cache=ViewCache(gallery))
+    # the request's own columns at the default split; 40 test images of each other column (all of
+    # them: ~7,000 views to make twice)
+    split = SplitConfig(max_other_images=40)
+    a = build_task(gallery, ForgetRequest("dog", "poodle"), 64, split, cache=ViewCache(gallery))
+    b = build_task(gallery, ForgetRequest("dog", "poodle"), 64, split, cache=ViewCache(gallery))
+    assert torch.equal(a.test["other_concepts"].views.images, b.test["other_concepts"].views.images)
     assert torch.equal(a.forget.images, b.forget.images)
     assert torch.equal(a.test["retain"].views.images, b.test["retain"].views.images)
     assert {it.subgroup for it in a.forget.items} == {"poodle"}

@@ -117,6 +117,28 @@ def test_class_embeddings_of_a_text_delta_come_from_the_edited_tower_at_alpha(ti
     assert at1.classes(names) is at1.classes(names)          # cached per class list
 
 
+def test_text_caches_of_one_model_share_until_its_text_tower_changes(tiny, monkeypatch):
+    """Every evaluator of a run builds its own TextCache: for one model they share the class
+    embeddings, and a change to the text tower in place (as restore makes at each α) is noticed."""
+    import copy
+
+    from clipforget.eval import zeroshot
+    model = copy.deepcopy(tiny.model)
+    calls = []
+    real = zeroshot.class_embeddings
+    monkeypatch.setattr(zeroshot, "class_embeddings", lambda *a: calls.append(1) or real(*a))
+    names = ["dog", "cat"]
+    first = zeroshot.TextCache(tiny, model).classes(names)
+    assert zeroshot.TextCache(tiny, model).classes(names) is first and len(calls) == 1
+    with torch.no_grad():
+        model.token_embedding.weight.mul_(1.5).add_(0.1)                     # the text tower edited in place
+    changed = zeroshot.TextCache(tiny, model).classes(names)
+    assert len(calls) == 2 and not torch.allclose(changed, first, atol=1e-4)
+    with torch.no_grad():
+        model.visual.conv1.weight.mul_(2)                                    # an image-side change: still shared
+    assert zeroshot.TextCache(tiny, model).classes(names) is changed and len(calls) == 2
+
+
 # ---- export -------------------------------------------------------------------------------------------
 
 def test_export_of_a_text_delta_loads_in_plain_open_clip_with_the_edited_text(tiny, tmp_path):

@@ -7,6 +7,8 @@ at that α (``TextCache(bundle, model)``), which computes each class list's embe
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -18,18 +20,41 @@ from ..models import ClipBundle
 
 class TextCache:
     """Class embeddings per tuple of class names (prompt ensemble), from one model's text tower:
-    ``model``, default the bundle's (the original)."""
+    ``model``, default the bundle's (the original). Every TextCache of one model in a process shares
+    what any of them computed while that model's text tower is unchanged (the evaluator of each
+    run, the app's jobs, the α points of a text-side delta that revisit one α)."""
 
     def __init__(self, bundle: ClipBundle, model: nn.Module | None = None):
         self.bundle = bundle
         self.model = model
-        self._cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     def classes(self, names: list[str]) -> torch.Tensor:
+        model = self.model if self.model is not None else self.bundle.model
+        cache = _shared_cache(model)
         key = tuple(names)
-        if key not in self._cache:
-            self._cache[key] = class_embeddings(self.bundle, class_prompts(names), self.model)
-        return self._cache[key]
+        if key not in cache:
+            cache[key] = class_embeddings(self.bundle, class_prompts(names), model)
+        return cache[key]
+
+
+# model -> (its text-side state, {class names: embeddings}); an entry dies with its model
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _text_state(model: nn.Module) -> tuple:
+    """Changes when a text-side parameter or buffer is replaced or modified in place (``_version``
+    counts in-place writes, ``load_state_dict`` included)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return tuple((t.data_ptr(), t._version) for n, t in tensors if not n.startswith("visual."))
+
+
+def _shared_cache(model: nn.Module) -> dict:
+    state = _text_state(model)
+    entry = _SHARED.get(model)
+    if entry is None or entry[0] != state:
+        entry = (state, {})
+        _SHARED[model] = entry
+    return entry[1]
 
 
 def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
