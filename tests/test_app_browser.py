@@ -1,7 +1,9 @@
-"""The app in a real browser (Debian chromium + PyPI playwright): load, pick a subgroup, run the job
-(reloading the page mid-job; a second tab is refused), check the forgotten subgroup is gone from the
-right grid but not the left, slide α to 0 and check both grids agree; and the grids shown while the
-α-grid is still computing, a slider point arriving later. Screenshots go to $CLIPFORGET_SCREENSHOTS
+"""The app in a real browser (Debian chromium + PyPI playwright), one job from the click to the end:
+load, pick a subgroup, run the job (reloading the page mid-job; a second tab is refused); the grids,
+Score and the α points that exist shown while the α-grid is held back (again after a reload), the
+forgotten subgroup gone from the right grid but not the left, the slider at a point not computed yet
+showing the nearest one; the α-grid let go: every point listed, the slider's own point shown; α = 0
+and both grids agree. Screenshots go to $CLIPFORGET_SCREENSHOTS
 or bench/out/screenshots. The server is conftest.py's ``server``."""
 from __future__ import annotations
 
@@ -52,76 +54,47 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_full_flow(server, browser):
-    out = shots_dir()
-    page = browser.new_page(viewport={"width": 1440, "height": 1100})
-    page.set_default_timeout(120_000)          # screenshots and clicks on a machine busy with other work
-    page.goto(server.url)
-    page.wait_for_selector("#cards img", timeout=120_000)
-
-    # pick: another subgroup's card first, then poodle's; the retain set follows the pick
-    page.locator("#cards button", has=page.locator("img[alt='dog face']")).click()
-    wait_for(lambda: "dog face" in page.locator("#retain").inner_text().split("Retain")[0], 15, "retain set for dog face")
-    page.locator("#cards button", has=page.locator("img[alt='poodle']")).click()
-    wait_for(lambda: page.locator("#retain").inner_text().startswith("Forget poodle"), 15, "retain set for poodle")
-    retain = page.locator("#retain").inner_text()
-    assert "dog face" in retain and "poodle" not in retain.split("Retain")[1]
-    assert "held out" in retain.split("Retain")[0]          # the page says which poodles the method never sees
-    assert page.locator("#query textarea, #query input").first.input_value() == "a dog"
-    wait_for(lambda: len(captions(page, "left-grid")) == 12, 120, "the original grid (model loading)")
-    page.screenshot(path=str(out / "01-picked.png"), full_page=True)
-
-    # run, and reload mid-job: the page re-attaches to the job from the browser's storage
-    page.locator("#run").click()
-    wait_for(lambda: "running" in page.locator("#status, #progress").all_inner_texts().__str__(), 60, "job running")
-    page.screenshot(path=str(out / "02-running.png"), full_page=True)
-
-    # another browser (its own storage) cannot start a second job: the page names the running one
-    other = browser.new_page(viewport={"width": 1440, "height": 1100})
-    other.set_default_timeout(120_000)
-    other.goto(server.url)
-    other.wait_for_selector("#cards img", timeout=120_000)
-    other.locator("#run").click()
-    wait_for(lambda: "wait for it to finish" in other.locator("body").inner_text(), 30, "refusal of a second job")
-    assert "(poodle (dog) · ours) is still" in other.locator("body").inner_text()      # names the running job
-    other.screenshot(path=str(out / "02b-second-tab-refused.png"), full_page=True)
-    other.close()
-    page.reload()
-    page.wait_for_selector("#cards img", timeout=120_000)
-    # all_inner_texts does not wait: #score is absent until the job is done (inner_text would wait and raise)
-    wait_for(lambda: "Score" in " ".join(page.locator("#score").all_inner_texts()), 1200, "job results after reload",
-             poll=1.0)
-    wait_for(lambda: len(captions(page, "right-grid")) == 12, 30, "the unlearned grid")
-    left, right = captions(page, "left-grid"), captions(page, "right-grid")
-    # the subgroup is there originally, and fewer of its drawings come up after unlearning: the grids
-    # show every poodle file, the held-out ones too, and the quick job here (no remind, 2 views per
-    # image) is not held to forgetting every held-out drawing — the sweep measures how often it does
-    n_left, n_right = (sum("FORGOTTEN" in c for c in g) for g in (left, right))
-    assert n_left >= 1 and n_right < n_left, (left, right)
-    assert page.locator("#metrics").inner_text().count("Target") == 1
-    page.screenshot(path=str(out / "03-done.png"), full_page=True)
-
-    # slide α to 0: the unlearned encoder at α = 0 is the original one
-    page.locator("#alpha input[type=range]").focus()
-    page.keyboard.press("Home")
-    wait_for(lambda: "α = 0.00" in page.locator("#alpha-note").inner_text(), 15, "α = 0 shown")
-    wait_for(lambda: captions(page, "right-grid") == captions(page, "left-grid"), 15, "right grid == left grid")
-    page.screenshot(path=str(out / "04-alpha0.png"), full_page=True)
-    page.close()
-
-
-def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser, gated_alpha_grid):
-    """The job is held at the start of its α-grid (after its results): the grids, the Score and the
-    α points that exist show, and again after a reload; the slider at a point not computed yet shows the nearest one; once
-    the α-grid is let go, the page lists every point and the same slider position shows its own."""
+def test_full_flow(server, browser, gated_alpha_grid):
+    """One job, held at the start of its α-grid (after its results) until the test lets it go."""
     core, out, gate = server.core, shots_dir(), gated_alpha_grid
     try:
         page = browser.new_page(viewport={"width": 1440, "height": 1100})
-        page.set_default_timeout(120_000)
+        page.set_default_timeout(120_000)          # screenshots and clicks on a machine busy with other work
         page.goto(server.url)
         page.wait_for_selector("#cards img", timeout=120_000)
+
+        # pick: another subgroup's card first, then poodle's; the retain set follows the pick
+        page.locator("#cards button", has=page.locator("img[alt='dog face']")).click()
+        wait_for(lambda: "dog face" in page.locator("#retain").inner_text().split("Retain")[0], 15,
+                 "retain set for dog face")
+        page.locator("#cards button", has=page.locator("img[alt='poodle']")).click()
+        wait_for(lambda: page.locator("#retain").inner_text().startswith("Forget poodle"), 15, "retain set for poodle")
+        retain = page.locator("#retain").inner_text()
+        assert "dog face" in retain and "poodle" not in retain.split("Retain")[1]
+        assert "held out" in retain.split("Retain")[0]          # the page says which poodles the method never sees
+        assert page.locator("#query textarea, #query input").first.input_value() == "a dog"
         wait_for(lambda: len(captions(page, "left-grid")) == 12, 300, "the original grid (model loading)")
+        page.screenshot(path=str(out / "01-picked.png"), full_page=True)
+
+        # run, and reload mid-job: the page re-attaches to the job from the browser's storage
         page.locator("#run").click()
+        wait_for(lambda: "running" in page.locator("#status, #progress").all_inner_texts().__str__(), 60, "job running")
+        page.screenshot(path=str(out / "02-running.png"), full_page=True)
+
+        # another browser (its own storage) cannot start a second job: the page names the running one
+        other = browser.new_page(viewport={"width": 1440, "height": 1100})
+        other.set_default_timeout(120_000)
+        other.goto(server.url)
+        other.wait_for_selector("#cards img", timeout=120_000)
+        other.locator("#run").click()
+        wait_for(lambda: "wait for it to finish" in other.locator("body").inner_text(), 30, "refusal of a second job")
+        assert "(poodle (dog) · ours) is still" in other.locator("body").inner_text()      # names the running job
+        other.screenshot(path=str(out / "02b-second-tab-refused.png"), full_page=True)
+        other.close()
+        page.reload()
+        page.wait_for_selector("#cards img", timeout=120_000)
+
+        # the results show while the α-grid is held: both grids, the Score, the α points that exist
         points = page.locator("#alpha-points")
         wait_for(lambda: len(captions(page, "right-grid")) == 12 and "computing" in " ".join(points.all_inner_texts()),
                  1200, "both grids while the α-grid computes", poll=0.5)
@@ -130,7 +103,16 @@ def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser,
         assert "Score" in page.locator("#score").inner_text()
         wait_for(lambda: "alpha-grid" in page.locator("#progress").inner_text(), 30, "the α-grid's progress")
         assert "results ready" in page.locator("#progress").inner_text()
-        # a reload re-attaches to the job and shows what exists: the grids and the points so far
+        left, right = captions(page, "left-grid"), captions(page, "right-grid")
+        # the subgroup is there originally, and fewer of its drawings come up after unlearning: the grids
+        # show every poodle file, the held-out ones too, and the quick job here (no remind, 2 views per
+        # image) is not held to forgetting every held-out drawing — the sweep measures how often it does
+        n_left, n_right = (sum("FORGOTTEN" in c for c in g) for g in (left, right))
+        assert n_left >= 1 and n_right < n_left, (left, right)
+        assert page.locator("#metrics").inner_text().count("Target") == 1
+        page.screenshot(path=str(out / "03-done.png"), full_page=True)
+
+        # a reload mid-α-grid shows what exists: the grids and the points so far
         page.reload()
         page.wait_for_selector("#cards img", timeout=120_000)
         wait_for(lambda: len(captions(page, "right-grid")) == 12 and "computing" in " ".join(points.all_inner_texts()),
@@ -139,6 +121,7 @@ def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser,
         assert not state["complete"]
         # while the component updates Gradio overlays its timer ("0.1s") on it: wait for the text itself
         wait_for(lambda: points.inner_text().strip() == state["text"], 30, f"the α points line {state['text']!r}")
+        # the slider at a point not computed yet shows the nearest one
         missing = next(a for a in state["planned"] if a not in state["ready"])
         slider, note = page.locator("#alpha input[type=range]"), page.locator("#alpha-note")
         slider.focus()
@@ -149,6 +132,7 @@ def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser,
                  f"the nearest computed point while α = {missing} is missing")
         page.screenshot(path=str(out / "05-grids-before-alpha-grid.png"), full_page=True)
 
+        # the α-grid let go: the page lists every point and the same slider position shows its own
         gate.set()
         wait_for(lambda: "(all " in points.inner_text(), 600, "every α point", poll=0.5)
         # the page lists the last point as soon as it exists; the job is marked done just after
@@ -158,6 +142,12 @@ def test_grids_before_the_alpha_grid_and_a_point_arriving_later(server, browser,
         wait_for(lambda: f"showing α = {missing:.2f};" in note.inner_text(), 30, f"α = {missing} once computed")
         assert "nearest" not in note.inner_text()
         page.screenshot(path=str(out / "06-alpha-point-arrived.png"), full_page=True)
+
+        # slide α to 0: the unlearned encoder at α = 0 is the original one
+        page.keyboard.press("Home")
+        wait_for(lambda: "α = 0.00" in note.inner_text(), 15, "α = 0 shown")
+        wait_for(lambda: captions(page, "right-grid") == captions(page, "left-grid"), 15, "right grid == left grid")
+        page.screenshot(path=str(out / "04-alpha0.png"), full_page=True)
         page.close()
     finally:
         gate.set()
