@@ -104,7 +104,8 @@ def minilm_hub_cache(tmp_path, monkeypatch):
 
 
 # ---- the method end to end: default-config runs of ours ------------------------------------------
-SECOND_EDIT = {"stand_ins": {"images": 16, "steps": 10}, "remind": {"loop": {"steps": 10}}}
+SECOND_EDIT = {"stand_ins": {"images": 16, "steps": 10},
+               "remind": {"align": {"steps": 3, "max_images": 32}, "loop": {"steps": 10}}}
 
 
 @pytest.fixture(scope="session")

@@ -313,6 +313,17 @@ def test_a_method_that_produces_nan_weights_is_stopped(tiny_bundle, tiny_gallery
         Broken().run(tiny_bundle, task)
 
 
+def test_forget_prints_its_retain_set_before_the_run_unless_told_not_to(tiny_world, tiny_ckpt, tmp_path, capsys):
+    argv = ["forget", "--model", TINY_MODEL, "--pretrained", str(tiny_ckpt), "--gallery", str(tiny_world),
+            "--split", json.dumps(TINY_SPLIT), "--config", json.dumps(TINY_CONFIG), "--superclass", "dog",
+            "--subgroup", "poodle", "--no-export"]
+    assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "retain set (siblings): " in out and out.index("retain set") < out.index("Score")
+    assert cli_main([*argv, "--out", str(tmp_path / "b"), "--no-suggest"]) == 0
+    assert "retain set" not in capsys.readouterr().out
+
+
 def test_nan_loss_and_out_of_memory_through_the_cli(tiny_world, tiny_ckpt, tmp_path, capsys, monkeypatch):
     tiny = ["--superclass", "dog", "--subgroup", "poodle", "--config", json.dumps(TINY_CONFIG)]
     code, err = cli(capsys, tiny_world, tmp_path / "out", *tiny, "--set", "forget.loop.lr=1e30", ckpt=tiny_ckpt)
