@@ -43,7 +43,8 @@ _SHARED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.We
 
 def _text_state(model: nn.Module) -> tuple:
     """Changes when a text-side parameter or buffer is replaced or modified in place (``_version``
-    counts in-place writes, ``load_state_dict`` included)."""
+    counts in-place writes, ``load_state_dict`` included). Writes through ``.data`` are not counted
+    by torch: code that edits a text tower that way must build a new model (none here does)."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
     return tuple((t.data_ptr(), t._version) for n, t in tensors if not n.startswith("visual."))
 
