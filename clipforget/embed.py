@@ -65,23 +65,24 @@ def encode_texts(bundle: ClipBundle, texts: list[str], model: nn.Module | None =
     are batched by length (see :func:`tokenize`: a batch of short prompts is cut short)."""
     model = model or bundle.model
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(0)
+    chunks = []
     for i in range(0, len(texts), batch_size):
-        idx = order[i:i + batch_size]
-        emb = F.normalize(model.encode_text(tokenize(bundle, [texts[j] for j in idx], model)).float(), dim=-1).cpu()
-        if not len(out):
-            out = emb.new_empty(len(texts), emb.shape[1])
-        out[idx] = emb
-    return out
+        tokens = tokenize(bundle, [texts[j] for j in order[i:i + batch_size]], model)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(chunks)[torch.argsort(torch.tensor(order))]      # back in the order of ``texts``
 
 
-@torch.no_grad()
-def class_embeddings(bundle: ClipBundle, prompt_lists: list[list[str]], model: nn.Module | None = None) -> torch.Tensor:
-    """One embedding per class: the normalised mean of its prompts' embeddings (prompt ensemble)."""
-    flat = [p for ps in prompt_lists for p in ps]
-    emb = encode_texts(bundle, flat, model)
+def prompt_ensemble(emb: torch.Tensor, prompt_lists: list[list[str]]) -> torch.Tensor:
+    """One embedding per class from the embeddings of its prompts (rows of ``emb`` in the order of
+    ``prompt_lists`` flattened): their normalised mean."""
     out, i = [], 0
     for ps in prompt_lists:
         out.append(F.normalize(emb[i:i + len(ps)].mean(0), dim=-1))
         i += len(ps)
     return torch.stack(out)
+
+
+@torch.no_grad()
+def class_embeddings(bundle: ClipBundle, prompt_lists: list[list[str]], model: nn.Module | None = None) -> torch.Tensor:
+    """One embedding per class: the normalised mean of its prompts' embeddings (prompt ensemble)."""
+    return prompt_ensemble(encode_texts(bundle, [p for ps in prompt_lists for p in ps], model), prompt_lists)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.task import Task, ViewSet
-from ..embed import ENCODE_BATCH, encode_texts, to_input, tokenize
+from ..embed import ENCODE_BATCH, encode_texts, prompt_ensemble, to_input, tokenize
 from ..eval.zeroshot import TextCache
 from ..merge import VISUAL, StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
@@ -282,12 +282,7 @@ class Context:
         model = model or self.model
         prompts = class_prompts(names)
         tokens = tokenize(self.bundle, [p for ps in prompts for p in ps], model)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        out, i = [], 0
-        for ps in prompts:
-            out.append(F.normalize(emb[i:i + len(ps)].mean(0), dim=-1))
-            i += len(ps)
-        return torch.stack(out)
+        return prompt_ensemble(F.normalize(model.encode_text(tokens).float(), dim=-1), prompts)
 
     def current_delta(self) -> StateDict:
         """θ_u − θ₀ of the image tower (keys of ``model.visual.state_dict()``)."""
