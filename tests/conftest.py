@@ -212,7 +212,8 @@ def app_core(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finished_job(app_core):
-    """A poodle job of the shared AppCore, done (its results and α-grid on disk)."""
+    """A poodle job of the shared AppCore, done (its results and α-grid on disk); test_app_core.py
+    reads it, test_certify.py certifies it (its run folder gains a certificate)."""
     app_core.resources(timeout=300)
     _stop_jobs(app_core)
     return app_core.jobs.wait(app_core.start_job("dog", "poodle").id, timeout=600)

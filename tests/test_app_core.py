@@ -372,12 +372,6 @@ def _status_text(job):
 
 # ---- AppCore on the embedded model (the shared ``core`` fixture of conftest.py) -----------------------
 
-@pytest.fixture
-def finished(finished_job):
-    """The shared AppCore's finished poodle job (conftest; test_certify.py certifies it)."""
-    return finished_job
-
-
 @pytest.mark.slow
 def test_pick_handlers(core):
     assert "dog" in core.superclasses() and "poodle" in core.subgroups("dog")
@@ -411,22 +405,22 @@ def test_search_without_job_marks_nothing(core):
 
 
 @pytest.mark.slow
-def test_finished_job_forgets_for_its_query_and_alpha_zero_is_original(core, finished):
-    assert finished.status == "done", finished.error
-    s = finished.summary
+def test_finished_job_forgets_for_its_query_and_alpha_zero_is_original(core, finished_job):
+    assert finished_job.status == "done", finished_job.error
+    s = finished_job.summary
     assert s["alpha_grid_points"] >= 3 and s["alpha_grid_seconds"] > 0 and s["shared_trunk"]
     q = core.default_query("dog", "poodle")
-    res = core.search(q, finished.id, None, k=12)                 # at the calibrated α
+    res = core.search(q, finished_job.id, None, k=12)                 # at the calibrated α
     assert res["alpha_shown"] == pytest.approx(s["alpha"])
     assert res["recall_left"] > 0 and res["recall_right"] < res["recall_left"]
     assert any(h["forgotten"] for h in res["left"]) and "FORGOTTEN" in next(
         h["caption"] for h in res["left"] if h["forgotten"])
-    zero = core.search(q, finished.id, 0.0, k=12)
+    zero = core.search(q, finished_job.id, 0.0, k=12)
     assert [h["path"] for h in zero["right"]] == [h["path"] for h in zero["left"]]
-    snapped = core.search(q, finished.id, 0.3, k=12)
+    snapped = core.search(q, finished_job.id, 0.3, k=12)
     assert snapped["alpha_shown"] in snapped["alpha_points"] and "nearest computed point" in snapped["alpha_note"]
     with pytest.raises(ValueError, match="alpha"):
-        core.search(q, finished.id, 1.5)
+        core.search(q, finished_job.id, 1.5)
 
 
 @pytest.mark.slow
@@ -457,13 +451,13 @@ def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
 
 
 @pytest.mark.slow
-def test_results_plot_table_export(core, finished):
-    table = core.metrics_table(finished.id)
+def test_results_plot_table_export(core, finished_job):
+    table = core.metrics_table(finished_job.id)
     assert table["headers"][0] == "column" and table["rows"][0][0].startswith("Target")
     assert 0 <= table["score"] <= 100
-    png = core.alpha_plot(finished.id)
+    png = core.alpha_plot(finished_job.id)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    files = core.export(finished.id)
+    files = core.export(finished_job.id)
     with zipfile.ZipFile(files["model_zip"]) as z:
         names = set(z.namelist())
     assert {"export/open_clip_config.json", "export/open_clip_model.safetensors"} <= names
@@ -471,20 +465,20 @@ def test_results_plot_table_export(core, finished):
 
 
 @pytest.mark.slow
-def test_export_loads_in_plain_open_clip(core, finished, tmp_path, minilm_hub_cache):
+def test_export_loads_in_plain_open_clip(core, finished_job, tmp_path, minilm_hub_cache):
     import open_clip
-    with zipfile.ZipFile(core.export(finished.id)["model_zip"]) as z:
+    with zipfile.ZipFile(core.export(finished_job.id)["model_zip"]) as z:
         z.extractall(tmp_path)
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
     from clipforget.pipeline import load_delta
-    delta, _ = load_delta(core.jobs.run_dir(finished.id))
+    delta, _ = load_delta(core.jobs.run_dir(finished_job.id))
     k = next(iter(delta)).removeprefix("visual.")
     orig = core.resources().bundle.model.visual.state_dict()[k]
     assert not torch.equal(model.visual.state_dict()[k], orig)      # the export is the unlearned model
 
 
 @pytest.mark.slow
-def test_real_job_cancel_mid_stage_and_refusal(core, finished):
+def test_real_job_cancel_mid_stage_and_refusal(core, finished_job):
     job = core.start_job("car", "taxi")
     with pytest.raises(JobBusy, match=job.id):
         core.start_job("dog", "poodle")
@@ -499,7 +493,7 @@ def test_real_job_cancel_mid_stage_and_refusal(core, finished):
 
 
 @pytest.mark.slow
-def test_history_survives_a_restart(core, finished, tmp_path):
+def test_history_survives_a_restart(core, finished_job, tmp_path):
     import shutil
     from clipforget.app import AppCore
     # one app at a time owns a runs folder, and the shared ``core`` stays open for the other tests:
@@ -508,11 +502,11 @@ def test_history_survives_a_restart(core, finished, tmp_path):
     again = AppCore(runs_dir=runs, gallery=core.gallery, device="cpu")      # the same gallery as before the restart
     try:
         ids = [i for _, i in again.history()]
-        assert finished.id in ids
+        assert finished_job.id in ids
         again.resources(timeout=300)
-        res = again.search("a dog", finished.id, None, k=12)        # reopened from disk, no re-run
-        assert res["alpha_shown"] == pytest.approx(finished.summary["alpha"])
-        assert again.metrics_table(finished.id)["score"] == pytest.approx(core.metrics_table(finished.id)["score"])
+        res = again.search("a dog", finished_job.id, None, k=12)        # reopened from disk, no re-run
+        assert res["alpha_shown"] == pytest.approx(finished_job.summary["alpha"])
+        assert again.metrics_table(finished_job.id)["score"] == pytest.approx(core.metrics_table(finished_job.id)["score"])
     finally:
         again.close()
 

@@ -17,9 +17,6 @@ from clipforget.data.gallery import Item
 from clipforget.data.task import ForgetRequest
 from conftest import CERTIFY_SMALL
 
-SMALL = CERTIFY_SMALL       # the app tests' AppCore certifies with it too
-
-
 def _items(n_styles=5, subgroup="poodle"):
     return [Item(f"{s}/{subgroup}.png", subgroup, "dog", subgroup, s, "hierarchy")
             for s in ["fluent-flat", "line-art", "noto", "openmoji", "twemoji"][:n_styles]]
@@ -54,7 +51,7 @@ def test_configs_name_the_bad_field():
         CertifyConfig(kept_images=0)
     with pytest.raises(ValueError, match="unknown field"):
         CertifyConfig.from_dict({"relearn": {"stepz": 3}})
-    assert CertifyConfig.from_dict(SMALL).relearn.steps == 4
+    assert CertifyConfig.from_dict(CERTIFY_SMALL).relearn.steps == 4
 
 
 def test_probe_separates_separable_data_and_balanced_accuracy_ignores_imbalance():
@@ -109,19 +106,19 @@ def test_a_folder_without_a_run_is_refused(tmp_path):
 # ---- a real run vs a sham ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_run(runs):
+def poodle_run(runs):
     """The default-config poodle run of ours (conftest's ``runs``, shared with test_method.py)."""
     return runs["poodle"][1]
 
 
 @pytest.mark.slow
-def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cache, quick_run, tmp_path, capsys):
-    real = certify(bundle, quick_run, gallery, CertifyConfig.from_dict(SMALL), cache=view_cache)
+def test_certificate_separates_a_real_run_from_a_sham(bundle, gallery, view_cache, poodle_run, tmp_path, capsys):
+    real = certify(bundle, poodle_run, gallery, CertifyConfig.from_dict(CERTIFY_SMALL), cache=view_cache)
     # the sham: the same run folder certified at α = 0 (the original model), through the CLI
     sham_dir = tmp_path / "sham"
-    shutil.copytree(quick_run, sham_dir)
-    sets = [f"--set=relearn.{k}={v}" for k, v in SMALL["relearn"].items()] + \
-           [f"--set=probe.{k}={v}" for k, v in SMALL["probe"].items()] + ["--set=retrieval.pool=100"]
+    shutil.copytree(poodle_run, sham_dir)
+    sets = [f"--set=relearn.{k}={v}" for k, v in CERTIFY_SMALL["relearn"].items()] + \
+           [f"--set=probe.{k}={v}" for k, v in CERTIFY_SMALL["probe"].items()] + ["--set=retrieval.pool=100"]
     assert cli_main(["certify", str(sham_dir), "--alpha", "0", *sets]) == 0
     assert "NOT CERTIFIED" in capsys.readouterr().out
     sham = load_certificate(sham_dir)

@@ -14,16 +14,17 @@ from clipforget.suggest import (GalleryEmbeddings, SuggestConfig, suggest_for_ex
 
 
 @pytest.fixture(scope="module")
-def world():
-    """The embedded gallery's every subgroup drawing, and one drawing of each other concept (a
-    third of its images: the suggestions below are about subgroups, the other pool only has to be there)."""
+def gallery():
+    """In this module: the embedded gallery's every subgroup drawing and one drawing of each other
+    concept (a third of its images: the suggestions below are about subgroups, the other pool only
+    has to be there)."""
     from conftest import app_gallery
     return app_gallery(superclasses=None, per_concept=1)
 
 
 @pytest.fixture(scope="module")
-def emb(bundle, world):
-    return GalleryEmbeddings.compute(bundle, world)
+def emb(bundle, gallery):
+    return GalleryEmbeddings.compute(bundle, gallery)
 
 
 # ---- without a model: the rules on hand-made embeddings ---------------------------------------------
@@ -74,8 +75,7 @@ def test_config_names_the_bad_field():
 
 # ---- the embedded world ----------------------------------------------------------------------------
 
-def test_suggestion_is_exactly_the_siblings_for_every_gallery_subgroup(bundle, world, emb):
-    gallery = world
+def test_suggestion_is_exactly_the_siblings_for_every_gallery_subgroup(bundle, gallery, emb):
     for sc in gallery.superclasses():
         for sg in gallery.subgroups(sc):
             req = ForgetRequest(sc, sg)
@@ -87,8 +87,7 @@ def test_suggestion_is_exactly_the_siblings_for_every_gallery_subgroup(bundle, w
             assert sims == sorted(sims, reverse=True)
 
 
-def test_style_request_compares_within_the_style(bundle, world, emb):
-    gallery = world
+def test_style_request_compares_within_the_style(bundle, gallery, emb):
     s = suggest_for_request(bundle, gallery, ForgetRequest("car", style="line-art"), embeddings=emb)
     assert s.retain == gallery.subgroups("car") and s.forget_images == len(gallery.subgroups("car"))
     assert s.neighbours and all(n.style == "line-art" for n in s.neighbours)
@@ -140,8 +139,7 @@ def test_cli_suggest_for_a_folder_and_for_example_images(gallery, tmp_path, monk
     assert "--label" in capsys.readouterr().err
 
 
-def test_example_images_with_a_gallery_coarse_label(bundle, world, emb):
-    gallery = world
+def test_example_images_with_a_gallery_coarse_label(bundle, gallery, emb):
     paths = [gallery.root / it.path for it in gallery.select(superclass="dog", subgroup="poodle")]
     s = suggest_for_examples(bundle, gallery, paths, "dog", embeddings=emb)
     assert s.match and (s.match["superclass"], s.match["subgroup"]) == ("dog", "poodle")
@@ -149,8 +147,7 @@ def test_example_images_with_a_gallery_coarse_label(bundle, world, emb):
     assert s.request is None and s.forget_images == len(paths)
 
 
-def test_example_images_with_an_unknown_coarse_label(bundle, world, emb):
-    gallery = world
+def test_example_images_with_an_unknown_coarse_label(bundle, gallery, emb):
     paths = [gallery.root / it.path for it in gallery.select(superclass="dog", subgroup="poodle")]
     s = suggest_for_examples(bundle, gallery, paths, "canine", SuggestConfig(retain_neighbours=4), emb)
     assert len(s.retain) == 4 and "poodle" not in s.retain
@@ -160,8 +157,7 @@ def test_example_images_with_an_unknown_coarse_label(bundle, world, emb):
     assert any("not a superclass" in w for w in s.warnings)
 
 
-def test_example_images_need_a_label_and_two_images(bundle, world, emb):
-    gallery = world
+def test_example_images_need_a_label_and_two_images(bundle, gallery, emb):
     paths = [gallery.root / it.path for it in gallery.select(superclass="dog", subgroup="poodle")]
     with pytest.raises(ValueError, match="coarse label"):
         suggest_for_examples(bundle, gallery, paths, " ", embeddings=emb)
