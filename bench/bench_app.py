@@ -4,7 +4,8 @@
   polled over HTTP first, then the page opened once),
 - a full job from the click on "Forget it" to both grids filled (the method's default config),
   with the job's seconds per stage, then the rest of its α-grid after the grids (the job done),
-- the α-slider browser round trip (key press -> the right grid and α note updated), p50 / p90,
+- the α-slider browser round trip (key press -> the α note updated, and the right grid when the
+  move reaches another computed point), p50 / p90, and p50 of the moves that change the point,
 - the app process's peak RSS (VmHWM) over all of it.
 
     python bench/bench_app.py                     # the app as `python app.py` starts it
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -31,9 +33,16 @@ COMPARED = [("start_to_first_page_s", "first page (s)", "≤ 8"),
             ("job_click_to_grids_s", "click → both grids (s)", "≤ 30"),
             ("alpha_grid_after_grids_s", "whole α-grid after the grids (s)", "≤ 20"),
             ("slider_round_trip_ms_p50", "slider round trip p50 (ms)", "≤ 50"),
+            ("slider_grid_change_ms_p50", "  moves to another point, p50 (ms)", ""),
             ("app_peak_rss_mb", "peak RSS (MiB)", "≤ 1536"),
             ("job_seconds_server", "job, server side (s)", ""),
             ("alpha_grid_seconds", "α-grid encode (s)", "")]
+
+
+def _shown_alpha(note: str) -> str | None:
+    """The computed α point the α note says the right grid shows."""
+    m = re.search(r"showing α = ([0-9.]+)", note)
+    return m.group(1) if m else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,7 +126,7 @@ def bench(args, root: Path, prefix: str = "") -> dict:
             slider.focus()
             page.keyboard.press("End")
             wait_for(lambda: "α = 1.00" in note.inner_text(), 10, "α = 1")
-            times = []
+            times, grid_times = [], []      # every move; the moves that change the computed point shown
             for i in range(args.slides):
                 before = note.inner_text()
                 key = "ArrowLeft" if (i // 10) % 2 == 0 else "ArrowRight"
@@ -125,8 +134,12 @@ def bench(args, root: Path, prefix: str = "") -> dict:
                 page.keyboard.press(key)
                 wait_for(lambda: note.inner_text() != before, 10, "slider round trip", poll=0.002)
                 times.append((time.perf_counter() - t3) * 1000)
+                if _shown_alpha(note.inner_text()) != _shown_alpha(before):
+                    grid_times.append(times[-1])
             figures["slider_round_trip_ms_p50"] = statistics.median(times)
             figures["slider_round_trip_ms_p90"] = sorted(times)[int(0.9 * (len(times) - 1))]
+            figures["slider_grid_change_ms_p50"] = statistics.median(grid_times) if grid_times else None
+            figures["slider_grid_changes"] = len(grid_times)
             figures["app_peak_rss_mb"] = peak_rss_mb(proc.pid)
             job = _job(runs)
             figures["alpha_grid_points"] = job["summary"].get("alpha_grid_points")

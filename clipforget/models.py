@@ -203,6 +203,7 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
         channels_last = any(isinstance(m, nn.Conv2d) for m in model.visual.modules())
     if channels_last:
         model.visual.to(memory_format=torch.channels_last)
+    _speed_up(model.visual)
     cfg = getattr(model.visual, "preprocess_cfg", None) or open_clip.get_model_preprocess_cfg(model)
     image_size = _image_size(model)
     tokenizer = open_clip.get_tokenizer(arch if not arch.startswith("local-dir:") else name)
@@ -211,6 +212,18 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
                       tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                       tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
                       {"load_seconds": time.perf_counter() - t0})
+
+
+def _speed_up(visual: nn.Module) -> None:
+    """The tower adapter's exact rewrites (same outputs, fewer operations); a tower without an
+    adapter runs as open_clip built it (the stages that need one say so when they run)."""
+    from .towers import NoTowerAdapter, adapter_for
+    try:
+        done = adapter_for(visual).speed_up(visual)
+    except NoTowerAdapter:
+        return
+    for what in done:
+        log.debug("image tower sped up: %s", what)
 
 
 def _local_text_tower(folder: Path) -> dict:

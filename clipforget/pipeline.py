@@ -27,6 +27,7 @@ from .methods.base import UnlearnResult, editable_copy, get_method, load_text_st
 from .models import ClipBundle
 from .runfolder import load_delta, save_run, scaled_delta  # noqa: F401 - save_run, load_delta: the library's API
 from .train.loop import Callback
+from .trunk import encode_pair
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,43 @@ class Evaluator:
         out = {}
         columns = getattr(task, split)
         for name, col in (columns.items() if names is None else ((n, columns[n]) for n in names)):
-            hit = self._before.get(id(col.views))
-            if hit is None or hit[0]() is not col.views:
-                hit = (weakref.ref(col.views), column_accuracy(self.bundle, col, self.texts))
-                self._before = {k: v for k, v in self._before.items() if v[0]() is not None}
-                self._before[id(col.views)] = hit
-            out[name] = hit[1]
+            out[name] = self._memo(col)
+            if out[name] is None:
+                out[name] = self._remember(col, column_accuracy(self.bundle, col, self.texts))
         return out
+
+    def _memo(self, col) -> float | None:
+        hit = self._before.get(id(col.views))
+        return hit[1] if hit is not None and hit[0]() is col.views else None
+
+    def _remember(self, col, accuracy: float) -> float:
+        self._before = {k: v for k, v in self._before.items() if v[0]() is not None}
+        self._before[id(col.views)] = (weakref.ref(col.views), accuracy)
+        return accuracy
+
+    def before_after(self, task: Task, delta: StateDict, alpha: float, split: str = "test"
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+        """Accuracy of θ₀ and of θ₀ + α·Δ per column of ``split`` (as in :meth:`after`): a column
+        whose "before" is not memoised runs the trunk before the first stage Δ edits once for both
+        models (:func:`clipforget.trunk.encode_pair`; the same values as two passes)."""
+        columns = {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
+        model = edited_model(self.bundle, delta, alpha)
+        texts = texts_for(self.bundle, delta, model, self.texts)
+        edited = list(image_part(delta))
+        before, after = {}, {}
+        for i, (name, col) in enumerate(columns.items()):
+            self.on_column(i, len(columns))
+            before[name] = self._memo(col)
+            if before[name] is None:
+                emb0, emb1 = encode_pair(self.bundle, col.views.images, model, edited)
+                before[name] = self._remember(col, column_accuracy(self.bundle, col, self.texts, image_emb=emb0))
+                after[name] = column_accuracy(self.bundle, col, texts, image_emb=emb1)
+            else:
+                after[name] = column_accuracy(self.bundle, col, texts, model)
+        return before, after
+
+    def on_column(self, i: int, n: int) -> None:
+        """Called before column ``i`` of ``n`` in :meth:`before_after` (a job reports progress here)."""
 
     def after(self, task: Task, delta: StateDict, alpha: float, split: str = "test") -> dict[str, float]:
         """Accuracy of θ₀ + α·Δ per column of ``split`` ("test", "trained", or "test+trained": one
@@ -92,11 +123,9 @@ class Evaluator:
         method trained on — ``forget_examples`` — reported apart and kept out of the Score)."""
         alpha = result.alpha if alpha is None else alpha
         t0 = time.perf_counter()
-        before = {split: self.before(task, split) for split in ("test", "trained")}
-        after = self.after(task, result.delta, alpha, "test+trained")
-        cols, trained = ({n: {"before": before[split][n], "after": after[n],
-                              "images": len(getattr(task, split)[n].views)} for n in before[split]}
-                         for split in ("test", "trained"))
+        before, after = self.before_after(task, result.delta, alpha, "test+trained")
+        cols, trained = ({n: {"before": before[n], "after": after[n], "images": len(getattr(task, split)[n].views)}
+                          for n in getattr(task, split)} for split in ("test", "trained"))
         seconds = dict(result.seconds)
         seconds["evaluate"] = time.perf_counter() - t0
         return {"method": result.method, "request": result.request, "model": self.bundle.arch,
@@ -107,20 +136,14 @@ class Evaluator:
 
 
 class ProgressEvaluator(Evaluator):
-    """The evaluator of a background job: it reports (and so can be cancelled) before and between
-    its halves."""
+    """The evaluator of a background job: it reports (and so can be cancelled) before each column."""
 
     def __init__(self, bundle, progress: Callback):
         super().__init__(bundle)
         self.progress = progress
 
-    def report(self, task, result, alpha=None):
-        self.progress({"stage": "evaluate", "step": 0, "total": 2, "fraction": 0.0})
-        return super().report(task, result, alpha)
-
-    def after(self, task, delta, alpha, split="test"):
-        self.progress({"stage": "evaluate", "step": 1, "total": 2, "fraction": 0.5})
-        return super().after(task, delta, alpha, split)
+    def on_column(self, i, n):
+        self.progress({"stage": "evaluate", "step": i, "total": n, "fraction": i / n})
 
 
 def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embed import ENCODE_BATCH
+from .embed import ENCODE_BATCH, to_input
 from .towers import adapter_for
 from .towers.base import strip_prefixes, unwrap
 
@@ -139,3 +139,39 @@ class TrunkEncoder:
                               for i in range(0, len(prepared), self.batch_size)])
         finally:
             visual.train(was)
+
+
+@torch.no_grad()
+def encode_pair(bundle, images: torch.Tensor, edited_model: nn.Module, edited: Iterable[str],
+                batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised embeddings (float32, CPU) of ``images`` (uint8 or [0, 1]) by the original model
+    (``bundle.model``) and by ``edited_model``, a copy that differs from it only in the image-tower
+    entries ``edited`` (names as in a delta: ``visual.…``). The stages before the first edited one
+    run once per batch for both; nothing edited in the image tower: one pass, the same embeddings
+    twice (its image tower is the original's). The same values as two :func:`encode_images` calls."""
+    if len(images) == 0:
+        raise ValueError("no images to encode")
+    edited = [strip_prefixes(n) for n in edited if n.startswith("visual.")]
+    original, other = bundle.model.visual, edited_model.visual
+    start = split_index(original, edited) if edited else None
+    modes = [(v, v.training) for v in (original, other)]
+    for v, _ in modes:
+        v.eval()
+    try:
+        out0, out1 = [], []
+        for i in range(0, len(images), batch_size):
+            x = to_input(bundle, images[i:i + batch_size], bundle.model)
+            if not edited:
+                f0 = f1 = original(x)
+            elif start:
+                t = run_stages(original, x, 0, start)
+                f0, f1 = run_stages(original, t, start), run_stages(other, t, start)
+            else:
+                f0, f1 = original(x), other(x)
+            out0.append(F.normalize(f0.float(), dim=-1).cpu())
+            out1.append(F.normalize(f1.float(), dim=-1).cpu())
+    finally:
+        for v, was in modes:
+            v.train(was)
+    emb0 = torch.cat(out0)
+    return emb0, (emb0 if not edited else torch.cat(out1))

@@ -424,6 +424,30 @@ def test_finished_job_forgets_for_its_query_and_alpha_zero_is_original(core, fin
 
 
 @pytest.mark.slow
+def test_slider_sends_the_right_grid_only_when_its_point_changes(core, finished_job):
+    """A slider move nearest to the point the right grid already shows updates the α note alone;
+    one to another computed point sends that point's grid (and remembers it)."""
+    from types import SimpleNamespace
+
+    from clipforget.app.page.handlers import Handlers
+    p = SimpleNamespace(right="right", right_md="right_md", alpha_md="alpha_md", shown_right="shown_right",
+                        left="left", left_md="left_md", shown_query="shown_query")
+    h = Handlers(core, p)
+    q = core.default_query("dog", "poodle")
+    points = core.search(q, finished_job.id, 1.0)["alpha_points"]
+    first = h.search(q, finished_job.id, 1.0)
+    assert first["shown_right"] == [finished_job.id, q, 1.0] and len(first["right"]) == 12
+    near = max(a for a in points if a < 1.0)
+    same = h.slide(q, q, finished_job.id, 1.0 - 0.25 * (1.0 - near), first["shown_right"])   # still nearest to 1
+    assert set(same) == {"alpha_md"} and "nearest computed point" in same["alpha_md"]
+    moved = h.slide(q, q, finished_job.id, near, first["shown_right"])
+    assert moved["shown_right"] == [finished_job.id, q, near] and len(moved["right"]) == 12
+    assert f"showing α = {near:.2f};" in moved["alpha_md"]
+    back = h.slide(q, q, finished_job.id, 0.0, moved["shown_right"])                   # α = 0: the original
+    assert [c for c in back["right"]] == first["left"]
+
+
+@pytest.mark.slow
 def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
     job = core.start_job("dog", "poodle")
     ready = core.jobs.wait(job.id, timeout=600, results=True)

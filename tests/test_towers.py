@@ -245,3 +245,32 @@ def test_registering_an_adapter_makes_the_tower_usable(monkeypatch):
     assert adapter_for(MyTower()).functional_layers(MyTower(), ["body", "head"], torch.rand(1, 3, 8, 8)) == set()
     with pytest.raises(ValueError, match="taken"):
         register_adapter(type("Other", (TowerAdapter,), {"name": "mytower", "tower": MyTower}))
+
+
+def test_resnet_attention_pool_speed_up_keeps_open_clips_outputs_and_gradients(towers):
+    """load_clip makes the mean token the pool's only query: the output open_clip's pool returns,
+    and the same gradients for the input and for every projection (LoRA and CCUP edit them)."""
+    from open_clip.modified_resnet import AttentionPool2d
+
+    from clipforget.towers.resnet import PooledQueryAttentionPool2d
+    pool = towers("test-tiny-rn").model.visual.attnpool
+    assert type(pool) is PooledQueryAttentionPool2d and isinstance(pool, AttentionPool2d)
+    side = int((pool.positional_embedding.shape[0] - 1) ** 0.5)
+    x = torch.randn(4, pool.k_proj.in_features, side, side, generator=torch.Generator().manual_seed(0))
+    weights = [m.weight for m in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj)]
+    outs, grads = [], []
+    for forward in (AttentionPool2d.forward, PooledQueryAttentionPool2d.forward):
+        xi = x.clone().requires_grad_(True)
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        out = forward(pool, xi)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad] + [w.grad.clone() for w in weights])
+        for w in weights:
+            w.requires_grad_(False)
+    assert outs[0].shape == outs[1].shape and torch.allclose(outs[0], outs[1], atol=1e-5)
+    for g_ref, g_fast in zip(*grads):
+        assert torch.allclose(g_ref, g_fast, atol=1e-5)
+    assert grads[0][1].abs().sum() > 0              # the query projection is trained through it

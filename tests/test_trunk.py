@@ -72,3 +72,50 @@ def test_no_split_when_disabled_or_over_budget(bundle, poodle_task):
     with torch.no_grad():
         assert torch.allclose(TrunkEncoder(visual, ["attnpool.c_proj"], budget_bytes=1024).encode(tiny),
                               F.normalize(visual(x).float(), dim=-1), atol=1e-5)
+
+
+def _delta(bundle, names, seed=0, scale=0.05):
+    """A delta on the weights of ``names`` (modules of the image tower, or full parameter names)."""
+    g = torch.Generator().manual_seed(seed)
+    state = bundle.model.state_dict()
+    keys = [k for k in state if any(k == n or k == f"visual.{n}.weight" for n in names)]
+    return {k: scale * torch.randn(state[k].shape, generator=g) for k in keys}
+
+
+@pytest.mark.parametrize("names", [["layer4.0.conv2", "attnpool.k_proj"],     # split before layer4
+                                   ["conv1", "attnpool.c_proj"],              # the stem: no split
+                                   ["text.transformer.encoder.layer.0.output.dense.weight"]])  # text side only
+def test_encode_pair_equals_two_passes(bundle, poodle_task, names):
+    """Before and after from one trunk: the embeddings two separate passes give."""
+    from clipforget.embed import encode_images
+    from clipforget.pipeline import edited_model
+    from clipforget.trunk import encode_pair
+    delta = _delta(bundle, names)
+    assert delta, names
+    model = edited_model(bundle, delta, 0.7)
+    images = poodle_task.retain.images[:70]          # two batches of 64, the second short
+    emb0, emb1 = encode_pair(bundle, images, model, delta.keys())
+    assert torch.allclose(emb0, encode_images(bundle, images), atol=1e-5)
+    assert torch.allclose(emb1, encode_images(bundle, images, model), atol=1e-5)
+    image_side = any(k.startswith("visual.") for k in delta)
+    assert (emb0 - emb1).abs().max() > 1e-3 if image_side else emb1 is emb0
+
+
+def test_report_before_after_equals_separate_evaluations(bundle, gallery, view_cache):
+    """The report's columns from the shared trunk equal the original's and the edited model's own
+    evaluations; memoised columns (the cheap check's target) are still evaluated after."""
+    from clipforget.data.task import ForgetRequest, SplitConfig, build_task
+    from clipforget.pipeline import Evaluator
+    poodle_task = build_task(gallery, ForgetRequest("dog", "poodle"), bundle.image_size,
+                             SplitConfig(max_other_images=48), view_cache)
+    delta = _delta(bundle, ["layer4.0.conv3", "attnpool.v_proj"], scale=0.2)
+    ev = Evaluator(bundle)
+    ev.before(poodle_task, names=["target"])                 # memoised, as forget()'s cheap check leaves it
+    before, after = ev.before_after(poodle_task, delta, 1.0, "test+trained")
+    fresh = Evaluator(bundle)
+    want_before = {**fresh.before(poodle_task), **fresh.before(poodle_task, "trained")}
+    want_after = fresh.after(poodle_task, delta, 1.0, "test+trained")
+    assert before.keys() == want_before.keys() == after.keys() == want_after.keys()
+    for k in before:    # accuracies over a column's views: equal embeddings to 1e-5 give equal argmaxes here
+        assert before[k] == pytest.approx(want_before[k], abs=1e-9) and after[k] == pytest.approx(want_after[k], abs=1e-9), k
+    assert any(after[k] != before[k] for k in before)        # the delta changed something

@@ -86,6 +86,8 @@ class TowerAdapter:
       ``forward`` (they get the parametrization path). Default: probed with one forward pass.
     - :meth:`norm_layers`: what remind's alignment matches. Default: BatchNorm, else LayerNorm.
     - :meth:`projection`: the image projection CCUP edits. No default: raises.
+    - :meth:`speed_up`: exact rewrites of the tower's forward that compute less (same outputs,
+      same weights, same state dict); :func:`clipforget.models.load_clip` applies them. Default: none.
     """
     name: ClassVar[str]
     tower: ClassVar[type[nn.Module]]
@@ -132,6 +134,13 @@ class TowerAdapter:
         ``x @ proj``."""
         raise ValueError(f"no image projection known for {type(visual).__name__}: override projection() "
                          f"in {type(self).__name__}")
+
+    # ---- speed -------------------------------------------------------------------------------------
+    def speed_up(self, visual: nn.Module) -> list[str]:
+        """Rewrite parts of ``visual`` in place to compute the same outputs with less work (module
+        classes swapped for exact subclasses: weights, state dict and ``isinstance`` unchanged);
+        returns what was rewritten, for the log."""
+        return []
 
 
 # ---- the registry -----------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ def _grid(hits):
     return [(h["path"], h["caption"]) for h in hits]
 
 
+def _shown(search: dict) -> list | None:
+    """What a search's right grid shows: [job id, query, α], None without a job."""
+    return [search["job_id"], search["query"], search["alpha_shown"]] if search.get("job_id") else None
+
+
 def _recall(search: dict, side: str) -> str:
     r = search.get(f"recall_{side}")
     if r is None:
@@ -172,16 +177,19 @@ class Handlers:
         p = self.p
         return {p.left: _grid(res["left"]), p.left_md: _recall(res, "left"),
                 p.right: _grid(res["right"]) if done else [], p.right_md: _recall(res, "right") if done else "",
-                p.alpha_md: _alpha_note(res), p.shown_query: res["query"]}
+                p.alpha_md: _alpha_note(res), p.shown_query: res["query"], p.shown_right: _shown(res)}
 
-    def slide(self, shown, query, job_id, alpha):
+    def slide(self, shown, query, job_id, alpha, right):
         """The right grid at the new α for the query both grids show (not a query typed since and
-        not searched yet: the left grid would not match)."""
+        not searched yet: the left grid would not match). A move that stays nearest to the computed
+        point the grid already shows changes the α note only: the same grid is not sent again."""
         if not self.done(job_id):
             return {self.p.alpha_md: _alpha_note({})}
         res = self.core.search(shown or query, job_id, alpha, K)
+        if _shown(res) == right:
+            return {self.p.alpha_md: _alpha_note(res)}
         return {self.p.right: _grid(res["right"]), self.p.right_md: _recall(res, "right"),
-                self.p.alpha_md: _alpha_note(res)}
+                self.p.alpha_md: _alpha_note(res), self.p.shown_right: _shown(res)}
 
     # ---- results -------------------------------------------------------------------------------
     def show(self, job_id, query):
@@ -249,7 +257,8 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
     p.cancel_btn.click(h.cancel, p.job_state, p.status_md, **PRIVATE)
     p.method.change(h.method_info, p.method, p.method, **PRIVATE)
     gr.on([p.search_btn.click, p.query.submit], h.search, searched, p.grids, **PRIVATE)
-    p.alpha.input(h.slide, [p.shown_query, p.query, p.job_state, p.alpha], [p.right, p.right_md, p.alpha_md],
+    p.alpha.input(h.slide, [p.shown_query, p.query, p.job_state, p.alpha, p.shown_right],
+                  [p.right, p.right_md, p.alpha_md, p.shown_right],
                   trigger_mode="always_last", show_progress="hidden", **PRIVATE)
     p.history.input(h.reopen, p.history, [p.job_state, p.saved_job, p.query, p.suggestions], **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \

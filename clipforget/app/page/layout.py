@@ -27,8 +27,9 @@ class Page(SimpleNamespace):
 
     @property
     def grids(self) -> list:
-        """What a search fills: both grids, their recall lines, the α note, the query they show."""
-        return [self.left, self.left_md, self.right, self.right_md, self.alpha_md, self.shown_query]
+        """What a search fills: both grids, their recall lines, the α note, the query they show and
+        what the right grid shows."""
+        return [self.left, self.left_md, self.right, self.right_md, self.alpha_md, self.shown_query, self.shown_right]
 
     @property
     def results(self) -> list:
@@ -48,6 +49,8 @@ def build(core) -> Page:
     p = Page()
     p.job_state = gr.State("")
     p.shown_query = gr.State("")            # the query both grids show (the slider searches it)
+    p.shown_right = gr.State(None)          # [job id, query, α] the right grid shows: a slider move to the
+                                            # same computed point updates the α note only
     # a stable secret per runs folder, so a job id stored in the browser survives an app restart
     p.saved_job = gr.BrowserState("", storage_key="clipforget-job",
                                   secret=hashlib.sha256(str(core.runs_dir).encode()).hexdigest())
