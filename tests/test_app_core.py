@@ -395,6 +395,21 @@ def test_pick_handlers(core):
 
 
 @pytest.mark.slow
+def test_first_picks_views_are_made_before_the_model_is_ready(core):
+    """The loader makes the page's first pick's views in the jobs' cache: its task needs no new one."""
+    from clipforget.app.loading import default_pick
+    from clipforget.data.request import ForgetRequest, SplitConfig
+    from clipforget.data.task import build_task
+    res = core.resources()
+    assert default_pick(core.gallery) == ("dog", "poodle") and core.loader.timings["warm_views"] > 0
+    held = res.cache.view_bytes
+    assert held > 0
+    build_task(core.gallery, ForgetRequest("dog", "poodle"), res.bundle.image_size,
+               SplitConfig(**(core.job_split or {})), res.cache)
+    assert res.cache.view_bytes == held                      # every view set was there already
+
+
+@pytest.mark.slow
 def test_search_without_job_marks_nothing(core):
     res = core.search("a poodle", None, None, k=8)
     assert len(res["left"]) == 8 and "right" not in res and res["recall_left"] is None

@@ -43,7 +43,7 @@ class AppCore:
         self.cache_dir = self.runs_dir / ".cache"
         self.job_config = job_config          # default method config of jobs (None: the method's defaults)
         self.job_split = job_split            # SplitConfig fields of jobs (None: defaults); tests shrink it
-        self.loader = ModelLoader(model, pretrained, device, self.gallery, self.cache_dir, allow_pickle)
+        self.loader = ModelLoader(model, pretrained, device, self.gallery, self.cache_dir, allow_pickle, job_split)
         self.jobs = JobRegistry(self.runs_dir, {"forget": ForgetWork(self.resources, alpha_points),
                                                 "certify": CertifyWork(self.resources, certify_config)})
         self.retrieval = Retrieval(self.loader, self.jobs, self.cache_dir, max_text_cache)

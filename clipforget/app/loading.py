@@ -17,6 +17,15 @@ from ..memory import release_memory
 log = logging.getLogger(__name__)
 
 
+def default_pick(gallery: Gallery) -> tuple[str, str | None]:
+    """The (superclass, subgroup) the page offers first: dog / poodle when the gallery has them,
+    else its first superclass and that one's first subgroup."""
+    superclasses = gallery.superclasses()
+    sc = "dog" if "dog" in superclasses else superclasses[0]
+    subs = gallery.subgroups(sc)
+    return sc, ("poodle" if "poodle" in subs else subs[0]) if subs else None
+
+
 class NotReady(RuntimeError):
     """The model is still loading (or failed to load: the message says why)."""
 
@@ -26,8 +35,9 @@ class ModelLoader:
     :class:`NotReady` with the reason when loading failed."""
 
     def __init__(self, model: str, pretrained: str | None, device: str, gallery: Gallery, cache_dir: Path,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, split: dict | None = None, warm: bool = True):
         self.model_name, self.pretrained, self.device = model, pretrained, device
+        self.split, self.warm = split, warm    # the jobs' SplitConfig fields; warm the first pick's views
         self.allow_pickle = allow_pickle      # full unpickling of a .pt checkpoint: only for files you trust
         self.gallery, self.cache_dir = gallery, cache_dir
         self.timings: dict[str, float] = {}
@@ -80,8 +90,11 @@ class ModelLoader:
             loading = f"the embeddings of the gallery {self.gallery.name!r}"
             original = self._original_embeddings(bundle, images)
             self.original_index = faiss_index.build(original)
-            self._resources = Resources(bundle, self.gallery, ViewCache(self.gallery, keep_sources=False), images,
-                                        original)
+            resources = Resources(bundle, self.gallery, ViewCache(self.gallery, keep_sources=False), images, original)
+            if self.warm:
+                loading = "the views of the first pick"
+                self._warm_views(resources)
+            self._resources = resources
             release_memory()          # the encode's transient batches stay in this thread's arena otherwise
             self.timings["ready"] = time.perf_counter() - t0
             log.info("app ready in %.1fs (%s)", self.timings["ready"], self.timings)
@@ -90,6 +103,22 @@ class ModelLoader:
             log.error("%s", self.error)
         finally:
             self._ready.set()
+
+    def _warm_views(self, res: Resources) -> None:
+        """Make the views of the page's first pick (:func:`default_pick`) in the jobs' view cache
+        before the model is ready: a first job on it finds its data made, and one on any subgroup
+        finds the columns every request shares (the other concepts: two thirds of the data stage
+        on the embedded gallery). Jobs cannot start meanwhile (they wait for the model), so the
+        cache is never used by two threads at once."""
+        from ..data.request import ForgetRequest, SplitConfig
+        from ..data.task import build_task
+        t0 = time.perf_counter()
+        try:
+            build_task(self.gallery, ForgetRequest(*default_pick(self.gallery)), res.bundle.image_size,
+                       SplitConfig(**(self.split or {})), res.cache)
+        except ValueError as e:          # e.g. a gallery too small to split: the job will say so
+            log.info("no views made ahead: %s", e)
+        self.timings["warm_views"] = time.perf_counter() - t0
 
     def _original_embeddings(self, bundle, images):
         """Gallery embeddings of the original model, cached per (model, weights, gallery)."""

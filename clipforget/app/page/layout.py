@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from ..loading import default_pick
+
 ALL_STYLES = "all styles"
 CSS = """
 #left-grid, #right-grid {min-height: 330px}
@@ -43,9 +45,8 @@ def build(core) -> Page:
     """Lay out the page inside the current ``gr.Blocks``; the first pick is dog / poodle when the
     gallery has them."""
     superclasses = core.superclasses()
-    sc0 = "dog" if "dog" in superclasses else superclasses[0]
+    sc0, sg0 = default_pick(core.gallery)
     subs0 = core.subgroups(sc0)
-    sg0 = "poodle" if "poodle" in subs0 else subs0[0]
     p = Page()
     p.job_state = gr.State("")
     p.shown_query = gr.State("")            # the query both grids show (the slider searches it)
