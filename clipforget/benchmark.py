@@ -24,7 +24,6 @@ so the table shows what restore buys at the cost of one run.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import io
@@ -44,6 +43,7 @@ from .methods.base import get_method, list_methods
 from .methods.catalog import SOUP_SUFFIX, soup_base
 from .models import ClipBundle
 from .pipeline import Evaluator, Run, merge_runs
+from .presets import deep_update
 from .runfolder import save_run, scaled_delta
 from .train.loop import Callback
 
@@ -208,13 +208,6 @@ def plots_for_ours(run: Run, out: Path, label: str) -> list[str]:
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------
-
-def deep_update(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_update(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 def method_config(configs: dict, method: str):
     """``configs[method]``; a ``+soup`` variant without its own entry runs its method's (a tuned

@@ -31,6 +31,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="embedded (default), an image folder root/superclass/subgroup[/style]/*, or a CSV manifest")
 
 
+def _preset_arg(p: argparse.ArgumentParser) -> None:
+    from .presets import PRESETS
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="; ".join(f"{n}: {q.summary}" for n, q in PRESETS.items()) +
+                        " (--split / --config / --set change it field by field)")
+
+
 def _bundle(args):
     from .models import load_clip
     return load_clip(args.model, args.pretrained, args.device, args.precision, allow_pickle=args.allow_pickle)
@@ -42,10 +49,11 @@ def _gallery(args):
 
 
 def _config(method: str, args):
-    """Method config from --config JSON (file or inline) plus --set key.path=value overrides."""
+    """Method config: --preset's, then --config JSON (file or inline), then --set key.path=value."""
     from .methods.base import config_from_dict, get_method
+    from .presets import with_preset
     try:
-        return config_from_dict(get_method(method).Config, _overrides(args))
+        return config_from_dict(get_method(method).Config, with_preset(_preset(args), method, _overrides(args), {})[0])
     except TypeError as e:       # e.g. --set forget.loop.lr=fast: a comparison with a string
         raise ValueError(f"{method} config: a value has the wrong type ({e}); check --set / --config "
                          "(numbers unquoted, true/false for switches)") from None
@@ -81,11 +89,16 @@ def _json_arg(text: str | None, option: str = "--config") -> dict:
         raise ValueError(f"{option}: {what} is not valid JSON ({e})") from None
 
 
-def _split(text: str | None):
-    """--split: SplitConfig fields as JSON (inline or a file)."""
+def _split(text: str | None, preset: str | None = None):
+    """--split: SplitConfig fields as JSON (inline or a file), over --preset's."""
     from .data.request import SplitConfig
     from .methods.base import config_from_dict
-    return config_from_dict(SplitConfig, _json_arg(text, "--split"))
+    from .presets import with_preset
+    return config_from_dict(SplitConfig, with_preset(preset, "", {}, _json_arg(text, "--split"))[1])
+
+
+def _preset(args) -> str | None:
+    return getattr(args, "preset", None)
 
 
 def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
@@ -103,17 +116,21 @@ def cmd_forget(args) -> int:
     from .data.task import ForgetRequest, resolve, split_forget
     from .io import check_writable
     from .pipeline import Evaluator, forget
+    from .presets import get_preset
     from .runfolder import save_run
     out = check_writable(args.out)                      # every check that is cheap comes before the model
     config = _config(args.method, args)
     gallery = _gallery(args)
     retain = tuple(args.retain.split(",")) if args.retain else None
     request = ForgetRequest(args.superclass, args.subgroup, args.style, retain, _examples(args.forget_examples, gallery))
-    split = dataclasses.replace(_split(args.split), fold=args.fold) if args.fold is not None else _split(args.split)
+    split = _split(args.split, args.preset)
+    split = dataclasses.replace(split, fold=args.fold) if args.fold is not None else split
     forget_items = resolve(gallery, request)[0]         # unknown names, empty forget set: fail in a second
     split_forget(forget_items, split, request.label, request.examples)     # too few images to hold some out
     bundle = _bundle(args)
-    if not args.no_suggest:
+    if args.preset and not get_preset(args.preset).suggest and not args.no_suggest:
+        print(f"preset {args.preset}: the over-forgetting check is skipped (it encodes the whole gallery)")
+    elif not args.no_suggest:
         _print_risks(bundle, gallery, request)
     evaluator = Evaluator(bundle)
     run = forget(bundle, request, args.method, config, gallery, split, callbacks=[LogProgress(log)], evaluator=evaluator)
@@ -267,7 +284,7 @@ def cmd_sweep(args) -> int:
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
     s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
                   args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
-                  resume=args.resume, folds=args.folds, split=_split(args.split))
+                  resume=args.resume, folds=args.folds, split=_split(args.split, args.preset))
     if s["median_score"] is None:
         print(f"no request was scored: the model recognised none of them ({len(s['skipped'])} skipped)")
         return 1
@@ -347,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split", default=None,
                    help="SplitConfig fields as JSON, e.g. '{\"test_images\": 2, \"calib_images\": 1}'")
     f.add_argument("--method", default="ours", choices=list_methods())
+    _preset_arg(f)
     f.add_argument("--config", default=None, help="method config as JSON (file or inline)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config field, e.g. --set forget.top_k_layers=2 --set remind.enabled=false")
@@ -426,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--folds", type=int, default=1,
                     help="run each subgroup once per fold, holding out other files each time; a subgroup's "
                          "figure is the mean over its folds")
+    _preset_arg(sw)
     sw.add_argument("--config", default=None)
     sw.add_argument("--set", action="append", metavar="KEY=VALUE")
     sw.add_argument("--out", default=None, help="folder for sweep.json / sweep.md")

@@ -129,7 +129,8 @@ class Evaluator:
         seconds = dict(result.seconds)
         seconds["evaluate"] = time.perf_counter() - t0
         return {"method": result.method, "request": result.request, "model": self.bundle.arch,
-                "score": score(cols), "alpha": alpha, "chance": 1 / len(task.superclasses),
+                # a model that does not recognise the target has no Score: only forget(check=False) gets here
+                "score": score(cols) if cols["target"]["before"] > 0 else None, "alpha": alpha, "chance": 1 / len(task.superclasses),
                 "columns": cols, "trained_on": trained, "seconds": seconds,
                 "retain_subgroups": task.retain_subgroups, "warnings": task.warnings,
                 "alpha_curve": result.alpha_curve}
@@ -149,8 +150,10 @@ class ProgressEvaluator(Evaluator):
 def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
            gallery: Gallery | None = None, split: SplitConfig | None = None,
            callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,
-           evaluator: Evaluator | None = None) -> Run:
-    """Build the task, run the method, evaluate before/after on the test columns."""
+           evaluator: Evaluator | None = None, check: bool = True) -> Run:
+    """Build the task, run the method, evaluate before/after on the test columns. ``check=False``
+    runs even when the model does not recognise the held-out target (the report's Score is then None:
+    for measuring what the stages cost on untrained weights, bench/bench_towers.py)."""
     gallery = gallery or (cache.gallery if cache else Gallery.embedded())
     t0 = time.perf_counter()
     callbacks = list(callbacks)
@@ -165,7 +168,7 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
     unlearner = get_method(method)(config)
     # the cheap check first: the target column alone (memoised: the report reuses it), before training
     # and before the other columns are encoded
-    if evaluator.before(task, names=["target"])["target"] <= 0:
+    if check and evaluator.before(task, names=["target"])["target"] <= 0:
         raise NothingToForget(f"the model does not recognise {request.label} as {request.superclass!r} (zero-shot "
                          "accuracy 0 on its test images before unlearning), so there is nothing to forget; "
                          "check the model and its weights, or pick another subgroup")

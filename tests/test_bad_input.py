@@ -152,6 +152,10 @@ def test_a_model_that_does_not_know_the_subgroup_is_refused_before_training(tiny
         run_tiny(tiny_bundle, tiny_gallery, ("car", "taxi"), callbacks=[events.append])
     assert {e["stage"] for e in events} == {"data"}       # the task was built; no training stage started
     assert len(encoded) == 1 and {it.subgroup for it in encoded[0].views.items} == {"taxi"}   # the target alone
+    # check=False (bench/bench_towers.py: what the stages cost on untrained weights) runs every stage anyway
+    run = run_tiny(tiny_bundle, tiny_gallery, ("car", "taxi"), check=False)
+    assert run.report["columns"]["target"]["before"] == 0 and run.report["score"] is None
+    assert {"forget", "restore", "evaluate"} <= set(run.report["seconds"])
 
 
 # ---- images in a gallery ---------------------------------------------------------------------------
