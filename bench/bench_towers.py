@@ -14,6 +14,7 @@ Prints the stage lines of each run as it goes, one line per figure, and a JSON l
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="clipforget-towers-") as tmp:
         for arch in args.towers.split(","):
             figures[arch] = run_tower(arch, args, gallery, Path(tmp))
+            print(json.dumps({arch: figures[arch]}), flush=True)      # each tower's figures as soon as they exist
     figures["machine_after"] = common.machine_load()
     return common.print_figures(figures)
 
