@@ -58,6 +58,11 @@ def texts_for(bundle: ClipBundle, delta: StateDict, model: nn.Module, texts: Tex
     return TextCache(bundle, model) if text_part(delta) else texts
 
 
+def _columns(task: Task, split: str) -> dict:
+    """The columns of ``split``: "test", "trained", "calib", or parts joined by "+" ("test+trained")."""
+    return {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
+
+
 class Evaluator:
     """Before/after accuracy of a task's columns; caches text embeddings and the 'before' row."""
 
@@ -92,7 +97,7 @@ class Evaluator:
         """Accuracy of θ₀ and of θ₀ + α·Δ per column of ``split`` (as in :meth:`after`): a column
         whose "before" is not memoised runs the trunk before the first stage Δ edits once for both
         models (:func:`clipforget.trunk.encode_pair`; the same values as two passes)."""
-        columns = {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
+        columns = _columns(task, split)
         model = edited_model(self.bundle, delta, alpha)
         texts = texts_for(self.bundle, delta, model, self.texts)
         edited = list(image_part(delta))
@@ -114,7 +119,7 @@ class Evaluator:
     def after(self, task: Task, delta: StateDict, alpha: float, split: str = "test") -> dict[str, float]:
         """Accuracy of θ₀ + α·Δ per column of ``split`` ("test", "trained", or "test+trained": one
         edited model for both)."""
-        columns = {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
+        columns = _columns(task, split)
         model = edited_model(self.bundle, delta, alpha)
         return evaluate_columns(self.bundle, columns, texts_for(self.bundle, delta, model, self.texts), model)
 

@@ -161,17 +161,17 @@ def encode_pair(bundle, images: torch.Tensor, edited_model: nn.Module, edited: I
         out0, out1 = [], []
         for i in range(0, len(images), batch_size):
             x = to_input(bundle, images[i:i + batch_size], bundle.model)
-            if not edited:
-                f0 = f1 = original(x)
+            if not edited:                   # the image tower is the original's: one pass
+                out0.append(original(x))
             elif start:
                 t = run_stages(original, x, 0, start)
-                f0, f1 = run_stages(original, t, start), run_stages(other, t, start)
+                out0.append(run_stages(original, t, start))
+                out1.append(run_stages(other, t, start))
             else:
-                f0, f1 = original(x), other(x)
-            out0.append(F.normalize(f0.float(), dim=-1).cpu())
-            out1.append(F.normalize(f1.float(), dim=-1).cpu())
+                out0.append(original(x))
+                out1.append(other(x))
     finally:
         for v, was in modes:
             v.train(was)
-    emb0 = torch.cat(out0)
-    return emb0, (emb0 if not edited else torch.cat(out1))
+    emb0 = F.normalize(torch.cat(out0).float(), dim=-1).cpu()
+    return emb0, (F.normalize(torch.cat(out1).float(), dim=-1).cpu() if edited else emb0)
