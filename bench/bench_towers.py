@@ -32,7 +32,7 @@ def run_tower(arch: str, args, gallery, folder: Path) -> dict:
     from clipforget.methods.base import config_from_dict, get_method
     from clipforget.models import load_clip
     from clipforget.pipeline import forget
-    from clipforget.presets import get_preset
+    from clipforget.presets import preset_config, preset_split
     from clipforget.train.events import LogProgress
 
     torch.manual_seed(0)
@@ -43,11 +43,10 @@ def run_tower(arch: str, args, gallery, folder: Path) -> dict:
     bundle = load_clip(arch, str(weights), device=args.device, precision=args.precision)
     fig["load_s"] = time.perf_counter() - t0
     fig["image_size"] = bundle.image_size
-    preset = get_preset("quick")
-    config = config_from_dict(get_method("ours").Config, preset.config["ours"])
+    config = config_from_dict(get_method("ours").Config, preset_config("quick", "ours", {}))
     t0 = time.perf_counter()
     run = forget(bundle, ForgetRequest(*args.request.split("/")), "ours", config, gallery,
-                 config_from_dict(SplitConfig, preset.split), callbacks=[LogProgress(logging.getLogger(arch))],
+                 config_from_dict(SplitConfig, preset_split("quick", {})), callbacks=[LogProgress(logging.getLogger(arch))],
                  check=False)
     fig["run_s"] = time.perf_counter() - t0
     fig["stage_s"] = {k: round(v, 1) for k, v in run.report["seconds"].items() if k != "total"}

@@ -51,9 +51,9 @@ def _gallery(args):
 def _config(method: str, args):
     """Method config: --preset's, then --config JSON (file or inline), then --set key.path=value."""
     from .methods.base import config_from_dict, get_method
-    from .presets import with_preset
+    from .presets import preset_config
     try:
-        return config_from_dict(get_method(method).Config, with_preset(_preset(args), method, _overrides(args), {})[0])
+        return config_from_dict(get_method(method).Config, preset_config(_preset(args), method, _overrides(args)))
     except TypeError as e:       # e.g. --set forget.loop.lr=fast: a comparison with a string
         raise ValueError(f"{method} config: a value has the wrong type ({e}); check --set / --config "
                          "(numbers unquoted, true/false for switches)") from None
@@ -93,8 +93,8 @@ def _split(text: str | None, preset: str | None = None):
     """--split: SplitConfig fields as JSON (inline or a file), over --preset's."""
     from .data.request import SplitConfig
     from .methods.base import config_from_dict
-    from .presets import with_preset
-    return config_from_dict(SplitConfig, with_preset(preset, "", {}, _json_arg(text, "--split"))[1])
+    from .presets import preset_split
+    return config_from_dict(SplitConfig, preset_split(preset, _json_arg(text, "--split")))
 
 
 def _preset(args) -> str | None:

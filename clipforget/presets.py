@@ -50,10 +50,11 @@ def deep_update(base: dict, over: dict) -> dict:
     return out
 
 
-def with_preset(name: str | None, method: str, config: dict, split: dict) -> tuple[dict, dict]:
-    """(method config, split fields): the preset's, then ``config`` / ``split`` over them. A method
-    the preset has no config for keeps its own defaults (the split part still applies)."""
-    if not name:
-        return config, split
-    p = get_preset(name)
-    return deep_update(p.config.get(method, {}), config), deep_update(p.split, split)
+def preset_config(name: str | None, method: str, config: dict) -> dict:
+    """``method``'s config fields: the preset's (none when it has none for that method), ``config`` over them."""
+    return deep_update(get_preset(name).config.get(method, {}), config) if name else config
+
+
+def preset_split(name: str | None, split: dict) -> dict:
+    """SplitConfig fields: the preset's, ``split`` over them."""
+    return deep_update(get_preset(name).split, split) if name else split

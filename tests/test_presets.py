@@ -2,18 +2,20 @@
 import pytest
 
 from clipforget.cli import _config, _split, build_parser
-from clipforget.presets import PRESETS, deep_update, get_preset, with_preset
+from clipforget.presets import PRESETS, deep_update, get_preset, preset_config, preset_split
 
 
 def test_user_fields_win_over_the_preset_field_by_field():
-    config, split = with_preset("quick", "ours", {"remind": {"loop": {"lr": 1e-4}}}, {"test_views": 3})
+    config = preset_config("quick", "ours", {"remind": {"loop": {"lr": 1e-4}}})
+    split = preset_split("quick", {"test_views": 3})
     quick = get_preset("quick")
     assert config["remind"]["loop"] == {"steps": 10, "lr": 1e-4}          # the preset's steps, the user's lr
     assert config["remind"]["align"] == quick.config["ours"]["remind"]["align"]
     assert split == {**quick.split, "test_views": 3}
     assert quick.config["ours"]["remind"]["loop"] == {"steps": 10}         # the preset itself is unchanged
-    assert with_preset("quick", "ga", {"loop": {"steps": 3}}, {}) == ({"loop": {"steps": 3}}, quick.split)
-    assert with_preset(None, "ours", {"a": 1}, {"b": 2}) == ({"a": 1}, {"b": 2})
+    assert preset_config("quick", "ga", {"loop": {"steps": 3}}) == {"loop": {"steps": 3}}   # no ga part: its own
+    assert preset_split("quick", {}) == quick.split
+    assert (preset_config(None, "ours", {"a": 1}), preset_split(None, {"b": 2})) == ({"a": 1}, {"b": 2})
     with pytest.raises(ValueError, match="unknown preset 'fast'; known: quick"):
         get_preset("fast")
     assert deep_update({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
