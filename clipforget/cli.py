@@ -53,7 +53,7 @@ def _config(method: str, args):
     from .methods.base import config_from_dict, get_method
     from .presets import preset_config
     try:
-        return config_from_dict(get_method(method).Config, preset_config(_preset(args), method, _overrides(args)))
+        return config_from_dict(get_method(method).Config, preset_config(getattr(args, "preset", None), method, _overrides(args)))
     except TypeError as e:       # e.g. --set forget.loop.lr=fast: a comparison with a string
         raise ValueError(f"{method} config: a value has the wrong type ({e}); check --set / --config "
                          "(numbers unquoted, true/false for switches)") from None
@@ -95,10 +95,6 @@ def _split(text: str | None, preset: str | None = None):
     from .methods.base import config_from_dict
     from .presets import preset_split
     return config_from_dict(SplitConfig, preset_split(preset, _json_arg(text, "--split")))
-
-
-def _preset(args) -> str | None:
-    return getattr(args, "preset", None)
 
 
 def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
@@ -190,11 +186,12 @@ def cmd_suggest(args) -> int:
 
 def cmd_certify(args) -> int:
     from .certify import CertifyConfig, certify, markdown, save_certificate
+    from .io import check_writable
     from .runfolder import CERTIFICATE_JSON, load_run_model, read_run
     cfg = CertifyConfig.from_dict(_overrides(args))
     run_dir = Path(args.run_dir)
     record = read_run(run_dir)
-    _check_writable(run_dir / CERTIFICATE_JSON)
+    check_writable(run_dir / CERTIFICATE_JSON)     # the certificate goes into the run folder
     bundle = _bundle(args) if args.model else load_run_model(record, args.device)
     gallery = _gallery(args) if args.gallery else _run_gallery(record)
     cert = certify(bundle, run_dir, gallery, cfg, alpha=args.alpha, callbacks=[LogProgress(log)])
@@ -209,15 +206,6 @@ def _run_gallery(record):
     if record.gallery != "embedded":
         raise ValueError(f"run {record.path} was made on gallery {record.gallery!r}: pass it with --gallery")
     return Gallery.embedded()
-
-
-def _check_writable(out: Path) -> None:
-    parent = out if out.exists() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder {out} is not writable (no write permission on {parent}); "
-                              "choose another --out")
 
 
 def unit_interval(text: str) -> float:
@@ -295,8 +283,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import dataclasses
-
     from .benchmark import run_bench
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     split = _split(args.split)
