@@ -246,7 +246,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                     if cfg.content_weight > 0:
                         drift = (1 - (F.normalize(feats.float(), dim=-1) * content[b]).sum(-1)).sum()
                         part = part + cfg.content_weight * drift / n
-                        drift_sum += float(drift)
+                        drift_sum += float(drift.detach())
                     part.backward()
                 return float(stat_loss) + cfg.content_weight * drift_sum / n
 
