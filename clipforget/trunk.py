@@ -162,16 +162,17 @@ def encode_pair(bundle, images: torch.Tensor, edited_model: nn.Module, edited: I
         for i in range(0, len(images), batch_size):
             x = to_input(bundle, images[i:i + batch_size], bundle.model)
             if not edited:                   # the image tower is the original's: one pass
-                out0.append(original(x))
+                f0, f1 = original(x), None
             elif start:
                 t = run_stages(original, x, 0, start)
-                out0.append(run_stages(original, t, start))
-                out1.append(run_stages(other, t, start))
+                f0, f1 = run_stages(original, t, start), run_stages(other, t, start)
             else:
-                out0.append(original(x))
-                out1.append(other(x))
+                f0, f1 = original(x), other(x)
+            out0.append(f0.float().cpu())    # off the device batch by batch
+            if f1 is not None:
+                out1.append(f1.float().cpu())
     finally:
         for v, was in modes:
             v.train(was)
-    emb0 = F.normalize(torch.cat(out0).float(), dim=-1).cpu()
-    return emb0, (F.normalize(torch.cat(out1).float(), dim=-1).cpu() if edited else emb0)
+    emb0 = F.normalize(torch.cat(out0), dim=-1)
+    return emb0, (F.normalize(torch.cat(out1), dim=-1) if edited else emb0)
