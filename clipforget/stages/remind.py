@@ -248,7 +248,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                         part = part + cfg.content_weight * drift / n
                         drift_sum += float(drift.detach())
                     part.backward()
-                return float(stat_loss) + cfg.content_weight * drift_sum / n
+                return float(stat_loss.detach()) + cfg.content_weight * drift_sum / n
 
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
                      ctx.callbacks)
