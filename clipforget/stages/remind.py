@@ -236,8 +236,9 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                 sums = [[s.requires_grad_() for s in layer[:2]] + layer[2:] for layer in stats.sums]
                 stat_loss = stats.loss(sums)
                 grads = torch.autograd.grad(stat_loss, [s for layer in sums for s in layer[:2]])
+                stat = float(stat_loss.detach())
                 if step == 0:
-                    before.append(float(stat_loss.detach()))
+                    before.append(stat)
                 drift_sum = 0.0
                 for b in batches(n):                   # backward, a micro-batch at a time
                     with stats:
@@ -248,7 +249,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                         part = part + cfg.content_weight * drift / n
                         drift_sum += float(drift.detach())
                     part.backward()
-                return float(stat_loss.detach()) + cfg.content_weight * drift_sum / n
+                return stat + cfg.content_weight * drift_sum / n
 
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
                      ctx.callbacks)
