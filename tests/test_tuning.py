@@ -165,3 +165,24 @@ def test_bench_runs_a_method_and_its_soup_variant_once(tiny, tiny_gallery, tmp_p
                         {**configs, "ga+soup": {**configs["ga"], "restore": {"grid_points": 3}}}, TINY_SPLIT,
                         cache=cache)
     assert ran[2:] == ["ga", "ga+soup"]
+
+
+def test_the_committed_tuned_file_is_the_protocol_s_output_for_every_method():
+    """bench/tuned.json (what `clipforget bench --config` reads for the "tuned" tables) holds one
+    entry per tunable method, each a trial of that method's declared space under the default
+    budget, the entry the rule chooses from the file's own trials, and valid settings."""
+    from pathlib import Path
+    tuned = json.loads((Path(__file__).resolve().parents[1] / "bench" / "tuned.json").read_text())
+    proto = tuned["_protocol"]
+    assert proto["tasks"] == list(tuning.TUNING_TASKS)
+    assert proto["trials"] == tuning.DEFAULT_TRIALS and proto["seed"] == tuning.DEFAULT_SEED
+    methods = [k for k in tuned if not k.startswith("_")]
+    assert sorted(methods) == sorted(tuning.tunable_methods())
+    chosen = tuning.choose(tuned["_trials"])
+    for m in methods:
+        trials = [tuning.nested(t) for t in tuning.method_trials(m)]
+        assert tuned[m] in trials, f"{m}: {tuned[m]} is not one of its protocol trials"
+        assert tuned[m] == tuning.nested(chosen[m]["overrides"])
+        assert proto["chosen"][m]["trial"] == chosen[m]["trial"]
+        config_from_dict(get_method(m).Config, tuned[m])
+        assert method_config(tuned, m + "+soup") == tuned[m] or m + "+soup" not in list_methods()
