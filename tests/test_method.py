@@ -175,6 +175,25 @@ def test_alignment_micro_batches_give_the_statistics_of_the_whole_set(bundle, po
     assert torch.equal(moved[inside], -grad_whole.sign()[inside])
 
 
+def test_alignment_of_a_chunk_that_fits_one_pass_runs_the_tower_once_a_step(bundle, poodle_task):
+    """By default (micro_batch None: the pixels of 16 images at 224 px) the embedded model's 64-px
+    chunk of 24 goes in one pass: forward once per step (plus the content target and the final
+    statistics), where micro-batches of 5 also run a separate pass for the statistics."""
+    ctx = Context(bundle, poodle_task)
+    x = poodle_task.retain.images[:24].float() / 255
+    calls = []
+    hook = ctx.original.visual.register_forward_pre_hook(lambda m, inp: calls.append(len(inp[0])))
+    try:
+        align_images(ctx, x, AlignConfig(steps=3))
+        one = list(calls)
+        calls.clear()
+        align_images(ctx, x, AlignConfig(steps=3, micro_batch=5))
+    finally:
+        hook.remove()
+    assert one == [24] * 5                                 # content, 3 steps, final statistics
+    assert len(calls) == 5 + 3 * (5 + 5) + 5 and max(calls) == 5
+
+
 def test_alignment_content_term_keeps_what_the_original_model_sees(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
     x = poodle_task.retain.images[:48].float() / 255

@@ -50,7 +50,8 @@ class AlignConfig:
     steps: int = 15                  # Adam steps on δ
     lr: float = 0.01                 # in [0, 1] pixel units
     chunk: int = 256                 # images whose statistics are matched together
-    micro_batch: int = 16            # images per forward/backward pass: bounds memory, not the result
+    micro_batch: int | None = None   # images per forward/backward pass: bounds memory, not the result; None:
+                                     # the pixels of 16 images at 224 px (196 at 64 px) [recon]
     content_weight: float = 1000.0   # + w·mean(1 − cos(g₀(x+δ), g₀(x))): keep what the original model sees [recon]
     keep_originals: bool = True      # fine-tune on the retain images *and* their aligned copies; progress is
                                      # checked on the real images [recon]
@@ -60,7 +61,7 @@ class AlignConfig:
     def __post_init__(self):
         if self.vit_fallback not in ("layernorm", "skip"):
             raise ValueError(f"vit_fallback must be 'layernorm' or 'skip', got {self.vit_fallback!r}")
-        if self.steps < 0 or self.chunk < 2 or self.micro_batch < 1:
+        if self.steps < 0 or self.chunk < 2 or (self.micro_batch is not None and self.micro_batch < 1):
             raise ValueError("align steps must be >= 0, chunk >= 2 and micro_batch >= 1")
         if self.content_weight < 0:
             raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
@@ -187,7 +188,8 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
     """Return (aligned images in [0, 1], info). ``images01``: float (N, 3, H, W).
 
     The statistics of a chunk are those of all its images; forward and backward passes run
-    ``cfg.micro_batch`` images at a time. Per step: one pass without gradients sums the statistics
+    ``cfg.micro_batch`` images at a time. A chunk that fits one pass runs forward once per step, with
+    its statistics' graph kept, and backward once. A larger chunk, per step: one pass without gradients sums the statistics
     of the chunk at x + δ; the gradient of the statistics loss with respect to those sums (a few
     small tensors) then weights the same sums of each micro-batch, whose backward pass adds its
     images' part of the exact gradient."""
@@ -206,8 +208,10 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
     def run(x01):                     # the original tower on [0, 1] images
         return visual(ctx.bundle.normalize(x01.to(device)).to(dtype))
 
+    per_pass = cfg.micro_batch or max(1, (16 * 224 * 224) // (images01.shape[-2] * images01.shape[-1]))
+
     def batches(n):
-        return [slice(j, j + cfg.micro_batch) for j in range(0, n, cfg.micro_batch)]
+        return [slice(j, j + per_pass) for j in range(0, n, per_pass)]
 
     def measure(images01):            # one pass without gradients: ``stats`` sums over all the images
         with torch.no_grad(), stats:
@@ -231,24 +235,39 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
             with torch.no_grad():
                 content = torch.cat([F.normalize(run(x[b]).float(), dim=-1) for b in batches(n)])
 
-            def loss_fn(step, x=x, delta=delta, content=content, n=n):
+            def drift_of(feats, target):     # Σ (1 − cos) of the tower's features to the original content
+                return (1 - (F.normalize(feats.float(), dim=-1) * target).sum(-1)).sum()
+
+            def one_pass(x=x, delta=delta, content=content, n=n):
+                """The chunk in one pass: its statistics keep their graph; one backward."""
+                with stats:
+                    feats = run((x + delta).clamp(0, 1))
+                stat_loss = stats.loss()
+                drift = drift_of(feats, content) if cfg.content_weight > 0 else torch.zeros(())
+                (stat_loss + cfg.content_weight * drift / n).backward()
+                return float(stat_loss.detach()), float(drift.detach())
+
+            def micro_batched(x=x, delta=delta, content=content, n=n):
                 measure((x + delta.detach()).clamp(0, 1))     # the chunk's statistics at x + δ
                 sums = [[s.requires_grad_() for s in layer[:2]] + layer[2:] for layer in stats.sums]
                 stat_loss = stats.loss(sums)
                 grads = torch.autograd.grad(stat_loss, [s for layer in sums for s in layer[:2]])
-                stat = float(stat_loss.detach())
-                if step == 0:
-                    before.append(stat)
                 drift_sum = 0.0
                 for b in batches(n):                   # backward, a micro-batch at a time
                     with stats:
                         feats = run((x[b] + delta[b]).clamp(0, 1))
                     part = sum((g * s).sum() for g, s in zip(grads, (s for layer in stats.sums for s in layer[:2])))
                     if cfg.content_weight > 0:
-                        drift = (1 - (F.normalize(feats.float(), dim=-1) * content[b]).sum(-1)).sum()
+                        drift = drift_of(feats, content[b])
                         part = part + cfg.content_weight * drift / n
                         drift_sum += float(drift.detach())
                     part.backward()
+                return float(stat_loss.detach()), drift_sum
+
+            def loss_fn(step, n=n):
+                stat, drift_sum = one_pass() if n <= per_pass else micro_batched()
+                if step == 0:
+                    before.append(stat)
                 return stat + cfg.content_weight * drift_sum / n
 
             optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
