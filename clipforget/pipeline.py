@@ -155,10 +155,12 @@ class ProgressEvaluator(Evaluator):
 def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
            gallery: Gallery | None = None, split: SplitConfig | None = None,
            callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,
-           evaluator: Evaluator | None = None, check: bool = True) -> Run:
+           evaluator: Evaluator | None = None, check: bool = True, activation_budget: int | None = None) -> Run:
     """Build the task, run the method, evaluate before/after on the test columns. ``check=False``
     runs even when the model does not recognise the held-out target (the report's Score is then None:
-    for measuring what the stages cost on untrained weights, bench/bench_towers.py)."""
+    for measuring what the stages cost on untrained weights, bench/bench_towers.py).
+    ``activation_budget``: bytes of autograd graph a stage may hold at once (None: each stage's
+    default; it changes speed and memory, not results)."""
     gallery = gallery or (cache.gallery if cache else Gallery.embedded())
     t0 = time.perf_counter()
     callbacks = list(callbacks)
@@ -177,7 +179,7 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
         raise NothingToForget(f"the model does not recognise {request.label} as {request.superclass!r} (zero-shot "
                          "accuracy 0 on its test images before unlearning), so there is nothing to forget; "
                          "check the model and its weights, or pick another subgroup")
-    result = unlearner.run(bundle, task, callbacks, evaluator.texts)
+    result = unlearner.run(bundle, task, callbacks, evaluator.texts, activation_budget)
     result.seconds["data"] = t_data
     report = evaluator.report(task, result)
     report["seconds"]["total"] = time.perf_counter() - t0

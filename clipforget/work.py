@@ -19,6 +19,10 @@ from .jobs import Job, Progress, Ready
 
 # ---- the forget job ------------------------------------------------------------------------------
 
+# autograd graph a job's stage may hold at once: the app keeps to its memory target (the remind
+# stage's alignment then runs in micro-batches: ~0.4 GiB less at the peak, a few seconds slower)
+JOB_ACTIVATION_BUDGET = 128 << 20
+
 @dataclass
 class Resources:
     """What a forget job needs, loaded once by the app: the model, the gallery, its pixel cache,
@@ -38,9 +42,11 @@ class ForgetWork:
     ``resources()`` blocks until the model and gallery are loaded (the app loads them in the
     background so its page is up in seconds)."""
 
-    def __init__(self, resources: Callable[[], Resources], alpha_points: int = DEFAULT_ALPHA_POINTS):
+    def __init__(self, resources: Callable[[], Resources], alpha_points: int = DEFAULT_ALPHA_POINTS,
+                 activation_budget: int | None = JOB_ACTIVATION_BUDGET):
         self.resources = resources
         self.alpha_points = alpha_points
+        self.activation_budget = activation_budget
         self._evaluator = None          # a ProgressEvaluator shared by jobs: caches "before" and texts
 
     def __call__(self, job: Job, progress: Progress, job_dir: Path) -> Ready:
@@ -58,7 +64,7 @@ class ForgetWork:
         run = forget(res.bundle, request, method=spec.get("method", "ours"), config=spec.get("config"),
                      gallery=res.gallery, split=SplitConfig(**spec["split"]) if spec.get("split") else None,
                      callbacks=[progress], cache=res.cache,
-                     evaluator=self._evaluator)
+                     evaluator=self._evaluator, activation_budget=self.activation_budget)
         t_forget = time.perf_counter() - t0
         # α = 0 is θ₀ exactly: its embeddings are the original ones, so the grid starts above 0
         calibrated = round(float(run.result.alpha), 6)

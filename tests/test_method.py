@@ -176,22 +176,31 @@ def test_alignment_micro_batches_give_the_statistics_of_the_whole_set(bundle, po
 
 
 def test_alignment_of_a_chunk_that_fits_one_pass_runs_the_tower_once_a_step(bundle, poodle_task):
-    """By default (micro_batch None: the pixels of 16 images at 224 px) the embedded model's 64-px
-    chunk of 24 goes in one pass: forward once per step (plus the content target and the final
-    statistics), where micro-batches of 5 also run a separate pass for the statistics."""
-    ctx = Context(bundle, poodle_task)
+    """By default (micro_batch None) a chunk whose autograd graph fits the run's activation budget
+    goes in one pass: forward once per step (plus the content target and the final statistics),
+    after two small probes that measure the graph. A run with a small budget (the app's) takes
+    micro-batches of 16, which also run a separate pass for the statistics each step."""
+    from clipforget.work import JOB_ACTIVATION_BUDGET
     x = poodle_task.retain.images[:24].float() / 255
     calls = []
-    hook = ctx.original.visual.register_forward_pre_hook(lambda m, inp: calls.append(len(inp[0])))
-    try:
-        align_images(ctx, x, AlignConfig(steps=3))
-        one = list(calls)
+
+    def forwards(ctx, cfg):
         calls.clear()
-        align_images(ctx, x, AlignConfig(steps=3, micro_batch=5))
-    finally:
-        hook.remove()
-    assert one == [24] * 5                                 # content, 3 steps, final statistics
-    assert len(calls) == 5 + 3 * (5 + 5) + 5 and max(calls) == 5
+        hook = ctx.original.visual.register_forward_pre_hook(lambda m, inp: calls.append(len(inp[0])))
+        try:
+            out, _ = align_images(ctx, x, cfg)
+        finally:
+            hook.remove()
+        return list(calls), out
+
+    one, a = forwards(Context(bundle, poodle_task), AlignConfig(steps=3))
+    assert one == [1, 2] + [24] * 5                        # probes; content, 3 steps, final statistics
+    small, b = forwards(Context(bundle, poodle_task, activation_budget=JOB_ACTIVATION_BUDGET // 4), AlignConfig(steps=3))
+    assert small[:2] == [1, 2] and max(small[2:]) == 16
+    assert len(small) == 2 + 2 + 3 * (2 + 2) + 2           # chunks of 16 + 8: content, 3 × (statistics, grad), final
+    fixed, c = forwards(Context(bundle, poodle_task), AlignConfig(steps=3, micro_batch=5))
+    assert fixed == [5, 5, 5, 5, 4] * (1 + 3 * 2 + 1)      # no probe when the micro-batch is given
+    assert (a - b).abs().mean() < 1e-5 and (a - c).abs().mean() < 1e-5   # the same alignment, any pass size
 
 
 def test_alignment_content_term_keeps_what_the_original_model_sees(bundle, poodle_task):

@@ -173,8 +173,12 @@ class Context:
     embeddings, differentiable zero-shot logits, batches, stage timing and progress events."""
 
     def __init__(self, bundle: ClipBundle, task: Task, callbacks: Iterable[Callback] = (),
-                 texts: TextCache | None = None, seed: int = 0, edits_text: bool = False):
+                 texts: TextCache | None = None, seed: int = 0, edits_text: bool = False,
+                 activation_budget: int | None = None):
         self.bundle = bundle
+        # bytes of autograd graph a stage may hold for one pass over a set of images (None: the
+        # stage's own default); a long-lived process with a memory target (the app) passes a small one
+        self.activation_budget = activation_budget
         self.task = task
         self.callbacks = list(callbacks)
         self.texts = texts or TextCache(bundle)     # the ORIGINAL text tower's class embeddings
@@ -331,10 +335,11 @@ class Unlearner:
         raise NotImplementedError
 
     def run(self, bundle: ClipBundle, task: Task, callbacks: Iterable[Callback] = (),
-            texts: TextCache | None = None) -> UnlearnResult:
+            texts: TextCache | None = None, activation_budget: int | None = None) -> UnlearnResult:
         seed = getattr(self.config, "seed", 0)
         torch.manual_seed(seed)
-        ctx = Context(bundle, task, callbacks, texts, seed, edits_text=self.edits_text)
+        ctx = Context(bundle, task, callbacks, texts, seed, edits_text=self.edits_text,
+                      activation_budget=activation_budget)
         t0 = time.perf_counter()
         self.unlearn(ctx)
         d = ctx.delta()
