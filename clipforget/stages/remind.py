@@ -97,7 +97,7 @@ class RemindConfig:
     kd_weight: float = 1.0           # λ; 0 disables distillation
     kd_tau: float = 2.0              # τ
     feature_kd_weight: float = 50.0  # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
-    forget_weight: float = 50.0      # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
+    forget_weight: float = 150.0     # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
     forget_loss: str = "probability"  # that objective: similarity | probability (see stages/forget.py)
     scope: str = "forget_layers"     # what is fine-tuned [recon]: all (the image tower) | late (the layers the forget
                                      # stage ranked) | forget_layers (those it edited)
