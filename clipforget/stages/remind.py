@@ -51,17 +51,18 @@ MICRO_BATCH = 16                      # images a pass otherwise
 
 
 def graph_bytes(run, x: torch.Tensor, stats: "NormStats") -> int:
-    """Bytes of the tensors autograd saves for one forward of ``x`` through ``run`` with ``stats``
-    recording (a tensor saved twice counted twice: an upper bound)."""
-    total = 0
+    """Bytes of the storages behind the tensors autograd saves for one forward of ``x`` through
+    ``run`` with ``stats`` recording, each storage once (a view or an expanded tensor is its
+    storage's size, not its shape's)."""
+    storages: dict[int, int] = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), stats:
         run(x)
-    return total
+    return sum(storages.values())
 
 
 @dataclass
