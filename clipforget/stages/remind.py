@@ -206,11 +206,28 @@ class NormStats:
                    for (mu, var), (tm, tv) in zip(self.moments(sums), self.targets))
 
 
+def pass_size(ctx, cfg: AlignConfig, run, images01: torch.Tensor, stats: "NormStats") -> int:
+    """Images per forward/backward pass of the alignment: ``cfg.micro_batch`` when given, else the
+    whole chunk when its autograd graph (what one more image adds, measured on one- and two-image
+    probes; weights autograd saves count once) fits the run's activation budget, else MICRO_BATCH."""
+    if cfg.micro_batch is not None:
+        return cfg.micro_batch
+    budget = ONE_PASS_BUDGET if ctx.activation_budget is None else ctx.activation_budget
+    n = min(cfg.chunk, len(images01))
+    one, two = (graph_bytes(run, images01[:k].to(ctx.bundle.device).requires_grad_(), stats) for k in (1, 2))
+    return n if max(two - one, 1) * n + one <= budget else MICRO_BATCH
+
+
+def drift_of(feats: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """Σ (1 − cos) of the tower's features to the original model's (normalised) ``content``."""
+    return (1 - (F.normalize(feats.float(), dim=-1) * content).sum(-1)).sum()
+
+
 def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: torch.Tensor | None = None):
     """Return (aligned images in [0, 1], info). ``images01``: float (N, 3, H, W).
 
     The statistics of a chunk are those of all its images; forward and backward passes run
-    ``cfg.micro_batch`` images at a time. A chunk that fits one pass runs forward once per step, with
+    :func:`pass_size` images at a time. A chunk that fits one pass runs forward once per step, with
     its statistics' graph kept, and backward once. A larger chunk, per step: one pass without gradients sums the statistics
     of the chunk at x + δ; the gradient of the statistics loss with respect to those sums (a few
     small tensors) then weights the same sums of each micro-batch, whose backward pass adds its
@@ -230,14 +247,6 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
     def run(x01):                     # the original tower on [0, 1] images
         return visual(ctx.bundle.normalize(x01.to(device)).to(dtype))
 
-    per_pass = cfg.micro_batch
-    if per_pass is None:              # one pass when the chunk's graph fits the budget
-        budget = ONE_PASS_BUDGET if ctx.activation_budget is None else ctx.activation_budget
-        n = min(cfg.chunk, len(images01))
-        with frozen(visual):          # what one more image adds (weights autograd saves count once)
-            one, two = (graph_bytes(run, images01[:k].to(device).requires_grad_(), stats) for k in (1, 2))
-        per_pass = n if max(two - one, 1) * n + one <= budget else MICRO_BATCH
-
     def batches(n):
         return [slice(j, j + per_pass) for j in range(0, n, per_pass)]
 
@@ -247,6 +256,7 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
                 run(images01[b])
 
     with frozen(visual):
+        per_pass = pass_size(ctx, cfg, run, images01, stats)
         if stats.kind == "layernorm":
             log.warning("image tower has no BatchNorm; aligning LayerNorm input moments to a reference set [recon]")
             if reference01 is None:
@@ -262,9 +272,6 @@ def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: tor
             delta = torch.zeros_like(x, requires_grad=True)
             with torch.no_grad():
                 content = torch.cat([F.normalize(run(x[b]).float(), dim=-1) for b in batches(n)])
-
-            def drift_of(feats, target):     # Σ (1 − cos) of the tower's features to the original content
-                return (1 - (F.normalize(feats.float(), dim=-1) * target).sum(-1)).sum()
 
             def one_pass(x=x, delta=delta, content=content, n=n):
                 """The chunk in one pass: its statistics keep their graph; one backward."""
