@@ -37,6 +37,7 @@ from ..towers import adapter_for
 from ..train.loop import LoopConfig, optimize
 from ..trunk import TrunkEncoder
 from .forget import FORGET_LOSSES, ForgetResult, forget_objective
+from .synthesize import subgroup_texts
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,23 @@ class AlignConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The edited teacher [recon]: distillation pulls towards the original model's features moved
+    by −γ·relu(r(x) − b)·t_c, where r is the original's own subgroup readout (:class:`SubgroupReadout`)
+    — the original, told that what it itself takes for the subgroup is not the superclass."""
+    edit: float = 0.0                # γ; 0: the teacher is the original itself (measured: 10, docs/results/sweep-ours.md)
+    quantile: float = 0.5            # the readout's threshold b: midway between this quantile of the retain
+                                     # images' readouts and the 10th percentile of the forget images'
+    forget_rows: bool = True         # also distil the forget images (examples, stand-ins) towards it
+
+    def __post_init__(self):
+        if self.edit < 0:
+            raise ValueError(f"teacher.edit must be >= 0, got {self.edit}")
+        if not 0 <= self.quantile <= 1:
+            raise ValueError(f"teacher.quantile must be in [0, 1], got {self.quantile}")
+
+
+@dataclass
 class RemindConfig:
     enabled: bool = True
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -100,6 +118,7 @@ class RemindConfig:
     feature_kd_weight: float = 50.0  # + w·mean(1 − cos(g(x), g₀(x))) on retain images: keep their embeddings [recon]
     forget_weight: float = 150.0     # μ·(forget objective on D_f) keeps D_f forgotten while reminding [recon]; 0: off
     forget_loss: str = "probability"  # that objective: similarity | probability (see stages/forget.py)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)   # what distillation pulls towards
     scope: str = "forget_layers"     # what is fine-tuned [recon]: all (the image tower) | late (the layers the forget
                                      # stage ranked) | forget_layers (those it edited)
     ema: bool = True
@@ -348,8 +367,44 @@ class Teacher:
 
 
 @torch.no_grad()
-def teacher_outputs(ctx, x: torch.Tensor) -> Teacher:
-    feats = torch.cat([ctx.image_features(x[i:i + ENCODE_BATCH], ctx.original) for i in range(0, len(x), ENCODE_BATCH)])
+def original_features(ctx, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([ctx.image_features(x[i:i + ENCODE_BATCH], ctx.original) for i in range(0, len(x), ENCODE_BATCH)])
+
+
+@dataclass
+class SubgroupReadout:
+    """The original model's own word on "is this the subgroup": r(x) = ĝ₀(x)·(t_sub − mean t_sibling)
+    over the subgroup's and its retain subgroups' prompts, and a threshold b between the forget
+    images' readouts and the retain images' [recon]."""
+    direction: torch.Tensor
+    threshold: float
+
+    @staticmethod
+    @torch.no_grad()
+    def fit(ctx, forget_feats: torch.Tensor, retain_feats: torch.Tensor, quantile: float = 0.5
+            ) -> "SubgroupReadout | None":
+        if ctx.task.request.subgroup is None:
+            return None
+        texts, i = subgroup_texts(ctx)
+        if len(texts) < 2:             # no sibling to read the subgroup against
+            return None
+        others = torch.cat([texts[:i], texts[i + 1:]])
+        a = (texts[i] - others.mean(0)).float()
+        rf, rr = forget_feats @ a, retain_feats @ a
+        return SubgroupReadout(a, float(0.5 * (torch.quantile(rr, quantile) + torch.quantile(rf, 0.1))))
+
+    def gate(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.relu(feats @ self.direction - self.threshold)
+
+
+@torch.no_grad()
+def teacher_outputs(ctx, x: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
+    """The original model's features and logits of ``x``; with ``edit`` > 0 and a ``readout``, the
+    edited teacher's: ĝ₀(x) − γ·relu(r(x) − b)·t_c, renormalised — the original, told that what it
+    itself takes for the subgroup is not the superclass."""
+    feats = original_features(ctx, x)
+    if edit > 0 and readout is not None:
+        feats = F.normalize(feats - edit * readout.gate(feats)[:, None] * ctx.coarse_emb.float()[None], dim=-1)
     return Teacher(feats, ctx.logit_scale * feats @ ctx.superclass_emb.t())
 
 
@@ -453,7 +508,8 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
     with torch.no_grad():
         x_all = torch.cat([to_input(ctx.bundle, part[i:i + ENCODE_BATCH], ctx.model)
                            for part in rows.parts for i in range(0, len(part), ENCODE_BATCH)])
-    teacher = teacher_outputs(ctx, x_all)
+    original = teacher_outputs(ctx, x_all)
+    teacher = original
     del aligned
     rows.parts.clear()
     visual = ctx.model.visual
@@ -466,6 +522,15 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         forget_in = torch.cat([forget_in, extra_forget.to(forget_in)])
         forget_labels = torch.cat([forget_labels, torch.full((len(extra_forget),), task.target_index,
                                                              dtype=forget_labels.dtype)])
+    forget_teacher = None
+    readout = SubgroupReadout.fit(ctx, original_features(ctx, forget_in), original.features,
+                                  cfg.teacher.quantile) if cfg.teacher.edit > 0 else None
+    if readout is not None:
+        teacher = teacher_outputs(ctx, x_all, cfg.teacher.edit, readout)
+        if cfg.teacher.forget_rows:
+            forget_teacher = teacher_outputs(ctx, forget_in, cfg.teacher.edit, readout)
+        info["teacher"] = {"threshold": readout.threshold,
+                           "retain_rows_gated": int((readout.gate(original.features) > 0).sum())}
     retain_x, forget_x = enc.prepare(x_all), enc.prepare(forget_in)
     calib = task.calib.get("target") if cfg.check_calibration else None
     calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
@@ -481,23 +546,31 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
                         if cfg.bn_mode == "train" else [])
     ema = EMA(ctx.theta0, live, moving, cfg.ema_decay) if cfg.ema else None
 
+    def distilled(loss, feats, target: Teacher, rows):
+        """``loss`` plus distillation of ``feats`` (normalised) towards ``target``'s ``rows``: the
+        zero-shot logits' KL and the features' cosine."""
+        if cfg.kd_weight > 0:
+            z = ctx.logit_scale * feats @ ctx.superclass_emb.t()
+            loss = loss + cfg.kd_weight * distillation(z, target.logits[rows], cfg.kd_tau)
+        if cfg.feature_kd_weight > 0:
+            loss = loss + cfg.feature_kd_weight * (1 - (feats * target.features[rows]).sum(-1)).mean()
+        return loss
+
     def loss_fn(step):
         idx = ctx.sample_indices(len(retain_x), cfg.batch_size).to(device)
         img = enc(retain_x[idx])
-        loss = retain_loss.of_features(img, row_source[idx])
-        if cfg.kd_weight > 0:
-            z = ctx.logit_scale * img @ ctx.superclass_emb.t()
-            loss = loss + cfg.kd_weight * distillation(z, teacher.logits[idx], cfg.kd_tau)
-        if cfg.feature_kd_weight > 0:
-            loss = loss + cfg.feature_kd_weight * (1 - (img * teacher.features[idx]).sum(-1)).mean()
-        if cfg.forget_weight > 0:
-            feats = enc(forget_x[ctx.sample_indices(len(forget_x), cfg.batch_size)])
+        loss = distilled(retain_loss.of_features(img, row_source[idx]), img, teacher, idx)
+        if cfg.forget_weight > 0 or forget_teacher is not None:
+            fi = ctx.sample_indices(len(forget_x), cfg.batch_size)
+            feats = enc(forget_x[fi])
             loss = loss + cfg.forget_weight * forget_objective(ctx, feats, cfg.forget_loss)
+            if forget_teacher is not None:
+                loss = distilled(loss, feats, forget_teacher, fi.to(device))
         return loss
 
     check_x = retain_x[:rows.n_check]
     retain_labels = task.superclass_labels(task.retain)[rows.source[:rows.n_check]]
-    retain_goal = float((teacher.logits[:rows.n_check].argmax(-1).cpu() == retain_labels).float().mean()) - \
+    retain_goal = float((original.logits[:rows.n_check].argmax(-1).cpu() == retain_labels).float().mean()) - \
         (cfg.retain_tolerance or 0)
     forget_goal = ctx.chance if cfg.forget_goal is None else cfg.forget_goal
     margin = forget.margin if forget is not None else 0.0       # forgotten as the forget stage defined it

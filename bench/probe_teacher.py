@@ -1,0 +1,69 @@
+"""How far the edited teacher's gate reaches on held-out files (the evidence behind
+``remind.teacher``, docs/METHOD.md step 2.4): the ORIGINAL model's embeddings of each request's
+held-out columns, edited as the teacher edits them — ĝ₀(x) − γ·relu(r(x) − b)·t_c, r the original's
+own subgroup readout, b fitted on the forget examples and the retain training images — and
+classified among the superclass prompts. Not a weight edit: what the method can at best be taught.
+
+    python bench/probe_teacher.py [EVERY] [OFFSET]     # every EVERY-th subgroup (default 8) from OFFSET
+
+Per request: the readout's AUC (held-out target files against held-out sibling files), then for
+each (quantile, γ) the held-out target / retain / other-superclass accuracy; a summary at the end.
+"""
+import statistics
+import sys
+
+import torch
+
+from clipforget.data.gallery import Gallery
+from clipforget.data.task import SplitConfig, ViewCache, build_task
+from clipforget.methods.base import Context
+from clipforget.models import load_clip
+from clipforget.stages.remind import SubgroupReadout, original_features, teacher_outputs
+from clipforget.sweep import sweep_requests
+
+GRID = [(q, g) for q in (0.5, 0.9) for g in (10.0, 20.0)]
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
+
+
+def main(every: int = 8, offset: int = 0) -> None:
+    torch.set_num_threads(1)
+    bundle = load_clip("embedded", None, "cpu", "fp32")
+    gallery = Gallery.embedded()
+    cache = ViewCache(gallery)
+    summary = {key: [] for key in GRID}
+    aucs = []
+    for req in sweep_requests(gallery)[offset::every]:
+        task = build_task(gallery, req, bundle.image_size, SplitConfig(), cache)
+        ctx = Context(bundle, task)
+        x = {"target": ctx.inputs(task.test["target"].views), "retain": ctx.inputs(task.test["retain"].views),
+             "other": ctx.inputs(task.test["other_superclasses"].views)}
+        labels = {"target": task.test["target"].labels, "retain": task.test["retain"].labels,
+                  "other": task.test["other_superclasses"].labels}
+        forget, retain = original_features(ctx, ctx.inputs(task.forget)), original_features(ctx, ctx.inputs(task.retain))
+        line = [f"{req.label:34s}"]
+        for q, gamma in GRID:
+            readout = SubgroupReadout.fit(ctx, forget, retain, q)
+            if (q, gamma) == GRID[0]:
+                held = {k: original_features(ctx, v) @ readout.direction for k, v in x.items() if k != "other"}
+                aucs.append(auc(held["target"], held["retain"]))
+                line.append(f"AUC {aucs[-1]:.3f}")
+            acc = {k: ctx.superclass_accuracy(teacher_outputs(ctx, v, gamma, readout).features, labels[k])
+                   for k, v in x.items()}
+            summary[(q, gamma)].append(acc)
+            line.append(f"q{q} γ{gamma:g}: {acc['target']:.2f}/{acc['retain']:.2f}/{acc['other']:.2f}")
+        print("  ".join(line), flush=True)
+    print(f"readout AUC >= 0.95 on {sum(a >= 0.95 for a in aucs)} of {len(aucs)}; cells: held-out target / retain / "
+          "other superclasses after the edit")
+    chance = 1 / len(task.superclasses)
+    for (q, gamma), accs in summary.items():
+        mean = {k: statistics.mean(a[k] for a in accs) for k in accs[0]}
+        print(f"quantile {q}, γ {gamma:g}: held-out target at chance in {sum(a['target'] <= chance for a in accs)} "
+              f"of {len(accs)}; mean target {mean['target']:.3f}, retain {mean['retain']:.3f}, "
+              f"other superclasses {mean['other']:.3f}")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]))

@@ -1,0 +1,60 @@
+"""The edited teacher of remind: the original model, told that what it itself takes for the
+subgroup is not the superclass."""
+import torch
+
+from clipforget.methods.base import Context
+from clipforget.stages.remind import SubgroupReadout, original_features, teacher_outputs
+
+
+def _features(ctx, views):
+    return original_features(ctx, ctx.inputs(views))
+
+
+def test_the_readout_separates_the_forget_examples_from_their_siblings(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    forget, retain = _features(ctx, poodle_task.forget), _features(ctx, poodle_task.retain)
+    readout = SubgroupReadout.fit(ctx, forget, retain, quantile=0.5)
+    assert readout is not None
+    r_forget, r_retain = forget @ readout.direction, retain @ readout.direction
+    assert float(r_forget.mean()) > readout.threshold > float(r_retain.median())
+    assert float((readout.gate(forget) > 0).float().mean()) > 0.9     # the model's own poodles pass the gate
+    assert float((readout.gate(retain) > 0).float().mean()) < 0.5     # most siblings do not
+
+
+def test_the_edited_teacher_lowers_the_superclass_only_where_the_gate_is_open(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    x = torch.cat([ctx.inputs(poodle_task.forget, slice(0, 32)), ctx.inputs(poodle_task.retain, slice(0, 32))])
+    feats = original_features(ctx, x)
+    readout = SubgroupReadout.fit(ctx, feats[:32], feats[32:], quantile=0.5)
+    plain, edited = teacher_outputs(ctx, x), teacher_outputs(ctx, x, edit=10.0, readout=readout)
+    assert torch.equal(teacher_outputs(ctx, x, edit=0.0, readout=readout).features, plain.features)
+    open_ = readout.gate(feats) > 0
+    assert open_.any() and (~open_).any()
+    assert torch.allclose(edited.features[~open_], plain.features[~open_])
+    t = poodle_task.target_index
+    p_plain, p_edited = plain.logits.softmax(-1)[:, t], edited.logits.softmax(-1)[:, t]
+    assert bool((p_edited[open_] < p_plain[open_]).all())
+    assert float(p_edited[:32][open_[:32]].max()) < 0.5          # the gated poodles are no longer "a dog"
+
+
+def test_remind_with_the_edited_teacher_moves_the_forget_examples_towards_it(bundle, poodle_task):
+    from clipforget.stages.forget import ForgetConfig, forget_stage
+    from clipforget.stages.remind import AlignConfig, RemindConfig, TeacherConfig, remind_stage
+    from clipforget.train.loop import LoopConfig
+
+    def remind(teacher):
+        ctx = Context(bundle, poodle_task)
+        forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=3, lr=1e-3)))
+        cfg = RemindConfig(align=AlignConfig(enabled=False), teacher=teacher, retain_tolerance=None,
+                           loop=LoopConfig(steps=8, lr=5e-4, check_every=8))
+        info = remind_stage(ctx, cfg, forgot)
+        with torch.no_grad():
+            return ctx, info, ctx.image_features(ctx.inputs(poodle_task.forget))
+
+    ctx, _, plain = remind(TeacherConfig())
+    _, info, taught = remind(TeacherConfig(edit=10.0, quantile=0.5, forget_rows=True))
+    assert 0 <= info["teacher"]["retain_rows_gated"] < len(poodle_task.retain)
+    x = ctx.inputs(poodle_task.forget)
+    readout = SubgroupReadout.fit(ctx, original_features(ctx, x), _features(ctx, poodle_task.retain), 0.5)
+    target = teacher_outputs(ctx, x, 10.0, readout).features      # the edited teacher of the examples
+    assert float((taught * target).sum(-1).mean()) > float((plain * target).sum(-1).mean())
