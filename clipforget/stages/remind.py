@@ -9,7 +9,11 @@
    (``"skip"``), with a logged note either way.
 2. Fine-tune on the aligned images: CLIP loss against their own texts + knowledge distillation from
    the frozen original, L = L_clip + λ·τ²·KL(softmax(z₀/τ) ‖ softmax(z/τ)) over the zero-shot
-   logits of the superclass prompts [paper; form recon].
+   logits of the superclass prompts [paper; form recon]. With ``teacher.edit`` > 0 [recon] the
+   distillation target is the *edited* original, ĝ₀(x) − γ·relu(r(x) − b)·t_c (r: the original's
+   own subgroup readout, :class:`SubgroupReadout`), on the retain rows and (``teacher.forget_rows``)
+   the forget examples and stand-ins: the fine-tuned layers are taught what the original itself
+   takes for the subgroup, not only which files were shown.
 3. EMA of the weights [paper Eq. 5]: θ_ema ← β θ_ema + (1−β) θ, θ_ema starting at the ORIGINAL
    weights; the model ends as θ_ema. Few steps: 5–20 help, 30+ hurt (the paper's ablation).
    [recon] The stage stops early once the retain views are classified as well as by the original
