@@ -18,7 +18,7 @@ from clipforget.data.gallery import Gallery
 from clipforget.data.task import SplitConfig, ViewCache, build_task
 from clipforget.methods.base import Context
 from clipforget.models import load_clip
-from clipforget.stages.remind import SubgroupReadout, original_features, teacher_outputs
+from clipforget.stages.remind import SubgroupReadout, original_features, teacher_of
 from clipforget.sweep import sweep_requests
 
 GRID = [(q, g) for q in (0.5, 0.9) for g in (10.0, 20.0)]
@@ -38,8 +38,8 @@ def main(every: int = 8, offset: int = 0) -> None:
     for req in sweep_requests(gallery)[offset::every]:
         task = build_task(gallery, req, bundle.image_size, SplitConfig(), cache)
         ctx = Context(bundle, task)
-        x = {"target": ctx.inputs(task.test["target"].views), "retain": ctx.inputs(task.test["retain"].views),
-             "other": ctx.inputs(task.test["other_superclasses"].views)}
+        feats = {k: original_features(ctx, ctx.inputs(task.test[col].views))
+                 for k, col in (("target", "target"), ("retain", "retain"), ("other", "other_superclasses"))}
         labels = {"target": task.test["target"].labels, "retain": task.test["retain"].labels,
                   "other": task.test["other_superclasses"].labels}
         forget, retain = original_features(ctx, ctx.inputs(task.forget)), original_features(ctx, ctx.inputs(task.retain))
@@ -47,11 +47,10 @@ def main(every: int = 8, offset: int = 0) -> None:
         for q, gamma in GRID:
             readout = SubgroupReadout.fit(ctx, forget, retain, q)
             if (q, gamma) == GRID[0]:
-                held = {k: original_features(ctx, v) @ readout.direction for k, v in x.items() if k != "other"}
-                aucs.append(auc(held["target"], held["retain"]))
+                aucs.append(auc(feats["target"] @ readout.direction, feats["retain"] @ readout.direction))
                 line.append(f"AUC {aucs[-1]:.3f}")
-            acc = {k: ctx.superclass_accuracy(teacher_outputs(ctx, v, gamma, readout).features, labels[k])
-                   for k, v in x.items()}
+            acc = {k: ctx.superclass_accuracy(teacher_of(ctx, f, gamma, readout).features, labels[k])
+                   for k, f in feats.items()}
             summary[(q, gamma)].append(acc)
             line.append(f"q{q} γ{gamma:g}: {acc['target']:.2f}/{acc['retain']:.2f}/{acc['other']:.2f}")
         print("  ".join(line), flush=True)

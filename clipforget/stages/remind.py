@@ -402,14 +402,18 @@ class SubgroupReadout:
 
 
 @torch.no_grad()
-def teacher_outputs(ctx, x: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
-    """The original model's features and logits of ``x``; with ``edit`` > 0 and a ``readout``, the
-    edited teacher's: ĝ₀(x) − γ·relu(r(x) − b)·t_c, renormalised — the original, told that what it
-    itself takes for the subgroup is not the superclass."""
-    feats = original_features(ctx, x)
+def teacher_of(ctx, feats: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
+    """The teacher for the original model's (normalised) features ``feats``; with ``edit`` > 0 and a
+    ``readout``, the edited teacher's: ĝ₀(x) − γ·relu(r(x) − b)·t_c, renormalised — the original,
+    told that what it itself takes for the subgroup is not the superclass."""
     if edit > 0 and readout is not None:
         feats = F.normalize(feats - edit * readout.gate(feats)[:, None] * ctx.coarse_emb.float()[None], dim=-1)
     return Teacher(feats, ctx.logit_scale * feats @ ctx.superclass_emb.t())
+
+
+def teacher_outputs(ctx, x: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
+    """:func:`teacher_of` the original model's features of the inputs ``x``."""
+    return teacher_of(ctx, original_features(ctx, x), edit, readout)
 
 
 def trained_parameters(visual: nn.Module, scope: str, forget: ForgetResult | None) -> tuple[list[str], list]:
@@ -526,13 +530,14 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         forget_in = torch.cat([forget_in, extra_forget.to(forget_in)])
         forget_labels = torch.cat([forget_labels, torch.full((len(extra_forget),), task.target_index,
                                                              dtype=forget_labels.dtype)])
-    forget_teacher = None
-    readout = SubgroupReadout.fit(ctx, original_features(ctx, forget_in), original.features,
-                                  cfg.teacher.quantile) if cfg.teacher.edit > 0 else None
+    forget_teacher = readout = None
+    if cfg.teacher.edit > 0:               # the original's features are encoded once, then edited
+        forget_feats = original_features(ctx, forget_in)
+        readout = SubgroupReadout.fit(ctx, forget_feats, original.features, cfg.teacher.quantile)
     if readout is not None:
-        teacher = teacher_outputs(ctx, x_all, cfg.teacher.edit, readout)
+        teacher = teacher_of(ctx, original.features, cfg.teacher.edit, readout)
         if cfg.teacher.forget_rows:
-            forget_teacher = teacher_outputs(ctx, forget_in, cfg.teacher.edit, readout)
+            forget_teacher = teacher_of(ctx, forget_feats, cfg.teacher.edit, readout)
         info["teacher"] = {"threshold": readout.threshold,
                            "retain_rows_gated": int((readout.gate(original.features) > 0).sum())}
     retain_x, forget_x = enc.prepare(x_all), enc.prepare(forget_in)
