@@ -257,7 +257,7 @@ def cmd_sweep(args) -> int:
         previous_rows(args.out, args.method)  # another method's sweep, or an unreadable sweep.json
     config = _config(args.method, args)
     gallery = _gallery(args)
-    reqs = sweep_requests(gallery, args.superclass, args.every, args.style)
+    reqs = sweep_requests(gallery, args.superclass, args.every, args.style, args.offset)
     bundle = _bundle(args) if args.workers <= 1 else None
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
 
@@ -426,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--superclass", default=None, help="only this superclass's subgroups")
     sw.add_argument("--style", default=None, help="forget each subgroup in this style only")
     sw.add_argument("--every", type=int, default=1, help="every N-th subgroup (a quicker sample)")
+    sw.add_argument("--offset", type=int, default=0,
+                    help="with --every N: start at the offset-th subgroup (0..N-1; --every 2 --offset 1 is the other half)")
     sw.add_argument("--split", default=None, help="SplitConfig fields as JSON, e.g. '{\"test_images\": 2}'")
     sw.add_argument("--folds", type=int, default=1,
                     help="run each subgroup once per fold, holding out other files each time; a subgroup's "

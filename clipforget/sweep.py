@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def sweep_requests(gallery: Gallery, superclass: str | None = None, every: int = 1,
-                   style: str | None = None) -> list[ForgetRequest]:
+                   style: str | None = None, offset: int = 0) -> list[ForgetRequest]:
+    """The hierarchy's subgroups in order, every ``every``-th from the ``offset``-th (``every=2``
+    with offsets 0 and 1: two disjoint halves)."""
+    if every < 1 or not 0 <= offset < every:
+        raise ValueError(f"need every >= 1 and 0 <= offset < every, got every={every}, offset={offset}")
     scs = [superclass] if superclass else gallery.superclasses()
     reqs = [ForgetRequest(sc, sg, style) for sc in scs for sg in gallery.subgroups(sc)]
-    return reqs[::every]
+    return reqs[offset::every]
 
 
 @dataclass(frozen=True)

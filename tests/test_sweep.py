@@ -35,6 +35,16 @@ def test_spread_order_visits_every_request_once_spread_first():
     assert sorted(order) == list(range(10)) and order[:3] == [0, 4, 8]
 
 
+def test_every_and_offset_split_the_hierarchy_into_disjoint_samples(gallery):
+    every = sweep.sweep_requests(gallery)
+    halves = [sweep.sweep_requests(gallery, every=2, offset=k) for k in (0, 1)]
+    assert halves[0] == every[0::2] and halves[1] == every[1::2]
+    assert not set(map(str, halves[0])) & set(map(str, halves[1]))
+    assert len(halves[0]) + len(halves[1]) == len(every)
+    with pytest.raises(ValueError, match="offset"):
+        sweep.sweep_requests(gallery, every=2, offset=2)
+
+
 def test_a_stopped_sweep_resumes_with_the_missing_requests_only(tmp_path, monkeypatch, no_model):
     calls = []
     monkeypatch.setattr(sweep._Runner, "__call__", stand_in(calls, stop_after=3))
