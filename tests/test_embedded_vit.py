@@ -1,5 +1,6 @@
 """The embedded world's ViT (``--model embedded-vit``): loads by name, has no BatchNorm, is handled by
 the ViT tower adapter, and a short ``forget`` on it changes only the image tower."""
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from clipforget.data.request import SplitConfig
 from clipforget.data.task import ForgetRequest
-from clipforget.models import (EMBEDDED_VIT, EMBEDDED_VIT_ARCH, EMBEDDED_VIT_WEIGHTS, load_clip,
+from clipforget.models import (EMBEDDED, EMBEDDED_VIT, EMBEDDED_VIT_ARCH, EMBEDDED_VIT_WEIGHTS, load_clip,
                                trainable_state_dict)
 from clipforget.towers import adapter_for
 
@@ -60,6 +61,29 @@ def test_train_config_of_the_vit():
     assert build_parser().parse_args(["train-embedded", "--arch", "vit"]).arch == "vit"
     with pytest.raises(ValueError, match="arch"):
         TrainEmbeddedConfig(arch="mlp")
+    # the ViT learns from the ResNet's image features; nothing distils from itself
+    assert cfg.distill_from == EMBEDDED and TrainEmbeddedConfig().distill_from is None
+    with pytest.raises(ValueError, match="itself"):
+        TrainEmbeddedConfig(arch="rn", distill_from=EMBEDDED)
+    with pytest.raises(ValueError, match="distill_from"):
+        TrainEmbeddedConfig(arch="vit", distill_from="RN50")
+
+
+def test_distillation_teacher_is_frozen_and_shares_the_text_projection(vit):
+    """The teacher of the ViT's recipe: the ResNet's image tower, frozen; the student's text
+    projection and temperature start as the teacher's, so both embed into one space."""
+    from clipforget.train.embedded import _teacher
+    student = copy.deepcopy(vit.model)
+    with torch.no_grad():
+        for p in student.text.proj.parameters():
+            p.zero_()
+    teacher = _teacher(EMBEDDED, student)
+    rn = load_clip(EMBEDDED, device="cpu").model
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for a, b in zip(student.text.proj.state_dict().values(), rn.text.proj.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(teacher(x), rn.visual(x), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -6,6 +6,11 @@ tower: ``rn`` the BatchNorm ResNet of ``embedded``, ``vit`` the VisionTransforme
 multi-positive contrastive loss: a caption is a positive for every image in the batch whose concept
 or superclass and style match it (``a dog`` is positive for a poodle, ``a black and white line
 drawing of a car`` for every line-art car).
+
+``distill_from`` (the ViT's default: the shipped ResNet ``embedded``) adds feature distillation: the
+student's text projection starts from the teacher's, and each step adds
+``distill_weight · (1 − cos(student image embedding, teacher image embedding))`` on the same
+augmented batch — dense targets a small ViT learns from far faster than from captions alone.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ class TrainEmbeddedConfig:
     hierarchy_fraction: float = 0.6  # share of each batch drawn from hierarchy images
     source_size: int = 96            # images are loaded at this size and augmented down to 64
     grad_clip: float = 0.0          # max gradient norm (0: none)
+    distill_from: str | None = None  # an embedded model whose image features the tower also regresses
+    distill_weight: float = 1.0      # weight of the cosine distillation term
     seed: int = 0
     arch: str = "rn"                 # rn: the ResNet of `embedded`; vit: the ViT of `embedded-vit`
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -54,6 +61,11 @@ class TrainEmbeddedConfig:
             raise ValueError("steps must be >= 1 and batch_size >= 2")
         if not 0 < self.hierarchy_fraction < 1:
             raise ValueError(f"hierarchy_fraction must be in (0, 1), got {self.hierarchy_fraction}")
+        if self.distill_from is not None and self.distill_from not in EMBEDDED_MODELS:
+            raise ValueError(f"distill_from must be one of {', '.join(EMBEDDED_MODELS)} or None, "
+                             f"got {self.distill_from!r}")
+        if self.distill_from is not None and ARCHS[self.arch] == self.distill_from:
+            raise ValueError(f"arch {self.arch!r} cannot distil from itself ({self.distill_from})")
 
 
 @torch.no_grad()
@@ -77,7 +89,7 @@ def training_items(gallery: Gallery) -> list:
 
 # the ViT's own defaults (a ViT trained from scratch wants a longer warm-up and clipped gradients);
 # its step count is about the 20-minute budget of a quiet 2-core machine (docs/results/embedded-vit.md)
-ARCH_DEFAULTS = {"rn": {}, "vit": {"steps": 2500, "warmup": 0.1, "grad_clip": 1.0}}
+ARCH_DEFAULTS = {"rn": {}, "vit": {"steps": 2500, "warmup": 0.1, "grad_clip": 1.0, "distill_from": EMBEDDED}}
 
 
 def default_config(arch: str = "rn", **overrides) -> TrainEmbeddedConfig:
@@ -125,6 +137,7 @@ def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path |
             ids.append(index[text])
         per_image.append(ids)
     pooled = pooled_text_features(model, tokenizer, texts)
+    teacher = _teacher(cfg.distill_from, model)
     log.info("loaded %d images, %d captions in %.1fs", len(items), len(texts), time.perf_counter() - t0)
 
     hier = [i for i, it in enumerate(items) if it.kind == "hierarchy"]
@@ -154,6 +167,10 @@ def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path |
         img = F.normalize(model.visual(x), dim=-1)
         txt = F.normalize(model.text.proj(pooled[cap]), dim=-1)
         loss = multi_positive_loss(img, txt, pos, model.logit_scale.exp().clamp(max=100))
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.normalize(teacher(x), dim=-1)
+            loss = loss + cfg.distill_weight * (1 - (img * target).sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -176,6 +193,22 @@ def train_embedded(cfg: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path |
                                "gallery_hash": gallery.content_hash})
     return {"out": str(out), "train_seconds": train_seconds, "captions": len(texts), "images": len(items),
             "final_loss": history[-1]["loss"]}
+
+
+def _teacher(name: str | None, student) -> torch.nn.Module | None:
+    """The image tower of the embedded model ``name`` (frozen, eval mode); the student's text
+    projection starts as a copy of the teacher's, so both embed into the same space."""
+    if name is None:
+        return None
+    from ..models import load_clip
+    bundle = load_clip(name, device="cpu", precision="fp32")
+    student.text.proj.load_state_dict(bundle.model.text.proj.state_dict())
+    student.logit_scale.data.copy_(bundle.model.logit_scale.data)
+    visual = bundle.model.visual.eval()
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    log.info("distilling the image features of %s", name)
+    return visual
 
 
 def _matches(item, key) -> bool:
