@@ -306,10 +306,12 @@ def test_ours_forgets_the_subgroup_and_keeps_the_rest(runs):
     r = run.report
     c = r["columns"]
     assert c["target"]["before"] >= 0.9
-    # the drawings it trained on are forgotten; of the held-out drawings most are, not yet all (the
-    # held-out sweep in docs/results measures how far from chance the target stays across subgroups)
-    assert r["trained_on"]["forget_examples"]["after"] <= r["chance"]
-    assert c["target"]["after"] <= 0.5 * c["target"]["before"]
+    # poodle's held-out drawings are forgotten (the held-out sweep in docs/results measures how far
+    # from chance the target stays across subgroups). Restore backs off to α < 1 here (the calibration
+    # images keep it at chance there), where 1 of the 20 trained-on drawings is still "a dog": that
+    # column is reported, outside the Score
+    assert c["target"]["after"] <= r["chance"]
+    assert r["trained_on"]["forget_examples"]["after"] <= 0.1
     assert c["retain"]["after"] >= 0.85 * c["retain"]["before"]     # held-out sibling drawings (sweep median 0.93)
     assert c["other_superclasses"]["after"] >= c["other_superclasses"]["before"] - 0.05
     assert r["score"] >= 85

@@ -51,7 +51,7 @@ def test_remind_with_the_edited_teacher_moves_the_forget_examples_towards_it(bun
         with torch.no_grad():
             return ctx, info, ctx.image_features(ctx.inputs(poodle_task.forget))
 
-    ctx, _, plain = remind(TeacherConfig())
+    ctx, _, plain = remind(TeacherConfig(edit=0.0))           # the original itself as the teacher
     _, info, taught = remind(TeacherConfig(edit=10.0, quantile=0.5, forget_rows=True))
     assert 0 <= info["teacher"]["retain_rows_gated"] < len(poodle_task.retain)
     x = ctx.inputs(poodle_task.forget)

@@ -101,7 +101,7 @@ class TeacherConfig:
     """The edited teacher [recon]: distillation pulls towards the original model's features moved
     by −γ·relu(r(x) − b)·t_c, where r is the original's own subgroup readout (:class:`SubgroupReadout`)
     — the original, told that what it itself takes for the subgroup is not the superclass."""
-    edit: float = 0.0                # γ; 0: the teacher is the original itself (measured: 10, docs/results/sweep-ours.md)
+    edit: float = 5.0                # γ; 0: the teacher is the original itself (measured: 5, 10; docs/results/sweep-ours.md)
     quantile: float = 0.5            # the readout's threshold b: midway between this quantile of the retain
                                      # images' readouts and the 10th percentile of the forget images'
     forget_rows: bool = True         # also distil the forget images (examples, stand-ins) towards it
