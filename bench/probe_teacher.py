@@ -35,7 +35,7 @@ def main(every: int = 8, offset: int = 0) -> None:
     cache = ViewCache(gallery)
     summary = {key: [] for key in GRID}
     aucs = []
-    for req in sweep_requests(gallery)[offset::every]:
+    for req in sweep_requests(gallery, every=every, offset=offset):
         task = build_task(gallery, req, bundle.image_size, SplitConfig(), cache)
         ctx = Context(bundle, task)
         feats = {k: original_features(ctx, ctx.inputs(task.test[col].views))
