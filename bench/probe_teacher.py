@@ -18,7 +18,7 @@ from clipforget.data.gallery import Gallery
 from clipforget.data.task import SplitConfig, ViewCache, build_task
 from clipforget.methods.base import Context
 from clipforget.models import load_clip
-from clipforget.stages.remind import SubgroupReadout, original_features, teacher_of
+from clipforget.stages.teacher import SubgroupReadout, original_features, teacher_of
 from clipforget.sweep import sweep_requests
 
 GRID = [(q, g) for q in (0.5, 0.9) for g in (10.0, 20.0)]

@@ -14,7 +14,8 @@ from clipforget.methods.ours import OursConfig
 from clipforget.pipeline import Evaluator, edited_model, forget, merge_runs, save_run
 from clipforget.stages.fisher import relative_fisher, rank_layers
 from clipforget.stages.forget import ForgetConfig, forget_stage, select_layers
-from clipforget.stages.remind import AlignConfig, RemindConfig, align_images, remind_stage
+from clipforget.stages.align import AlignConfig, align_images
+from clipforget.stages.remind import RemindConfig, remind_stage
 from clipforget.stages.restore import choose_alpha
 from clipforget.train.loop import LoopConfig
 
@@ -136,7 +137,7 @@ def test_alignment_lowers_the_bn_statistics_loss(bundle, poodle_task):
 def test_alignment_micro_batches_give_the_statistics_of_the_whole_set(bundle, poodle_task):
     """Per micro-batch sums reproduce the mean/variance of all images at once, and the
     micro-batched gradient of the alignment objective is the gradient over the whole set."""
-    from clipforget.stages.remind import NormStats
+    from clipforget.stages.align import NormStats
     ctx = Context(bundle, poodle_task)
     visual = ctx.original.visual.eval()
     x = (poodle_task.retain.images[:24].float() / 255).requires_grad_()

@@ -3,7 +3,7 @@ subgroup is not the superclass."""
 import torch
 
 from clipforget.methods.base import Context
-from clipforget.stages.remind import SubgroupReadout, original_features, teacher_outputs
+from clipforget.stages.teacher import SubgroupReadout, original_features, teacher_outputs
 
 
 def _features(ctx, views):
@@ -39,7 +39,9 @@ def test_the_edited_teacher_lowers_the_superclass_only_where_the_gate_is_open(bu
 
 def test_remind_with_the_edited_teacher_moves_the_forget_examples_towards_it(bundle, poodle_task):
     from clipforget.stages.forget import ForgetConfig, forget_stage
-    from clipforget.stages.remind import AlignConfig, RemindConfig, TeacherConfig, remind_stage
+    from clipforget.stages.align import AlignConfig
+    from clipforget.stages.remind import RemindConfig, remind_stage
+    from clipforget.stages.teacher import TeacherConfig
     from clipforget.train.loop import LoopConfig
 
     def remind(teacher):

@@ -107,7 +107,7 @@ def test_functional_layers_are_those_whose_forward_never_runs(towers, adapter, m
 
 @pytest.mark.parametrize("adapter,model,norm", CASES, ids=IDS)
 def test_norm_layers_are_the_familys(towers, adapter, model, norm):
-    from clipforget.stages.remind import NormStats
+    from clipforget.stages.align import NormStats
     visual = towers(model).model.visual
     kind, layers = adapter_for(visual).norm_layers(visual)
     cls = nn.modules.batchnorm._BatchNorm if norm == "batchnorm" else nn.LayerNorm

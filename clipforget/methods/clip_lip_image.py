@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..stages.remind import frozen
+from ..train.loop import frozen
 from ..train.loop import LoopConfig, optimize
 from .base import Context, Unlearner, register_method
 from .common import layer_params, lipschitz_ratio, named_layers, trainable

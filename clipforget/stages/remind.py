@@ -1,17 +1,12 @@
 """Stage 2 — remind: fine-tune on retain images aligned to the pre-training statistics.
 
-1. Alignment [paper Eq. 4]: an additive perturbation δ per retain image, optimised so that,
-   through the ORIGINAL image tower, each BatchNorm layer's batch mean/variance of its input
-   matches that layer's running mean/variance:
-       min_δ Σ_l ‖μ_l(x+δ) − μ_l^BN‖₂ + ‖σ²_l(x+δ) − σ²_l^BN‖₂     (x+δ clamped to [0, 1]).
-   Towers without BatchNorm (ViT) [recon]: the same with each LayerNorm's input moments matched to
-   moments measured on a reference image set (``vit_fallback="layernorm"``), or no alignment
-   (``"skip"``), with a logged note either way.
+1. Alignment [paper Eq. 4]: each retain image gets a perturbation that matches the ORIGINAL
+   tower's BatchNorm statistics (LayerNorm moments on a ViT) — :mod:`.align`.
 2. Fine-tune on the aligned images: CLIP loss against their own texts + knowledge distillation from
    the frozen original, L = L_clip + λ·τ²·KL(softmax(z₀/τ) ‖ softmax(z/τ)) over the zero-shot
    logits of the superclass prompts [paper; form recon]. With ``teacher.edit`` > 0 [recon] the
    distillation target is the *edited* original, ĝ₀(x) − γ·relu(r(x) − b)·t_c (r: the original's
-   own subgroup readout, :class:`SubgroupReadout`), on the retain rows and (``teacher.forget_rows``)
+   own subgroup readout; :mod:`.teacher`), on the retain rows and (``teacher.forget_rows``)
    the forget examples and stand-ins: the fine-tuned layers are taught what the original itself
    takes for the subgroup, not only which files were shown.
 3. EMA of the weights [paper Eq. 5]: θ_ema ← β θ_ema + (1−β) θ, θ_ema starting at the ORIGINAL
@@ -32,86 +27,20 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..embed import ENCODE_BATCH, to_input
 from ..losses import RetainLoss, distillation
-from ..towers import adapter_for
 from ..train.loop import LoopConfig, optimize
 from ..trunk import TrunkEncoder
+from .align import AlignConfig, NormStats, align_images
 from .forget import FORGET_LOSSES, ForgetResult, forget_objective
-from .synthesize import subgroup_texts
+from .teacher import SubgroupReadout, Teacher, TeacherConfig, original_features, teacher_of, teacher_outputs
 
 log = logging.getLogger(__name__)
 
 
 REMIND_SCOPES = ("all", "late", "forget_layers")
-
-# the autograd graph an alignment chunk may hold to run in one pass (forward once a step, not twice),
-# unless the run passes its own budget (``Context.activation_budget``; the app's is small): the
-# embedded model's 128 images at 64 px take ~0.4 GiB more at the peak and ~35 % less time
-ONE_PASS_BUDGET = 1 << 30
-MICRO_BATCH = 16                      # images a pass otherwise
-
-
-def graph_bytes(run, x: torch.Tensor, stats: "NormStats") -> int:
-    """Bytes of the storages behind the tensors autograd saves for one forward of ``x`` through
-    ``run`` with ``stats`` recording, each storage once (a view or an expanded tensor is its
-    storage's size, not its shape's)."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), stats:
-        run(x)
-    return sum(storages.values())
-
-
-@dataclass
-class AlignConfig:
-    enabled: bool = True
-    steps: int = 15                  # Adam steps on δ
-    lr: float = 0.01                 # in [0, 1] pixel units
-    chunk: int = 256                 # images whose statistics are matched together
-    micro_batch: int | None = None   # images per forward/backward pass: bounds memory, not the result; None:
-                                     # the whole chunk in one pass when its graph fits the run's activation
-                                     # budget (default ONE_PASS_BUDGET), else 16 at a time [recon]
-    content_weight: float = 1000.0   # + w·mean(1 − cos(g₀(x+δ), g₀(x))): keep what the original model sees [recon]
-    keep_originals: bool = True      # fine-tune on the retain images *and* their aligned copies; progress is
-                                     # checked on the real images [recon]
-    max_images: int | None = 128     # align at most this many retain images (a seeded random subset) [recon]
-    vit_fallback: str = "layernorm"  # towers without BatchNorm: layernorm | skip
-
-    def __post_init__(self):
-        if self.vit_fallback not in ("layernorm", "skip"):
-            raise ValueError(f"vit_fallback must be 'layernorm' or 'skip', got {self.vit_fallback!r}")
-        if self.steps < 0 or self.chunk < 2 or (self.micro_batch is not None and self.micro_batch < 1):
-            raise ValueError("align steps must be >= 0, chunk >= 2 and micro_batch >= 1")
-        if self.content_weight < 0:
-            raise ValueError(f"content_weight must be >= 0, got {self.content_weight}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max_images must be >= 1 or None, got {self.max_images}")
-
-
-@dataclass
-class TeacherConfig:
-    """The edited teacher [recon]: distillation pulls towards the original model's features moved
-    by −γ·relu(r(x) − b)·t_c, where r is the original's own subgroup readout (:class:`SubgroupReadout`)
-    — the original, told that what it itself takes for the subgroup is not the superclass."""
-    edit: float = 5.0                # γ; 0: the teacher is the original itself (measured: 5, 10; docs/results/sweep-ours.md)
-    quantile: float = 0.5            # the readout's threshold b: midway between this quantile of the retain
-                                     # images' readouts and the 10th percentile of the forget images'
-    forget_rows: bool = True         # also distil the forget images (examples, stand-ins) towards it
-
-    def __post_init__(self):
-        if self.edit < 0:
-            raise ValueError(f"teacher.edit must be >= 0, got {self.edit}")
-        if not 0 <= self.quantile <= 1:
-            raise ValueError(f"teacher.quantile must be in [0, 1], got {self.quantile}")
-
 
 @dataclass
 class RemindConfig:
@@ -156,191 +85,6 @@ class RemindConfig:
             raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {self.forget_loss!r}")
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """No gradient flows into ``module``'s parameters inside the block (flags restored after)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-class NormStats:
-    """Forward pre-hooks that sum each norm layer's input per channel — Σ(x − c) and Σ(x − c)²,
-    with c the layer's target mean (a shift that keeps the variance exact in float32) — and the
-    target moments to match (BatchNorm running stats, or LayerNorm moments of a reference). Which
-    layers, and of which kind, is the tower adapter's answer (``norm_layers``).
-
-    Sums add over batches, so the moments of a whole image set come from batches run one at a
-    time: ``align_images`` matches the statistics of all its images without holding all their
-    activations at once."""
-
-    def __init__(self, visual: nn.Module):
-        self.kind, self.layers = adapter_for(visual).norm_layers(visual)
-        self.targets: list[tuple[torch.Tensor, torch.Tensor]] = (
-            [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in self.layers]
-            if self.kind == "batchnorm" else [])
-        self.sums: list[list[torch.Tensor]] = []     # per layer [Σ(x − c), Σ(x − c)², count]
-        self.dtype = torch.float32    # of the sums; float64 where there is no target mean to shift by
-        self._hooks = []
-
-    def _record(self, i: int, x: torch.Tensor) -> None:
-        x = x.to(self.dtype)
-        if self.kind == "layernorm":  # (..., C): statistics over every position
-            x = x.reshape(-1, x.shape[-1])
-        channels = x.shape[1]         # (N, C, ...) or (positions, C)
-        dims = [0] + list(range(2, x.ndim))
-        c = self.shift(i).to(x.dtype)
-        d = x - (c.view(channels, *[1] * (x.ndim - 2)) if c.ndim else c)
-        s = [d.sum(dims), (d * d).sum(dims), torch.tensor(float(x.numel() // channels), dtype=x.dtype)]
-        if i < len(self.sums):
-            self.sums[i] = [a + b for a, b in zip(self.sums[i], s)]
-        else:
-            self.sums.append(s)
-
-    def shift(self, i: int) -> torch.Tensor:
-        return self.targets[i][0] if self.targets else torch.zeros(())
-
-    def __enter__(self):
-        """Start a pass: the sums restart at zero and add up over every forward until exit."""
-        self.sums = []
-        self._hooks = [m.register_forward_pre_hook(lambda m, inp, i=i: self._record(i, inp[0]))
-                       for i, m in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-
-    def moments(self, sums: list[list[torch.Tensor]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (mean, variance) of everything seen in the pass (or of ``sums``)."""
-        out = []
-        for i, (s1, s2, n) in enumerate(self.sums if sums is None else sums):
-            m = s1 / n
-            out.append((self.shift(i) + m, s2 / n - m * m))
-        return out
-
-    def loss(self, sums: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
-        return sum(torch.linalg.vector_norm(mu - tm) + torch.linalg.vector_norm(var - tv)
-                   for (mu, var), (tm, tv) in zip(self.moments(sums), self.targets))
-
-
-def pass_size(ctx, cfg: AlignConfig, run, images01: torch.Tensor, stats: "NormStats") -> int:
-    """Images per forward/backward pass of the alignment: ``cfg.micro_batch`` when given, else the
-    whole chunk when its autograd graph (what one more image adds, measured on one- and two-image
-    probes; weights autograd saves count once) fits the run's activation budget, else MICRO_BATCH."""
-    if cfg.micro_batch is not None:
-        return cfg.micro_batch
-    budget = ONE_PASS_BUDGET if ctx.activation_budget is None else ctx.activation_budget
-    n = min(cfg.chunk, len(images01))
-    one, two = (graph_bytes(run, images01[:k].to(ctx.bundle.device).requires_grad_(), stats) for k in (1, 2))
-    return n if max(two - one, 1) * n + one <= budget else MICRO_BATCH
-
-
-def drift_of(feats: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-    """Σ (1 − cos) of the tower's features to the original model's (normalised) ``content``."""
-    return (1 - (F.normalize(feats.float(), dim=-1) * content).sum(-1)).sum()
-
-
-def align_images(ctx, images01: torch.Tensor, cfg: AlignConfig, reference01: torch.Tensor | None = None):
-    """Return (aligned images in [0, 1], info). ``images01``: float (N, 3, H, W).
-
-    The statistics of a chunk are those of all its images; forward and backward passes run
-    :func:`pass_size` images at a time. A chunk that fits one pass runs forward once per step, with
-    its statistics' graph kept, and backward once. A larger chunk, per step: one pass without gradients sums the statistics
-    of the chunk at x + δ; the gradient of the statistics loss with respect to those sums (a few
-    small tensors) then weights the same sums of each micro-batch, whose backward pass adds its
-    images' part of the exact gradient."""
-    visual = ctx.original.visual
-    stats = NormStats(visual)
-    if not cfg.enabled or cfg.steps == 0:
-        return images01, {"aligned": False}
-    if stats.kind == "none" or (stats.kind == "layernorm" and cfg.vit_fallback == "skip"):
-        log.warning("image tower has no BatchNorm; alignment skipped (vit_fallback=%s)", cfg.vit_fallback)
-        return images01, {"aligned": False, "note": "no BatchNorm: alignment skipped"}
-    was = visual.training
-    visual.eval()
-    device = ctx.bundle.device
-    dtype = next(visual.parameters()).dtype
-
-    def run(x01):                     # the original tower on [0, 1] images
-        return visual(ctx.bundle.normalize(x01.to(device)).to(dtype))
-
-    def batches(n):
-        return [slice(j, j + per_pass) for j in range(0, n, per_pass)]
-
-    def measure(images01):            # one pass without gradients: ``stats`` sums over all the images
-        with torch.no_grad(), stats:
-            for b in batches(len(images01)):
-                run(images01[b])
-
-    with frozen(visual):
-        per_pass = pass_size(ctx, cfg, run, images01, stats)
-        if stats.kind == "layernorm":
-            log.warning("image tower has no BatchNorm; aligning LayerNorm input moments to a reference set [recon]")
-            if reference01 is None:
-                raise ValueError("LayerNorm alignment needs reference images")
-            stats.dtype = torch.float64
-            measure(reference01)
-            stats.targets = [(m.float(), v.float()) for m, v in stats.moments()]
-            stats.dtype = torch.float32
-        out, before, after = [], [], []
-        for i in range(0, len(images01), cfg.chunk):
-            x = images01[i:i + cfg.chunk].to(device)
-            n = len(x)
-            delta = torch.zeros_like(x, requires_grad=True)
-            with torch.no_grad():
-                content = torch.cat([F.normalize(run(x[b]).float(), dim=-1) for b in batches(n)])
-
-            def one_pass(x=x, delta=delta, content=content, n=n):
-                """The chunk in one pass: its statistics keep their graph; one backward."""
-                with stats:
-                    feats = run((x + delta).clamp(0, 1))
-                stat_loss = stats.loss()
-                drift = drift_of(feats, content) if cfg.content_weight > 0 else torch.zeros(())
-                (stat_loss + cfg.content_weight * drift / n).backward()
-                return float(stat_loss.detach()), float(drift.detach())
-
-            def micro_batched(x=x, delta=delta, content=content, n=n):
-                measure((x + delta.detach()).clamp(0, 1))     # the chunk's statistics at x + δ
-                sums = [[s.requires_grad_() for s in layer[:2]] + layer[2:] for layer in stats.sums]
-                stat_loss = stats.loss(sums)
-                grads = torch.autograd.grad(stat_loss, [s for layer in sums for s in layer[:2]])
-                drift_sum = 0.0
-                for b in batches(n):                   # backward, a micro-batch at a time
-                    with stats:
-                        feats = run((x[b] + delta[b]).clamp(0, 1))
-                    part = sum((g * s).sum() for g, s in zip(grads, (s for layer in stats.sums for s in layer[:2])))
-                    if cfg.content_weight > 0:
-                        drift = drift_of(feats, content[b])
-                        part = part + cfg.content_weight * drift / n
-                        drift_sum += float(drift.detach())
-                    part.backward()
-                return float(stat_loss.detach()), drift_sum
-
-            def loss_fn(step, n=n):
-                stat, drift_sum = one_pass() if n <= per_pass else micro_batched()
-                if step == 0:
-                    before.append(stat)
-                return stat + cfg.content_weight * drift_sum / n
-
-            optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "align",
-                     ctx.callbacks)
-            final = (x + delta).detach().clamp(0, 1)
-            measure(final)
-            after.append(float(stats.loss()))
-            out.append(final.cpu())
-    visual.train(was)
-    info = {"aligned": True, "norm": stats.kind, "stat_loss_before": sum(before) / len(before),
-            "stat_loss_after": sum(after) / len(after)}
-    log.info("alignment: statistics loss %.4f -> %.4f", info["stat_loss_before"], info["stat_loss_after"])
-    return torch.cat(out), info
-
-
 # ---- the pieces of the fine-tuning -----------------------------------------------------------------
 
 @dataclass
@@ -361,59 +105,6 @@ def training_rows(retain: torch.Tensor, aligned: torch.Tensor, chosen: torch.Ten
     if keep_originals:
         return TrainingRows([retain, aligned], torch.cat([torch.arange(n), chosen]), n)
     return TrainingRows([aligned], chosen, len(chosen))
-
-
-@dataclass
-class Teacher:
-    """The frozen original model's view of the training rows: what distillation pulls towards."""
-    features: torch.Tensor        # normalised image features (rows, D)
-    logits: torch.Tensor          # zero-shot logits over the superclass prompts (rows, classes)
-
-
-@torch.no_grad()
-def original_features(ctx, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([ctx.image_features(x[i:i + ENCODE_BATCH], ctx.original) for i in range(0, len(x), ENCODE_BATCH)])
-
-
-@dataclass
-class SubgroupReadout:
-    """The original model's own word on "is this the subgroup": r(x) = ĝ₀(x)·(t_sub − mean t_sibling)
-    over the subgroup's and its retain subgroups' prompts, and a threshold b between the forget
-    images' readouts and the retain images' [recon]."""
-    direction: torch.Tensor
-    threshold: float
-
-    @staticmethod
-    @torch.no_grad()
-    def fit(ctx, forget_feats: torch.Tensor, retain_feats: torch.Tensor, quantile: float = 0.5
-            ) -> "SubgroupReadout | None":
-        if ctx.task.request.subgroup is None:
-            return None
-        texts, i = subgroup_texts(ctx)
-        if len(texts) < 2:             # no sibling to read the subgroup against
-            return None
-        others = torch.cat([texts[:i], texts[i + 1:]])
-        a = (texts[i] - others.mean(0)).float()
-        rf, rr = forget_feats @ a, retain_feats @ a
-        return SubgroupReadout(a, float(0.5 * (torch.quantile(rr, quantile) + torch.quantile(rf, 0.1))))
-
-    def gate(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.relu(feats @ self.direction - self.threshold)
-
-
-@torch.no_grad()
-def teacher_of(ctx, feats: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
-    """The teacher for the original model's (normalised) features ``feats``; with ``edit`` > 0 and a
-    ``readout``, the edited teacher's: ĝ₀(x) − γ·relu(r(x) − b)·t_c, renormalised — the original,
-    told that what it itself takes for the subgroup is not the superclass."""
-    if edit > 0 and readout is not None:
-        feats = F.normalize(feats - edit * readout.gate(feats)[:, None] * ctx.coarse_emb.float()[None], dim=-1)
-    return Teacher(feats, ctx.logit_scale * feats @ ctx.superclass_emb.t())
-
-
-def teacher_outputs(ctx, x: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
-    """:func:`teacher_of` the original model's features of the inputs ``x``."""
-    return teacher_of(ctx, original_features(ctx, x), edit, readout)
 
 
 def trained_parameters(visual: nn.Module, scope: str, forget: ForgetResult | None) -> tuple[list[str], list]:

@@ -3,7 +3,7 @@
 Every stage reads the image tower through its adapter, never through ``isinstance`` checks of its
 own: which stages the frozen trunk may cache (:mod:`clipforget.trunk`), which layers relative Fisher
 ranks and LoRA edits and which of those the tower uses functionally (:mod:`.stages.forget`), which
-norm layers alignment matches (:mod:`.stages.remind`) and which projection CCUP edits
+norm layers alignment matches (:mod:`.stages.align`) and which projection CCUP edits
 (:mod:`.methods.ccup`). One adapter per tower family, one file per adapter in this package:
 
     @register_adapter

@@ -8,6 +8,7 @@ and progress events for the callbacks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +17,19 @@ from typing import Callable, Iterable
 import torch
 
 from .events import Callback, Cancelled  # noqa: F401 - Cancelled: also this module's API
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """No gradient flows into ``module``'s parameters inside the block (flags restored after)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
 
 
 class NonFiniteLoss(RuntimeError):

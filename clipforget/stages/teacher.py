@@ -1,0 +1,83 @@
+"""What remind's distillation pulls towards: the frozen original model's features and zero-shot
+logits (:class:`Teacher`), or the *edited* original [recon]: ĝ₀(x) − γ·relu(r(x) − b)·t_c, where r
+is the original's own subgroup readout (:class:`SubgroupReadout`) — the original, told that what it
+itself takes for the subgroup is not the superclass. docs/METHOD.md step 2.4 has the measurements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..embed import ENCODE_BATCH
+from .synthesize import subgroup_texts
+
+@dataclass
+class TeacherConfig:
+    """The edited teacher [recon]: distillation pulls towards the original model's features moved
+    by −γ·relu(r(x) − b)·t_c, where r is the original's own subgroup readout (:class:`SubgroupReadout`)
+    — the original, told that what it itself takes for the subgroup is not the superclass."""
+    edit: float = 5.0                # γ; 0: the teacher is the original itself (measured: 5, 10; docs/results/sweep-ours.md)
+    quantile: float = 0.5            # the readout's threshold b: midway between this quantile of the retain
+                                     # images' readouts and the 10th percentile of the forget images'
+    forget_rows: bool = True         # also distil the forget images (examples, stand-ins) towards it
+
+    def __post_init__(self):
+        if self.edit < 0:
+            raise ValueError(f"teacher.edit must be >= 0, got {self.edit}")
+        if not 0 <= self.quantile <= 1:
+            raise ValueError(f"teacher.quantile must be in [0, 1], got {self.quantile}")
+
+
+@dataclass
+class Teacher:
+    """The frozen original model's view of the training rows: what distillation pulls towards."""
+    features: torch.Tensor        # normalised image features (rows, D)
+    logits: torch.Tensor          # zero-shot logits over the superclass prompts (rows, classes)
+
+
+@torch.no_grad()
+def original_features(ctx, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([ctx.image_features(x[i:i + ENCODE_BATCH], ctx.original) for i in range(0, len(x), ENCODE_BATCH)])
+
+
+@dataclass
+class SubgroupReadout:
+    """The original model's own word on "is this the subgroup": r(x) = ĝ₀(x)·(t_sub − mean t_sibling)
+    over the subgroup's and its retain subgroups' prompts, and a threshold b between the forget
+    images' readouts and the retain images' [recon]."""
+    direction: torch.Tensor
+    threshold: float
+
+    @staticmethod
+    @torch.no_grad()
+    def fit(ctx, forget_feats: torch.Tensor, retain_feats: torch.Tensor, quantile: float = 0.5
+            ) -> "SubgroupReadout | None":
+        if ctx.task.request.subgroup is None:
+            return None
+        texts, i = subgroup_texts(ctx)
+        if len(texts) < 2:             # no sibling to read the subgroup against
+            return None
+        others = torch.cat([texts[:i], texts[i + 1:]])
+        a = (texts[i] - others.mean(0)).float()
+        rf, rr = forget_feats @ a, retain_feats @ a
+        return SubgroupReadout(a, float(0.5 * (torch.quantile(rr, quantile) + torch.quantile(rf, 0.1))))
+
+    def gate(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.relu(feats @ self.direction - self.threshold)
+
+
+@torch.no_grad()
+def teacher_of(ctx, feats: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
+    """The teacher for the original model's (normalised) features ``feats``; with ``edit`` > 0 and a
+    ``readout``, the edited teacher's: ĝ₀(x) − γ·relu(r(x) − b)·t_c, renormalised — the original,
+    told that what it itself takes for the subgroup is not the superclass."""
+    if edit > 0 and readout is not None:
+        feats = F.normalize(feats - edit * readout.gate(feats)[:, None] * ctx.coarse_emb.float()[None], dim=-1)
+    return Teacher(feats, ctx.logit_scale * feats @ ctx.superclass_emb.t())
+
+
+def teacher_outputs(ctx, x: torch.Tensor, edit: float = 0.0, readout: SubgroupReadout | None = None) -> Teacher:
+    """:func:`teacher_of` the original model's features of the inputs ``x``."""
+    return teacher_of(ctx, original_features(ctx, x), edit, readout)
