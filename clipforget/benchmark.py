@@ -71,6 +71,7 @@ ABLATIONS = {
     "no alignment": {"remind": {"align": {"enabled": False}}},
     "aligned copies only (paper)": {"remind": {"align": {"keep_originals": False, "max_images": None}}},
     "no distillation": {"remind": {"kd_weight": 0.0, "feature_kd_weight": 0.0}},
+    "no edited teacher (γ = 0)": {"remind": {"teacher": {"edit": 0.0}}},
     "no EMA": {"remind": {"ema": False}},
     "no remind": {"remind": {"enabled": False}},
     "no restore (α = 1)": {"restore": {"enabled": False}},

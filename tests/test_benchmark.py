@@ -28,6 +28,8 @@ def test_every_ablation_is_a_valid_ours_config():
         assert cfg.forget.top_k_layers == 2, name
     off = config_from_dict(OursConfig, ABLATIONS["no alignment"])
     assert off.remind.align.enabled is False and off.remind.enabled is True
+    plain = config_from_dict(OursConfig, ABLATIONS["no edited teacher (γ = 0)"])
+    assert plain.remind.teacher.edit == 0.0 and OursConfig().remind.teacher.edit > 0
 
 
 def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_test(gallery):
