@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 REMIND_SCOPES = ("all", "late", "forget_layers")
 
+
 @dataclass
 class RemindConfig:
     enabled: bool = True

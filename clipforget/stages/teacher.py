@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..embed import ENCODE_BATCH
 from .synthesize import subgroup_texts
 
+
 @dataclass
 class TeacherConfig:
     """The edited teacher [recon]: distillation pulls towards the original model's features moved
