@@ -120,6 +120,74 @@ class SpilledTrunk:
         self._file.close()
         self.path.unlink(missing_ok=True)
 
+    @classmethod
+    def reopen(cls, path: Path, start: int, n: int, tail: tuple, dtype: torch.dtype = torch.float32) -> "SpilledTrunk":
+        """A finished trunk file, for reading (:class:`GalleryTrunk`)."""
+        out = cls.__new__(cls)
+        out.path, out.start, out.n, out._tail, out._dtype = Path(path), start, n, tuple(tail), dtype
+        out._file = None
+        expected = n * int(np.prod(out._tail)) * torch.empty((), dtype=dtype).element_size()
+        if out.path.stat().st_size != expected:
+            raise ValueError(f"{path} holds {out.path.stat().st_size} bytes, not the {expected} of its header")
+        return out
+
+
+class GalleryTrunk:
+    """The whole gallery through the ORIGINAL image tower's stages ``[0, start)``, on disk next to
+    its original embeddings: ``start`` is the first stage any layer the forget stage may edit lives
+    in (:func:`clipforget.stages.forget.candidate_layers`), so every job's α-grid can start from it
+    and run only the stages after — the gallery's stem and first blocks, most of an encode, run once
+    per app and gallery instead of once per job. Exact float32; read a batch at a time (the page
+    cache keeps the file, not the app's memory). 448 MB for the embedded model and gallery."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header = self.path.with_suffix(".json")
+
+    def load(self, n: int) -> SpilledTrunk | None:
+        """The finished file for ``n`` images, or None when there is none (or it is not whole)."""
+        import json
+        if not (self.path.is_file() and self.header.is_file()):
+            return None
+        try:
+            h = json.loads(self.header.read_text())
+            if h["n"] != n:
+                return None
+            return SpilledTrunk.reopen(self.path, h["start"], n, tuple(h["tail"]))
+        except (ValueError, KeyError, OSError) as e:
+            log.warning("gallery trunk %s unusable (%s); encoding it again", self.path, e)
+            return None
+
+    @torch.no_grad()
+    def encode(self, bundle: ClipBundle, images: torch.Tensor, start: int,
+               batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, SpilledTrunk]:
+        """The original gallery embeddings (N, D), normalised — the same values as
+        :func:`clipforget.embed.encode_images` — with stages ``[0, start)``'s output written to the
+        file on the way (a temporary name, renamed once whole)."""
+        import json
+        import torch.nn.functional as F
+        from .trunk import run_stages
+        visual = bundle.model.visual
+        was = visual.training
+        visual.eval()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        spill = SpilledTrunk(tmp, start, len(images))
+        out = []
+        try:
+            for i in range(0, len(images), batch_size):
+                t = run_stages(visual, to_input(bundle, images[i:i + batch_size], bundle.model), 0, start)
+                spill.write(t.float().cpu())
+                out.append(F.normalize(run_stages(visual, t, start).float(), dim=-1).cpu())
+            spill.close()
+            tmp.replace(self.path)
+            self.header.write_text(json.dumps({"start": start, "n": len(images), "tail": list(spill._tail)}))
+        except BaseException:
+            spill.remove()
+            raise
+        finally:
+            visual.train(was)
+        return torch.cat(out), SpilledTrunk.reopen(self.path, start, len(images), spill._tail)
+
 
 class AlphaGrid:
     """Gallery embeddings at θ₀ + α·Δ, one α point at a time, so that each point can be shown as
@@ -132,7 +200,8 @@ class AlphaGrid:
     once per batch and point."""
 
     def __init__(self, bundle: ClipBundle, images: torch.Tensor, delta: dict, batch_size: int = ENCODE_BATCH,
-                 trunk_budget: int | None = None, spill: Path | None = None, original: torch.Tensor | None = None):
+                 trunk_budget: int | None = None, spill: Path | None = None, original: torch.Tensor | None = None,
+                 gallery_trunk: SpilledTrunk | None = None):
         from .merge import image_part
         from .pipeline import edited_model
         if not len(images):
@@ -155,6 +224,11 @@ class AlphaGrid:
         self._fits: bool | None = None
         self.trunk_seconds = 0.0
         self.n_batches = -(-len(images) // batch_size)
+        # the app's gallery trunk (:class:`GalleryTrunk`): the first point starts from it when the
+        # delta's first edited stage is at or after its end
+        self.base = gallery_trunk if (gallery_trunk is not None and self.enc.split
+                                      and gallery_trunk.start <= self.enc.start
+                                      and gallery_trunk.n == len(images)) else None
 
     @property
     def shared_trunk(self) -> bool:
@@ -167,6 +241,14 @@ class AlphaGrid:
         """A batch's trunk output. Asked whether the whole gallery's would fit (``total``) until
         that is known; once it is known not to, the batch's own (every point runs the trunk)."""
         t0 = time.perf_counter()
+        if self.base is not None:
+            from .trunk import Prepared
+            b = self.base[i:i + self.batch_size]
+            p = self.enc.advance(Prepared(b.data.to(self.bundle.device), b.start))
+            if self._fits is None and p.data[0].numel() * p.data.element_size() * len(self.images) > self.enc.budget_bytes:
+                self._fits = False
+            self.trunk_seconds += time.perf_counter() - t0
+            return p
         x = to_input(self.bundle, self.images[i:i + self.batch_size], self.model)
         p = self.enc.prepare(x, total=None if self._fits is False else len(self.images))
         if p.start == 0 and self.enc.split and self._fits is None:

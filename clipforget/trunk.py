@@ -120,6 +120,21 @@ class TrunkEncoder:
             self.visual.train(was)
         return Prepared(torch.cat(out), self.start)
 
+    @torch.no_grad()
+    def advance(self, prepared: Prepared) -> Prepared:
+        """``prepared`` (the output of an earlier split, e.g. the app's gallery trunk) run on to this
+        encoder's split: stages ``[prepared.start, start)`` in eval mode."""
+        if prepared.start > self.start:
+            raise ValueError(f"prepared images are past this encoder's split ({prepared.start} > {self.start})")
+        if prepared.start == self.start:
+            return prepared
+        was = self.visual.training
+        self.visual.eval()
+        try:
+            return Prepared(run_stages(self.visual, prepared.data, prepared.start, self.start), self.start)
+        finally:
+            self.visual.train(was)
+
     def __call__(self, prepared: Prepared, visual: nn.Module | None = None) -> torch.Tensor:
         """Normalised features of prepared images through ``visual`` (default: the encoder's tower;
         another tower with the same trunk, e.g. a soup θ₀ + α·Δ, may be passed)."""

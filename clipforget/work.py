@@ -32,6 +32,7 @@ class Resources:
     cache: object
     images: object        # uint8 (N, 3, S, S), gallery order
     original: object      # (N, D) float32 embeddings with the original model
+    trunk: object = None  # the gallery through the original's first stages, on disk (index.GalleryTrunk)
 
 
 class ForgetWork:
@@ -74,7 +75,7 @@ class ForgetWork:
         # the gallery's trunk is kept between points in a temporary file, not in the app's memory
         # (a delta without image-tower entries — a text-tower method — reuses the original embeddings)
         grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp",
-                         original=res.original)
+                         original=res.original, gallery_trunk=res.trunk)
         try:
             points = {}
             for a in first:

@@ -98,6 +98,41 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, share
     assert not torch.allclose(grid[0], grid[1], atol=1e-3)         # the delta matters
 
 
+@pytest.mark.slow
+def test_gallery_trunk_is_exact_and_reused(bundle, gallery, tmp_path):
+    """The app's gallery trunk (stages before the first candidate layer, on disk): the original
+    embeddings it is written beside equal encode_images'; a job's α point that starts from it equals
+    one that runs the whole trunk; a delta on an earlier stage does not use it; a truncated file is
+    not read."""
+    from clipforget.embed import encode_images
+    from clipforget.stages.forget import candidate_layers
+    from clipforget.trunk import split_index
+    images, _ = gallery.load(gallery.items[:40], bundle.image_size)
+    start = split_index(bundle.model.visual, candidate_layers(bundle.model.visual))
+    assert start and start > 1
+    store = fx.GalleryTrunk(tmp_path / "trunk.f32")
+    assert store.load(len(images)) is None
+    emb, trunk = store.encode(bundle, images, start, batch_size=16)
+    assert torch.allclose(emb, encode_images(bundle, images), atol=1e-6)
+    again = store.load(len(images))
+    assert again is not None and again.start == start and torch.equal(again[0:40].data, trunk[0:40].data)
+    assert store.load(len(images) + 1) is None                        # another gallery size: not this file
+    sd = bundle.model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    late = {k: 0.05 * torch.randn(sd[k].shape, generator=g)
+            for k in ("visual.layer4.0.downsample.0.weight", "visual.attnpool.c_proj.weight")}
+    plain = fx.AlphaGrid(bundle, images, late, batch_size=16)
+    given = fx.AlphaGrid(bundle, images, late, batch_size=16, gallery_trunk=trunk)
+    assert given.base is not None and plain.base is None
+    assert torch.allclose(given.encode(0.5), plain.encode(0.5), atol=1e-6)
+    assert torch.allclose(given.encode(1.0), plain.encode(1.0), atol=1e-6)   # the kept trunk, next point
+    early = {"visual.conv1.weight": 0.05 * torch.randn(sd["visual.conv1.weight"].shape, generator=g)}
+    assert fx.AlphaGrid(bundle, images, early, batch_size=16, gallery_trunk=trunk).base is None
+    with open(store.path, "r+b") as f:                                 # a cut file is encoded again
+        f.truncate(100)
+    assert store.load(len(images)) is None
+
+
 # ---- job registry with stand-in work functions ----------------------------------------------------
 
 def _slow_work(seconds=30.0):

@@ -88,9 +88,10 @@ class ModelLoader:
             images, _ = self.gallery.load(self.gallery.items, bundle.image_size)
             self.timings["gallery_load"] = time.perf_counter() - t1
             loading = f"the embeddings of the gallery {self.gallery.name!r}"
-            original = self._original_embeddings(bundle, images)
+            original, trunk = self._original_embeddings(bundle, images)
             self.original_index = faiss_index.build(original)
-            resources = Resources(bundle, self.gallery, ViewCache(self.gallery, keep_sources=False), images, original)
+            resources = Resources(bundle, self.gallery, ViewCache(self.gallery, keep_sources=False), images, original,
+                                  trunk)
             if self.warm:
                 loading = "the views of the first pick"
                 self._warm_views(resources)
@@ -121,21 +122,36 @@ class ModelLoader:
         self.timings["warm_views"] = time.perf_counter() - t0
 
     def _original_embeddings(self, bundle, images):
-        """Gallery embeddings of the original model, cached per (model, weights, gallery)."""
+        """Gallery embeddings of the original model and the gallery's trunk
+        (:class:`~clipforget.index.GalleryTrunk`; None for a tower that cannot be split), cached
+        on disk per (model, weights, gallery)."""
+        import torch
         from ..embed import encode_images
+        from ..index import GalleryTrunk
+        from ..stages.forget import candidate_layers
+        from ..trunk import split_index
         src = Path(bundle.pretrained) if bundle.pretrained and Path(str(bundle.pretrained)).is_file() else None
         stamp = f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src else ""
         key = hashlib.sha256(f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|"
                              f"{self.gallery.content_hash}|{self.gallery.root}".encode()).hexdigest()[:16]
         path = self.cache_dir / f"original-{key}.safetensors"
-        if path.is_file():
+        # the trunk file is float32: a half-precision model encodes its gallery as before
+        fp32 = next(bundle.model.visual.parameters()).dtype == torch.float32
+        start = split_index(bundle.model.visual, candidate_layers(bundle.model.visual)) if fp32 else None
+        store = GalleryTrunk(self.cache_dir / f"trunk-{key}-{start}.f32") if start else None
+        trunk = store.load(len(images)) if store is not None else None
+        if path.is_file() and (trunk is not None or store is None):
             from safetensors.torch import load_file
             emb = load_file(str(path))["embeddings"]
             if emb.shape[0] == len(images):
                 self.timings["original_embeddings_cached"] = 1.0
-                return emb
+                return emb, trunk
         t0 = time.perf_counter()
-        emb = encode_images(bundle, images)
+        if store is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            emb, trunk = store.encode(bundle, images, start)
+        else:
+            emb = encode_images(bundle, images)
         self.timings["original_encode"] = time.perf_counter() - t0
         save_safetensors({"embeddings": emb}, path, {"arch": bundle.arch})
-        return emb
+        return emb, trunk

@@ -139,6 +139,14 @@ def merge_low_rank(modules: dict[str, nn.Module]) -> None:
         m.weight.requires_grad_(False)
 
 
+def candidate_layers(visual: nn.Module, fraction: float = ForgetConfig.candidate_fraction) -> dict[str, nn.Module]:
+    """The layers the ranking chooses from: the last ``fraction`` of the tower's prunable layers in
+    forward order (what the forget stage, and so the remind stage, can edit)."""
+    layers = prunable_layers(visual)
+    names = list(layers)
+    return {n: layers[n] for n in names[int(len(names) * (1 - fraction)):]}
+
+
 def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
     visual = ctx.model.visual
     layers = prunable_layers(visual)
@@ -152,8 +160,7 @@ def select_layers(ctx, cfg: ForgetConfig) -> tuple[list[str], dict]:
         return list(layers), {"candidates": list(layers)}
     # Subgroups differ in late, specific features; early layers serve every class. Unrestricted, the
     # ranking on the embedded model picks the first convolution, whose edit hurts every class.
-    names = list(layers)
-    layers = {n: layers[n] for n in names[int(len(names) * (1 - cfg.candidate_fraction)):]}
+    layers = candidate_layers(visual, cfg.candidate_fraction)
     visual.eval()
     task = ctx.task
     enc = TrunkEncoder(visual, layers)      # the layers before every candidate are not ranked
