@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="clipforget-trunk-"))
     start = split_index(bundle.model.visual, candidate_layers(bundle.model.visual))
     t0 = time.perf_counter()
-    original, trunk = fx.GalleryTrunk(work / "trunk.f32").encode(bundle, images, start)
+    original, trunk = fx.GalleryTrunk(work / "trunk.safetensors").encode(bundle, images, start)
     figures["original_encode_with_trunk_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = encode_images(bundle, images)

@@ -97,6 +97,7 @@ class SpilledTrunk:
         self.path, self.start, self.n = Path(path), start, n
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "wb")
+        self.offset = 0                 # bytes before the data (a safetensors header: GalleryTrunk)
         self._tail: tuple | None = None
         self._dtype = None
 
@@ -113,7 +114,7 @@ class SpilledTrunk:
         item = torch.empty((), dtype=self._dtype).element_size() * per
         lo, hi = idx.start or 0, min(idx.stop, self.n)
         arr = np.fromfile(self.path, dtype=torch.empty((), dtype=self._dtype).numpy().dtype,
-                          count=(hi - lo) * per, offset=lo * item)
+                          count=(hi - lo) * per, offset=self.offset + lo * item)
         return Prepared(torch.from_numpy(arr).reshape((hi - lo,) + self._tail), self.start)
 
     def remove(self) -> None:
@@ -121,12 +122,13 @@ class SpilledTrunk:
         self.path.unlink(missing_ok=True)
 
     @classmethod
-    def reopen(cls, path: Path, start: int, n: int, tail: tuple, dtype: torch.dtype = torch.float32) -> "SpilledTrunk":
-        """A finished trunk file, for reading (:class:`GalleryTrunk`)."""
+    def reopen(cls, path: Path, start: int, n: int, tail: tuple, dtype: torch.dtype = torch.float32,
+               offset: int = 0) -> "SpilledTrunk":
+        """A finished trunk file for reading, its data ``offset`` bytes in (:class:`GalleryTrunk`)."""
         out = cls.__new__(cls)
         out.path, out.start, out.n, out._tail, out._dtype = Path(path), start, n, tuple(tail), dtype
-        out._file = None
-        expected = n * int(np.prod(out._tail)) * torch.empty((), dtype=dtype).element_size()
+        out._file, out.offset = None, offset
+        expected = offset + n * int(np.prod(out._tail)) * torch.empty((), dtype=dtype).element_size()
         if out.path.stat().st_size != expected:
             raise ValueError(f"{path} holds {out.path.stat().st_size} bytes, not the {expected} of its header")
         return out
@@ -137,23 +139,27 @@ class GalleryTrunk:
     its original embeddings: ``start`` is the first stage any layer the forget stage may edit lives
     in (:func:`clipforget.stages.forget.candidate_layers`), so every job's α-grid can start from it
     and run only the stages after — the gallery's stem and first blocks, most of an encode, run once
-    per app and gallery instead of once per job. Exact float32; read a batch at a time (the page
-    cache keeps the file, not the app's memory). 448 MB for the embedded model and gallery."""
+    per app and gallery instead of once per job. A safetensors file (one float32 tensor ``trunk``,
+    ``start`` in its metadata) written a batch at a time and read back a batch at a time with plain
+    reads (the page cache keeps it, not the app's memory). 448 MB for the embedded model and gallery."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.header = self.path.with_suffix(".json")
 
     def load(self, n: int) -> SpilledTrunk | None:
         """The finished file for ``n`` images, or None when there is none (or it is not whole)."""
         import json
-        if not (self.path.is_file() and self.header.is_file()):
+        if not self.path.is_file():
             return None
         try:
-            h = json.loads(self.header.read_text())
-            if h["n"] != n:
+            with open(self.path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            t = header["trunk"]
+            if t["dtype"] != "F32" or t["shape"][0] != n:
                 return None
-            return SpilledTrunk.reopen(self.path, h["start"], n, tuple(h["tail"]))
+            return SpilledTrunk.reopen(self.path, int(header["__metadata__"]["start"]), n, tuple(t["shape"][1:]),
+                                       offset=8 + size)
         except (ValueError, KeyError, OSError) as e:
             log.warning("gallery trunk %s unusable (%s); encoding it again", self.path, e)
             return None
@@ -163,30 +169,31 @@ class GalleryTrunk:
                batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, SpilledTrunk]:
         """The original gallery embeddings (N, D), normalised — the same values as
         :func:`clipforget.embed.encode_images` — with stages ``[0, start)``'s output written to the
-        file on the way (a temporary name, renamed once whole)."""
+        file on the way."""
         import json
         import torch.nn.functional as F
+        from .io import atomic_file
         from .trunk import run_stages
         visual = bundle.model.visual
         was = visual.training
         visual.eval()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        spill = SpilledTrunk(tmp, start, len(images))
         out = []
         try:
-            for i in range(0, len(images), batch_size):
-                t = run_stages(visual, to_input(bundle, images[i:i + batch_size], bundle.model), 0, start)
-                spill.write(t.float().cpu())
-                out.append(F.normalize(run_stages(visual, t, start).float(), dim=-1).cpu())
-            spill.close()
-            tmp.replace(self.path)
-            self.header.write_text(json.dumps({"start": start, "n": len(images), "tail": list(spill._tail)}))
-        except BaseException:
-            spill.remove()
-            raise
+            with atomic_file(self.path) as f:     # a temporary file, renamed once whole
+                for i in range(0, len(images), batch_size):
+                    t = run_stages(visual, to_input(bundle, images[i:i + batch_size], bundle.model), 0, start).float()
+                    if i == 0:          # the safetensors header, once the shape is known; padded to 8 bytes
+                        tail = tuple(t.shape[1:])
+                        nbytes = len(images) * int(np.prod(tail)) * 4
+                        header = json.dumps({"__metadata__": {"start": str(start)}, "trunk": {
+                            "dtype": "F32", "shape": [len(images), *tail], "data_offsets": [0, nbytes]}}).encode()
+                        header += b" " * (-len(header) % 8)
+                        f.write(len(header).to_bytes(8, "little") + header)
+                    f.write(t.cpu().contiguous().numpy().tobytes())
+                    out.append(F.normalize(run_stages(visual, t, start).float(), dim=-1).cpu())
         finally:
             visual.train(was)
-        return torch.cat(out), SpilledTrunk.reopen(self.path, start, len(images), spill._tail)
+        return torch.cat(out), SpilledTrunk.reopen(self.path, start, len(images), tail, offset=8 + len(header))
 
 
 class AlphaGrid:

@@ -110,13 +110,16 @@ def test_gallery_trunk_is_exact_and_reused(bundle, gallery, tmp_path):
     images, _ = gallery.load(gallery.items[:40], bundle.image_size)
     start = split_index(bundle.model.visual, candidate_layers(bundle.model.visual))
     assert start and start > 1
-    store = fx.GalleryTrunk(tmp_path / "trunk.f32")
+    store = fx.GalleryTrunk(tmp_path / "trunk.safetensors")
     assert store.load(len(images)) is None
     emb, trunk = store.encode(bundle, images, start, batch_size=16)
     assert torch.allclose(emb, encode_images(bundle, images), atol=1e-6)
     again = store.load(len(images))
     assert again is not None and again.start == start and torch.equal(again[0:40].data, trunk[0:40].data)
     assert store.load(len(images) + 1) is None                        # another gallery size: not this file
+    from safetensors import safe_open                                  # a plain safetensors file
+    with safe_open(str(store.path), "pt") as f:
+        assert f.metadata()["start"] == str(start) and torch.equal(f.get_tensor("trunk")[:40], trunk[0:40].data)
     sd = bundle.model.state_dict()
     g = torch.Generator().manual_seed(0)
     late = {k: 0.05 * torch.randn(sd[k].shape, generator=g)

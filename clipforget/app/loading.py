@@ -138,7 +138,7 @@ class ModelLoader:
         # the trunk file is float32: a half-precision model encodes its gallery as before
         fp32 = next(bundle.model.visual.parameters()).dtype == torch.float32
         start = split_index(bundle.model.visual, candidate_layers(bundle.model.visual)) if fp32 else None
-        store = GalleryTrunk(self.cache_dir / f"trunk-{key}-{start}.f32") if start else None
+        store = GalleryTrunk(self.cache_dir / f"trunk-{key}-{start}.safetensors") if start else None
         trunk = store.load(len(images)) if store is not None else None
         if path.is_file() and (trunk is not None or store is None):
             from safetensors.torch import load_file
