@@ -148,18 +148,16 @@ class GalleryTrunk:
 
     def load(self, n: int) -> SpilledTrunk | None:
         """The finished file for ``n`` images, or None when there is none (or it is not whole)."""
-        import json
+        from .io import read_safetensors_header
         if not self.path.is_file():
             return None
         try:
-            with open(self.path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
+            header, offset = read_safetensors_header(self.path)
             t = header["trunk"]
             if t["dtype"] != "F32" or t["shape"][0] != n:
                 return None
             return SpilledTrunk.reopen(self.path, int(header["__metadata__"]["start"]), n, tuple(t["shape"][1:]),
-                                       offset=8 + size)
+                                       offset=offset)
         except (ValueError, KeyError, OSError) as e:
             log.warning("gallery trunk %s unusable (%s); encoding it again", self.path, e)
             return None
@@ -170,9 +168,8 @@ class GalleryTrunk:
         """The original gallery embeddings (N, D), normalised — the same values as
         :func:`clipforget.embed.encode_images` — with stages ``[0, start)``'s output written to the
         file on the way."""
-        import json
         import torch.nn.functional as F
-        from .io import atomic_file
+        from .io import atomic_file, safetensors_header
         from .trunk import run_stages
         visual = bundle.model.visual
         was = visual.training
@@ -182,18 +179,15 @@ class GalleryTrunk:
             with atomic_file(self.path) as f:     # a temporary file, renamed once whole
                 for i in range(0, len(images), batch_size):
                     t = run_stages(visual, to_input(bundle, images[i:i + batch_size], bundle.model), 0, start).float()
-                    if i == 0:          # the safetensors header, once the shape is known; padded to 8 bytes
+                    if i == 0:                    # the header, once the shape is known
                         tail = tuple(t.shape[1:])
-                        nbytes = len(images) * int(np.prod(tail)) * 4
-                        header = json.dumps({"__metadata__": {"start": str(start)}, "trunk": {
-                            "dtype": "F32", "shape": [len(images), *tail], "data_offsets": [0, nbytes]}}).encode()
-                        header += b" " * (-len(header) % 8)
-                        f.write(len(header).to_bytes(8, "little") + header)
+                        head = safetensors_header("trunk", (len(images), *tail), {"start": start})
+                        f.write(head)
                     f.write(t.cpu().contiguous().numpy().tobytes())
                     out.append(F.normalize(run_stages(visual, t, start).float(), dim=-1).cpu())
         finally:
             visual.train(was)
-        return torch.cat(out), SpilledTrunk.reopen(self.path, start, len(images), tail, offset=8 + len(header))
+        return torch.cat(out), SpilledTrunk.reopen(self.path, start, len(images), tail, offset=len(head))
 
 
 class AlphaGrid:
@@ -252,7 +246,7 @@ class AlphaGrid:
             from .trunk import Prepared
             b = self.base[i:i + self.batch_size]
             p = self.enc.advance(Prepared(b.data.to(self.bundle.device), b.start))
-            if self._fits is None and p.data[0].numel() * p.data.element_size() * len(self.images) > self.enc.budget_bytes:
+            if self._fits is None and not self.enc.fits(p.data, len(self.images)):
                 self._fits = False
             self.trunk_seconds += time.perf_counter() - t0
             return p

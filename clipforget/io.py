@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -148,6 +149,25 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
             if code is None:
                 raise
             raise _explain(Path(path), OSError(int(code[1]), os.strerror(int(code[1])))) from e
+
+
+def safetensors_header(name: str, shape: tuple[int, ...], metadata: dict | None = None) -> bytes:
+    """The head of a safetensors file holding one float32 tensor ``name`` of ``shape`` (the 8-byte
+    length and the JSON header, padded to 8 bytes): write it, then stream the tensor's bytes after
+    it, for a tensor too large to hold in memory at once."""
+    nbytes = 4 * math.prod(shape)
+    header = json.dumps({"__metadata__": {k: str(v) for k, v in (metadata or {}).items()},
+                         name: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the byte offset its data starts at (only the header is
+    read: the data can then be read a slice at a time with plain reads)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
 
 
 @contextlib.contextmanager

@@ -112,13 +112,18 @@ class TrunkEncoder:
         self.visual.eval()
         try:
             first = run_stages(self.visual, x[:self.batch_size], 0, self.start)
-            if first[0].numel() * first.element_size() * (total or len(x)) > self.budget_bytes:
+            if not self.fits(first, total or len(x)):
                 return Prepared(x, 0)     # too big to keep: these images run the whole tower
             out = [first] + [run_stages(self.visual, x[i:i + self.batch_size], 0, self.start)
                              for i in range(self.batch_size, len(x), self.batch_size)]
         finally:
             self.visual.train(was)
         return Prepared(torch.cat(out), self.start)
+
+    def fits(self, sample: torch.Tensor, total: int) -> bool:
+        """Whether ``total`` images' trunk output, each the size of a row of ``sample``, fits the
+        encoder's budget (so it can be kept whole)."""
+        return sample[0].numel() * sample.element_size() * total <= self.budget_bytes
 
     @torch.no_grad()
     def advance(self, prepared: Prepared) -> Prepared:
