@@ -26,7 +26,8 @@ class OursConfig:
     seed: int = 0
     # tuning (bench/tune.py): dotted config keys -> candidates, the same budget for every method
     search_space = {"forget.loop.lr": (3e-4, 1e-3, 3e-3), "forget.top_k_layers": (2, 3, 4),
-                    "remind.loop.lr": (2e-4, 5e-4, 1e-3), "remind.forget_weight": (20.0, 50.0)}
+                    "remind.loop.lr": (2e-4, 5e-4, 1e-3), "remind.forget_weight": (50.0, 150.0, 300.0),
+                    "remind.teacher.edit": (0.0, 5.0, 10.0)}
 
 
 @register_method
