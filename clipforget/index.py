@@ -88,16 +88,41 @@ TRUNK_BUDGET = 256 << 20
 SPILL_BUDGET = 4 << 30
 
 
+class TrunkFile:
+    """A finished file of trunk output — ``n`` rows of shape ``tail``, ``offset`` bytes in (a
+    safetensors header: :class:`GalleryTrunk`) — read back a batch at a time with plain reads: exact
+    float32, one batch in the process's memory instead of the whole gallery's (the kernel's page
+    cache keeps the file; it is not the app's RSS). A file of any other size is refused."""
+
+    def __init__(self, path: Path, start: int, n: int, tail: tuple, dtype: torch.dtype = torch.float32,
+                 offset: int = 0):
+        self.path, self.start, self.n, self.tail, self.dtype, self.offset = Path(path), start, n, tuple(tail), dtype, offset
+        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self._per_row = int(np.prod(self.tail))
+        self.row_bytes = self._per_row * self._np_dtype.itemsize
+        expected = offset + n * self.row_bytes
+        if self.path.stat().st_size != expected:
+            raise ValueError(f"{path} holds {self.path.stat().st_size} bytes, not the {expected} of its header")
+
+    def __getitem__(self, idx: slice):
+        from .trunk import Prepared
+        lo, hi = idx.start or 0, min(idx.stop, self.n)
+        arr = np.fromfile(self.path, dtype=self._np_dtype, count=(hi - lo) * self._per_row,
+                          offset=self.offset + lo * self.row_bytes)
+        return Prepared(torch.from_numpy(arr).reshape((hi - lo,) + self.tail), self.start)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class SpilledTrunk:
-    """The gallery's trunk output in a temporary file, read back a batch at a time with plain
-    reads: exact float32, and it adds one batch to the process's memory instead of the whole
-    gallery's (the kernel's page cache keeps the file; it is not the app's RSS)."""
+    """The gallery's trunk output written to a temporary file a batch at a time while an α-grid's
+    first point is encoded; :meth:`finish` closes it and hands back its :class:`TrunkFile`."""
 
     def __init__(self, path: Path, start: int, n: int):
         self.path, self.start, self.n = Path(path), start, n
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "wb")
-        self.offset = 0                 # bytes before the data (a safetensors header: GalleryTrunk)
         self._tail: tuple | None = None
         self._dtype = None
 
@@ -105,33 +130,13 @@ class SpilledTrunk:
         self._tail, self._dtype = tuple(data.shape[1:]), data.dtype
         self._file.write(data.contiguous().numpy().tobytes())
 
-    def close(self) -> None:
+    def finish(self) -> TrunkFile:
         self._file.close()
-
-    def __getitem__(self, idx: slice):
-        from .trunk import Prepared
-        per = int(np.prod(self._tail))
-        item = torch.empty((), dtype=self._dtype).element_size() * per
-        lo, hi = idx.start or 0, min(idx.stop, self.n)
-        arr = np.fromfile(self.path, dtype=torch.empty((), dtype=self._dtype).numpy().dtype,
-                          count=(hi - lo) * per, offset=self.offset + lo * item)
-        return Prepared(torch.from_numpy(arr).reshape((hi - lo,) + self._tail), self.start)
+        return TrunkFile(self.path, self.start, self.n, self._tail, self._dtype)
 
     def remove(self) -> None:
         self._file.close()
         self.path.unlink(missing_ok=True)
-
-    @classmethod
-    def reopen(cls, path: Path, start: int, n: int, tail: tuple, dtype: torch.dtype = torch.float32,
-               offset: int = 0) -> "SpilledTrunk":
-        """A finished trunk file for reading, its data ``offset`` bytes in (:class:`GalleryTrunk`)."""
-        out = cls.__new__(cls)
-        out.path, out.start, out.n, out._tail, out._dtype = Path(path), start, n, tuple(tail), dtype
-        out._file, out.offset = None, offset
-        expected = offset + n * int(np.prod(out._tail)) * torch.empty((), dtype=dtype).element_size()
-        if out.path.stat().st_size != expected:
-            raise ValueError(f"{path} holds {out.path.stat().st_size} bytes, not the {expected} of its header")
-        return out
 
 
 class GalleryTrunk:
@@ -146,7 +151,7 @@ class GalleryTrunk:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def load(self, n: int) -> SpilledTrunk | None:
+    def load(self, n: int) -> TrunkFile | None:
         """The finished file for ``n`` images, or None when there is none (or it is not whole)."""
         from .io import read_safetensors_header
         if not self.path.is_file():
@@ -156,15 +161,15 @@ class GalleryTrunk:
             t = header["trunk"]
             if t["dtype"] != "F32" or t["shape"][0] != n:
                 return None
-            return SpilledTrunk.reopen(self.path, int(header["__metadata__"]["start"]), n, tuple(t["shape"][1:]),
-                                       offset=offset)
+            return TrunkFile(self.path, int(header["__metadata__"]["start"]), n, tuple(t["shape"][1:]),
+                             offset=offset)
         except (ValueError, KeyError, OSError) as e:
             log.warning("gallery trunk %s unusable (%s); encoding it again", self.path, e)
             return None
 
     @torch.no_grad()
     def encode(self, bundle: ClipBundle, images: torch.Tensor, start: int,
-               batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, SpilledTrunk]:
+               batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, TrunkFile]:
         """The original gallery embeddings (N, D), normalised — the same values as
         :func:`clipforget.embed.encode_images` — with stages ``[0, start)``'s output written to the
         file on the way."""
@@ -187,7 +192,7 @@ class GalleryTrunk:
                     out.append(F.normalize(run_stages(visual, t, start).float(), dim=-1).cpu())
         finally:
             visual.train(was)
-        return torch.cat(out), SpilledTrunk.reopen(self.path, start, len(images), tail, offset=len(head))
+        return torch.cat(out), TrunkFile(self.path, start, len(images), tail, offset=len(head))
 
 
 class AlphaGrid:
@@ -202,7 +207,7 @@ class AlphaGrid:
 
     def __init__(self, bundle: ClipBundle, images: torch.Tensor, delta: dict, batch_size: int = ENCODE_BATCH,
                  trunk_budget: int | None = None, spill: Path | None = None, original: torch.Tensor | None = None,
-                 gallery_trunk: SpilledTrunk | None = None):
+                 gallery_trunk: TrunkFile | None = None):
         from .merge import image_part
         from .pipeline import edited_model
         if not len(images):
@@ -286,9 +291,8 @@ class AlphaGrid:
             if progress is not None:
                 progress(b + 1)
         if keep and self._trunk is None and self._pending is not None:
-            if isinstance(self._pending, SpilledTrunk):
-                self._pending.close()
-            self._trunk, self._pending = self._pending, None
+            done = self._pending
+            self._trunk, self._pending = done.finish() if isinstance(done, SpilledTrunk) else done, None
         if not self.vdelta:
             self._same = out.clone()
         return out
@@ -315,7 +319,7 @@ class AlphaGrid:
 
     def _drop(self) -> None:
         for t in (self._trunk, self._pending):
-            if isinstance(t, SpilledTrunk):
+            if isinstance(t, (SpilledTrunk, TrunkFile)):
                 t.remove()
         self._trunk = self._pending = None
 

@@ -85,7 +85,7 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, share
     assert torch.equal(one.encode(0.5), first)                        # from the kept trunk: the same
     if spill is not None:                                             # in a file, out of memory
         per_image = one._trunk[0:1].data.numel() * 4                 # float32
-        assert isinstance(one._trunk, fx.SpilledTrunk) and spill.stat().st_size == len(images) * per_image
+        assert isinstance(one._trunk, fx.TrunkFile) and spill.stat().st_size == len(images) * per_image
     one.release()
     assert spill is None or not spill.exists()
     grid, info = fx.encode_alpha_grid(bundle, images, delta, [0.5, 1.0], batch_size=16, trunk_budget=budget,
