@@ -96,7 +96,8 @@ class TrunkFile:
 
     def __init__(self, path: Path, start: int, n: int, tail: tuple, dtype: torch.dtype = torch.float32,
                  offset: int = 0):
-        self.path, self.start, self.n, self.tail, self.dtype, self.offset = Path(path), start, n, tuple(tail), dtype, offset
+        self.path, self.start, self.n, self.tail = Path(path), start, n, tuple(tail)
+        self.dtype, self.offset = dtype, offset
         self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         self._per_row = int(np.prod(self.tail))
         self.row_bytes = self._per_row * self._np_dtype.itemsize
