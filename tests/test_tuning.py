@@ -32,6 +32,16 @@ def test_every_method_declares_a_valid_space_that_fills_the_budget(name):
         assert space == tuning.search_space(soup_base(name))           # a variant's is its method's
 
 
+@pytest.mark.parametrize("name", tuning.tunable_methods())
+def test_every_space_holds_its_methods_defaults(name):
+    """Each knob's default is one of its candidates: the space is around what the method runs by
+    default (ours' once still listed forget weights {20, 50} after the default had become 150)."""
+    space = tuning.search_space(name)
+    defaults = tuning.defaults_of(name, space)
+    outside = {k: v for k, v in defaults.items() if v not in space[k]}
+    assert not outside, f"{name}: defaults outside its search_space: {outside}"
+
+
 def test_check_space_names_a_bad_key_or_value():
     with pytest.raises(ValueError, match=r"search_space\['loop.nope'\]"):
         tuning.check_space("ga", {"loop.nope": (1,)})
