@@ -3,10 +3,12 @@
 - app start to first page (process start -> the page's widgets in the browser; the server is
   polled over HTTP first, then the page opened once),
 - a full job from the click on "Forget it" to both grids filled (the method's default config),
-  with the job's seconds per stage, then the rest of its α-grid after the grids (the job done),
+  then to its Score (the held-out evaluation runs after the grids), with the job's seconds per
+  stage, then the rest of its evaluation and α-grid after the grids (the job done),
 - the α-slider browser round trip (key press -> the α note updated, and the right grid when the
   move reaches another computed point), p50 / p90, and p50 of the moves that change the point,
-- the app process's peak RSS (VmHWM) over all of it.
+- the app process's peak RSS (VmHWM) over all of it, and the CPU seconds the browser itself used
+  while the job ran (it shares the app's cores on this bench).
 
     python bench/bench_app.py                     # the app as `python app.py` starts it
     python bench/bench_app.py --quick             # the tests' short job
@@ -25,16 +27,19 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import (CHROMIUM, CHROMIUM_ARGS, ROOT, checkout, free_port, machine_load, peak_rss_mb, print_figures,
-                    start_app, stop, wait_for)
+from common import (CHROMIUM, CHROMIUM_ARGS, ROOT, checkout, cpu_seconds, free_port, machine_load, peak_rss_mb,
+                    print_figures, start_app, stop, wait_for)
 
 # the figures a comparison shows, in order, with their targets on 2 CPU cores (issue 20)
 COMPARED = [("start_to_first_page_s", "first page (s)", "≤ 8"),
             ("job_click_to_grids_s", "click → both grids (s)", "≤ 30"),
-            ("alpha_grid_after_grids_s", "whole α-grid after the grids (s)", "≤ 20"),
+            ("job_click_to_score_s", "click → Score and metrics (s)", ""),
+            ("alpha_grid_after_grids_s", "the rest after the grids: evaluation + α-grid (s)", "≤ 20"),
+            ("alpha_grid_rest_seconds", "  of which the α-grid's other points (s)", ""),
             ("slider_round_trip_ms_p50", "slider round trip p50 (ms)", "≤ 50"),
             ("slider_grid_change_ms_p50", "  moves to another point, p50 (ms)", ""),
             ("app_peak_rss_mb", "peak RSS (MiB)", "≤ 1536"),
+            ("browser_cpu_during_job_s", "browser CPU during the job (s)", ""),
             ("job_seconds_server", "job, server side (s)", ""),
             ("alpha_grid_seconds", "α-grid encode (s)", "")]
 
@@ -107,11 +112,13 @@ def bench(args, root: Path, prefix: str = "") -> dict:
             figures["start_to_model_ready_s"] = time.monotonic() - t0
             figures["app_rss_ready_mb"] = peak_rss_mb(proc.pid)
 
-            t1 = time.monotonic()
+            t1, browser_cpu = time.monotonic(), cpu_seconds("chrom")
             page.locator("#run").click()
-            wait_for(lambda: "Score" in page.locator("#score").inner_text()
-                     and page.locator("#right-grid .caption-label").count() == 12, 1800, "job results", poll=0.2)
+            wait_for(lambda: page.locator("#right-grid .caption-label").count() == 12, 1800, "both grids", poll=0.2)
             figures["job_click_to_grids_s"] = time.monotonic() - t1
+            # the Score (a commit that evaluates before the grids: the same moment)
+            wait_for(lambda: "Score" in page.locator("#score").inner_text(), 1800, "the Score", poll=0.2)
+            figures["job_click_to_score_s"] = time.monotonic() - t1
             shots = Path(args.screenshots)
             shots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shots / f"{prefix}bench-grids.png"), full_page=True)
@@ -119,6 +126,8 @@ def bench(args, root: Path, prefix: str = "") -> dict:
             t2 = time.monotonic()
             wait_for(lambda: _job(runs)["status"] not in ("queued", "running", "ready"), 1800, "job done", poll=0.2)
             figures["alpha_grid_after_grids_s"] = time.monotonic() - t2
+            # the browser shares the app's cores here: what it used while the job ran
+            figures["browser_cpu_during_job_s"] = cpu_seconds("chrom") - browser_cpu
             page.screenshot(path=str(shots / f"{prefix}bench-done.png"), full_page=True)
 
             slider = page.locator("#alpha input[type=range]")
@@ -144,6 +153,7 @@ def bench(args, root: Path, prefix: str = "") -> dict:
             job = _job(runs)
             figures["alpha_grid_points"] = job["summary"].get("alpha_grid_points")
             figures["alpha_grid_seconds"] = job["summary"].get("alpha_grid_seconds")
+            figures["alpha_grid_rest_seconds"] = job["summary"].get("alpha_grid_rest_seconds")
             figures["job_seconds_server"] = job["seconds"]
             figures["job_stage_seconds"] = job["summary"].get("stage_seconds")
             figures["screenshot"] = str(shots / f"{prefix}bench-done.png")

@@ -35,6 +35,21 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(comm: str) -> float:
+    """User + system CPU seconds used so far by the live processes whose name contains ``comm``
+    (e.g. "chrom": the headless browser's processes)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:          # the process ended meanwhile
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if comm in name:
+            total += int(rest[11]) + int(rest[12])          # utime, stime (fields 14, 15 of stat)
+    return total / tick
+
+
 def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -75,10 +75,11 @@ class Ready:
     """What a work function returns to publish its results before it ends: the job becomes
     ``ready`` with ``summary``, then ``rest()`` runs — reporting through the work function's own
     ``progress``, so a cancel stops it as it stops the rest of the job — and the dict it returns
-    is added to the summary when the job is ``done``."""
+    is added to the summary when the job is ``done``. ``rest`` may add to ``summary`` and narrow
+    ``what`` as it goes: a cancel or failure then keeps what it added and names what it stopped."""
     summary: dict
     rest: Callable[[], dict]
-    what: str = "the rest"           # for people: what is still running ("α-grid")
+    what: str = "the rest"           # for people: what is still running ("evaluation and α-grid", "α-grid")
 
 
 class JobBusy(RuntimeError):
@@ -234,11 +235,11 @@ class JobRegistry:
         return self.runs_dir / check_id(job_id)
 
     def run_dir(self, job_id: str) -> Path:
-        """The result of a job (a run folder; a forget job's α-grid may still be growing: see
-        :mod:`clipforget.runfolder`); raises if it has none yet."""
+        """The result of a job (a run folder; a forget job's evaluation and α-grid may still be
+        coming: see :mod:`clipforget.runfolder`); raises if it has none yet."""
         job = self.get(job_id)
         path = self.job_dir(job_id) / "run"
-        if not job.has_results or not runfolder.is_complete(path):
+        if not job.has_results or not runfolder.has_results(path):
             raise JobError(f"job {job_id} has no result (status {job.status})")
         return path
 
@@ -366,10 +367,15 @@ class JobRegistry:
                 continue
             _remove_partials(path.parent, keep_run=True)      # e.g. an export zip cut short
             if job.active:
-                # the process died after the results were written (the α-grid, or job.json, unfinished)
-                if runfolder.is_complete(path.parent / "run"):
+                # the process died after the results were written (the evaluation, the α-grid, or
+                # job.json unfinished)
+                run = path.parent / "run"
+                if runfolder.has_results(run):
                     job.status, job.message = "done", "recovered after a restart"
-                    if not runfolder.is_complete(path.parent / "run", alpha_grid=True):
+                    if not runfolder.is_evaluated(run):
+                        job.summary = {**job.summary, "unfinished": "evaluation interrupted by a restart: "
+                                       "no report or export (the grids are there; run the job again for them)"}
+                    elif not runfolder.is_complete(run, alpha_grid=True):
                         job.summary = {**job.summary, "unfinished": "α-grid interrupted by a restart"}
                 else:
                     job.status = "failed"
@@ -382,15 +388,15 @@ class JobRegistry:
 
 def _remove_partials(job_dir: Path, keep_run: bool) -> None:
     """Temporary folders (``atomic_dir``) and files (``atomic_file``) a dead process left behind,
-    in the job folder and in its run folder's α-grid (points added after the rest); without
-    ``keep_run``, a run folder that is not complete."""
-    for folder in (job_dir, job_dir / "run" / runfolder.ALPHA_GRID):
+    in the job folder, in its run folder (the evaluation, added after the results) and in its
+    α-grid (points added after the rest); without ``keep_run``, a run folder without its results."""
+    for folder in (job_dir, job_dir / "run", job_dir / "run" / runfolder.ALPHA_GRID):
         for p in folder.glob(".*"):
             if p.is_dir() and (p.name.endswith(".partial") or ".old." in p.name):
                 shutil.rmtree(p, ignore_errors=True)
             elif p.is_file() and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
-    if not keep_run and (job_dir / "run").exists() and not runfolder.is_complete(job_dir / "run"):
+    if not keep_run and (job_dir / "run").exists() and not runfolder.has_results(job_dir / "run"):
         shutil.rmtree(job_dir / "run", ignore_errors=True)
 
 

@@ -4,6 +4,9 @@
     run = forget(bundle, ForgetRequest("dog", "poodle"), method="ours")
     save_run(run, bundle, "runs/poodle")       # the run folder (clipforget/runfolder.py owns its files)
 
+    made = unlearn(bundle, ForgetRequest("dog", "poodle"), evaluator=ev)   # the same in two halves: the
+    run = evaluate(made, ev)                   # method's result, then its report (the app shows grids between)
+
 ``forget`` never mutates ``bundle.model``: methods edit a private copy of the image tower (and of
 the text tower, for a method that edits it).
 """
@@ -152,15 +155,24 @@ class ProgressEvaluator(Evaluator):
         self.progress({"stage": "evaluate", "step": i, "total": n, "fraction": i / n})
 
 
-def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
-           gallery: Gallery | None = None, split: SplitConfig | None = None,
-           callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,
-           evaluator: Evaluator | None = None, check: bool = True, activation_budget: int | None = None) -> Run:
-    """Build the task, run the method, evaluate before/after on the test columns. ``check=False``
-    runs even when the model does not recognise the held-out target (the report's Score is then None:
-    for measuring what the stages cost on untrained weights, bench/bench_towers.py).
-    ``activation_budget``: bytes of autograd graph a stage may hold at once (None: each stage's
-    default; it changes speed and memory, not results)."""
+@dataclass
+class Unlearned:
+    """What :func:`unlearn` made, not evaluated yet: the method's result on its task. The app
+    shows its grids from this and evaluates afterwards (:func:`evaluate`)."""
+    result: UnlearnResult
+    task: Task = field(repr=False)
+    seed: int = 0
+    seconds: float = 0.0          # data and the method, wall clock (the report's total adds evaluate)
+
+
+def unlearn(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
+            gallery: Gallery | None = None, split: SplitConfig | None = None,
+            callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,
+            evaluator: Evaluator | None = None, check: bool = True,
+            activation_budget: int | None = None) -> Unlearned:
+    """Build the task and run the method (the first half of :func:`forget`; arguments as there).
+    ``evaluator`` only answers the cheap "does the model recognise the target" check here — pass
+    the same one to :func:`evaluate` and the report reuses its memo."""
     gallery = gallery or (cache.gallery if cache else Gallery.embedded())
     t0 = time.perf_counter()
     callbacks = list(callbacks)
@@ -181,10 +193,30 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
                          "check the model and its weights, or pick another subgroup")
     result = unlearner.run(bundle, task, callbacks, evaluator.texts, activation_budget)
     result.seconds["data"] = t_data
-    report = evaluator.report(task, result)
-    report["seconds"]["total"] = time.perf_counter() - t0
-    report["seed"] = getattr(unlearner.config, "seed", 0)
-    return Run(result, report, task)
+    return Unlearned(result, task, getattr(unlearner.config, "seed", 0), time.perf_counter() - t0)
+
+
+def evaluate(unlearned: Unlearned, evaluator: Evaluator) -> Run:
+    """The report of an :func:`unlearn` result on its held-out test columns (the second half of
+    :func:`forget`)."""
+    report = evaluator.report(unlearned.task, unlearned.result)
+    report["seconds"]["total"] = unlearned.seconds + report["seconds"]["evaluate"]
+    report["seed"] = unlearned.seed
+    return Run(unlearned.result, report, unlearned.task)
+
+
+def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", config=None,
+           gallery: Gallery | None = None, split: SplitConfig | None = None,
+           callbacks: Iterable[Callback] = (), cache: ViewCache | None = None,
+           evaluator: Evaluator | None = None, check: bool = True, activation_budget: int | None = None) -> Run:
+    """Build the task, run the method, evaluate before/after on the test columns. ``check=False``
+    runs even when the model does not recognise the held-out target (the report's Score is then None:
+    for measuring what the stages cost on untrained weights, bench/bench_towers.py).
+    ``activation_budget``: bytes of autograd graph a stage may hold at once (None: each stage's
+    default; it changes speed and memory, not results)."""
+    evaluator = evaluator or Evaluator(bundle)
+    return evaluate(unlearn(bundle, request, method, config, gallery, split, callbacks, cache, evaluator, check,
+                            activation_budget), evaluator)
 
 
 class NothingToForget(ValueError):

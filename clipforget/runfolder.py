@@ -7,7 +7,15 @@ calls these functions instead of naming files.
     scaled_delta("runs/poodle")              # α·Δ: what merging and the continual bench add up
     is_complete(job_dir / "run", alpha_grid=True)   # ... and every point of an app job's α-grid
 
-What a run folder holds (all written atomically; the folder appears complete or not at all):
+    save_results(made, bundle, tmp)          # an app job: the results first (delta, run.json) ...
+    add_report(run, bundle, run_dir)         # ... the evaluation when it is done (export/, reports)
+    has_results(run_dir), is_evaluated(run_dir)
+
+What a run folder holds (every file written atomically). ``save_run`` writes it in one folder swap:
+it appears complete or not at all. An app job writes it in three steps, each whole or not at all:
+the results (delta, run.json, the α-grid's plan and its calibrated point: one folder swap — the
+grids show from then on), the evaluation (export/, report.md, report.json last), the other α
+points one by one.
 
     report.json, report.md     the evaluation (method, request, Score, α, columns) and its table
     delta.safetensors          Δ = θ_u − θ₀ with the keys of model.state_dict(): ``visual.*`` for the
@@ -40,7 +48,7 @@ from .io import atomic_dir, save_safetensors, write_json, write_text
 
 if TYPE_CHECKING:
     from .models import ClipBundle
-    from .pipeline import Run
+    from .pipeline import Run, Unlearned
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -60,31 +68,56 @@ CERTIFICATE_MD = "certificate.md"
 def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = True) -> Path:
     """Write report.json, report.md, delta.safetensors, run.json and (optionally) an open_clip
     export of the unlearned model at the chosen α — all or nothing (atomic folder swap)."""
-    from .eval.report import markdown
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        _write_results(run.result, bundle, run.task, run.report.get("seed"), tmp)
+        _write_report(run, bundle, tmp, export)
+    return out
+
+
+def save_results(unlearned: "Unlearned", bundle: "ClipBundle", out: str | Path) -> Path:
+    """The first half of a run folder, before its evaluation: delta.safetensors and run.json (what
+    the app's grids and certify need) — all or nothing. :func:`add_report` completes it."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        _write_results(unlearned.result, bundle, unlearned.task, unlearned.seed, tmp)
+    return out
+
+
+def add_report(run: "Run", bundle: "ClipBundle", run_dir: str | Path, export: bool = True) -> Path:
+    """Complete a folder of :func:`save_results` with the evaluation: the export folder (whole or
+    not at all), report.md, and report.json last — its presence marks the run evaluated."""
+    run_dir = Path(run_dir)
+    _write_report(run, bundle, run_dir, export)
+    return run_dir
+
+
+def _write_results(result, bundle: "ClipBundle", task, seed, folder: Path) -> None:
     from .merge import towers
+    save_safetensors(result.delta, folder / DELTA, {"method": result.method, "alpha": result.alpha,
+                                                    "arch": bundle.arch, "towers": ",".join(towers(result.delta))})
+    write_json(folder / RUN_JSON, {
+        "method": result.method, "request": result.request, "config": result.config,
+        "alpha": result.alpha, "seed": seed, "model": bundle.arch,
+        "pretrained": bundle.pretrained, "gallery": task.gallery.name,
+        "gallery_hash": task.gallery.content_hash, "versions": versions(),
+        "history": result.history, "info": _jsonable(result.info),
+        # the split rebuilds the test columns' images with the request and the gallery
+        # (data/task.py: deterministic, seeded): bench/external_eval.py evaluates them apart
+        "split": dataclasses.asdict(task.split) if task.split is not None else None})
+
+
+def _write_report(run: "Run", bundle: "ClipBundle", folder: Path, export: bool) -> None:
+    from .eval.report import markdown
     from .models import export_open_clip
     from .pipeline import edited_model
-    out = Path(out)
     result = run.result
-    with atomic_dir(out) as tmp:
-        write_json(tmp / REPORT_JSON, run.report)
-        write_text(tmp / REPORT_MD, markdown(run.report))
-        save_safetensors(result.delta, tmp / DELTA, {"method": result.method, "alpha": result.alpha,
-                                                     "arch": bundle.arch, "towers": ",".join(towers(result.delta))})
-        write_json(tmp / RUN_JSON, {
-            "method": result.method, "request": result.request, "config": result.config,
-            "alpha": result.alpha, "seed": run.report.get("seed"), "model": bundle.arch,
-            "pretrained": bundle.pretrained, "gallery": run.task.gallery.name,
-            "gallery_hash": run.task.gallery.content_hash, "versions": versions(),
-            "history": result.history, "info": _jsonable(result.info),
-            # the split rebuilds the test columns' images with the request and the gallery
-            # (data/task.py: deterministic, seeded): bench/external_eval.py evaluates them apart
-            "split": dataclasses.asdict(run.task.split) if run.task.split is not None else None})
-        if export:
-            model = edited_model(bundle, result.delta, result.alpha)
-            export_open_clip(bundle, {k: v for k, v in model.state_dict().items()}, tmp / EXPORT,
-                             {"method": result.method, "alpha": result.alpha, "request": result.request})
-    return out
+    if export:
+        model = edited_model(bundle, result.delta, result.alpha)     # the export is written whole or not at all
+        export_open_clip(bundle, {k: v for k, v in model.state_dict().items()}, folder / EXPORT,
+                         {"method": result.method, "alpha": result.alpha, "request": result.request})
+    write_text(folder / REPORT_MD, markdown(run.report))
+    write_json(folder / REPORT_JSON, run.report)        # last: its presence marks the run evaluated
 
 
 def plan_alpha_grid(run_dir: str | Path, alphas: list[float], gallery_hash: str, images: int) -> None:
@@ -140,11 +173,23 @@ def _jsonable(obj):
 
 # ---- reading -------------------------------------------------------------------------------------
 
-def is_complete(run_dir: str | Path, alpha_grid: bool = False) -> bool:
-    """Whether ``run_dir`` holds a finished run: usable once its report is there (an app job's
-    grids show from then on). With ``alpha_grid``: and every α point it planned."""
+def has_results(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run's results — its delta and run.json: an app job's grids and
+    certify need no more. Its evaluation may still be running (:func:`is_evaluated`)."""
     run_dir = Path(run_dir)
-    return (run_dir / REPORT_JSON).is_file() and (not alpha_grid or alpha_grid_complete(run_dir))
+    return (run_dir / DELTA).is_file() and (run_dir / RUN_JSON).is_file()
+
+
+def is_evaluated(run_dir: str | Path) -> bool:
+    """Whether the run's report is there (and with it report.md and the export, written before it)."""
+    return (Path(run_dir) / REPORT_JSON).is_file()
+
+
+def is_complete(run_dir: str | Path, alpha_grid: bool = False) -> bool:
+    """Whether ``run_dir`` holds a finished run: results and report. With ``alpha_grid``: and
+    every α point an app job planned."""
+    return (has_results(run_dir) and is_evaluated(run_dir)
+            and (not alpha_grid or alpha_grid_complete(run_dir)))
 
 
 def _key(alpha: float) -> float:

@@ -1,5 +1,6 @@
 """The kinds of work a job runs (:class:`~clipforget.jobs.JobRegistry`'s ``work``): a forget job
-(unlearn, evaluate, save the run folder, then the α-grid point by point) and a certify job.
+(unlearn, save the results — the grids show —, then evaluate, then the α-grid point by point) and
+a certify job.
 
 No torch at import here either: each work function imports the model stack when a job runs.
 """
@@ -36,9 +37,10 @@ class Resources:
 
 
 class ForgetWork:
-    """The work function of a forget job: unlearn, evaluate, encode the gallery at the calibrated
-    α, save the run folder — the results, shown at once (the job is ``ready``) — then the rest of
-    the α-grid, one point at a time, each added to the run folder as it is done.
+    """The work function of a forget job: unlearn, encode the gallery at the calibrated α and save
+    the results (delta, run.json, that α point) — shown at once: the job is ``ready`` — then the
+    rest: evaluate and add the report and export to the run folder (the metrics show), then the
+    α-grid's other points, one at a time, each added to the run folder as it is done.
 
     ``resources()`` blocks until the model and gallery are loaded (the app loads them in the
     background so its page is up in seconds)."""
@@ -52,7 +54,7 @@ class ForgetWork:
 
     def __call__(self, job: Job, progress: Progress, job_dir: Path) -> Ready:
         from .index import AlphaGrid
-        from .pipeline import ProgressEvaluator, forget
+        from .pipeline import ProgressEvaluator, unlearn
 
         progress({"stage": "prepare", "step": 0, "total": 0, "fraction": 0.0})
         res = self.resources()
@@ -62,19 +64,19 @@ class ForgetWork:
         spec = job.spec
         request = ForgetRequest.from_dict(spec["request"])
         t0 = time.perf_counter()
-        run = forget(res.bundle, request, method=spec.get("method", "ours"), config=spec.get("config"),
-                     gallery=res.gallery, split=SplitConfig(**spec["split"]) if spec.get("split") else None,
-                     callbacks=[progress], cache=res.cache,
-                     evaluator=self._evaluator, activation_budget=self.activation_budget)
+        made = unlearn(res.bundle, request, method=spec.get("method", "ours"), config=spec.get("config"),
+                       gallery=res.gallery, split=SplitConfig(**spec["split"]) if spec.get("split") else None,
+                       callbacks=[progress], cache=res.cache,
+                       evaluator=self._evaluator, activation_budget=self.activation_budget)
         t_forget = time.perf_counter() - t0
         # α = 0 is θ₀ exactly: its embeddings are the original ones, so the grid starts above 0
-        calibrated = round(float(run.result.alpha), 6)
+        calibrated = round(float(made.result.alpha), 6)
         alphas = [a for a in alpha_points(self.alpha_points, (calibrated,)) if a > 0]
         first = [a for a in alphas if a == calibrated]           # the right grid at the calibrated α
         t1 = time.perf_counter()
         # the gallery's trunk is kept between points in a temporary file, not in the app's memory
         # (a delta without image-tower entries — a text-tower method — reuses the original embeddings)
-        grid = AlphaGrid(res.bundle, res.images, run.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp",
+        grid = AlphaGrid(res.bundle, res.images, made.result.delta, spill=job_dir / ".alpha-grid-trunk.tmp",
                          original=res.original, gallery_trunk=res.trunk)
         try:
             points = {}
@@ -84,7 +86,7 @@ class ForgetWork:
             t_first = time.perf_counter() - t1
             progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
             with atomic_dir(job_dir / "run") as tmp:
-                runfolder.save_run(run, res.bundle, tmp)
+                runfolder.save_results(made, res.bundle, tmp)
                 progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
                 runfolder.plan_alpha_grid(tmp, alphas, res.gallery.content_hash, len(res.images))
                 for a, emb in points.items():
@@ -92,22 +94,40 @@ class ForgetWork:
         except BaseException:
             grid.release()
             raise
-        summary = {"alpha": run.result.alpha, "score": run.report["score"], "forget_seconds": t_forget,
-                   "alpha_grid_planned": len(alphas) + 1, "calibrated_point_seconds": t_first,
-                   "shared_trunk": grid.shared_trunk, "stage_seconds": run.report["seconds"]}
-        del run, points
-        return Ready(summary, lambda: self.rest(grid, job_dir / "run", progress, t_first, res.gallery.content_hash),
-                     what="α-grid")
+        summary = {"alpha": made.result.alpha, "forget_seconds": t_forget, "alpha_grid_planned": len(alphas) + 1,
+                   "calibrated_point_seconds": t_first, "shared_trunk": grid.shared_trunk,
+                   "stage_seconds": dict(made.result.seconds)}
+        del points
+        ready = Ready(summary, lambda: {}, what="evaluation and α-grid")
+
+        def rest() -> dict:
+            try:
+                ready.summary.update(self.evaluate(made, res.bundle, job_dir / "run", progress))
+            except BaseException:
+                grid.release()
+                raise
+            ready.what = "α-grid"               # what a cancel or failure from here on stops
+            return self.rest(grid, job_dir / "run", progress, t_first, res.gallery.content_hash)
+        ready.rest = rest
+        return ready
+
+    def evaluate(self, made, bundle, run_dir: Path, progress: Progress) -> dict:
+        """The report on the held-out test columns, added to the run folder with the export."""
+        from .pipeline import evaluate
+        run = evaluate(made, self._evaluator)
+        progress({"stage": "report", "step": 0, "total": 1, "fraction": 0.0})
+        runfolder.add_report(run, bundle, run_dir)
+        return {"score": run.report["score"], "stage_seconds": run.report["seconds"]}
 
     @staticmethod
     def rest(grid, run_dir: Path, progress: Progress, first_seconds: float, gallery_hash: str) -> dict:
         """The α-grid's other points, each added to the run folder as soon as it is encoded (a
         cancel keeps the points finished so far)."""
         t0 = time.perf_counter()
-        missing = runfolder.missing_alpha_points(run_dir)
-        total = grid.steps(len(missing))
-        progress({"stage": "alpha-grid", "step": 0, "total": total, "fraction": 0.0})
         try:
+            missing = runfolder.missing_alpha_points(run_dir)
+            total = grid.steps(len(missing))
+            progress({"stage": "alpha-grid", "step": 0, "total": total, "fraction": 0.0})   # a cancel point
             for j, a in enumerate(missing):
                 done = j * grid.n_batches
                 emb = grid.encode(a, lambda b: progress({"stage": "alpha-grid", "step": done + b, "total": total,

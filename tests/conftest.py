@@ -293,19 +293,32 @@ def tiny_ckpt(tiny_world, tmp_path_factory):
                                   "dog", "poodle")
 
 
-@pytest.fixture
-def gated_alpha_grid(core):
-    """Holds a forget job at the start of its α-grid until the test sets the returned event."""
+def _gated(core, stage: str):
+    """Holds a forget job at its first progress event of ``stage`` until the test sets the event."""
     gate = threading.Event()
     work = core.jobs.kinds["forget"]
 
     def gated(job, progress, job_dir):
         def hook(event):
             progress(event)
-            if event.get("stage") == "alpha-grid":
+            if event.get("stage") == stage:
                 gate.wait(600)
         return work(job, hook, job_dir)
     core.jobs.kinds["forget"] = gated
     yield gate
     gate.set()
     core.jobs.kinds["forget"] = work
+
+
+@pytest.fixture
+def gated_alpha_grid(core):
+    """Holds a forget job at the start of its α-grid (after its results and report) until the test
+    sets the returned event."""
+    yield from _gated(core, "alpha-grid")
+
+
+@pytest.fixture
+def gated_evaluation(core):
+    """Holds a forget job at the start of its evaluation (after its results: the grids can show)
+    until the test sets the returned event."""
+    yield from _gated(core, "evaluate")

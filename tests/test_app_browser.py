@@ -54,8 +54,9 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_full_flow(server, browser, gated_alpha_grid):
-    """One job, held at the start of its α-grid (after its results) until the test lets it go."""
+def test_full_flow(server, browser, gated_alpha_grid, gated_evaluation):
+    """One job, held at the start of its evaluation (after its results: the grids show) and of its
+    α-grid (after its report: the metrics show) until the test lets each go."""
     core, out, gate = server.core, shots_dir(), gated_alpha_grid
     try:
         page = browser.new_page(viewport={"width": 1440, "height": 1100})
@@ -94,13 +95,19 @@ def test_full_flow(server, browser, gated_alpha_grid):
         page.reload()
         page.wait_for_selector("#cards img", timeout=120_000)
 
-        # the results show while the α-grid is held: both grids, the Score, the α points that exist
+        # the grids show while the evaluation is held: both grids, the α points that exist, a line
+        # saying the metrics are coming; then the Score and the table arrive without a click
         points = page.locator("#alpha-points")
         wait_for(lambda: len(captions(page, "right-grid")) == 12 and "computing" in " ".join(points.all_inner_texts()),
-                 1200, "both grids while the α-grid computes", poll=0.5)
+                 1200, "both grids while the evaluation runs", poll=0.5)
         job = core.jobs.running()
-        assert job is not None and job.status == "ready"                  # shown before the job is done
-        assert "Score" in page.locator("#score").inner_text()
+        assert job is not None and job.status == "ready" and job.stage == "evaluate"     # before the report
+        assert "Evaluating on the held-out images" in page.locator("#score").inner_text()
+        assert "Target" not in page.locator("#metrics").inner_text()
+        page.screenshot(path=str(out / "03a-grids-before-metrics.png"), full_page=True)
+        gated_evaluation.set()
+        wait_for(lambda: "Score" in page.locator("#score").inner_text(), 300, "the Score after the evaluation", poll=0.5)
+        assert core.jobs.get(job.id).status == "ready"                    # shown before the job is done
         wait_for(lambda: "alpha-grid" in page.locator("#progress").inner_text(), 30, "the α-grid's progress")
         assert "results ready" in page.locator("#progress").inner_text()
         left, right = captions(page, "left-grid"), captions(page, "right-grid")

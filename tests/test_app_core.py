@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,13 @@ def test_gallery_trunk_is_exact_and_reused(bundle, gallery, tmp_path):
 
 # ---- job registry with stand-in work functions ----------------------------------------------------
 
+def _fake_run(folder: Path) -> None:
+    """The files that make a run folder's results and its report (empty: the registry only looks)."""
+    for name in ("run.json", "report.json"):
+        (folder / name).write_text("{}")
+    (folder / "delta.safetensors").write_bytes(b"")
+
+
 def _slow_work(seconds=30.0):
     """Reports progress every 10 ms for up to ``seconds``; writes its result atomically at the end."""
     def work(job, progress, job_dir):
@@ -149,7 +157,7 @@ def _slow_work(seconds=30.0):
                 i += 1
                 progress({"stage": "forget" if i < 20 else "remind", "step": i, "total": 0, "fraction": 0.5})
                 time.sleep(0.01)
-            (tmp / "report.json").write_text("{}")
+            _fake_run(tmp)
         return {"steps": i}
     return work
 
@@ -185,7 +193,7 @@ def test_cancel_mid_stage_leaves_no_artifact(tmp_path):
 def test_failed_job_leaves_no_artifact_and_says_why(tmp_path):
     def broken(job, progress, job_dir):
         with atomic_dir(job_dir / "run") as tmp:
-            (tmp / "report.json").write_text("{}")
+            _fake_run(tmp)
             raise RuntimeError("disk on fire")
     reg = JobRegistry(tmp_path, broken)
     job = reg.wait(reg.submit({}, "broken").id, timeout=10)
@@ -237,7 +245,7 @@ def test_alpha_grid_points_are_added_atomically_and_resumable(tmp_path, monkeypa
     from clipforget import runfolder
     run = tmp_path / "run"
     run.mkdir()
-    (run / "report.json").write_text("{}")
+    _fake_run(run)
     assert runfolder.is_complete(run) and not runfolder.is_complete(run, alpha_grid=True)   # no plan yet
     runfolder.plan_alpha_grid(run, [0.2, 0.6, 1.0], "hash", images=5)
     assert runfolder.missing_alpha_points(run) == [0.2, 0.6, 1.0] and not runfolder.alpha_grid_complete(run)
@@ -277,7 +285,7 @@ def test_a_run_folder_of_the_single_file_grid_still_loads(tmp_path):
     from clipforget.io import save_safetensors
     run = tmp_path / "old"
     (run).mkdir()
-    (run / "report.json").write_text("{}")
+    _fake_run(run)
     grid = torch.stack([_unit(5, 4, seed=1), _unit(5, 4, seed=2)])
     save_safetensors({"embeddings": grid, "alphas": torch.tensor([0.5, 1.0], dtype=torch.float64)},
                      run / runfolder.LEGACY_ALPHA_GRID)
@@ -298,7 +306,7 @@ def _results_then_rest(points=4, seconds_per_point=0.3, fail_at=None):
         progress({"stage": "forget", "step": 1, "total": 1})
         alphas = [round((i + 1) / points, 6) for i in range(points)]
         with atomic_dir(job_dir / "run") as tmp:
-            (tmp / "report.json").write_text("{}")
+            _fake_run(tmp)
             runfolder.plan_alpha_grid(tmp, alphas, "h", 3)
             runfolder.save_alpha_point(tmp, alphas[-1], _unit(3, 4), "h")
 
@@ -373,7 +381,7 @@ def test_restart_during_the_rest_keeps_the_results(tmp_path):
     job_dir = tmp_path / ("e" * 32)
     run = job_dir / "run"
     run.mkdir(parents=True)
-    (run / "report.json").write_text("{}")
+    _fake_run(run)
     runfolder.plan_alpha_grid(run, [0.5, 1.0], "h", 3)
     runfolder.save_alpha_point(run, 1.0, _unit(3, 4), "h")
     (run / runfolder.ALPHA_GRID / ".alpha-0.500000.safetensors.abc.tmp").write_bytes(b"half")   # killed mid-write
@@ -517,14 +525,44 @@ def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
     assert res["alpha_shown"] == calibrated and res["recall_right"] < res["recall_left"]
     missing = next(a for a in pts["planned"] if a not in pts["ready"])
     assert core.search("a dog", job.id, missing, k=12)["alpha_shown"] != missing     # not there yet
-    assert core.metrics_table(job.id)["score"] == ready.summary["score"]
+    table = core.metrics_table(job.id)                              # the report came before the α-grid
     with pytest.raises(JobBusy, match="its results are ready"):
         core.start_job("car", "taxi")
     gated_alpha_grid.set()
     done = core.jobs.wait(job.id, timeout=600)
     assert done.status == "done" and done.summary["alpha_grid_points"] == len(pts["planned"])
+    assert table["score"] == done.summary["score"]
     assert core.alpha_points(job.id)["complete"] and "(all " in core.alpha_points(job.id)["text"]
     assert core.search("a dog", job.id, missing, k=12)["alpha_shown"] == missing          # arrived
+
+
+@pytest.mark.slow
+def test_grids_show_before_the_evaluation(core, gated_evaluation):
+    """The grids come from the results alone: the job is ``ready`` and both grids show at the
+    calibrated α while its held-out evaluation is held; the metrics, plot and downloads say they
+    are coming, then fill from the report."""
+    from clipforget.app.page.handlers import Handlers
+    job = core.start_job("dog", "poodle")
+    ready = core.jobs.wait(job.id, timeout=600, results=True)
+    assert ready.status == "ready", ready.error
+    while core.job_status(job.id)["stage"] != "evaluate":               # held there by the gate
+        time.sleep(0.05)
+    assert "score" not in core.job_status(job.id)["summary"] and not core.evaluated(job.id)
+    res = core.search("a dog", job.id, None, k=12)
+    assert res["alpha_shown"] == round(ready.summary["alpha"], 6) and len(res["right"]) == 12
+    with pytest.raises(JobError, match="its evaluation is still running"):
+        core.metrics_table(job.id)
+    with pytest.raises(JobError, match="its evaluation is still running"):
+        core.export(job.id)
+    page = SimpleNamespace(**{n: n for n in ("plot", "score_md", "table", "dl_model", "dl_md", "dl_json")})
+    pending = Handlers(core, page).report(job.id, core.job_status(job.id))
+    assert pending["table"] is None and pending["dl_model"] is None and "Evaluating on the held-out" in pending["score_md"]
+    gated_evaluation.set()
+    done = core.jobs.wait(job.id, timeout=600)
+    assert done.status == "done" and core.evaluated(job.id)
+    filled = Handlers(core, page).report(job.id, core.job_status(job.id))
+    assert filled["score_md"].startswith(f"**Score {done.summary['score']:.1f}**") and filled["table"]["data"]
+    assert Path(filled["dl_model"]).is_file()
 
 
 @pytest.mark.slow

@@ -27,9 +27,14 @@ from tinyworld import TINY_CONFIG, TINY_MODEL, TINY_SPLIT, file_hash, state_hash
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # the stages a job reports, in order (the remind stage aligns its images first, then fine-tunes; "encode"
-# is the gallery at the calibrated α, "save" the run folder — the results — and "alpha-grid" the other points)
-STAGES = ["prepare", "data", "stand-ins", "forget", "remind", "align", "restore", "evaluate", "encode", "save", "alpha-grid"]
-RESULTS_FROM = STAGES.index("alpha-grid")       # a cancel from here on keeps the results
+# is the gallery at the calibrated α, "save" the results — the grids show from then on —, "evaluate" and
+# "report" the held-out evaluation added to them, "alpha-grid" the other points)
+STAGES = ["prepare", "data", "stand-ins", "forget", "remind", "align", "restore", "encode", "save", "evaluate",
+          "report", "alpha-grid"]
+# a cancel takes effect at the job's next progress event: from "evaluate" on it keeps the results, from
+# "report" on (its next event is the α-grid's first) the report too
+RESULTS_FROM = STAGES.index("evaluate")
+REPORT_FROM = STAGES.index("report")
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +100,9 @@ def test_a_job_never_modifies_the_original_weights(done_job, core):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_cancel_in_every_stage_leaves_only_job_json(core, on_event, stage, done_job):
-    """Before the results: nothing is kept. In the α-grid (after the results were shown): the run
-    folder stays, with the α points finished so far, each whole."""
+    """Before the results: nothing is kept. In the evaluation (after the grids were shown): the
+    results stay, without a report. In the α-grid: the run folder stays, with its report and the α
+    points finished so far, each whole."""
     on_event(lambda job, e: core.jobs.cancel(job.id) if e["stage"] == stage else None)
     job = finish(core, core.start_job("dog", "poodle"))
     assert job.stage == stage and job.stages[-1] == stage, (job.status, job.stages)
@@ -108,7 +114,16 @@ def test_cancel_in_every_stage_leaves_only_job_json(core, on_event, stage, done_
         assert "cancelled (nothing saved)" in core.job_status(job.id)["text"]
         return
     run = core.jobs.run_dir(job.id)
+    assert runfolder.has_results(run) and runfolder.alpha_grid_points(run)           # the grids can show
+    if STAGES.index(stage) < REPORT_FROM:
+        assert job.status == "done" and job.summary["unfinished"] == "evaluation and α-grid cancelled"
+        assert not runfolder.is_evaluated(run) and "score" not in job.summary
+        assert "no Score (not evaluated)" in core.job_status(job.id)["text"]
+        with pytest.raises(JobError, match="it has no report \\(evaluation and α-grid cancelled\\)"):
+            core.metrics_table(job.id)
+        return
     assert job.status == "done" and job.summary["unfinished"] == "α-grid cancelled"
+    assert job.summary["score"] == core.metrics_table(job.id)["score"]               # the evaluation kept
     assert runfolder.is_complete(run) and runfolder.missing_alpha_points(run)        # resumable
     assert not runfolder.is_complete(run, alpha_grid=True)
     assert "α-grid incomplete (α-grid cancelled)" in core.job_status(job.id)["text"]
@@ -198,11 +213,10 @@ def test_a_second_job_is_refused_naming_the_running_one(core, on_event, done_job
 
 # ---- SIGKILL mid-stage, restart ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage, step", [("forget", 1), ("save", 1)])
-def test_sigkill_mid_stage_leaves_no_partial_artifact_and_shows_failed(core, done_job, tiny_world, tiny_ckpt,
-                                                                       tmp_path, stage, step):
-    """A job runs in its own process and is killed with SIGKILL mid-stage (in "save", with half its
-    result written). The runs folder also holds a finished job from an earlier session."""
+def killed_at(core, done_job, tiny_world, tiny_ckpt, tmp_path, stage, step, check=lambda job_dir: None):
+    """Run a job in its own process until (stage, step), call ``check`` on its folder there, kill
+    it with SIGKILL. The runs folder also holds a finished job from an earlier session. Returns
+    (runs folder, the killed job's id, the earlier job's id)."""
     runs, marker = tmp_path / "runs", tmp_path / "paused"
     earlier = done_job[0].id
     shutil.copytree(core.jobs.job_dir(earlier), runs / earlier)
@@ -220,17 +234,34 @@ def test_sigkill_mid_stage_leaves_no_partial_artifact_and_shows_failed(core, don
             time.sleep(0.05)
         job_id = marker.read_text()
         record = json.loads((runs / job_id / "job.json").read_text())
-        assert record["status"] == "running" and record["stage"] == stage
-        partial = [p for p in (runs / job_id).iterdir() if p.name.endswith(".partial")]
-        if stage == "save":     # the result is half written: save_run's files, not the α-grid's first point
-            assert len(partial) == 1 and (partial[0] / "report.json").is_file()
-            assert not (partial[0] / "alpha_grid").exists()
+        assert record["status"] in ("running", "ready") and record["stage"] == stage
+        check(runs / job_id)
         with pytest.raises(RunsDirBusy, match=f"in use by another clipforget app \\(pid {proc.pid}\\)"):
             JobRegistry(runs, lambda *a: {})                   # a second app on the same folder
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         log.close()
+    return runs, job_id, earlier
+
+
+def the_earlier_job_is_intact(reg, core, done_job, earlier):
+    done = reg.get(earlier)           # the earlier job is still done, with its result
+    assert done.status == "done" and done.summary == done_job[0].summary
+    assert tree(reg.run_dir(earlier)) == tree(core.jobs.run_dir(earlier))
+
+
+@pytest.mark.parametrize("stage, step", [("forget", 1), ("save", 1)])
+def test_sigkill_mid_stage_leaves_no_partial_artifact_and_shows_failed(core, done_job, tiny_world, tiny_ckpt,
+                                                                       tmp_path, stage, step):
+    """Killed before the results (in "save", with half of them written): the restart shows the job
+    failed and nothing of it but job.json."""
+    def half_written(job_dir):
+        partial = [p for p in job_dir.iterdir() if p.name.endswith(".partial")]
+        if stage == "save":     # the result is half written: the delta and run.json, not the α-grid's first point
+            assert len(partial) == 1 and (partial[0] / "run.json").is_file()
+            assert not (partial[0] / "alpha_grid").exists()
+    runs, job_id, earlier = killed_at(core, done_job, tiny_world, tiny_ckpt, tmp_path, stage, step, half_written)
     reg = JobRegistry(runs, lambda *a: {})                      # the restart: the lock died with the process
     try:
         job = reg.get(job_id)
@@ -239,9 +270,28 @@ def test_sigkill_mid_stage_leaves_no_partial_artifact_and_shows_failed(core, don
         assert json.loads((runs / job_id / "job.json").read_text())["status"] == "failed"
         assert reg.running() is None
         assert [j.id for j in reg.jobs()] == [job_id, earlier]          # the history, newest first
-        done = reg.get(earlier)           # the earlier job is still done, with its result
-        assert done.status == "done" and done.summary == done_job[0].summary
-        assert tree(reg.run_dir(earlier)) == tree(core.jobs.run_dir(earlier))
+        the_earlier_job_is_intact(reg, core, done_job, earlier)
+        assert no_leftovers(runs) == []
+    finally:
+        reg.close()
+
+
+def test_sigkill_in_the_evaluation_keeps_the_results_without_a_report(core, done_job, tiny_world, tiny_ckpt,
+                                                                     tmp_path):
+    """Killed after the results were shown, before the report: the restart shows the job done with
+    its grids' results and says the evaluation was interrupted; no half-written export is left."""
+    def shown(job_dir):
+        assert runfolder.has_results(job_dir / "run") and not runfolder.is_evaluated(job_dir / "run")
+    runs, job_id, earlier = killed_at(core, done_job, tiny_world, tiny_ckpt, tmp_path, "report", 0, shown)
+    (runs / job_id / "run" / ".export.x3.partial").mkdir()          # as if killed while exporting
+    reg = JobRegistry(runs, lambda *a: {})
+    try:
+        job = reg.get(job_id)
+        assert job.status == "done" and job.summary["unfinished"].startswith("evaluation interrupted by a restart")
+        run = reg.run_dir(job_id)
+        assert runfolder.has_results(run) and runfolder.alpha_grid_points(run) and not runfolder.is_evaluated(run)
+        assert runfolder.read_run(run).alpha == job.summary["alpha"]        # certify can read it
+        the_earlier_job_is_intact(reg, core, done_job, earlier)
         assert no_leftovers(runs) == []
     finally:
         reg.close()

@@ -214,8 +214,23 @@ class AppCore:
         return self.retrieval.search(query, job_id, alpha, k)
 
     # ---- results -----------------------------------------------------------------------------
+    def evaluated(self, job_id: str) -> bool:
+        """The job's report is there: metrics, plot and downloads can show (its grids show before,
+        from the moment its results are ready)."""
+        return runfolder.is_evaluated(self.jobs.run_dir(job_id))
+
     def report(self, job_id: str) -> dict:
-        return runfolder.read_report(self.jobs.run_dir(job_id))
+        return runfolder.read_report(self._evaluated_run(job_id))
+
+    def _evaluated_run(self, job_id: str) -> Path:
+        """The job's run folder once its report (and export) is there; raises before, saying why."""
+        run = self.jobs.run_dir(job_id)
+        if not runfolder.is_evaluated(run):
+            job = self.jobs.get(job_id)
+            why = ("its evaluation is still running: the report comes in seconds" if job.active else
+                   f"it has no report ({job.summary.get('unfinished', 'its evaluation did not finish')})")
+            raise JobError(f"job {job_id}: {why}")
+        return run
 
     def metrics_table(self, job_id: str) -> dict:
         return results.metrics_table(self.report(job_id))
@@ -225,4 +240,4 @@ class AppCore:
         return path if path.is_file() else results.alpha_plot(self.report(job_id), path)
 
     def export(self, job_id: str) -> dict:
-        return results.downloads(self.jobs.run_dir(job_id), self.jobs.job_dir(job_id) / "unlearned-model.zip")
+        return results.downloads(self._evaluated_run(job_id), self.jobs.job_dir(job_id) / "unlearned-model.zip")

@@ -65,8 +65,8 @@ def _done_forget(job: Job) -> str:
     s = job.summary
     grid = (f"α-grid {s['alpha_grid_points']} points in {s.get('alpha_grid_seconds', float('nan')):.1f}s"
             if "alpha_grid_points" in s else f"α-grid incomplete ({s.get('unfinished', 'not computed')})")
-    return (f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · Score {s.get('score', float('nan')):.1f}"
-            f" · α = {s.get('alpha', 1.0):.2f} · {grid}")
+    score = f"Score {s['score']:.1f}" if s.get("score") is not None else "no Score (not evaluated)"
+    return f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · {score} · α = {s.get('alpha', 1.0):.2f} · {grid}"
 
 
 def alpha_points_text(state: dict, job: Job) -> str:

@@ -145,22 +145,43 @@ class Handlers:
         return watch
 
     def watch_grid(self, job_id):
-        """After the grids are shown: the α-grid's progress (as text: a progress overlay would
-        cover the α points and the status), and the α points the slider gains as they arrive,
-        until the job is done (the slider's searches pick the new points up)."""
+        """After the grids are shown: the job's progress (its evaluation, then the α-grid: as text, a
+        progress overlay would cover the α points and the status), its metrics, plot and downloads
+        as soon as its report is there, and the α points the slider gains as they arrive, until the
+        job is done (the slider's searches pick the new points up)."""
         p = self.p
+        filled = False              # the report's widgets, filled once here
         while job_id:
             st = self.core.job_status(job_id)
             if st["status"] != "ready":
                 break
-            yield {p.progress_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"]}
+            out = {p.progress_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"]}
+            if not filled and self.core.evaluated(job_id):
+                out.update(self.report(job_id, st))
+                filled = True
+            yield out
             time.sleep(0.5)
         if not self.done(job_id):
             yield {p.progress_md: ""}
             return
         st = self.core.job_status(job_id)
+        report = self.report(job_id, st)
         yield {p.progress_md: "", p.status_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"],
-               p.score_md: _score(self.core.metrics_table(job_id), st)}
+               **(report if not filled else {p.score_md: report[p.score_md]})}
+
+    def report(self, job_id, st) -> dict:
+        """The evaluation's widgets (plot, Score, table, downloads): filled once the job's report is
+        there; before, a line saying it is coming (the grids show the unlearned model already)."""
+        p, core = self.p, self.core
+        if not core.evaluated(job_id):
+            note = ("*Evaluating on the held-out images… the metrics, the α-curve and the downloads follow "
+                    "in seconds; the grids already show the unlearned model.*" if st["status"] == "ready" else
+                    f"No report: {st['summary'].get('unfinished', 'the evaluation did not finish')}")
+            return {p.plot: None, p.score_md: note, p.table: None, p.dl_model: None, p.dl_md: None, p.dl_json: None}
+        table, files = core.metrics_table(job_id), core.export(job_id)
+        return {p.plot: str(core.alpha_plot(job_id)), p.score_md: _score(table, st),
+                p.table: {"headers": table["headers"], "data": table["rows"]},
+                p.dl_model: files["model_zip"], p.dl_md: files["report_md"], p.dl_json: files["report_json"]}
 
     @errors
     def cancel(self, job_id):
@@ -193,7 +214,8 @@ class Handlers:
 
     # ---- results -------------------------------------------------------------------------------
     def show(self, job_id, query):
-        """Fill the results of a finished job (or clear them)."""
+        """Fill the results of a job with results (or clear them): the grids at once, the report's
+        widgets when it is there (:meth:`watch_grid` fills them when it comes later)."""
         p, core = self.p, self.core
         hist = {p.history: gr.update(choices=core.history(), value=job_id or None)}
         if not self.done(job_id):
@@ -201,14 +223,9 @@ class Handlers:
             return {p.status_md: st, p.plot: None, p.score_md: "", p.table: None, p.points_md: "",
                     **self.search(query, "", 1.0), **hist}
         st = core.job_status(job_id)
-        table = core.metrics_table(job_id)
-        files = core.export(job_id)
         alpha = st["summary"].get("alpha", 1.0)
-        return {p.status_md: st["text"], p.plot: str(core.alpha_plot(job_id)), p.score_md: _score(table, st),
-                p.points_md: core.alpha_points(job_id)["text"],
-                p.table: {"headers": table["headers"], "data": table["rows"]}, p.alpha: gr.update(value=alpha),
-                p.dl_model: files["model_zip"], p.dl_md: files["report_md"], p.dl_json: files["report_json"],
-                **self.search(query, job_id, alpha), **hist}
+        return {p.status_md: st["text"], **self.report(job_id, st), p.points_md: core.alpha_points(job_id)["text"],
+                p.alpha: gr.update(value=alpha), **self.search(query, job_id, alpha), **hist}
 
     def reattach(self, saved):
         """After a reload: pick up the job this browser last ran or opened."""
@@ -245,7 +262,7 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
         comp.change(h.retain, picked, retained, **PRIVATE)
     p.model_md.change(h.retain, picked, retained, **PRIVATE)
     p.upload_btn.click(h.upload, [p.uploads, p.upload_label], [p.upload_md, p.retain_pick], **PRIVATE)
-    grid_watched = [p.progress_md, p.points_md, p.status_md, p.score_md]
+    grid_watched = [p.progress_md, p.points_md, p.status_md] + p.report
     p.run_btn.click(h.start, picked + [p.method, p.retain_pick], [p.job_state, p.saved_job, p.status_md], **PRIVATE) \
         .success(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \

@@ -34,6 +34,11 @@ class Page(SimpleNamespace):
         return [self.left, self.left_md, self.right, self.right_md, self.alpha_md, self.shown_query, self.shown_right]
 
     @property
+    def report(self) -> list:
+        """What a job's evaluation fills once its report is there: plot, score, table, downloads."""
+        return [self.plot, self.score_md, self.table, self.dl_model, self.dl_md, self.dl_json]
+
+    @property
     def results(self) -> list:
         """What a job's results (or clearing them) fill: status, plot, score, table, α, downloads,
         grids, α points, history."""
