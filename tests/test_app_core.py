@@ -99,6 +99,26 @@ def test_alpha_grid_shared_trunk_equals_full_encode(bundle, gallery, keys, share
     assert not torch.allclose(grid[0], grid[1], atol=1e-3)         # the delta matters
 
 
+def test_one_gallery_trunk_per_runs_folder(tmp_path):
+    """The cache keeps the loaded model's trunk only; the original embeddings (small) all stay."""
+    from clipforget.app.loading import drop_other_trunks
+    names = ["trunk-aaaa-2.safetensors", "trunk-bbbb-2.safetensors", "trunk-aaaa-3.safetensors",
+             "original-aaaa.safetensors", "original-bbbb.safetensors", "text-1.safetensors"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    gone = drop_other_trunks(tmp_path, tmp_path / "trunk-aaaa-2.safetensors")
+    assert sorted(p.name for p in gone) == ["trunk-aaaa-3.safetensors", "trunk-bbbb-2.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {p.name for p in gone})
+    drop_other_trunks(tmp_path, None)                 # a model without a trunk: none is kept
+    assert not list(tmp_path.glob("trunk-*"))
+
+
+@pytest.mark.slow
+def test_the_app_cache_holds_one_trunk(core):
+    trunks = list(core.cache_dir.glob("trunk-*.safetensors"))
+    assert len(trunks) == 1 and trunks[0] == core.resources().trunk.path
+
+
 @pytest.mark.slow
 def test_gallery_trunk_is_exact_and_reused(bundle, gallery, tmp_path):
     """The app's gallery trunk (stages before the first candidate layer, on disk): the original

@@ -26,6 +26,18 @@ def default_pick(gallery: Gallery) -> tuple[str, str | None]:
     return sc, ("poodle" if "poodle" in subs else subs[0]) if subs else None
 
 
+def drop_other_trunks(cache_dir: Path, keep: Path | None) -> list[Path]:
+    """The cache's disk policy: one gallery trunk per runs folder — the loaded model's (``keep``).
+    A trunk is hundreds of MB (448 MB on the embedded model and gallery); those of other models,
+    weights or galleries are removed when an app starts (switching back re-encodes the gallery
+    once, as a first start does). Returns what was removed."""
+    gone = [p for p in Path(cache_dir).glob("trunk-*.safetensors") if keep is None or p.name != Path(keep).name]
+    for p in gone:
+        p.unlink(missing_ok=True)
+        log.info("removed the gallery trunk of another model or gallery: %s", p.name)
+    return gone
+
+
 class NotReady(RuntimeError):
     """The model is still loading (or failed to load: the message says why)."""
 
@@ -139,6 +151,7 @@ class ModelLoader:
         fp32 = next(bundle.model.visual.parameters()).dtype == torch.float32
         start = split_index(bundle.model.visual, candidate_layers(bundle.model.visual)) if fp32 else None
         store = GalleryTrunk(self.cache_dir / f"trunk-{key}-{start}.safetensors") if start else None
+        drop_other_trunks(self.cache_dir, store.path if store is not None else None)
         trunk = store.load(len(images)) if store is not None else None
         if path.is_file() and (trunk is not None or store is None):
             from safetensors.torch import load_file
