@@ -155,6 +155,7 @@ class AppCore:
         job = self.jobs.get(job_id)
         d = job.to_dict()
         d["text"] = views.status_text(job)
+        d["progress_text"] = views.progress_text(job)
         d["results"] = job.has_results
         return d
 

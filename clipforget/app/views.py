@@ -88,6 +88,15 @@ def _done_certify(job: Job) -> str:
 DONE_TEXT = {"forget": _done_forget, "certify": _done_certify}     # per job kind
 
 
+def progress_text(job: Job, width: int = 20) -> str:
+    """A running job's progress as one line of text: a bar of the stage's fraction, the stage with
+    its step count and time left, the stages so far. Text, not an animated overlay: a browser
+    repainting an animation shares the CPU with the job on a small machine."""
+    filled = round(max(0.0, min(1.0, job.fraction)) * width)
+    return (f"`{'█' * filled}{'·' * (width - filled)}` {100 * job.fraction:3.0f} % · {status_text(job)} "
+            f"· stage {len(job.stages)}")
+
+
 def status_text(job: Job) -> str:
     if job.status == "queued":
         return f"Job `{job.id[:8]}` {job.label}: queued"

@@ -129,8 +129,9 @@ class Handlers:
 
     def watcher(self, output):
         """A handler that observes a job until it has results or ended, showing its progress in
-        ``output``; closing the tab stops this, never the job."""
-        def watch(job_id, progress=gr.Progress()):
+        ``output`` as text (wired with ``show_progress="hidden"``: no animated overlay); closing
+        the tab stops this, never the job."""
+        def watch(job_id):
             if not job_id:
                 yield {output: ""}
                 return
@@ -139,8 +140,7 @@ class Handlers:
                 if st["status"] not in WORKING:
                     yield {output: ""}              # the results and final status: show
                     return
-                progress(st["fraction"], desc=f"{st['stage'] or 'starting'} ({len(st['stages'])} stages so far)")
-                yield {output: st["text"]}
+                yield {output: st["progress_text"]}
                 time.sleep(0.5)
         return watch
 
@@ -264,12 +264,14 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
     p.upload_btn.click(h.upload, [p.uploads, p.upload_label], [p.upload_md, p.retain_pick], **PRIVATE)
     grid_watched = [p.progress_md, p.points_md, p.status_md] + p.report
     p.run_btn.click(h.start, picked + [p.method, p.retain_pick], [p.job_state, p.saved_job, p.status_md], **PRIVATE) \
-        .success(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
+        .success(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None,
+                  show_progress="hidden", **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
         .then(h.show_certificate, p.job_state, certified, **PRIVATE) \
         .then(h.watch_grid, p.job_state, grid_watched, concurrency_limit=None, show_progress="hidden", **PRIVATE)
     p.cert_btn.click(h.certify, p.job_state, [p.cert_state, p.cert_progress], **PRIVATE) \
-        .success(h.watcher(p.cert_progress), p.cert_state, p.cert_progress, concurrency_limit=None, **PRIVATE) \
+        .success(h.watcher(p.cert_progress), p.cert_state, p.cert_progress, concurrency_limit=None,
+                  show_progress="hidden", **PRIVATE) \
         .then(h.show_certificate, p.job_state, certified, **PRIVATE)
     p.cancel_btn.click(h.cancel, p.job_state, p.status_md, **PRIVATE)
     p.method.change(h.method_info, p.method, p.method, **PRIVATE)
@@ -286,7 +288,8 @@ def wire(core, p: Page, demo: gr.Blocks) -> None:
     p.suggestions.input(lambda q: {p.query: q}, p.suggestions, p.query, **PRIVATE) \
         .then(h.search, searched, p.grids, **PRIVATE)
     demo.load(h.reattach, p.saved_job, p.job_state, **PRIVATE) \
-        .then(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None, **PRIVATE) \
+        .then(h.watcher(p.progress_md), p.job_state, p.progress_md, concurrency_limit=None,
+                  show_progress="hidden", **PRIVATE) \
         .then(h.show, [p.job_state, p.query], p.results, **PRIVATE) \
         .then(h.show_certificate, p.job_state, certified, **PRIVATE) \
         .then(h.watch_grid, p.job_state, grid_watched, concurrency_limit=None, show_progress="hidden", **PRIVATE)
