@@ -114,6 +114,7 @@ def bench(args, root: Path, prefix: str = "") -> dict:
 
             t1, browser_cpu = time.monotonic(), cpu_seconds("chrom")
             page.locator("#run").click()
+            wait_for(lambda: any(runs.glob("*/job.json")), 60, "a job started by the click", poll=0.1)
             wait_for(lambda: page.locator("#right-grid .caption-label").count() == 12, 1800, "both grids", poll=0.2)
             t_grids = time.monotonic()
             figures["job_click_to_grids_s"] = t_grids - t1
