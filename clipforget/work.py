@@ -107,7 +107,7 @@ class ForgetWork:
                 grid.release()
                 raise
             ready.what = "α-grid"               # what a cancel or failure from here on stops
-            return self.rest(grid, job_dir / "run", progress, t_first, res.gallery.content_hash)
+            return self.alpha_grid(grid, job_dir / "run", progress, t_first, res.gallery.content_hash)
         ready.rest = rest
         return ready
 
@@ -120,7 +120,7 @@ class ForgetWork:
         return {"score": run.report["score"], "stage_seconds": run.report["seconds"]}
 
     @staticmethod
-    def rest(grid, run_dir: Path, progress: Progress, first_seconds: float, gallery_hash: str) -> dict:
+    def alpha_grid(grid, run_dir: Path, progress: Progress, first_seconds: float, gallery_hash: str) -> dict:
         """The α-grid's other points, each added to the run folder as soon as it is encoded (a
         cancel keeps the points finished so far)."""
         t0 = time.perf_counter()
