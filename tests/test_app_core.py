@@ -436,6 +436,16 @@ def _status_text(job):
     return status_text(job)
 
 
+def test_progress_text_is_a_bar_the_stage_its_steps_and_the_time_left():
+    from clipforget.app.views import progress_text
+    job = Job("a" * 32, "poodle (dog) · ours", {}, status="running", stage="remind", step=15, total=60,
+              fraction=0.25, eta=12.0, stages=["prepare", "data", "stand-ins", "forget", "remind"], started=time.time())
+    text = progress_text(job, width=8)
+    assert text.startswith("`██······`  25 % · Job `aaaaaaaa` poodle (dog) · ours: running · remind 15/60 · ")
+    assert "12 s left" in text and text.endswith("· stage 5")
+    assert progress_text(Job("b" * 32, "x", {}, status="queued"), width=4).startswith("`····`   0 % · ")
+
+
 # ---- AppCore on the embedded model (the shared ``core`` fixture of conftest.py) -----------------------
 
 @pytest.mark.slow
