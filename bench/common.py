@@ -35,10 +35,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(comm: str) -> float:
-    """User + system CPU seconds used so far by the live processes whose name contains ``comm``
-    (e.g. "chrom": the headless browser's processes)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
+def _procs(comm: str):
+    """(pid, user + system CPU ticks) of the live processes whose name contains ``comm``."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
@@ -46,8 +44,19 @@ def cpu_seconds(comm: str) -> float:
             continue
         name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
         if comm in name:
-            total += int(rest[11]) + int(rest[12])          # utime, stime (fields 14, 15 of stat)
-    return total / tick
+            yield int(stat.parent.name), int(rest[11]) + int(rest[12])     # utime, stime (fields 14, 15)
+
+
+def pids(comm: str) -> set[int]:
+    """The live processes whose name contains ``comm``."""
+    return {pid for pid, _ in _procs(comm)}
+
+
+def cpu_seconds(comm: str, exclude: set[int] = frozenset()) -> float:
+    """User + system CPU seconds used so far by the live processes whose name contains ``comm``
+    (e.g. "chrom": the headless browser's processes), except those in ``exclude`` (e.g. another
+    run's browser, there before this one started). A process that ended is not counted."""
+    return sum(ticks for pid, ticks in _procs(comm) if pid not in exclude) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.05):

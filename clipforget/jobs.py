@@ -8,10 +8,10 @@
     registry.cancel(job.id)                        # raises Cancelled inside the job's next progress event
 
 A job lives in ``runs_dir/<id>/``: ``job.json`` (status, stage, timings; rewritten atomically) and,
-once its results exist, ``run/`` — a run folder (:mod:`clipforget.runfolder`) — which appears
-complete or not at all. A work function may publish its results before it ends (it returns
-:class:`Ready`): the job is then ``ready`` — results usable, the rest (a forget job's α-grid)
-still running — and ``done`` when the rest ends. A job that failed or was cancelled before its
+once its results exist, ``run/`` — a run folder (:mod:`clipforget.runfolder`) — whose results
+appear whole or not at all. A work function may publish its results before it ends (it returns
+:class:`Ready`): the job is then ``ready`` — results usable, the rest (a forget job's evaluation,
+then its α-grid, each added to ``run/`` whole) still running — and ``done`` when the rest ends. A job that failed or was cancelled before its
 results leaves only its ``job.json``; one cancelled (or failed) after them keeps them and ends
 ``done``, its summary saying what is unfinished. After a restart, a job that was queued or
 running when the process died is marked failed; one that was ``ready`` is done with what it had. One process at
@@ -52,8 +52,8 @@ from .train.events import Cancelled, StageClock, describe_seconds
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-# "ready": the results are usable while the job's rest (the α-grid) still runs; it is still active
-# (one model, one worker: a second job waits for the α-grid or cancels it)
+# "ready": the results are usable while the job's rest (a forget job's evaluation and α-grid) still
+# runs; it is still active (one model, one worker: a second job waits for the rest or cancels it)
 ACTIVE = ("queued", "running", "ready")
 WORKING = ("queued", "running")               # no results yet
 HAS_RESULTS = ("ready", "done")
@@ -80,6 +80,15 @@ class Ready:
     summary: dict
     rest: Callable[[], dict]
     what: str = "the rest"           # for people: what is still running ("evaluation and α-grid", "α-grid")
+    listener: Callable[[], None] | None = None    # set by the registry: publishes an update
+
+    def update(self, summary: dict | None = None, what: str | None = None) -> None:
+        """Called by ``rest`` as it goes: add to the summary (e.g. the Score once evaluated) and
+        say what is still running; the registry records it in the job at once."""
+        self.summary.update(summary or {})
+        self.what = what or self.what
+        if self.listener is not None:
+            self.listener()
 
 
 class JobBusy(RuntimeError):
@@ -331,9 +340,12 @@ class JobRegistry:
     def _rest(self, job: Job, ready: Ready) -> dict:
         """Publish a job's results (status ``ready``), run the rest of its work, and return its
         final summary. A cancel or a failure now stops only the rest: the results stay."""
-        with self._lock:
-            job.status, job.summary, job.message = "ready", dict(ready.summary), f"results ready; {ready.what} running"
-            self._save(job)
+        def publish() -> None:
+            with self._lock:
+                job.status, job.summary, job.message = "ready", dict(ready.summary), f"results ready; {ready.what} running"
+                self._save(job)
+        ready.listener = publish
+        publish()
         log.info("job %s: results ready; %s running", job.id, ready.what)
         release_memory()
         try:
@@ -343,7 +355,9 @@ class JobRegistry:
             return {**ready.summary, "unfinished": f"{ready.what} cancelled"}
         except Exception as e:  # noqa: BLE001 - the results are saved; only the rest failed
             log.error("job %s: %s failed:\n%s", job.id, ready.what, traceback.format_exc())
-            _remove_partials(self.job_dir(job.id), keep_run=True)
+            # what a dead process would leave in the run folder (this one's helpers clean up after
+            # themselves; the job folder is left alone: a handler may be writing a download there)
+            _remove_partials(self.job_dir(job.id), keep_run=True, job_folder=False)
             return {**ready.summary, "unfinished": f"{ready.what} failed: {describe_failure(e)}"}
         return {**ready.summary, **(more or {})}
 
@@ -373,10 +387,15 @@ class JobRegistry:
                 if runfolder.has_results(run):
                     job.status, job.message = "done", "recovered after a restart"
                     if not runfolder.is_evaluated(run):
+                        runfolder.remove_report(run)          # an export or report.md cut short
                         job.summary = {**job.summary, "unfinished": "evaluation interrupted by a restart: "
                                        "no report or export (the grids are there; run the job again for them)"}
-                    elif not runfolder.is_complete(run, alpha_grid=True):
-                        job.summary = {**job.summary, "unfinished": "α-grid interrupted by a restart"}
+                    else:
+                        if "score" not in job.summary:        # evaluated, not yet in job.json
+                            with contextlib.suppress(OSError, ValueError):
+                                job.summary = {**job.summary, "score": runfolder.read_report(run).get("score")}
+                        if not runfolder.is_complete(run, alpha_grid=True):
+                            job.summary = {**job.summary, "unfinished": "α-grid interrupted by a restart"}
                 else:
                     job.status = "failed"
                     job.error = "interrupted: the app stopped while this job was running; no result was saved"
@@ -386,11 +405,13 @@ class JobRegistry:
             self._jobs[job.id] = job
 
 
-def _remove_partials(job_dir: Path, keep_run: bool) -> None:
+def _remove_partials(job_dir: Path, keep_run: bool, job_folder: bool = True) -> None:
     """Temporary folders (``atomic_dir``) and files (``atomic_file``) a dead process left behind,
-    in the job folder, in its run folder (the evaluation, added after the results) and in its
-    α-grid (points added after the rest); without ``keep_run``, a run folder without its results."""
-    for folder in (job_dir, job_dir / "run", job_dir / "run" / runfolder.ALPHA_GRID):
+    in the job folder (unless ``job_folder`` is False), in its run folder (the evaluation, added
+    after the results) and in its α-grid (points added after the rest); without ``keep_run``, a
+    run folder without its results."""
+    folders = ([job_dir] if job_folder else []) + [job_dir / "run", job_dir / "run" / runfolder.ALPHA_GRID]
+    for folder in folders:
         for p in folder.glob(".*"):
             if p.is_dir() and (p.name.endswith(".partial") or ".old." in p.name):
                 shutil.rmtree(p, ignore_errors=True)

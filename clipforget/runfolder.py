@@ -85,11 +85,26 @@ def save_results(unlearned: "Unlearned", bundle: "ClipBundle", out: str | Path) 
 
 
 def add_report(run: "Run", bundle: "ClipBundle", run_dir: str | Path, export: bool = True) -> Path:
-    """Complete a folder of :func:`save_results` with the evaluation: the export folder (whole or
-    not at all), report.md, and report.json last — its presence marks the run evaluated."""
+    """Complete a folder of :func:`save_results` with the evaluation: the export folder, report.md,
+    and report.json last — its presence marks the run evaluated. All or nothing: a failure (or a
+    cancel) on the way removes what it wrote."""
     run_dir = Path(run_dir)
-    _write_report(run, bundle, run_dir, export)
+    try:
+        _write_report(run, bundle, run_dir, export)
+    except BaseException:
+        remove_report(run_dir)
+        raise
     return run_dir
+
+
+def remove_report(run_dir: str | Path) -> None:
+    """Remove a run's evaluation (export/, report.md, report.json), leaving its results: what a
+    failed :func:`add_report` wrote, or a dead process left."""
+    import shutil
+    run_dir = Path(run_dir)
+    (run_dir / REPORT_JSON).unlink(missing_ok=True)
+    (run_dir / REPORT_MD).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / EXPORT, ignore_errors=True)
 
 
 def _write_results(result, bundle: "ClipBundle", task, seed, folder: Path) -> None:

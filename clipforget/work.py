@@ -98,15 +98,17 @@ class ForgetWork:
                    "calibrated_point_seconds": t_first, "shared_trunk": grid.shared_trunk,
                    "stage_seconds": dict(made.result.seconds)}
         del points
+        pending = [made]                 # the rest evaluates it, then lets it go before the α-grid
+        del made
         ready = Ready(summary, lambda: {}, what="evaluation and α-grid")
 
         def rest() -> dict:
             try:
-                ready.summary.update(self.evaluate(made, res.bundle, job_dir / "run", progress))
+                evaluated = self.evaluate(pending.pop(), res.bundle, job_dir / "run", progress)
             except BaseException:
                 grid.release()
                 raise
-            ready.what = "α-grid"               # what a cancel or failure from here on stops
+            ready.update(evaluated, what="α-grid")    # the Score in job.json; a cancel now stops the α-grid only
             return self.alpha_grid(grid, job_dir / "run", progress, t_first, res.gallery.content_hash)
         ready.rest = rest
         return ready

@@ -416,6 +416,49 @@ def test_restart_during_the_rest_keeps_the_results(tmp_path):
     reg.close()
 
 
+def test_restart_after_the_evaluation_takes_the_score_from_the_report(tmp_path):
+    """Killed in the α-grid before job.json recorded the Score: the restart reads it from the report."""
+    from clipforget import runfolder
+    job_dir = tmp_path / ("c" * 32)
+    run = job_dir / "run"
+    run.mkdir(parents=True)
+    _fake_run(run)
+    (run / "report.json").write_text('{"score": 91.5}')
+    runfolder.plan_alpha_grid(run, [0.5, 1.0], "h", 3)
+    runfolder.save_alpha_point(run, 1.0, _unit(3, 4), "h")
+    write_json(job_dir / "job.json", Job("c" * 32, "killed", {}, status="ready", stage="alpha-grid",
+                                         started=time.time(), summary={"alpha": 1.0}).to_dict())
+    reg = JobRegistry(tmp_path, _slow_work(0))
+    job = reg.get("c" * 32)
+    assert job.status == "done" and job.summary == {"alpha": 1.0, "score": 91.5,
+                                                    "unfinished": "α-grid interrupted by a restart"}
+    reg.close()
+
+
+def test_a_failed_evaluation_leaves_the_results_and_nothing_of_the_report(tmp_path, monkeypatch):
+    from clipforget import io, runfolder
+    run = tmp_path / "run"
+    run.mkdir()
+    _fake_run(run)
+    (run / "report.json").unlink()
+    real = io.write_json
+
+    def full_disk(path, obj):
+        if Path(path).name == "report.json":
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+    def write_report(run, bundle, folder, export):       # the real order: export/, report.md, report.json
+        (folder / runfolder.EXPORT).mkdir()
+        runfolder.write_text(folder / runfolder.REPORT_MD, "x")
+        runfolder.write_json(folder / runfolder.REPORT_JSON, {})
+    monkeypatch.setattr(runfolder, "write_json", full_disk)
+    monkeypatch.setattr(runfolder, "_write_report", write_report)
+    with pytest.raises(OSError, match="No space"):
+        runfolder.add_report(None, None, run)
+    assert sorted(p.name for p in run.iterdir()) == ["delta.safetensors", "run.json"]
+    assert runfolder.has_results(run) and not runfolder.is_evaluated(run)
+
+
 def test_stage_clock_estimates_time_left_from_the_pace_so_far():
     from clipforget.train.events import StageClock
     now = [0.0]
@@ -538,14 +581,21 @@ def test_slider_sends_the_right_grid_only_when_its_point_changes(core, finished_
     assert [c for c in back["right"]] == first["left"]
 
 
+def _wait_for_stage(core, job, stage: str, timeout: float = 600) -> None:
+    end = time.monotonic() + timeout
+    while core.job_status(job.id)["stage"] != stage:
+        st = core.jobs.get(job.id)
+        assert st.active and time.monotonic() < end, f"job {st.status} at {st.stage} ({st.error}), not {stage}"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
     job = core.start_job("dog", "poodle")
     ready = core.jobs.wait(job.id, timeout=600, results=True)
     assert ready.status == "ready", ready.error
     calibrated = round(ready.summary["alpha"], 6)
-    while core.job_status(job.id)["stage"] != "alpha-grid":             # held there by the gate
-        time.sleep(0.05)
+    _wait_for_stage(core, job, "alpha-grid")                           # held there by the gate
     st = core.job_status(job.id)
     assert st["results"] and "results ready, still running · alpha-grid 0/" in st["text"]
     pts = core.alpha_points(job.id)
@@ -556,6 +606,9 @@ def test_grids_show_before_the_alpha_grid_is_complete(core, gated_alpha_grid):
     missing = next(a for a in pts["planned"] if a not in pts["ready"])
     assert core.search("a dog", job.id, missing, k=12)["alpha_shown"] != missing     # not there yet
     table = core.metrics_table(job.id)                              # the report came before the α-grid
+    assert core.job_status(job.id)["summary"]["score"] == table["score"]      # and its Score is in job.json
+    on_disk = json.loads((core.jobs.job_dir(job.id) / "job.json").read_text())
+    assert on_disk["summary"]["score"] == table["score"] and on_disk["message"] == "results ready; α-grid running"
     with pytest.raises(JobBusy, match="its results are ready"):
         core.start_job("car", "taxi")
     gated_alpha_grid.set()
@@ -575,8 +628,7 @@ def test_grids_show_before_the_evaluation(core, gated_evaluation):
     job = core.start_job("dog", "poodle")
     ready = core.jobs.wait(job.id, timeout=600, results=True)
     assert ready.status == "ready", ready.error
-    while core.job_status(job.id)["stage"] != "evaluate":               # held there by the gate
-        time.sleep(0.05)
+    _wait_for_stage(core, job, "evaluate")                             # held there by the gate
     assert "score" not in core.job_status(job.id)["summary"] and not core.evaluated(job.id)
     res = core.search("a dog", job.id, None, k=12)
     assert res["alpha_shown"] == round(ready.summary["alpha"], 6) and len(res["right"]) == 12

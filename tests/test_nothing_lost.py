@@ -283,13 +283,16 @@ def test_sigkill_in_the_evaluation_keeps_the_results_without_a_report(core, done
     def shown(job_dir):
         assert runfolder.has_results(job_dir / "run") and not runfolder.is_evaluated(job_dir / "run")
     runs, job_id, earlier = killed_at(core, done_job, tiny_world, tiny_ckpt, tmp_path, "report", 0, shown)
-    (runs / job_id / "run" / ".export.x3.partial").mkdir()          # as if killed while exporting
+    (runs / job_id / "run" / ".export.x3.partial").mkdir()          # as if killed while exporting ...
+    (runs / job_id / "run" / "export").mkdir()                       # ... or after the export, before the report
+    (runs / job_id / "run" / "report.md").write_text("half")
     reg = JobRegistry(runs, lambda *a: {})
     try:
         job = reg.get(job_id)
         assert job.status == "done" and job.summary["unfinished"].startswith("evaluation interrupted by a restart")
         run = reg.run_dir(job_id)
         assert runfolder.has_results(run) and runfolder.alpha_grid_points(run) and not runfolder.is_evaluated(run)
+        assert not (run / "export").exists() and not (run / "report.md").exists()
         assert runfolder.read_run(run).alpha == job.summary["alpha"]        # certify can read it
         the_earlier_job_is_intact(reg, core, done_job, earlier)
         assert no_leftovers(runs) == []

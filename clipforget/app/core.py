@@ -150,8 +150,9 @@ class AppCore:
         return self.jobs.submit(spec, f"{req.label} ({req.superclass}) · {method}")
 
     def job_status(self, job_id: str) -> dict:
-        """The job as a dict, with ``text`` (its status for people) and ``results`` (its results
-        are usable: ``ready`` — a forget job's α-grid still computing — or ``done``)."""
+        """The job as a dict, with ``text`` (its status for people), ``progress_text`` (the same
+        with a bar of the stage's fraction) and ``results`` (its results are usable: ``ready`` — a
+        forget job's evaluation and α-grid still computing — or ``done``)."""
         job = self.jobs.get(job_id)
         d = job.to_dict()
         d["text"] = views.status_text(job)

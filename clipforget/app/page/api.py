@@ -37,7 +37,8 @@ def register(core) -> None:
         return errors(core.job_status)(job_id)
 
     def cancel_api(job_id: str) -> dict:
-        """Cancel a queued or running job (it stops mid-stage; nothing is saved)."""
+        """Cancel a queued or running job: it stops mid-stage; before its results nothing is saved,
+        after them (while it evaluates or computes its α-grid) the results stay."""
         return errors(core.cancel)(job_id)
 
     gr.api(search_api, api_name="search")

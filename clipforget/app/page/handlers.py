@@ -70,7 +70,7 @@ class Handlers:
         self.core, self.p = core, page
 
     def done(self, job_id) -> bool:
-        """The job's results can be shown (its α-grid may still be growing)."""
+        """The job's results can be shown (its report may still be coming, its α-grid growing)."""
         return bool(job_id) and self.core.job_status(job_id)["results"]
 
     # ---- pick ----------------------------------------------------------------------------------
