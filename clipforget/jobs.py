@@ -11,9 +11,9 @@ A job lives in ``runs_dir/<id>/``: ``job.json`` (status, stage, timings; rewritt
 once its results exist, ``run/`` — a run folder (:mod:`clipforget.runfolder`) — whose results
 appear whole or not at all. A work function may publish its results before it ends (it returns
 :class:`Ready`): the job is then ``ready`` — results usable, the rest (a forget job's evaluation,
-then its α-grid, each added to ``run/`` whole) still running — and ``done`` when the rest ends. A job that failed or was cancelled before its
-results leaves only its ``job.json``; one cancelled (or failed) after them keeps them and ends
-``done``, its summary saying what is unfinished. After a restart, a job that was queued or
+then its α-grid, each added to ``run/`` whole) still running — and ``done`` when the rest ends.
+A job that failed or was cancelled before its results leaves only its ``job.json``; one cancelled
+(or failed) after them keeps them and ends ``done``, its summary saying what is unfinished. After a restart, a job that was queued or
 running when the process died is marked failed; one that was ``ready`` is done with what it had. One process at
 a time owns a runs folder (a lock file, released by the kernel even on SIGKILL): a second app on
 the same folder is refused instead of failing the first one's running job.
