@@ -45,8 +45,7 @@ def one_job(runs: Path) -> dict:
         figures["submit_to_results_s"] = time.perf_counter() - t1
         if ready.status not in ("ready", "done"):
             raise RuntimeError(f"the job ended {ready.status}: {ready.error}")
-        run = core.jobs.run_dir(job.id)
-        while not (run / "report.json").is_file() and core.jobs.get(job.id).active:
+        while not core.evaluated(job.id) and core.jobs.get(job.id).active:
             time.sleep(0.05)
         figures["submit_to_report_s"] = time.perf_counter() - t1
         done = core.jobs.wait(job.id, timeout=1200)

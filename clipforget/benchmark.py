@@ -42,7 +42,7 @@ from .io import save_figure, write_json, write_text
 from .methods.base import get_method, list_methods
 from .methods.catalog import SOUP_SUFFIX, soup_base
 from .models import ClipBundle
-from .pipeline import Evaluator, Run, merge_runs
+from .pipeline import Evaluator, Run, Unlearned, evaluate, merge_runs
 from .presets import deep_update
 from .runfolder import save_run, scaled_delta
 from .train.loop import Callback
@@ -224,9 +224,7 @@ def run_method(bundle: ClipBundle, task: Task, method: str, config, evaluator: E
     t0 = time.perf_counter()
     unlearner = get_method(method)(config)
     result = unlearner.run(bundle, task, callbacks, evaluator.texts)
-    report = evaluator.report(task, result)
-    report["seconds"]["total"] = time.perf_counter() - t0
-    return Run(result, report, task)
+    return evaluate(Unlearned(result, task, getattr(unlearner.config, "seed", 0), time.perf_counter() - t0), evaluator)
 
 
 def without_restore(run: Run, method: str, evaluator: Evaluator) -> Run:

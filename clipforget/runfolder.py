@@ -7,7 +7,7 @@ calls these functions instead of naming files.
     scaled_delta("runs/poodle")              # α·Δ: what merging and the continual bench add up
     is_complete(job_dir / "run", alpha_grid=True)   # ... and every point of an app job's α-grid
 
-    save_results(made, bundle, tmp)          # an app job: the results first (delta, run.json) ...
+    write_results(made, bundle, tmp)         # an app job: the results first (delta, run.json) ...
     add_report(run, bundle, run_dir)         # ... the evaluation when it is done (export/, reports)
     has_results(run_dir), is_evaluated(run_dir)
 
@@ -75,17 +75,16 @@ def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = T
     return out
 
 
-def save_results(unlearned: "Unlearned", bundle: "ClipBundle", out: str | Path) -> Path:
+def write_results(unlearned: "Unlearned", bundle: "ClipBundle", folder: str | Path) -> None:
     """The first half of a run folder, before its evaluation: delta.safetensors and run.json (what
-    the app's grids and certify need) — all or nothing. :func:`add_report` completes it."""
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        _write_results(unlearned.result, bundle, unlearned.task, unlearned.seed, tmp)
-    return out
+    the app's grids and certify need), written into ``folder`` — the temporary folder of the
+    caller's ``atomic_dir``, which adds the α-grid's plan and first point before the swap that
+    makes them appear together. :func:`add_report` completes it."""
+    _write_results(unlearned.result, bundle, unlearned.task, unlearned.seed, Path(folder))
 
 
 def add_report(run: "Run", bundle: "ClipBundle", run_dir: str | Path, export: bool = True) -> Path:
-    """Complete a folder of :func:`save_results` with the evaluation: the export folder, report.md,
+    """Complete a folder of :func:`write_results` with the evaluation: the export folder, report.md,
     and report.json last — its presence marks the run evaluated. All or nothing: a failure (or a
     cancel) on the way removes what it wrote."""
     run_dir = Path(run_dir)

@@ -86,7 +86,7 @@ class ForgetWork:
             t_first = time.perf_counter() - t1
             progress({"stage": "save", "step": 0, "total": 2, "fraction": 0.0})
             with atomic_dir(job_dir / "run") as tmp:
-                runfolder.save_results(made, res.bundle, tmp)
+                runfolder.write_results(made, res.bundle, tmp)
                 progress({"stage": "save", "step": 1, "total": 2, "fraction": 0.5})   # a cancel point
                 runfolder.plan_alpha_grid(tmp, alphas, res.gallery.content_hash, len(res.images))
                 for a, emb in points.items():

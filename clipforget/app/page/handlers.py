@@ -165,9 +165,9 @@ class Handlers:
             yield {p.progress_md: ""}
             return
         st = self.core.job_status(job_id)
-        report = self.report(job_id, st)
-        yield {p.progress_md: "", p.status_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"],
-               **(report if not filled else {p.score_md: report[p.score_md]})}
+        # the report's widgets once; after that only the Score line changes (it says the α-grid is done)
+        report = self.report(job_id, st) if not filled else {p.score_md: _score(self.core.metrics_table(job_id), st)}
+        yield {p.progress_md: "", p.status_md: st["text"], p.points_md: self.core.alpha_points(job_id)["text"], **report}
 
     def report(self, job_id, st) -> dict:
         """The evaluation's widgets (plot, Score, table, downloads): filled once the job's report is
