@@ -9,6 +9,7 @@ from typing import Callable
 from ..data.gallery import Gallery, display
 from ..data.prompts import article
 from ..data.request import ForgetRequest, SplitConfig, resolve, split_forget
+from ..threads import single_threaded
 from .loading import NotReady
 
 
@@ -94,6 +95,7 @@ class RetainSuggester:
             self._embeddings = GalleryEmbeddings(list(self.gallery.items), res.original)
         return res.bundle, self._embeddings
 
+    @single_threaded()
     def suggestion(self, req: ForgetRequest):
         """The retain suggestion for a request (siblings + at-risk neighbours); NotReady while the
         model loads."""
@@ -115,6 +117,7 @@ class RetainSuggester:
         return {"choices": retain_choices(self.gallery, siblings, near), "value": s.retain, "markdown": s.markdown(),
                 "at_risk": [n.name for n in s.at_risk if n.superclass]}
 
+    @single_threaded()
     def for_uploads(self, files: list, coarse_label: str) -> dict:
         """Example images uploaded by the user (checked and stored by ``uploads.store_uploads``)
         + their coarse label -> the retain suggestion for them."""

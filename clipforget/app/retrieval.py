@@ -21,6 +21,7 @@ from ..alphas import nearest
 from ..data.gallery import display
 from ..data.request import ForgetRequest, resolve
 from ..jobs import JobRegistry
+from ..threads import single_threaded
 from .cards import marked
 from .loading import ModelLoader
 
@@ -57,6 +58,7 @@ class Retrieval:
         self._grids: OrderedDict[str, AlphaIndexes] = OrderedDict()
         self._forget_paths: dict[str, set[str]] = {}
 
+    @single_threaded()
     def text_embedding(self, query: str) -> np.ndarray:
         """The original text tower's embedding of a query (the left grid's; the right grid's too
         unless the job's delta edits the text tower: :meth:`edited_text_embedding`)."""
@@ -75,12 +77,14 @@ class Retrieval:
                 self._texts.popitem(last=False)
         return emb
 
+    @single_threaded()
     def edited_text_embedding(self, query: str, entry: "AlphaIndexes", alpha: float) -> np.ndarray:
         """A query's embedding by a job's edited text tower at ``alpha`` (cached per α and query)."""
         query = check_query(query)
         with self._lock:
             return entry.text.encode([query], alpha)[0].numpy()
 
+    @single_threaded()
     def grid(self, job_id: str) -> "AlphaIndexes":
         """The α points of a job with results and their FAISS indexes (α = 0: the original index).
         While its α-grid grows, each call adds the points written since the last one (a listing of
