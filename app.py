@@ -60,6 +60,7 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
            quiet: bool = False):
     demo = build_app(core)
     demo.queue(default_concurrency_limit=4)
+    calm_queue(demo)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, quiet=quiet,
                 prevent_thread_lock=prevent_thread_lock, theme=theme(), css=layout.CSS, footer_links=["api"],
                 allowed_paths=[str(core.gallery.root.resolve()), str(core.runs_dir)],
@@ -68,6 +69,25 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
 
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+
+# Gradio 6's queue looks for a new event every 1 ms and for progress to send every 10 ms while it
+# waits (gradio/queueing.py): a thousand wake-ups a second of the server's thread. With a job's two
+# torch threads on two cores each wake-up preempts one of them inside a parallel region while the
+# other waits at its barrier: the default job reached its grids ~4 s later in the app than in a
+# plain process (docs/results/README.md). Every 10 ms costs an event up to 10 ms before it starts;
+# the page's progress is a text line it polls for, not Gradio's progress messages.
+QUEUE_POLL_S, QUEUE_PROGRESS_POLL_S = 0.01, 0.1
+
+
+def calm_queue(demo: gr.Blocks) -> None:
+    """The queue's idle polling at :data:`QUEUE_POLL_S` / :data:`QUEUE_PROGRESS_POLL_S` (private
+    attributes of gradio 6's ``Queue``: a Gradio without them keeps its own, with a warning)."""
+    queue = demo._queue
+    for name, value in (("sleep_when_free", QUEUE_POLL_S), ("progress_update_sleep_when_free", QUEUE_PROGRESS_POLL_S)):
+        if isinstance(getattr(queue, name, None), (int, float)):
+            setattr(queue, name, value)
+        else:
+            log.warning("this Gradio's queue has no %s: its idle polling is left as it is", name)
 
 
 def _port(value: str) -> int:

@@ -239,6 +239,7 @@ def core(app_core):
 class AppServer:
     url: str          # http://127.0.0.1:PORT/
     core: object      # the AppCore behind it
+    demo: object      # the launched gr.Blocks
 
 
 def launch_on_free_port(launch):
@@ -265,7 +266,7 @@ def app_server(app_core):
     app = load_app_module()
     demo, port = launch_on_free_port(
         lambda port: app.launch(app_core, "127.0.0.1", port, prevent_thread_lock=True, quiet=True))
-    yield AppServer(f"http://127.0.0.1:{port}/", app_core)
+    yield AppServer(f"http://127.0.0.1:{port}/", app_core, demo)
     demo.close()
 
 

@@ -1,5 +1,6 @@
 """Starting the app the way Gradio apps are started: Gradio's environment variables give the
-defaults of --host/--port, flags win; the device is chosen as the CLI chooses it and the page says it."""
+defaults of --host/--port, flags win; the device is chosen as the CLI chooses it and the page says it;
+the queue waits for events without waking the server's thread a thousand times a second."""
 import pytest
 import torch
 from conftest import load_app_module
@@ -59,3 +60,19 @@ def test_page_says_device_and_precision():
 def test_model_status_names_the_device(core):
     status = core.model_status()
     assert "Runs on `cpu` · fp32" in status        # the tests' core is on the CPU, fp32
+
+
+def test_queue_polls_every_10_ms_while_it_waits(app, server):
+    """Gradio's 1 ms polling preempted a job's torch threads (app.calm_queue): the launched app's
+    queue polls at the app's intervals."""
+    queue = server.demo._queue
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (0.01, 0.1)
+    assert (app.QUEUE_POLL_S, app.QUEUE_PROGRESS_POLL_S) == (0.01, 0.1)
+
+
+def test_a_queue_without_those_settings_is_left_alone(app, caplog):
+    class Demo:
+        _queue = object()
+    with caplog.at_level("WARNING", logger="clipforget.app"):
+        app.calm_queue(Demo())
+    assert "sleep_when_free" in caplog.text and "left as it is" in caplog.text
