@@ -11,6 +11,13 @@ work without gradio (and is what the tests and ``gr.api`` endpoints exercise).
 from __future__ import annotations
 
 import os
+import sys
+
+# The app never compiles a model, but importing torchvision (open_clip does) imports torch._dynamo,
+# which loads Triton, torch.compile's GPU kernel compiler, when it is installed: ~75 MiB of the
+# app's resident memory for nothing it uses (docs/results/README.md). Marked missing before torch
+# is imported, it is not loaded — as with a CPU-only torch, which has no Triton.
+sys.modules.setdefault("triton", None)
 
 for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "TRANSFORMERS_OFFLINE": "1"}.items():

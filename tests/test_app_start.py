@@ -1,9 +1,13 @@
 """Starting the app the way Gradio apps are started: Gradio's environment variables give the
 defaults of --host/--port, flags win; the device is chosen as the CLI chooses it and the page says it;
 the queue waits for events without waking the server's thread a thousand times a second."""
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import load_app_module
+from conftest import ROOT, load_app_module
 
 from clipforget.app import device_line
 from clipforget.cli import build_parser
@@ -76,3 +80,18 @@ def test_a_queue_without_those_settings_is_left_alone(app, caplog):
     with caplog.at_level("WARNING", logger="clipforget.app"):
         app.calm_queue(Demo())
     assert "sleep_when_free" in caplog.text and "left as it is" in caplog.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_app_does_not_load_triton():
+    """Importing open_clip loads Triton (torchvision → torch._dynamo); the app marks it missing
+    first, which keeps ~75 MiB out of its memory. The control shows the same imports load it."""
+    probe = ("import importlib.util, sys; {setup}; import open_clip, torch; "
+             "print(any('libtriton' in line for line in open('/proc/self/maps')), sys.modules.get('triton') is not None)")
+    app_setup = (f"spec = importlib.util.spec_from_file_location('app', {str(ROOT / 'app.py')!r}); "
+                 "spec.loader.exec_module(importlib.util.module_from_spec(spec))")
+    runs = {name: subprocess.run([sys.executable, "-c", probe.format(setup=setup)], capture_output=True, text=True,
+                                 cwd=ROOT, timeout=300)
+            for name, setup in (("control", "pass"), ("app", app_setup))}
+    assert runs["control"].stdout.split() == ["True", "True"], runs["control"].stderr[-2000:]
+    assert runs["app"].stdout.split() == ["False", "False"], runs["app"].stderr[-2000:]
