@@ -68,6 +68,17 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.05):
     raise TimeoutError(f"{what}: not within {timeout}s")
 
 
+def wait_in_page(page, condition: str, timeout: float, what: str, poll_ms: int = 100) -> None:
+    """Wait until the JavaScript expression ``condition`` holds in ``page``, checked inside the page
+    every ``poll_ms``: asking from here through Playwright costs the page, its driver and this
+    process a round trip each time, on the cores the app's job is timed on."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(f"() => {condition}", polling=poll_ms, timeout=timeout * 1000)
+    except PlaywrightTimeout:
+        raise TimeoutError(f"{what}: not within {timeout}s") from None
+
+
 def start_app(runs: Path, port: int, alpha_points: int | None = None, quick: bool = False,
               root: Path = ROOT) -> subprocess.Popen:
     """``python app.py`` (or, with ``quick``, the same app with the tests' short job) on 127.0.0.1,

@@ -4,11 +4,12 @@ torch's OpenMP backend keeps its thread count per calling thread (``omp_set_num_
 thread that runs one parallel op — a query's text encode is enough — keeps an OpenMP team (one more
 worker thread) for as long as it lives. libgomp lets its workers spin-wait between parallel
 regions only while the process has no more OpenMP threads than CPUs; past that, every region of
-the job waits for a worker to wake from sleep. In the app the web server's handler threads live
-on (the page's polling reuses them), so a search before the click slowed the whole job as
-``OMP_WAIT_POLICY=PASSIVE`` does: the default job's remind stage 16 s instead of 12 s on two
-cores (docs/results/README.md). :func:`single_threaded` runs a request's torch work on the calling
-thread alone, so the jobs thread owns the only team; the other threads keep their own settings.
+the job waits for a worker to wake from sleep. The default job in a plain process with one such
+thread alive reached its results in 28–29 s instead of 24.5 s on two cores (remind 16 s against
+13 s), as under ``OMP_WAIT_POLICY=PASSIVE`` (docs/results/README.md). In the app a search or a
+retain suggestion runs in one of the web server's worker threads, which lives on while it is
+reused: :func:`single_threaded` runs that torch work on the calling thread alone, so the jobs
+thread's team stays the only one; the other threads keep their own settings.
 
 ``torch.set_num_threads`` cannot do this: it also sets the process-wide count that every thread
 reads when it first runs torch, so the jobs thread could start single-threaded.

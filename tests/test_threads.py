@@ -1,6 +1,7 @@
 """A request's torch work leaves no OpenMP team behind in the thread that served it, so the jobs
 thread's team is the only one and its workers may spin between parallel regions
-(clipforget/threads.py says why that matters: the default job ran 4 s slower in the app)."""
+(clipforget/threads.py says why that matters: with a second team alive the default job ran 4 s
+slower)."""
 import os
 import threading
 
