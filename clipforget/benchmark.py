@@ -239,10 +239,7 @@ def without_restore(run: Run, method: str, evaluator: Evaluator) -> Run:
         config={k: v for k, v in res.config.items() if k != "restore"},
         info={k: v for k, v in res.info.items() if k != "restore"},
         history={k: v for k, v in res.history.items() if k != "restore"})
-    t0 = time.perf_counter()
-    report = evaluator.report(run.task, result)
-    report["seconds"]["total"] = seconds["total"] + time.perf_counter() - t0
-    return Run(result, report, run.task)
+    return evaluate(Unlearned(result, run.task, run.report.get("seed", 0), seconds["total"]), evaluator)
 
 
 def run_methods(bundle: ClipBundle, task: Task, methods: list[str], configs: dict, evaluator: Evaluator,

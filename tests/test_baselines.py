@@ -554,3 +554,26 @@ def test_soup_backs_off_a_delta_that_destroys_the_retain_set(tiny, tiny_task, mo
         {"alpha": a, "target": 1.0 - 0.5 * a, "retain": 1.0} for a in alphas])
     soup = get_method("ga+soup")(over).run(tiny, tiny_task)
     assert soup.alpha == 1.0 and soup.info["restore"]["feasible"] is False
+
+
+def test_a_method_and_its_soup_come_from_one_run(tiny, tiny_task, monkeypatch):
+    """bench --methods ga,ga+soup with one config: one run; ga's row is that run's delta at α = 1,
+    evaluated on the same test columns, restore left out of its config and seconds."""
+    from clipforget import benchmark
+    from clipforget.pipeline import Evaluator
+    ran = []
+    real = benchmark.run_method
+    monkeypatch.setattr(benchmark, "run_method", lambda bundle, task, method, *rest: ran.append(method) or
+                        real(bundle, task, method, *rest))
+    evaluator = Evaluator(tiny)
+    runs = benchmark.run_methods(tiny, tiny_task, ["ga", "ga+soup"], {"ga": {"loop": QUICK, "early_stop": False}},
+                                 evaluator)
+    assert ran == ["ga+soup"] and list(runs) == ["ga", "ga+soup"]
+    plain, soup = runs["ga"], runs["ga+soup"]
+    assert plain.result.method == "ga" and plain.result.alpha == 1.0 and plain.result.alpha_curve == []
+    assert plain.result.delta is soup.result.delta
+    assert "restore" not in plain.result.config and "restore" not in plain.report["seconds"]
+    assert plain.report["seconds"]["total"] < soup.report["seconds"]["total"]
+    assert plain.report["seed"] == soup.report["seed"]
+    assert plain.report["columns"] == evaluator.report(tiny_task, plain.result)["columns"]
+    assert plain.report["alpha"] == 1.0 and plain.report["score"] == evaluator.report(tiny_task, plain.result)["score"]
