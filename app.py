@@ -13,12 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-# The app never compiles a model, but importing torchvision (open_clip does) imports torch._dynamo,
-# which loads Triton, torch.compile's GPU kernel compiler, when it is installed: ~75 MiB of the
-# app's resident memory for nothing it uses (docs/results/README.md). Marked missing before torch
-# is imported, it is not loaded — as with a CPU-only torch, which has no Triton.
-sys.modules.setdefault("triton", None)
-
 for _k, _v in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
@@ -78,7 +72,7 @@ def launch(core: AppCore, host: str = "127.0.0.1", port: int | None = None, prev
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 # Gradio 6's queue looks for a new event every 1 ms and for progress to send every 10 ms while it
-# waits (gradio/queueing.py): a thousand wake-ups a second of the server's thread. With a job's two
+# waits (gradio/queueing.py): some 800 wake-ups a second of the server's thread. With a job's two
 # torch threads on two cores each wake-up preempts one of them inside a parallel region while the
 # other waits at its barrier: the default job reached its grids ~4 s later in the app than in a
 # plain process (docs/results/README.md). Every 10 ms costs an event up to 10 ms before it starts;
@@ -87,12 +81,13 @@ QUEUE_POLL_S, QUEUE_PROGRESS_POLL_S = 0.01, 0.1
 
 
 def calm_queue(demo: gr.Blocks) -> None:
-    """The queue's idle polling at :data:`QUEUE_POLL_S` / :data:`QUEUE_PROGRESS_POLL_S` (private
-    attributes of gradio 6's ``Queue``: a Gradio without them keeps its own, with a warning)."""
+    """The queue's idle polling at :data:`QUEUE_POLL_S` / :data:`QUEUE_PROGRESS_POLL_S`, or Gradio's
+    own where it polls less often (on Windows). Private attributes of gradio 6's ``Queue``: a Gradio
+    without them keeps its own, with a warning."""
     queue = demo._queue
     for name, value in (("sleep_when_free", QUEUE_POLL_S), ("progress_update_sleep_when_free", QUEUE_PROGRESS_POLL_S)):
         if isinstance(getattr(queue, name, None), (int, float)):
-            setattr(queue, name, value)
+            setattr(queue, name, max(getattr(queue, name), value))
         else:
             log.warning("this Gradio's queue has no %s: its idle polling is left as it is", name)
 
@@ -136,7 +131,18 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     return args
 
 
+def without_triton() -> None:
+    """Keep Triton out of this process. The app never compiles a model, but importing torchvision
+    (open_clip does) imports torch._dynamo, which loads Triton, torch.compile's GPU kernel compiler,
+    when it is installed: ~75 MiB of the app's resident memory for nothing it uses
+    (docs/results/README.md). Marked missing before torch is imported, it is not loaded — as with
+    a CPU-only torch, which has no Triton. Called by :func:`main` only: importing this module
+    changes nothing."""
+    sys.modules.setdefault("triton", None)
+
+
 def main(argv: list[str] | None = None) -> None:
+    without_triton()            # first: nothing has imported torch yet
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (warning := bind_warning(args.host)) is not None:

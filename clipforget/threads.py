@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,10 +30,10 @@ log = logging.getLogger(__name__)
 def _library(names: list[Path], symbol: str):
     """The first of ``names`` (then the symbols the process already loaded globally) that has
     ``symbol``; loading a library torch loaded returns torch's own copy."""
-    for candidate in [*map(str, names), None]:
+    for candidate in [*map(str, names), *([None] if os.name == "posix" else [])]:
         try:
             fn = getattr(ctypes.CDLL(candidate), symbol)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):
             continue
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         return fn
@@ -62,9 +63,11 @@ def single_threaded():
     """torch runs on one thread in the calling thread for the block (also a decorator); the
     thread's own counts come back after it. Where the runtime cannot be told (no OpenMP, or its
     setting does not reach torch), the block runs unchanged: only speed is at stake. Nor is torch
-    imported for it: a block that runs before anything imported torch (the app's handlers while
-    the model loads) has no torch work to limit, and importing it there would hold the handler up."""
+    imported for it (a web handler would wait for that import): a block entered before torch is
+    imported, or while it is, is not limited — enter it once the model is loaded."""
     torch = sys.modules.get("torch")
+    if torch is not None and getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        torch = None                          # another thread is importing it right now
     before = torch.get_num_threads() if torch is not None else 1   # also initialises this thread's count
     omp, mkl = _setters() if before > 1 else (None, None)
     if omp is not None:

@@ -2,6 +2,9 @@
 thread's team is the only one and its workers may spin between parallel regions
 (clipforget/threads.py says why that matters: with a second team alive the default job ran 4 s
 slower)."""
+import contextlib
+import ctypes
+import itertools
 import os
 import threading
 
@@ -14,26 +17,38 @@ pytestmark = pytest.mark.skipif(torch.get_num_threads() < 2 or not os.path.isdir
                                 reason="needs two torch threads and Linux's /proc")
 
 
-def _tids() -> set[int]:
-    return {int(t) for t in os.listdir("/proc/self/task")}
+_PROBES = itertools.count()
+
+
+def _named(prefix: str) -> set[int]:
+    """The process's threads whose name starts with ``prefix``."""
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            if open(f"/proc/self/task/{tid}/comm").read().startswith(prefix):
+                out.add(int(tid))
+    return out
 
 
 def _threads_started_by(fn) -> set[int]:
     """The threads that ``fn``, run in a fresh thread, started and left running (counted while
-    that thread is still alive: an OpenMP team lives as long as the thread that made it)."""
+    that thread is still alive: an OpenMP team lives as long as the thread that made it). The
+    fresh thread gets a name of its own, which the threads it starts inherit: threads that others
+    start meanwhile (a web server's workers) are not counted."""
+    name = f"cf-probe-{next(_PROBES)}"
     out: dict = {}
     done, release = threading.Event(), threading.Event()
 
     def body():
+        ctypes.CDLL(None).prctl(15, name.encode())      # PR_SET_NAME: this thread's name
         try:
             out["result"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             out["error"] = e
-        out["after"] = _tids()
+        out["started"] = _named(name) - {threading.get_native_id()}
         done.set()
         release.wait(60)
 
-    before = _tids()
     th = threading.Thread(target=body)
     th.start()
     assert done.wait(300), "the request did not finish"
@@ -41,7 +56,7 @@ def _threads_started_by(fn) -> set[int]:
     th.join()
     if "error" in out:
         raise out["error"]
-    return out["after"] - before - {th.native_id}
+    return out["started"]
 
 
 def _matmul():
@@ -78,10 +93,17 @@ def test_a_parallel_op_keeps_a_team_unless_single_threaded():
     assert _threads_started_by(single_threaded()(_matmul)) == set()
 
 
-def test_app_requests_leave_no_team(core, finished_job):
+def test_app_requests_leave_no_team(core, finished_job, monkeypatch):
     """What the page asks while a job may run: a search (a query never encoded before, the job's
-    α-grid indexes loaded) and the retain suggestion."""
-    fresh = f"a drawing of a dog number {threading.get_ident()}"
-    started = _threads_started_by(lambda: (core.search(fresh, finished_job.id, None, k=8),
-                                           core.retain_editor("dog", "poodle")))
-    assert started == set()
+    α-grid indexes loaded afresh) and the retain suggestion. The control: the same requests with
+    single_threaded unable to reach the runtime leave a team."""
+    import clipforget.threads
+
+    def requests(n):
+        core.retrieval._grids.clear()
+        return core.search(f"a drawing of a dog, probe {n}", finished_job.id, None, k=8), \
+            core.retain_editor("dog", "poodle")
+
+    assert _threads_started_by(lambda: requests(1)) == set()
+    monkeypatch.setattr(clipforget.threads, "_setters", lambda: (None, None))
+    assert _threads_started_by(lambda: requests(2)), "the control: these requests run parallel torch ops"

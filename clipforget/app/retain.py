@@ -95,13 +95,13 @@ class RetainSuggester:
             self._embeddings = GalleryEmbeddings(list(self.gallery.items), res.original)
         return res.bundle, self._embeddings
 
-    @single_threaded()
     def suggestion(self, req: ForgetRequest):
         """The retain suggestion for a request (siblings + at-risk neighbours); NotReady while the
         model loads."""
         bundle, emb = self._gallery_embeddings()        # NotReady before the suggestion module loads torch
         from ..suggest import suggest_for_request
-        return suggest_for_request(bundle, self.gallery, req, embeddings=emb)
+        with single_threaded():
+            return suggest_for_request(bundle, self.gallery, req, embeddings=emb)
 
     def editor(self, req: ForgetRequest) -> dict:
         """What the editable retain widget shows: every subgroup of the gallery as a choice (the
@@ -117,7 +117,6 @@ class RetainSuggester:
         return {"choices": retain_choices(self.gallery, siblings, near), "value": s.retain, "markdown": s.markdown(),
                 "at_risk": [n.name for n in s.at_risk if n.superclass]}
 
-    @single_threaded()
     def for_uploads(self, files: list, coarse_label: str) -> dict:
         """Example images uploaded by the user (checked and stored by ``uploads.store_uploads``)
         + their coarse label -> the retain suggestion for them."""
@@ -125,7 +124,8 @@ class RetainSuggester:
         from ..uploads import store_uploads
         batch = store_uploads(files or [], self.runs_dir)
         bundle, emb = self._gallery_embeddings()
-        s = suggest_for_examples(bundle, self.gallery, batch.paths, coarse_label, embeddings=emb)
+        with single_threaded():
+            s = suggest_for_examples(bundle, self.gallery, batch.paths, coarse_label, embeddings=emb)
         note = ""
         if s.match:
             note = (f"\n\nTo forget them, pick **{display(s.match['subgroup'])}** in "

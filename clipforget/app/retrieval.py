@@ -58,7 +58,6 @@ class Retrieval:
         self._grids: OrderedDict[str, AlphaIndexes] = OrderedDict()
         self._forget_paths: dict[str, set[str]] = {}
 
-    @single_threaded()
     def text_embedding(self, query: str) -> np.ndarray:
         """The original text tower's embedding of a query (the left grid's; the right grid's too
         unless the job's delta edits the text tower: :meth:`edited_text_embedding`)."""
@@ -67,9 +66,9 @@ class Retrieval:
             if query in self._texts:
                 self._texts.move_to_end(query)
                 return self._texts[query]
-        bundle = self.loader.resources(timeout=120).bundle
+        bundle = self.loader.resources(timeout=120).bundle      # loaded: torch imported (single_threaded)
         from ..embed import encode_texts
-        with self._lock:
+        with self._lock, single_threaded():
             emb = encode_texts(bundle, [query])[0].numpy()
         with self._cache_lock:
             self._texts[query] = emb
@@ -77,14 +76,12 @@ class Retrieval:
                 self._texts.popitem(last=False)
         return emb
 
-    @single_threaded()
     def edited_text_embedding(self, query: str, entry: "AlphaIndexes", alpha: float) -> np.ndarray:
         """A query's embedding by a job's edited text tower at ``alpha`` (cached per α and query)."""
         query = check_query(query)
-        with self._lock:
+        with self._lock, single_threaded():
             return entry.text.encode([query], alpha)[0].numpy()
 
-    @single_threaded()
     def grid(self, job_id: str) -> "AlphaIndexes":
         """The α points of a job with results and their FAISS indexes (α = 0: the original index).
         While its α-grid grows, each call adds the points written since the last one (a listing of
@@ -96,28 +93,33 @@ class Retrieval:
                 if entry.complete:
                     return entry
             run = self.jobs.run_dir(job_id)
-            if entry is None:
-                res = self.loader.resources(timeout=120)
-                entry = AlphaIndexes({0.0: self.loader.original_index})
-                text_delta = runfolder.load_text_delta(run) if runfolder.has_delta(run) else {}
-                if text_delta:        # the job edits the text tower: queries are embedded at α
-                    from ..index import TextAlpha
-                    entry.text = TextAlpha(res.bundle, text_delta)
-            from .. import index as faiss_index
-            new, made_on = runfolder.load_alpha_grid(run, skip=entry.indexes)
-            for a, emb in sorted(new.items()):
-                if emb.shape[0] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
-                    raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[0]} images, hash "
-                                     f"{made_on}; this app has {len(self.gallery)}, hash {self.gallery.content_hash});"
-                                     " start the app with that gallery to reopen it")
-                entry.indexes[a] = faiss_index.build(emb)
-            plan = runfolder.alpha_grid_plan(run)
-            entry.planned = sorted(set(plan["alphas"]) | set(entry.indexes)) if plan else entry.points
-            entry.complete = runfolder.alpha_grid_complete(run)
-            self._grids[job_id] = entry
-            while len(self._grids) > MAX_GRIDS:
-                self._grids.popitem(last=False)
-            return entry
+            res = self.loader.resources(timeout=120)     # loaded: torch imported (single_threaded)
+            with single_threaded():
+                return self._add_points(job_id, run, res, entry)
+
+    def _add_points(self, job_id: str, run: Path, res, entry: "AlphaIndexes | None") -> "AlphaIndexes":
+        """:meth:`grid`'s work, under its lock: a new entry, then the points written since."""
+        if entry is None:
+            entry = AlphaIndexes({0.0: self.loader.original_index})
+            text_delta = runfolder.load_text_delta(run) if runfolder.has_delta(run) else {}
+            if text_delta:        # the job edits the text tower: queries are embedded at α
+                from ..index import TextAlpha
+                entry.text = TextAlpha(res.bundle, text_delta)
+        from .. import index as faiss_index
+        new, made_on = runfolder.load_alpha_grid(run, skip=entry.indexes)
+        for a, emb in sorted(new.items()):
+            if emb.shape[0] != len(self.gallery) or made_on not in (None, self.gallery.content_hash):
+                raise ValueError(f"job {job_id} was run on another gallery ({emb.shape[0]} images, hash "
+                                 f"{made_on}; this app has {len(self.gallery)}, hash {self.gallery.content_hash});"
+                                 " start the app with that gallery to reopen it")
+            entry.indexes[a] = faiss_index.build(emb)
+        plan = runfolder.alpha_grid_plan(run)
+        entry.planned = sorted(set(plan["alphas"]) | set(entry.indexes)) if plan else entry.points
+        entry.complete = runfolder.alpha_grid_complete(run)
+        self._grids[job_id] = entry
+        while len(self._grids) > MAX_GRIDS:
+            self._grids.popitem(last=False)
+        return entry
 
     def alpha_points(self, job_id: str) -> dict:
         """Which α points of a job can be shown and how many are still being computed."""
