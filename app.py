@@ -74,8 +74,8 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 # Gradio 6's queue looks for a new event every 1 ms and for progress to send every 10 ms while it
 # waits (gradio/queueing.py): some 800 wake-ups a second of the server's thread. With a job's two
 # torch threads on two cores each wake-up preempts one of them inside a parallel region while the
-# other waits at its barrier: the default job reached its grids ~4 s later in the app than in a
-# plain process (docs/results/README.md). Every 10 ms costs an event up to 10 ms before it starts;
+# other waits at its barrier: the main part of why the default job reached its grids 4–5 s later
+# in the app than in a plain process (docs/results/README.md). Every 10 ms costs an event up to 10 ms before it starts;
 # the page's progress is a text line it polls for, not Gradio's progress messages.
 QUEUE_POLL_S, QUEUE_PROGRESS_POLL_S = 0.01, 0.1
 

@@ -66,7 +66,7 @@ class Retrieval:
             if query in self._texts:
                 self._texts.move_to_end(query)
                 return self._texts[query]
-        bundle = self.loader.resources(timeout=120).bundle      # loaded: torch imported (single_threaded)
+        bundle = self.loader.resources(timeout=120).bundle      # loaded: torch is imported (single_threaded)
         from ..embed import encode_texts
         with self._lock, single_threaded():
             emb = encode_texts(bundle, [query])[0].numpy()
@@ -93,7 +93,7 @@ class Retrieval:
                 if entry.complete:
                     return entry
             run = self.jobs.run_dir(job_id)
-            res = self.loader.resources(timeout=120)     # loaded: torch imported (single_threaded)
+            res = self.loader.resources(timeout=120)     # loaded: torch is imported (single_threaded)
             with single_threaded():
                 return self._add_points(job_id, run, res, entry)
 
