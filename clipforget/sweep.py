@@ -51,11 +51,14 @@ class ModelSpec:
 
 def sweep_row(run, fold: int = 0) -> dict:
     r, req = run.report, run.task.request
-    return {"superclass": req.superclass, "subgroup": req.subgroup, "style": req.style, "fold": fold,
-            "score": r["score"], "alpha": r["alpha"], "chance": r["chance"],
-            "target_after": r["columns"]["target"]["after"], "columns": r["columns"],
-            "trained_on": r.get("trained_on", {}),
-            "seconds": r["seconds"]["total"], "stage_seconds": r["seconds"]}
+    row = {"superclass": req.superclass, "subgroup": req.subgroup, "style": req.style, "fold": fold,
+           "score": r["score"], "alpha": r["alpha"], "chance": r["chance"],
+           "target_after": r["columns"]["target"]["after"], "columns": r["columns"],
+           "trained_on": r.get("trained_on", {}),
+           "seconds": r["seconds"]["total"], "stage_seconds": r["seconds"]}
+    if run.result.info.get("escalate"):        # ours with escalate on: what D_m chose
+        row["escalate"] = run.result.info["escalate"]
+    return row
 
 
 class _Runner:

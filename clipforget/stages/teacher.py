@@ -20,8 +20,11 @@ class TeacherConfig:
     by −γ·relu(r(x) − b)·t_c, where r is the original's own subgroup readout (:class:`SubgroupReadout`)
     — the original, told that what it itself takes for the subgroup is not the superclass."""
     edit: float = 5.0                # γ; 0: the teacher is the original itself (measured: 5, 10; docs/results/sweep-ours.md)
-    quantile: float = 0.5            # the readout's threshold b: midway between this quantile of the retain
-                                     # images' readouts and the 10th percentile of the forget images'
+    quantile: float = 0.5            # the retain images' readout quantile the threshold b is set from
+    threshold: str = "midway"        # b: midway between that quantile and the 10th percentile of the forget
+                                     # images' readouts | retain: that quantile itself
+    gate: str = "linear"             # the edit's weight: linear γ·relu(r − b) | saturating γ·min(1, relu(r − b) /
+                                     # (median forget readout − b)): the full γ from the forget images' median on
     forget_rows: bool = True         # also distil the forget images (examples, stand-ins) towards it
 
     def __post_init__(self):
@@ -29,6 +32,10 @@ class TeacherConfig:
             raise ValueError(f"teacher.edit must be >= 0, got {self.edit}")
         if not 0 <= self.quantile <= 1:
             raise ValueError(f"teacher.quantile must be in [0, 1], got {self.quantile}")
+        if self.threshold not in ("midway", "retain"):
+            raise ValueError(f"teacher.threshold must be 'midway' or 'retain', got {self.threshold!r}")
+        if self.gate not in ("linear", "saturating"):
+            raise ValueError(f"teacher.gate must be 'linear' or 'saturating', got {self.gate!r}")
 
 
 @dataclass
@@ -50,11 +57,13 @@ class SubgroupReadout:
     images' readouts and the retain images' [recon]."""
     direction: torch.Tensor
     threshold: float
+    saturate_at: float | None = None   # a saturating gate reaches 1 this far above the threshold
 
     @staticmethod
     @torch.no_grad()
-    def fit(ctx, forget_feats: torch.Tensor, retain_feats: torch.Tensor, quantile: float = 0.5
-            ) -> "SubgroupReadout | None":
+    def fit(ctx, forget_feats: torch.Tensor, retain_feats: torch.Tensor, quantile: float = 0.5,
+            threshold: str = "midway", gate: str = "linear") -> "SubgroupReadout | None":
+        """``threshold`` and ``gate`` as in :class:`TeacherConfig`."""
         if ctx.task.request.subgroup is None:
             return None
         texts, i = subgroup_texts(ctx)
@@ -63,10 +72,17 @@ class SubgroupReadout:
         others = torch.cat([texts[:i], texts[i + 1:]])
         a = (texts[i] - others.mean(0)).float()
         rf, rr = forget_feats @ a, retain_feats @ a
-        return SubgroupReadout(a, float(0.5 * (torch.quantile(rr, quantile) + torch.quantile(rf, 0.1))))
+        b = float(torch.quantile(rr, quantile))
+        if threshold == "midway":
+            b = 0.5 * (b + float(torch.quantile(rf, 0.1)))
+        saturate_at = max(float(rf.median()) - b, 1e-6) if gate == "saturating" else None
+        return SubgroupReadout(a, b, saturate_at)
 
     def gate(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.relu(feats @ self.direction - self.threshold)
+        """The edit's weight per row (times γ): relu(r − b), or with a saturating gate
+        min(1, relu(r − b) / saturate_at)."""
+        g = torch.relu(feats @ self.direction - self.threshold)
+        return g if self.saturate_at is None else torch.clamp(g / self.saturate_at, max=1.0)
 
 
 @torch.no_grad()
