@@ -3,11 +3,12 @@
 held-out columns, edited as the teacher edits them — ĝ₀(x) − γ·relu(r(x) − b)·t_c, r the original's
 own subgroup readout, b fitted on the forget examples and the retain training images — and
 classified among the superclass prompts. Not a weight edit: what the method can at best be taught.
+Each cell of the grid is a teacher setting (``remind.teacher``: threshold, quantile, gate, edit γ).
 
     python bench/probe_teacher.py [EVERY] [OFFSET]     # every EVERY-th subgroup (default 8) from OFFSET
 
 Per request: the readout's AUC (held-out target files against held-out sibling files), then for
-each (quantile, γ) the held-out target / retain / other-superclass accuracy; a summary at the end.
+each setting the held-out target / retain / other-superclass accuracy; a summary at the end.
 """
 import statistics
 import sys
@@ -21,7 +22,14 @@ from clipforget.models import load_clip
 from clipforget.stages.teacher import SubgroupReadout, original_features, teacher_of
 from clipforget.sweep import sweep_requests
 
-GRID = [(q, g) for q in (0.5, 0.9) for g in (10.0, 20.0)]
+# (threshold, quantile, gate, γ): the first four as first measured, the default, then the saturating gate
+GRID = [("midway", q, "linear", g) for q in (0.5, 0.9) for g in (10.0, 20.0)] + [
+    ("midway", 0.5, "linear", 5.0), ("retain", 0.8, "saturating", 1.0), ("retain", 0.9, "saturating", 1.0)]
+
+
+def label(cell) -> str:
+    threshold, q, gate, gamma = cell
+    return f"{threshold} q{q} {gate} γ{gamma:g}"
 
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -44,22 +52,23 @@ def main(every: int = 8, offset: int = 0) -> None:
                   "other": task.test["other_superclasses"].labels}
         forget, retain = original_features(ctx, ctx.inputs(task.forget)), original_features(ctx, ctx.inputs(task.retain))
         line = [f"{req.label:34s}"]
-        for q, gamma in GRID:
-            readout = SubgroupReadout.fit(ctx, forget, retain, q)
-            if (q, gamma) == GRID[0]:
+        for cell in GRID:
+            threshold, q, gate, gamma = cell
+            readout = SubgroupReadout.fit(ctx, forget, retain, q, threshold, gate)
+            if cell == GRID[0]:
                 aucs.append(auc(feats["target"] @ readout.direction, feats["retain"] @ readout.direction))
                 line.append(f"AUC {aucs[-1]:.3f}")
             acc = {k: ctx.superclass_accuracy(teacher_of(ctx, f, gamma, readout).features, labels[k])
                    for k, f in feats.items()}
-            summary[(q, gamma)].append(acc)
-            line.append(f"q{q} γ{gamma:g}: {acc['target']:.2f}/{acc['retain']:.2f}/{acc['other']:.2f}")
+            summary[cell].append(acc)
+            line.append(f"{label(cell)}: {acc['target']:.2f}/{acc['retain']:.2f}/{acc['other']:.2f}")
         print("  ".join(line), flush=True)
     print(f"readout AUC >= 0.95 on {sum(a >= 0.95 for a in aucs)} of {len(aucs)}; cells: held-out target / retain / "
           "other superclasses after the edit")
     chance = 1 / len(task.superclasses)
-    for (q, gamma), accs in summary.items():
+    for cell, accs in summary.items():
         mean = {k: statistics.mean(a[k] for a in accs) for k in accs[0]}
-        print(f"quantile {q}, γ {gamma:g}: held-out target at chance in {sum(a['target'] <= chance for a in accs)} "
+        print(f"{label(cell)}: held-out target at chance in {sum(a['target'] <= chance for a in accs)} "
               f"of {len(accs)}; mean target {mean['target']:.3f}, retain {mean['retain']:.3f}, "
               f"other superclasses {mean['other']:.3f}")
 

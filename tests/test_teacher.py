@@ -1,5 +1,6 @@
 """The edited teacher of remind: the original model, told that what it itself takes for the
 subgroup is not the superclass."""
+import pytest
 import torch
 
 from clipforget.methods.base import Context
@@ -60,3 +61,30 @@ def test_remind_with_the_edited_teacher_moves_the_forget_examples_towards_it(bun
     readout = SubgroupReadout.fit(ctx, original_features(ctx, x), _features(ctx, poodle_task.retain), 0.5)
     target = teacher_outputs(ctx, x, 10.0, readout).features      # the edited teacher of the examples
     assert float((taught * target).sum(-1).mean()) > float((plain * target).sum(-1).mean())
+
+
+def test_a_saturating_gate_gives_the_full_edit_from_the_forget_images_median_on(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    forget, retain = _features(ctx, poodle_task.forget), _features(ctx, poodle_task.retain)
+    linear = SubgroupReadout.fit(ctx, forget, retain, quantile=0.9, threshold="retain")
+    sat = SubgroupReadout.fit(ctx, forget, retain, quantile=0.9, threshold="retain", gate="saturating")
+    r_retain, r_forget = retain @ sat.direction, forget @ sat.direction
+    assert sat.threshold == linear.threshold == pytest.approx(float(torch.quantile(r_retain, 0.9)))
+    assert float((linear.gate(retain) > 0).float().mean()) == pytest.approx(0.1, abs=0.02)   # the retain tail only
+    g = sat.gate(forget)
+    assert float(g.max()) == 1.0 and float(g.min()) >= 0.0
+    above = r_forget >= r_forget.median()
+    assert bool((g[above] == 1.0).all())                                   # full edit from the median on
+    below = (r_forget > sat.threshold) & ~above
+    assert torch.allclose(g[below], linear.gate(forget)[below] / sat.saturate_at)   # linear below it
+    midway = SubgroupReadout.fit(ctx, forget, retain, quantile=0.9)
+    assert midway.threshold == pytest.approx(0.5 * (float(torch.quantile(r_retain, 0.9))
+                                                    + float(torch.quantile(r_forget, 0.1))))
+
+
+def test_teacher_config_names_a_bad_gate():
+    from clipforget.stages.teacher import TeacherConfig
+    with pytest.raises(ValueError, match="teacher.gate"):
+        TeacherConfig(gate="step")
+    with pytest.raises(ValueError, match="teacher.threshold"):
+        TeacherConfig(threshold="forget")
