@@ -23,7 +23,8 @@ class EscalateConfig:
     """[recon] When restore leaves D_m's held-out forget images recognised, remind and restore run
     again from the forget stage's weights with a stronger teacher edit (each γ in turn, until D_m's
     forget images are forgotten), and the run that scores best on D_m is kept: the paper's Score
-    over the calibration columns, before = α 0, after = the chosen α. Only D_m decides."""
+    over the calibration columns, before = α 0, after = the chosen α. Only D_m decides
+    (docs/METHOD.md step 2.5; measured in docs/results/sweep-ours.md)."""
     teacher_edits: tuple[float, ...] = ()   # γ to try in turn after remind.teacher.edit; (): off
 
     def __post_init__(self):
