@@ -84,6 +84,7 @@ def test_a_stronger_edit_that_scores_better_on_the_calibration_set_is_kept(bundl
     assert ctx.alpha_curve[1]["target"] == 0.0 and ctx.info["restore"]["teacher_edit"] == 10.0
     assert ctx.info["remind"] == {"teacher_edit": 10.0}
     assert ctx.info["escalate"][0]["kept"] is True
+    assert (ctx.info["escalate"][0]["against_target"], ctx.info["escalate"][0]["calibration_target"]) == (0.5, 0.0)
 
 
 def test_a_stronger_edit_that_scores_worse_is_dropped(bundle, poodle_task, monkeypatch):

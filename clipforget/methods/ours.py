@@ -93,8 +93,10 @@ class Ours(Unlearner):
             remind = replace(cfg.remind, teacher=replace(cfg.remind.teacher, edit=gamma))
             self._remind_and_restore(ctx, remind, forgot, extra)
             new = self._outcome(ctx)
-            tried.append({"teacher_edit": gamma, "calibration_score": new["score"],
-                          "against": kept["score"], "kept": new["score"] > kept["score"]})
+            tried.append({"teacher_edit": gamma, "calibration_score": new["score"], "against": kept["score"],
+                          "calibration_target": calibration_target(new["curve"], new["alpha"]),
+                          "against_target": calibration_target(kept["curve"], kept["alpha"]),
+                          "kept": new["score"] > kept["score"]})
             if new["score"] <= kept["score"]:
                 self._set_outcome(ctx, kept)
         if tried:
