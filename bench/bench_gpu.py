@@ -156,7 +156,7 @@ def run(arch: str = "RN50", forget_images: int = 1300, device: str = "cuda", con
         job, lambda e: stages.append(e["stage"]) if not stages or stages[-1] != e["stage"] else None,
         work / "job")
     figures["job_to_results_s"] = time.perf_counter() - t0        # what the app shows its grids after
-    more = ready.rest()                          # then the evaluation (it adds to ready.summary) and the α-grid
+    more = ready.run_rest()                        # then the evaluation (it adds to ready.summary) and the α-grid
     summary = {**ready.summary, **more}
     figures["job_s"] = time.perf_counter() - t0
     figures["job_stage_seconds"] = {k: round(v, 2) for k, v in summary["stage_seconds"].items()}

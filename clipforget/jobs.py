@@ -73,12 +73,13 @@ class RunsDirBusy(RuntimeError):
 @dataclass
 class Ready:
     """What a work function returns to publish its results before it ends: the job becomes
-    ``ready`` with ``summary``, then ``rest()`` runs — reporting through the work function's own
-    ``progress``, so a cancel stops it as it stops the rest of the job — and the dict it returns
-    is added to the summary when the job is ``done``. ``rest`` may add to ``summary`` and narrow
-    ``what`` as it goes: a cancel or failure then keeps what it added and names what it stopped."""
+    ``ready`` with ``summary``, then ``rest(ready)`` runs (:meth:`run_rest`) — reporting through the
+    work function's own ``progress``, so a cancel stops it as it stops the rest of the job — and the
+    dict it returns is added to the summary when the job is ``done``. ``rest`` may add to ``summary``
+    and narrow ``what`` as it goes (``ready.update``): a cancel or failure then keeps what it added
+    and names what it stopped."""
     summary: dict
-    rest: Callable[[], dict]
+    rest: Callable[["Ready"], dict]
     what: str = "the rest"           # for people: what is still running ("evaluation and α-grid", "α-grid")
     listener: Callable[[], None] | None = None    # set by the registry: publishes an update
 
@@ -89,6 +90,9 @@ class Ready:
         self.what = what or self.what
         if self.listener is not None:
             self.listener()
+
+    def run_rest(self) -> dict:
+        return self.rest(self)
 
 
 class JobBusy(RuntimeError):
@@ -349,7 +353,7 @@ class JobRegistry:
         log.info("job %s: results ready; %s running", job.id, ready.what)
         release_memory()
         try:
-            more = ready.rest()
+            more = ready.run_rest()
         except Cancelled:
             log.info("job %s: %s cancelled; its results stay", job.id, ready.what)
             return {**ready.summary, "unfinished": f"{ready.what} cancelled"}

@@ -100,9 +100,8 @@ class ForgetWork:
         del points
         pending = [made]                 # the rest evaluates it, then lets it go before the α-grid
         del made
-        ready = Ready(summary, lambda: {}, what="evaluation and α-grid")
 
-        def rest() -> dict:
+        def rest(ready: Ready) -> dict:
             try:
                 evaluated = self.evaluate(pending.pop(), res.bundle, job_dir / "run", progress)
             except BaseException:
@@ -110,8 +109,7 @@ class ForgetWork:
                 raise
             ready.update(evaluated, what="α-grid")    # the Score in job.json; a cancel now stops the α-grid only
             return self.alpha_grid(grid, job_dir / "run", progress, t_first, res.gallery.content_hash)
-        ready.rest = rest
-        return ready
+        return Ready(summary, rest, what="evaluation and α-grid")
 
     def evaluate(self, made, bundle, run_dir: Path, progress: Progress) -> dict:
         """The report on the held-out test columns, added to the run folder with the export."""

@@ -330,7 +330,7 @@ def _results_then_rest(points=4, seconds_per_point=0.3, fail_at=None):
             runfolder.plan_alpha_grid(tmp, alphas, "h", 3)
             runfolder.save_alpha_point(tmp, alphas[-1], _unit(3, 4), "h")
 
-        def rest():
+        def rest(ready):
             missing = runfolder.missing_alpha_points(job_dir / "run")
             for i, a in enumerate(missing):
                 t0 = time.monotonic()
