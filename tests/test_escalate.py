@@ -60,11 +60,11 @@ class FakeStages:
         return {"alpha": 1.0, "target_accuracy": 0.0, "teacher_edit": gamma}
 
 
-def _run(bundle, poodle_task, edits):
+def _run(bundle, poodle_task, edits, min_recognised=None):
     from clipforget.methods.base import Context
     ctx = Context(bundle, poodle_task)
     before = FakeStages._weight(ctx).clone()
-    Ours({"escalate": {"teacher_edits": list(edits)}}).unlearn(ctx)
+    Ours({"escalate": {"teacher_edits": list(edits), "min_recognised": min_recognised}}).unlearn(ctx)
     return ctx, FakeStages._weight(ctx) - before
 
 
@@ -99,9 +99,20 @@ def test_a_stronger_edit_that_scores_worse_is_dropped(bundle, poodle_task, monke
     assert [e["kept"] for e in ctx.info["escalate"]] == [False, False]
 
 
-def test_escalation_edits_must_be_positive():
+def test_a_stricter_trigger_leaves_a_mostly_forgotten_calibration_set_alone(bundle, poodle_task, monkeypatch):
+    fake = FakeStages(monkeypatch, {5.0: (0.25, 0.85), 10.0: (0.0, 0.8)})
+    ctx, moved = _run(bundle, poodle_task, [10.0], min_recognised=0.5)
+    assert fake.reminded == [5.0] and "escalate" not in ctx.info       # 0.25 of D_m recognised: no second run
+    fake = FakeStages(monkeypatch, {5.0: (0.5, 0.85), 10.0: (0.0, 0.8)})
+    ctx, moved = _run(bundle, poodle_task, [10.0], min_recognised=0.5)
+    assert fake.reminded == [5.0, 10.0] and ctx.info["escalate"][0]["kept"] is True
+
+
+def test_escalation_settings_are_checked():
     with pytest.raises(ValueError, match="teacher_edits"):
         EscalateConfig(teacher_edits=(0.0,))
+    with pytest.raises(ValueError, match="min_recognised"):
+        EscalateConfig(teacher_edits=(10.0,), min_recognised=0.0)
 
 
 def test_a_sweep_row_says_what_the_calibration_set_chose():

@@ -26,10 +26,20 @@ class EscalateConfig:
     over the calibration columns, before = α 0, after = the chosen α. Only D_m decides
     (docs/METHOD.md step 2.5; measured in docs/results/sweep-ours.md)."""
     teacher_edits: tuple[float, ...] = ()   # γ to try in turn after remind.teacher.edit; (): off
+    min_recognised: float | None = None     # escalate only while D_m's forget accuracy at the chosen α is at
+                                            # least this; None: whenever it is above restore's target
 
     def __post_init__(self):
         if any(g <= 0 for g in self.teacher_edits):
             raise ValueError(f"escalate.teacher_edits must all be > 0, got {self.teacher_edits}")
+        if self.min_recognised is not None and not 0 < self.min_recognised <= 1:
+            raise ValueError(f"escalate.min_recognised must be in (0, 1] or None, got {self.min_recognised}")
+
+    def wanted(self, recognised: float, target: float) -> bool:
+        """Escalate, with D_m's forget accuracy ``recognised`` at the chosen α and restore's ``target``?"""
+        if self.min_recognised is not None:
+            return recognised >= self.min_recognised - 1e-9
+        return recognised > target + 1e-9
 
 
 def calibration_score(curve: list[dict], alpha: float, ignore=()) -> float:
@@ -85,8 +95,8 @@ class Ours(Unlearner):
         self._remind_and_restore(ctx, cfg.remind, forgot, extra)
         tried = []
         for gamma in cfg.escalate.teacher_edits:
-            if not cfg.restore.enabled or calibration_target(ctx.alpha_curve, ctx.alpha) <= \
-                    ctx.info["restore"]["target_accuracy"] + 1e-9:
+            if not cfg.restore.enabled or not cfg.escalate.wanted(calibration_target(ctx.alpha_curve, ctx.alpha),
+                                                                  ctx.info["restore"]["target_accuracy"]):
                 break
             kept = self._outcome(ctx)
             ctx.set_visual(after_forget)
