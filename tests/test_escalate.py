@@ -50,6 +50,7 @@ class FakeStages:
         gamma = cfg.teacher.edit
         self.reminded.append(gamma)
         self.start_weights.append(self._weight(ctx).clone())
+        ctx.log_history("remind", [{"teacher_edit": gamma}])
         with torch.no_grad():
             self._weight(ctx).add_(gamma)
         return {"teacher_edit": gamma}
@@ -84,6 +85,7 @@ def test_a_stronger_edit_that_scores_better_on_the_calibration_set_is_kept(bundl
     assert ctx.alpha_curve[1]["target"] == 0.0 and ctx.info["restore"]["teacher_edit"] == 10.0
     assert ctx.info["remind"] == {"teacher_edit": 10.0}
     assert ctx.info["escalate"][0]["kept"] is True
+    assert ctx.history["remind"] == [{"teacher_edit": 10.0}]            # the kept run's history only
     assert (ctx.info["escalate"][0]["against_target"], ctx.info["escalate"][0]["calibration_target"]) == (0.5, 0.0)
 
 
@@ -96,6 +98,7 @@ def test_a_stronger_edit_that_scores_worse_is_dropped(bundle, poodle_task, monke
     assert all(torch.equal(w, fake.start_weights[0]) for w in fake.start_weights)
     assert torch.allclose(moved, torch.full_like(moved, 105.0))            # the kept run's weights are back
     assert ctx.alpha_curve[1]["target"] == 0.25 and ctx.info["remind"] == {"teacher_edit": 5.0}
+    assert ctx.history["remind"] == [{"teacher_edit": 5.0}]
     assert [e["kept"] for e in ctx.info["escalate"]] == [False, False]
 
 

@@ -91,15 +91,19 @@ class Ours(Unlearner):
             with ctx.stage("restore"):
                 ctx.info["restore"] = restore_stage(ctx, cfg.restore)
             return
-        after_forget = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
+        edits = cfg.escalate.teacher_edits if cfg.restore.enabled else ()
+        if edits:               # where a second remind starts: the forget stage's weights and history
+            after_forget = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
+            history = {k: list(v) for k, v in ctx.history.items()}
         self._remind_and_restore(ctx, cfg.remind, forgot, extra)
         tried = []
-        for gamma in cfg.escalate.teacher_edits:
-            if not cfg.restore.enabled or not cfg.escalate.wanted(calibration_target(ctx.alpha_curve, ctx.alpha),
-                                                                  ctx.info["restore"]["target_accuracy"]):
+        for gamma in edits:
+            if not cfg.escalate.wanted(calibration_target(ctx.alpha_curve, ctx.alpha),
+                                       ctx.info["restore"]["target_accuracy"]):
                 break
             kept = self._outcome(ctx)
             ctx.set_visual(after_forget)
+            ctx.history = {k: list(v) for k, v in history.items()}
             remind = replace(cfg.remind, teacher=replace(cfg.remind.teacher, edit=gamma))
             self._remind_and_restore(ctx, remind, forgot, extra)
             new = self._outcome(ctx)
@@ -120,14 +124,15 @@ class Ours(Unlearner):
 
     @staticmethod
     def _outcome(ctx: Context) -> dict:
-        """What one remind + restore left: θ_u, α, the curve, the stages' info and its D_m Score."""
+        """What one remind + restore left: θ_u, α, the curve, the history, the stages' info and its
+        D_m Score."""
         return {"visual": {k: v.clone() for k, v in ctx.model.visual.state_dict().items()},
-                "alpha": ctx.alpha, "curve": ctx.alpha_curve,
+                "alpha": ctx.alpha, "curve": ctx.alpha_curve, "history": ctx.history,
                 "info": {k: ctx.info[k] for k in ("remind", "restore")},
                 "score": calibration_score(ctx.alpha_curve, ctx.alpha, tuple(ctx.task.trained))}
 
     @staticmethod
     def _set_outcome(ctx: Context, outcome: dict) -> None:
         ctx.set_visual(outcome["visual"])
-        ctx.alpha, ctx.alpha_curve = outcome["alpha"], outcome["curve"]
+        ctx.alpha, ctx.alpha_curve, ctx.history = outcome["alpha"], outcome["curve"], outcome["history"]
         ctx.info.update(outcome["info"])
