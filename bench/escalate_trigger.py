@@ -1,0 +1,52 @@
+"""What a stricter escalation trigger (``escalate.min_recognised``) would give over the whole sweep,
+computed from measured rows — no new run: runs are deterministic, so a subgroup that would not
+escalate under the stricter trigger has the defaults' row, and one that would has the row of the
+sweep with escalation always on (checked here: its non-escalated rows equal the defaults' to the
+last digit, and the re-run of its escalated subgroups — which records D_m's forget accuracy —
+equals its rows).
+
+    python bench/escalate_trigger.py DEFAULTS.json ESCALATE.json RERUN.json [THRESHOLD ...]
+"""
+import json
+import statistics
+import sys
+
+
+def rows(path: str) -> dict:
+    return {r["subgroup"]: r for r in json.load(open(path))["rows"]}
+
+
+def summary(table: dict) -> str:
+    r = list(table.values())
+    s = [x["score"] for x in r]
+    low = min(r, key=lambda x: x["score"])
+    mean = lambda col: statistics.mean(x["columns"][col]["after"] for x in r)    # noqa: E731
+    return (f"at chance {sum(x['target_after'] <= x['chance'] + 1e-9 for x in r)}, median {statistics.median(s):.2f}, "
+            f"min {low['score']:.2f} ({low['subgroup']}), mean {statistics.mean(s):.2f}, held-out target "
+            f"{mean('target'):.3f}, retain {mean('retain'):.3f}, other superclasses {mean('other_superclasses'):.3f}, "
+            f"other concepts {mean('other_concepts'):.3f}, Score >= 90 / < 80: {sum(x >= 90 for x in s)} / "
+            f"{sum(x < 80 for x in s)}")
+
+
+def main(defaults: str, escalate: str, rerun: str, *thresholds: str) -> None:
+    base, esc, again = rows(defaults), rows(escalate), rows(rerun)
+    escalated = {k for k, r in esc.items() if r.get("escalate")}
+    same = [k for k in base if k not in escalated and esc[k]["score"] == base[k]["score"]]
+    print(f"not escalated: {len(same)} of {len(base) - len(escalated)} rows equal the defaults'; re-run: "
+          f"{sum(again[k]['score'] == esc[k]['score'] for k in again)} of {len(again)} equal; "
+          f"escalated {len(escalated)}, re-run {len(escalated & set(again))}")
+    print(f"defaults: {summary(base)}")
+    for t in [None] + [float(x) for x in thresholds]:
+        table, moved = {}, []
+        for k in base:
+            fires = k in escalated and (t is None or again[k]["escalate"][0]["against_target"] >= t - 1e-9)
+            table[k] = esc[k] if fires else base[k]
+            if fires and esc[k]["escalate"][0]["kept"]:
+                moved.append(f"{k} {base[k]['score']:.1f} -> {esc[k]['score']:.1f}")
+        print(f"min_recognised {t if t is not None else 'None (any)'}: escalates "
+              f"{sum(k in escalated and table[k] is esc[k] for k in base)}, keeps γ 10 on {len(moved)}: {summary(table)}")
+        print("   " + "; ".join(moved))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
