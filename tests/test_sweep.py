@@ -122,7 +122,7 @@ def test_a_request_the_model_does_not_recognise_is_skipped_and_the_sweep_goes_on
             raise NothingToForget("the model does not recognise dog-1")
         report = {"score": 90.0, "alpha": 1.0, "chance": 0.04, "columns": {"target": {"before": 1.0, "after": 0.0}},
                   "seconds": {"total": 1.0}}
-        return SimpleNamespace(report=report, task=SimpleNamespace(request=request))
+        return SimpleNamespace(report=report, task=SimpleNamespace(request=request), result=SimpleNamespace(info={}))
     monkeypatch.setattr(sweep, "forget", fake_forget)
     summary = sweep.run_sweep(object(), None, REQUESTS[:3], out=tmp_path)
     assert summary["requests"] == 2 and summary["median_score"] == 90.0 and summary["target_at_or_below_chance"] == 2
