@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..alphas import nearest
 from ..eval.score import score
 from ..stages.forget import ForgetConfig, forget_stage
 from ..stages.remind import RemindConfig, remind_stage
@@ -42,16 +43,21 @@ class EscalateConfig:
         return recognised > target + 1e-9
 
 
+def curve_row(curve: list[dict], alpha: float) -> dict:
+    """Restore's curve at its grid point nearest ``alpha``."""
+    at = nearest([r["alpha"] for r in curve], alpha)
+    return next(r for r in curve if r["alpha"] == at)
+
+
 def calibration_score(curve: list[dict], alpha: float, ignore=()) -> float:
     """The Score over D_m's columns at ``alpha`` against α = 0 (the original), from restore's curve."""
-    before = min(curve, key=lambda r: r["alpha"])
-    after = min(curve, key=lambda r: abs(r["alpha"] - alpha))
+    before, after = curve_row(curve, 0.0), curve_row(curve, alpha)
     cols = [k for k in before if k not in ("alpha", *ignore)]
     return score({k: {"before": before[k], "after": after[k]} for k in cols})
 
 
 def calibration_target(curve: list[dict], alpha: float) -> float:
-    return min(curve, key=lambda r: abs(r["alpha"] - alpha))["target"]
+    return curve_row(curve, alpha)["target"]
 
 
 @dataclass
@@ -87,11 +93,7 @@ class Ours(Unlearner):
         with ctx.stage("forget"):
             forgot = forget_stage(ctx, cfg.forget, extra)
             ctx.info["forget"] = forgot.to_dict()
-        if not cfg.remind.enabled:
-            with ctx.stage("restore"):
-                ctx.info["restore"] = restore_stage(ctx, cfg.restore)
-            return
-        edits = cfg.escalate.teacher_edits if cfg.restore.enabled else ()
+        edits = cfg.escalate.teacher_edits if cfg.remind.enabled and cfg.restore.enabled else ()
         if edits:               # where a second remind starts: the forget stage's weights and history
             after_forget = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
             history = {k: list(v) for k, v in ctx.history.items()}
@@ -117,8 +119,9 @@ class Ours(Unlearner):
             ctx.info["escalate"] = tried
 
     def _remind_and_restore(self, ctx: Context, remind, forgot, extra) -> None:
-        with ctx.stage("remind"):
-            ctx.info["remind"] = remind_stage(ctx, remind, forgot, extra)
+        if remind.enabled:
+            with ctx.stage("remind"):
+                ctx.info["remind"] = remind_stage(ctx, remind, forgot, extra)
         with ctx.stage("restore"):
             ctx.info["restore"] = restore_stage(ctx, self.config.restore)
 
