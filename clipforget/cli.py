@@ -257,7 +257,8 @@ def cmd_sweep(args) -> int:
         previous_rows(args.out, args.method)  # another method's sweep, or an unreadable sweep.json
     config = _config(args.method, args)
     gallery = _gallery(args)
-    reqs = sweep_requests(gallery, args.superclass, args.every, args.style, args.offset)
+    subgroups = [n.strip() for n in ",".join(args.subgroup).split(",") if n.strip()] if args.subgroup else None
+    reqs = sweep_requests(gallery, args.superclass, args.every, args.style, args.offset, subgroups)
     bundle = _bundle(args) if args.workers <= 1 else None
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
 
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(sw)
     sw.add_argument("--method", default="ours", choices=list_methods())
     sw.add_argument("--superclass", default=None, help="only this superclass's subgroups")
+    sw.add_argument("--subgroup", action="append", metavar="NAME[,NAME...]",
+                    help="only these subgroups (repeat or comma-separate), e.g. to run a few of a sweep again")
     sw.add_argument("--style", default=None, help="forget each subgroup in this style only")
     sw.add_argument("--every", type=int, default=1, help="every N-th subgroup (a quicker sample)")
     sw.add_argument("--offset", type=int, default=0,

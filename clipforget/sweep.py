@@ -25,13 +25,23 @@ log = logging.getLogger(__name__)
 
 
 def sweep_requests(gallery: Gallery, superclass: str | None = None, every: int = 1,
-                   style: str | None = None, offset: int = 0) -> list[ForgetRequest]:
+                   style: str | None = None, offset: int = 0,
+                   subgroups: list[str] | None = None) -> list[ForgetRequest]:
     """The hierarchy's subgroups in order, every ``every``-th from the ``offset``-th (``every=2``
-    with offsets 0 and 1: two disjoint halves)."""
+    with offsets 0 and 1: two disjoint halves); ``subgroups``: only these (by name, in the
+    hierarchy's order), e.g. to run a few of a sweep's subgroups again."""
     if every < 1 or not 0 <= offset < every:
         raise ValueError(f"need every >= 1 and 0 <= offset < every, got every={every}, offset={offset}")
     scs = [superclass] if superclass else gallery.superclasses()
     reqs = [ForgetRequest(sc, sg, style) for sc in scs for sg in gallery.subgroups(sc)]
+    if subgroups is not None:
+        unknown = sorted(set(subgroups) - {r.subgroup for r in reqs})
+        if unknown:
+            raise ValueError(f"no subgroup {', '.join(map(repr, unknown))} in the gallery"
+                             + (f"'s superclass {superclass!r}" if superclass else "")
+                             + "; the names are the gallery's subgroup folders (e.g. "
+                             + ", ".join(r.subgroup for r in reqs[:3]) + ")")
+        reqs = [r for r in reqs if r.subgroup in set(subgroups)]
     return reqs[offset::every]
 
 
@@ -70,13 +80,13 @@ class _Runner:
         self.cache, self.evaluator = ViewCache(gallery), Evaluator(bundle)
 
     def __call__(self, request: ForgetRequest, fold: int = 0) -> dict:
-        """The request's row; a request the model does not recognise before unlearning is a row
-        with ``skipped`` (the reason) instead of figures, and the sweep goes on."""
+        """The request's row at ``fold`` (:attr:`SplitConfig.fold`: which files are held out); a
+        request the model does not recognise before unlearning is a row with ``skipped`` (the
+        reason) instead of figures, and the sweep goes on."""
         t0 = time.perf_counter()
         try:
             run = forget(self.bundle, request, self.method, self.config, self.gallery,
-                         dataclasses.replace(self.split, fold=self.split.fold + fold),
-                         cache=self.cache, evaluator=self.evaluator)
+                         dataclasses.replace(self.split, fold=fold), cache=self.cache, evaluator=self.evaluator)
         except NothingToForget as e:
             log.warning("skipped %s: %s", request.label, e)
             return {"superclass": request.superclass, "subgroup": request.subgroup, "style": request.style,
@@ -141,10 +151,12 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
     Runs go in :func:`spread_order`; rows come back in request order; partial results are written
     to ``out`` as they arrive, and ``resume`` keeps the rows of an earlier sweep there (same
     method; the config is the caller's to keep the same) and runs only the missing requests.
-    ``folds``: each request once per fold 0 .. folds−1 (:attr:`SplitConfig.fold`, counted from ``split``'s)."""
+    ``folds``: each request once per fold, ``split.fold`` .. ``split.fold + folds − 1``
+    (:attr:`SplitConfig.fold`); a row records the fold it ran at."""
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
-    jobs = [(r, f) for r in requests for f in range(folds)]
+    split = split or SplitConfig()
+    jobs = [(r, split.fold + f) for r in requests for f in range(folds)]
     rows: list[dict | None] = [None] * len(jobs)
     if resume and out:
         old = previous_rows(out, method)
@@ -157,7 +169,7 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
         if on_row:
             on_row(row)
         if out:   # keep partial results of a long sweep
-            write_json(Path(out) / "sweep.json", summarise([r for r in rows if r is not None], method))
+            write_json(Path(out) / "sweep.json", summarise([r for r in rows if r is not None], method, split))
 
     if workers <= 1:
         runner = _Runner(bundle if bundle is not None else (model_spec or ModelSpec()).load(), gallery, method, config,
@@ -172,7 +184,7 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
             futures = {pool.submit(_work, *jobs[i]): i for i in todo}
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())
-    summary = summarise(rows, method)
+    summary = summarise(rows, method, split)
     if out:
         write_json(Path(out) / "sweep.json", summary)
         write_text(Path(out) / "sweep.md", markdown(summary))
@@ -190,9 +202,10 @@ def per_request(rows: list[dict]) -> list[dict]:
             for k, g in groups.items()]
 
 
-def summarise(rows: list[dict], method: str) -> dict:
+def summarise(rows: list[dict], method: str, split: SplitConfig | None = None) -> dict:
     """Median / minimum Score and the rest over the scored rows; ``skipped`` lists the requests
-    the model did not recognise before unlearning (nothing to forget: no figure)."""
+    the model did not recognise before unlearning (nothing to forget: no figure). ``split``: the
+    split the rows ran with (recorded as it is, its ``fold`` the first fold)."""
     every_row, skipped = rows, [r for r in rows if "skipped" in r]
     rows = [r for r in rows if "skipped" not in r]
     requests = per_request(rows)
@@ -209,6 +222,7 @@ def summarise(rows: list[dict], method: str) -> dict:
             "max_seconds": max(secs) if secs else None,
             "median_stage_seconds": {k: statistics.median(r["stage_seconds"][k] for r in rows
                                                           if k in r.get("stage_seconds", {})) for k in stages},
+            **({"split": dataclasses.asdict(split)} if split is not None else {}),
             "per_request": requests, "rows": every_row,
             "skipped": [{k: r[k] for k in ("superclass", "subgroup", "style", "fold", "skipped")} for r in skipped]}
 
@@ -220,6 +234,10 @@ def markdown(summary: dict) -> str:
              "forget examples column is the trained-on files, outside the Score."
              + (" A request's figures below are the mean over its folds; the table lists each run." if folds > 1 else ""),
              "",
+             *([f"- split: fold {summary['split']['fold']}"
+                + (f" to {summary['split']['fold'] + folds - 1}" if folds > 1 else "")
+                + ", " + ", ".join(f"{k} {v}" for k, v in summary["split"].items() if k != "fold")]
+               if "split" in summary else []),
              (f"- median Score {summary['median_score']:.1f}, minimum {summary['min_score']:.1f}"
               if summary["median_score"] is not None else "- no run was scored"),
              f"- held-out target accuracy after <= chance in {summary['target_at_or_below_chance']} of {n}",

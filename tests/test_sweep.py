@@ -77,6 +77,31 @@ def test_folds_run_every_request_once_per_fold_and_average_per_request(tmp_path,
     assert "3 folds each" in (tmp_path / "sweep.md").read_text()
 
 
+def test_rows_record_the_fold_they_ran_at_and_resume_keys_on_it(tmp_path, monkeypatch, no_model):
+    from clipforget.data.task import SplitConfig
+    calls = []
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in(calls))
+    summary = sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, folds=2, split=SplitConfig(fold=1))
+    assert sorted(map(str, calls)) == sorted(map(str, [("dog-0", 1), ("dog-0", 2), ("dog-1", 1), ("dog-1", 2)]))
+    assert sorted(r["fold"] for r in summary["rows"]) == [1, 1, 2, 2]
+    assert summary["split"]["fold"] == 1 and "split: fold 1 to 2" in (tmp_path / "sweep.md").read_text()
+
+    again = []                                 # same split: nothing left to run
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in(again))
+    sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, folds=2, split=SplitConfig(fold=1), resume=True)
+    assert again == []
+    sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, folds=1, resume=True)    # fold 0: not run yet
+    assert sorted(again) == ["dog-0", "dog-1"]
+
+
+def test_subgroups_picks_those_named_in_the_hierarchys_order(gallery):
+    every = sweep.sweep_requests(gallery)
+    names = [every[5].subgroup, every[2].subgroup]
+    assert sweep.sweep_requests(gallery, subgroups=names) == [every[2], every[5]]
+    with pytest.raises(ValueError, match="no subgroup 'not-a-subgroup' in the gallery.*subgroup folders"):
+        sweep.sweep_requests(gallery, subgroups=[names[0], "not-a-subgroup"])
+
+
 def test_resume_refuses_another_methods_sweep(tmp_path, monkeypatch, no_model):
     monkeypatch.setattr(sweep._Runner, "__call__", stand_in([]))
     sweep.run_sweep(object(), None, REQUESTS[:2], method="ga", out=tmp_path)
@@ -102,6 +127,16 @@ def test_resume_checks_come_before_the_model_loads(args, sweep_json, message, tm
     code = cli_main(["sweep", "--resume", *[a.format(out=tmp_path) for a in args]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.startswith("clipforget sweep: error: "), err
+
+
+def test_an_unknown_subgroup_is_refused_before_the_model_loads(monkeypatch, capsys):
+    from clipforget.cli import main as cli_main
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr("clipforget.models.load_clip", refuse)
+    assert cli_main(["sweep", "--subgroup", "dog,not-a-subgroup"]) == 2
+    assert "no subgroup 'not-a-subgroup' in the gallery" in capsys.readouterr().err
 
 
 def test_a_request_the_model_does_not_recognise_is_skipped_and_the_sweep_goes_on(tmp_path, monkeypatch):
