@@ -662,6 +662,19 @@ def test_results_plot_table_export(core, finished_job):
 
 
 @pytest.mark.slow
+def test_the_page_reads_the_report_once_per_fill(core, finished_job, monkeypatch):
+    from clipforget import runfolder
+    reads = []
+    read = runfolder.read_report
+    monkeypatch.setattr(runfolder, "read_report", lambda run: reads.append(run) or read(run))
+    (core.jobs.job_dir(finished_job.id) / "alpha_curve.png").unlink(missing_ok=True)    # drawn again here
+    shown = core.evaluation(finished_job.id)
+    assert len(reads) == 1
+    assert shown["table"] == core.metrics_table(finished_job.id) and shown["plot"].read_bytes()[:4] == b"\x89PNG"
+    assert shown["downloads"]["model_zip"] == core.export(finished_job.id)["model_zip"]
+
+
+@pytest.mark.slow
 def test_export_loads_in_plain_open_clip(core, finished_job, tmp_path, minilm_hub_cache):
     import open_clip
     with zipfile.ZipFile(core.export(finished_job.id)["model_zip"]) as z:

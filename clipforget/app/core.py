@@ -237,9 +237,17 @@ class AppCore:
     def metrics_table(self, job_id: str) -> dict:
         return results.metrics_table(self.report(job_id))
 
-    def alpha_plot(self, job_id: str) -> Path:
+    def alpha_plot(self, job_id: str, report: dict | None = None) -> Path:
+        """The α-curve's PNG, drawn once from the report (``report``: already read, not read again)."""
         path = self.jobs.job_dir(job_id) / "alpha_curve.png"
-        return path if path.is_file() else results.alpha_plot(self.report(job_id), path)
+        return path if path.is_file() else results.alpha_plot(report or self.report(job_id), path)
+
+    def evaluation(self, job_id: str) -> dict:
+        """What the page shows of an evaluated job — metrics table, α-curve and downloads — from one
+        read of its report."""
+        report = self.report(job_id)
+        return {"table": results.metrics_table(report), "plot": self.alpha_plot(job_id, report),
+                "downloads": self.export(job_id)}
 
     def export(self, job_id: str) -> dict:
         return results.downloads(self._evaluated_run(job_id), self.jobs.job_dir(job_id) / "unlearned-model.zip")

@@ -178,8 +178,9 @@ class Handlers:
                     "in seconds; the grids already show the unlearned model.*" if st["status"] == "ready" else
                     f"No report: {st['summary'].get('unfinished', 'the evaluation did not finish')}")
             return {p.plot: None, p.score_md: note, p.table: None, p.dl_model: None, p.dl_md: None, p.dl_json: None}
-        table, files = core.metrics_table(job_id), core.export(job_id)
-        return {p.plot: str(core.alpha_plot(job_id)), p.score_md: _score(table, st),
+        shown = core.evaluation(job_id)
+        table, files = shown["table"], shown["downloads"]
+        return {p.plot: str(shown["plot"]), p.score_md: _score(table, st),
                 p.table: {"headers": table["headers"], "data": table["rows"]},
                 p.dl_model: files["model_zip"], p.dl_md: files["report_md"], p.dl_json: files["report_json"]}
 
