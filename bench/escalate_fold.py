@@ -4,15 +4,21 @@ and kept the default run of, has the defaults' row — checked here on the escal
 which the defaults' re-run (``--subgroup``) runs again. Prints both summaries and the rule the
 fold-1 check was judged by (docs/results/sweep-ours.md, fixed before it ran).
 
-    python bench/escalate_fold.py ESCALATE.json DEFAULTS_RERUN.json
+    python bench/escalate_fold.py ESCALATE.json DEFAULTS_RERUN.json [DEFAULTS_OUT.json]
+
+DEFAULTS_OUT.json: the defaults' table on this fold so composed, as a sweep.json
+(``clipforget.sweep.summarise``; bench/fold_means.py averages such tables over folds).
 """
 import statistics
 import sys
+from pathlib import Path
 
 from escalate_trigger import rows, summary
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main(escalate: str, rerun: str) -> None:
+
+def main(escalate: str, rerun: str, write: str | None = None) -> None:
     esc, again = rows(escalate), rows(rerun)
     escalated = {k for k, r in esc.items() if r.get("escalate")}
     kept = {k for k in escalated if any(e["kept"] for e in esc[k]["escalate"])}
@@ -23,6 +29,10 @@ def main(escalate: str, rerun: str) -> None:
           f"that kept the default run, {len(same)} equal the defaults' re-run")
     base = {k: again[k] if k in kept else r for k, r in esc.items()}
     print(f"defaults: {summary(base)}")
+    if write:
+        from clipforget.io import write_json
+        from clipforget.sweep import summarise
+        write_json(write, summarise(list(base.values()), "ours"))
     print(f"escalate: {summary(esc)}")
     for k in sorted(kept, key=lambda k: esc[k]["score"] - base[k]["score"]):
         print(f"   {k} {base[k]['score']:.1f} -> {esc[k]['score']:.1f}, held-out target "

@@ -5,11 +5,15 @@ sweep with escalation always on (checked here: its non-escalated rows equal the 
 last digit, and the re-run of its escalated subgroups — which records D_m's forget accuracy —
 equals its rows).
 
-    python bench/escalate_trigger.py DEFAULTS.json ESCALATE.json RERUN.json [THRESHOLD ...]
+    python bench/escalate_trigger.py DEFAULTS.json ESCALATE.json RERUN.json [THRESHOLD ...] [--write OUT.json]
+
+--write: the last threshold's table as a sweep.json (``clipforget.sweep.summarise``; bench/fold_means.py
+averages such tables over folds).
 """
 import json
 import statistics
 import sys
+from pathlib import Path
 
 
 def rows(path: str) -> dict:
@@ -28,7 +32,7 @@ def summary(table: dict) -> str:
             f"{sum(x < 80 for x in s)}")
 
 
-def main(defaults: str, escalate: str, rerun: str, *thresholds: str) -> None:
+def main(defaults: str, escalate: str, rerun: str, *thresholds: str, write: str | None = None) -> None:
     base, esc, again = rows(defaults), rows(escalate), rows(rerun)
     escalated = {k for k, r in esc.items() if r.get("escalate")}
     same = [k for k in base if k not in escalated and esc[k]["score"] == base[k]["score"]]
@@ -46,7 +50,14 @@ def main(defaults: str, escalate: str, rerun: str, *thresholds: str) -> None:
         print(f"min_recognised {t if t is not None else 'None (any)'}: escalates "
               f"{sum(k in escalated and table[k] is esc[k] for k in base)}, keeps γ 10 on {len(moved)}: {summary(table)}")
         print("   " + "; ".join(moved))
+    if write:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from clipforget.io import write_json
+        from clipforget.sweep import summarise
+        write_json(write, summarise(list(table.values()), "ours"))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    out = args[args.index("--write") + 1] if "--write" in args else None
+    main(*[a for i, a in enumerate(args) if "--write" not in args[max(i - 1, 0):i + 1]], write=out)
