@@ -6,7 +6,8 @@ import torch
 
 from clipforget.eval.score import score
 from clipforget.methods import ours as ours_mod
-from clipforget.methods.ours import EscalateConfig, Ours, calibration_score
+from clipforget.methods.ours import EscalateConfig, Ours
+from clipforget.stages.restore import calibration_score
 
 
 def _curve(target_at_1: float, retain_at_1: float) -> list[dict]:

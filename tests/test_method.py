@@ -16,7 +16,7 @@ from clipforget.stages.fisher import relative_fisher, rank_layers
 from clipforget.stages.forget import ForgetConfig, forget_stage, select_layers
 from clipforget.stages.align import AlignConfig, align_images
 from clipforget.stages.remind import RemindConfig, remind_stage
-from clipforget.stages.restore import choose_alpha
+from clipforget.stages.restore import RestoreConfig, choose_alpha
 from clipforget.train.loop import LoopConfig
 
 
@@ -78,6 +78,22 @@ def test_choose_alpha_prefers_kept_accuracy_under_the_target():
     assert choose_alpha(curve, 0.04, tolerance=0.01) == (0.5, True)    # but not one that costs 30
     assert choose_alpha([{"alpha": 0.0, "target": 1.0, "retain": 1.0}, {"alpha": 1.0, "target": 0.5, "retain": 0.4}],
                         0.04) == (1.0, False)
+
+
+def test_an_infeasible_curve_falls_back_to_the_best_calibration_score_when_asked():
+    """No α forgets D_m: "least_target" takes the most forgetting however much it costs; "score"
+    takes the α with the best Score on D_m, the original (α 0) included."""
+    costly = [{"alpha": 0.0, "target": 1.0, "retain": 1.0, "forget_examples": 1.0},
+              {"alpha": 0.5, "target": 0.9, "retain": 0.95, "forget_examples": 0.0},
+              {"alpha": 1.0, "target": 0.8, "retain": 0.5, "forget_examples": 0.0}]
+    # Score on D_m (2 columns): α 0 -> 50, α 0.5 -> 100/2 · (0.1 + 0.95) = 52.5, α 1 -> 100/2 · (0.2 + 0.5) = 35
+    assert choose_alpha(costly, 0.0) == (1.0, False)
+    assert choose_alpha(costly, 0.0, infeasible="score") == (0.5, False)
+    worthless = [dict(r, target=1.0) for r in costly]           # nothing forgotten at any α: the original
+    assert choose_alpha(worthless, 0.0, infeasible="score") == (0.0, False)
+    assert choose_alpha(costly[:1] + [dict(costly[1], target=0.0)], 0.0, infeasible="score") == (0.5, True)
+    with pytest.raises(ValueError, match="infeasible must be"):
+        RestoreConfig(infeasible="best")
 
 
 def test_soup_endpoints():

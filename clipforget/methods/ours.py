@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..alphas import nearest
-from ..eval.score import score
 from ..stages.forget import ForgetConfig, forget_stage
 from ..stages.remind import RemindConfig, remind_stage
-from ..stages.restore import RestoreConfig, restore_stage
+from ..stages.restore import RestoreConfig, calibration_score, curve_row, restore_stage
 from ..stages.synthesize import StandInConfig, stand_ins
 from .base import Context, Unlearner, register_method
 
@@ -41,19 +39,6 @@ class EscalateConfig:
         if self.min_recognised is not None:
             return recognised >= self.min_recognised - 1e-9
         return recognised > target + 1e-9
-
-
-def curve_row(curve: list[dict], alpha: float) -> dict:
-    """Restore's curve at its grid point nearest ``alpha``."""
-    at = nearest([r["alpha"] for r in curve], alpha)
-    return next(r for r in curve if r["alpha"] == at)
-
-
-def calibration_score(curve: list[dict], alpha: float, ignore=()) -> float:
-    """The Score over D_m's columns at ``alpha`` against α = 0 (the original), from restore's curve."""
-    before, after = curve_row(curve, 0.0), curve_row(curve, alpha)
-    cols = [k for k in before if k not in ("alpha", *ignore)]
-    return score({k: {"before": before[k], "after": after[k]} for k in cols})
 
 
 def calibration_target(curve: list[dict], alpha: float) -> float:

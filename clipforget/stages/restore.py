@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..alphas import nearest
+from ..eval.score import score
 from ..eval.zeroshot import column_accuracy
 from ..merge import apply_delta
 from ..train.loop import emit
@@ -30,6 +32,10 @@ class RestoreConfig:
                                          # images, so the boundary α forgets the test views less reliably [recon]
     target_accuracy: float | None = 0.0   # forget target on D_m; None: chance level. 0: D_m holds only a few
                                           # forget images, and at chance one unseen view in 20 could survive [recon]
+    infeasible: str = "least_target"     # no α reaches the target: "least_target" (the α with the lowest
+                                         # target accuracy) | "score" (the α with the best Score on D_m, α 0
+                                         # included: an edit that forgets D_m too little to pay for what it
+                                         # costs the other columns is backed off) [recon]
 
     def __post_init__(self):
         if self.grid_points < 2:
@@ -40,6 +46,8 @@ class RestoreConfig:
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if self.target_accuracy is not None and not 0 <= self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
+        if self.infeasible not in ("least_target", "score"):
+            raise ValueError(f"infeasible must be 'least_target' or 'score', got {self.infeasible!r}")
 
 
 def alpha_grid(points: int) -> list[float]:
@@ -80,12 +88,27 @@ def alpha_curve(ctx, delta: dict, alphas: list[float], text_delta: dict | None =
     return curve
 
 
+def curve_row(curve: list[dict], alpha: float) -> dict:
+    """The curve at its grid point nearest ``alpha``."""
+    at = nearest([r["alpha"] for r in curve], alpha)
+    return next(r for r in curve if r["alpha"] == at)
+
+
+def calibration_score(curve: list[dict], alpha: float, ignore=()) -> float:
+    """The paper's Score over D_m's columns at ``alpha`` against α = 0 (the original), from the curve."""
+    before, after = curve_row(curve, 0.0), curve_row(curve, alpha)
+    cols = [k for k in before if k not in ("alpha", *ignore)]
+    return score({k: {"before": before[k], "after": after[k]} for k in cols})
+
+
 def choose_alpha(curve: list[dict], target: float, tolerance: float = 0.0,
-                 ignore: tuple[str, ...] = ("forget_examples",)) -> tuple[float, bool]:
+                 ignore: tuple[str, ...] = ("forget_examples",), infeasible: str = "least_target") -> tuple[float, bool]:
     """(α, feasible): among the α with target accuracy <= ``target``, the largest whose mean
     non-target accuracy is within ``tolerance`` of the best such α's (a stronger soup unless it
-    costs more than that). Infeasible everywhere -> the α with the lowest target accuracy (largest
-    on ties). Columns in ``ignore`` (the trained-on forget examples) are shown, never used."""
+    costs more than that). Infeasible everywhere -> with ``infeasible="least_target"`` the α with
+    the lowest target accuracy (largest on ties), with ``"score"`` the α with the best
+    :func:`calibration_score` (smallest on ties; α 0 scores (K − 1)/K of 100). Columns in
+    ``ignore`` (the trained-on forget examples) are shown, never used."""
     def keep(row):
         vals = [v for k, v in row.items() if k not in ("alpha", "target", *ignore)]
         return sum(vals) / len(vals) if vals else 0.0
@@ -93,6 +116,8 @@ def choose_alpha(curve: list[dict], target: float, tolerance: float = 0.0,
     if feasible:
         best = max(keep(r) for r in feasible)
         return max(r["alpha"] for r in feasible if keep(r) >= best - tolerance - 1e-9), True
+    if infeasible == "score":
+        return max(curve, key=lambda r: (calibration_score(curve, r["alpha"], ignore), -r["alpha"]))["alpha"], False
     return min(curve, key=lambda r: (r["target"], -r["alpha"]))["alpha"], False
 
 
@@ -103,7 +128,7 @@ def restore_stage(ctx, cfg: RestoreConfig) -> dict:
         ctx.alpha = 1.0
         return {"alpha": 1.0, "soup": False}
     curve = alpha_curve(ctx, delta, alpha_grid(cfg.grid_points), ctx.text_delta())
-    best, feasible = choose_alpha(curve, target, cfg.keep_tolerance, tuple(ctx.task.trained))
+    best, feasible = choose_alpha(curve, target, cfg.keep_tolerance, tuple(ctx.task.trained), cfg.infeasible)
     if not feasible:
         log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, best)
     alpha = min(1.0, round(best + cfg.margin, 6)) if feasible else best
