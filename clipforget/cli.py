@@ -257,23 +257,15 @@ def cmd_sweep(args) -> int:
         previous_rows(args.out, args.method)  # another method's sweep, or an unreadable sweep.json
     config = _config(args.method, args)
     gallery = _gallery(args)
-    subgroups = [n.strip() for n in ",".join(args.subgroup).split(",") if n.strip()] if args.subgroup else None
-    reqs = sweep_requests(gallery, args.superclass, args.every, args.style, args.offset, subgroups)
+    reqs = sweep_requests(gallery, args.superclass, args.every, args.style, args.offset, args.subgroup)
     bundle = _bundle(args) if args.workers <= 1 else None
     print(f"sweep: {len(reqs)} requests with {args.method}", flush=True)
 
-    def row(r):
-        if "skipped" in r:
-            print(f"  {r['superclass']}/{r['subgroup']} fold {r['fold']}: skipped ({r['skipped']})", flush=True)
-            return
-        print(f"  {r['superclass']}/{r['subgroup']} fold {r['fold']}: Score {r['score']:.1f}, held-out target "
-              f"{r['columns']['target']['before']:.2f}"
-              f" -> {r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s", flush=True)
-    from .sweep import ModelSpec
+    from .sweep import ModelSpec, row_line
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
-    s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config,
-                  args.out, row, workers=args.workers, model_spec=spec, gallery_spec=args.gallery,
-                  resume=args.resume, folds=args.folds, split=_split(args.split, args.preset))
+    s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config, args.out,
+                  lambda r: print(row_line(r), flush=True), workers=args.workers, model_spec=spec,
+                  gallery_spec=args.gallery, resume=args.resume, folds=args.folds, split=_split(args.split, args.preset))
     if s["median_score"] is None:
         print(f"no request was scored: the model recognised none of them ({len(s['skipped'])} skipped)")
         return 1
@@ -425,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(sw)
     sw.add_argument("--method", default="ours", choices=list_methods())
     sw.add_argument("--superclass", default=None, help="only this superclass's subgroups")
-    sw.add_argument("--subgroup", action="append", metavar="NAME[,NAME...]",
+    sw.add_argument("--subgroup", action="extend", metavar="NAME[,NAME...]", type=lambda v: [n for n in v.split(",") if n],
                     help="only these subgroups (repeat or comma-separate), e.g. to run a few of a sweep again")
     sw.add_argument("--style", default=None, help="forget each subgroup in this style only")
     sw.add_argument("--every", type=int, default=1, help="every N-th subgroup (a quicker sample)")

@@ -71,6 +71,15 @@ def sweep_row(run, fold: int = 0) -> dict:
     return row
 
 
+def row_line(r: dict) -> str:
+    """A row as the sweep prints it while it runs."""
+    where = f"  {r['superclass']}/{r['subgroup']} fold {r['fold']}: "
+    if "skipped" in r:
+        return where + f"skipped ({r['skipped']})"
+    return (where + f"Score {r['score']:.1f}, held-out target {r['columns']['target']['before']:.2f} -> "
+            f"{r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s")
+
+
 class _Runner:
     """Runs requests one after another on one loaded model (shared caches)."""
 

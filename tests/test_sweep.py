@@ -164,3 +164,11 @@ def test_a_request_the_model_does_not_recognise_is_skipped_and_the_sweep_goes_on
     assert [r["subgroup"] for r in summary["skipped"]] == ["dog-1"] and "recognise" in summary["skipped"][0]["skipped"]
     assert [r["subgroup"] for r in summary["rows"]] == ["dog-0", "dog-1", "dog-2"]      # request order, kept for resume
     assert "skipped 1 run(s)" in (tmp_path / "sweep.md").read_text()
+
+
+def test_row_line_says_what_a_run_gave_or_why_it_was_skipped():
+    row = {"superclass": "dog", "subgroup": "poodle", "fold": 1, "score": 91.25, "alpha": 0.5, "seconds": 40.0,
+           "target_after": 0.0, "columns": {"target": {"before": 1.0, "after": 0.0}}}
+    assert sweep.row_line(row) == "  dog/poodle fold 1: Score 91.2, held-out target 1.00 -> 0.00, alpha 0.50, 40.0s"
+    skipped = {"superclass": "dog", "subgroup": "poodle", "fold": 0, "skipped": "not recognised"}
+    assert sweep.row_line(skipped) == "  dog/poodle fold 0: skipped (not recognised)"
