@@ -140,7 +140,8 @@ class Evaluator:
                 # a model that does not recognise the target has no Score: only forget(check=False) gets here
                 "score": score(cols) if cols["target"]["before"] > 0 else None, "alpha": alpha, "chance": 1 / len(task.superclasses),
                 "columns": cols, "trained_on": trained, "seconds": seconds,
-                "retain_subgroups": task.retain_subgroups, "warnings": task.warnings,
+                "retain_subgroups": task.retain_subgroups,
+                "warnings": [*task.warnings, *filter(None, [result.info.get("restore", {}).get("warning")])],
                 "alpha_curve": result.alpha_curve}
 
 

@@ -138,7 +138,7 @@ def test_nothing_to_retain_is_a_warning_and_the_run_completes(tiny_world, tiny_g
     with caplog.at_level("WARNING", logger="clipforget"):
         run = run_tiny(bundle, tiny_gallery, ("fish", "shark"))
     assert "nothing to retain for shark" in caplog.text
-    assert run.report["warnings"] == warnings
+    assert [w for w in run.report["warnings"] if not w.startswith("restore:")] == warnings
     assert "retain" not in run.report["columns"] and 0 <= run.report["score"] <= 100
     with pytest.raises(ValueError, match="ft needs a retain set"):   # a method that cannot do without one
         run_tiny(bundle, tiny_gallery, ("fish", "shark"), method="ft", config={})

@@ -96,6 +96,23 @@ def test_an_infeasible_curve_falls_back_to_the_best_calibration_score_when_asked
         RestoreConfig(infeasible="best")
 
 
+def test_restore_says_in_its_info_when_no_alpha_forgets_the_calibration_images(monkeypatch):
+    from types import SimpleNamespace
+
+    from clipforget.stages import restore
+    ctx = SimpleNamespace(chance=0.04, task=SimpleNamespace(trained={}), current_delta=lambda: {},
+                          text_delta=lambda: None)
+    infeasible = [{"alpha": 0.0, "target": 1.0, "retain": 1.0}, {"alpha": 1.0, "target": 0.5, "retain": 0.9}]
+    monkeypatch.setattr(restore, "alpha_curve", lambda *a: infeasible)
+    info = restore.restore_stage(ctx, RestoreConfig(grid_points=2))
+    assert (info["feasible"], ctx.alpha) == (False, 1.0)
+    assert info["warning"].startswith("restore: no α brought the held-out calibration images") and "forgets them most" in info["warning"]
+    info = restore.restore_stage(ctx, RestoreConfig(grid_points=2, infeasible="score"))
+    assert ctx.alpha == 1.0 and "with the best Score on them" in info["warning"]     # 100/2 · (0.5 + 0.9) = 70 > 50
+    monkeypatch.setattr(restore, "alpha_curve", lambda *a: [infeasible[0], dict(infeasible[1], target=0.0)])
+    assert "warning" not in restore.restore_stage(ctx, RestoreConfig(grid_points=2))
+
+
 def test_soup_endpoints():
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}

@@ -133,4 +133,10 @@ def restore_stage(ctx, cfg: RestoreConfig) -> dict:
         log.warning("no α on the grid brings calibration forget accuracy to <= %.3f; using α=%.2f", target, best)
     alpha = min(1.0, round(best + cfg.margin, 6)) if feasible else best
     ctx.alpha, ctx.alpha_curve = alpha, curve
-    return {"alpha": alpha, "calibrated_alpha": best, "feasible": feasible, "target_accuracy": target}
+    info = {"alpha": alpha, "calibrated_alpha": best, "feasible": feasible, "target_accuracy": target}
+    if not feasible:      # the report says so: held-out drawings of the subgroup are likely still recognised
+        info["warning"] = (f"restore: no α brought the held-out calibration images of the subgroup to accuracy "
+                           f"{target:.2f}; α {alpha:.2f} is the one " + ("with the best Score on them" if
+                           cfg.infeasible == "score" else "that forgets them most") + ", and other drawings of the "
+                           "subgroup may still be recognised (more forget examples may reach them)")
+    return info
