@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from escalate_trigger import rows, summary
+from escalate_trigger import at_chance, rows, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,11 +37,10 @@ def main(escalate: str, rerun: str, write: str | None = None) -> None:
     for k in sorted(kept, key=lambda k: esc[k]["score"] - base[k]["score"]):
         print(f"   {k} {base[k]['score']:.1f} -> {esc[k]['score']:.1f}, held-out target "
               f"{base[k]['target_after']:.2f} -> {esc[k]['target_after']:.2f}")
-    at = lambda t: sum(x["target_after"] <= x["chance"] + 1e-9 for x in t.values())   # noqa: E731
     score = lambda t, f: f(x["score"] for x in t.values())                            # noqa: E731
     checks = {"minimum not lower": score(esc, min) >= score(base, min),
               "mean not lower by more than 0.1": score(esc, statistics.mean) >= score(base, statistics.mean) - 0.1,
-              "at chance not lower": at(esc) >= at(base)}
+              "at chance not lower": at_chance(esc) >= at_chance(base)}
     print("rule: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items())
           + f" -> {'adopt' if all(checks.values()) else 'do not adopt'}")
 

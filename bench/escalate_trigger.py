@@ -10,6 +10,7 @@ equals its rows).
 --write: the last threshold's table as a sweep.json (``clipforget.sweep.summarise``; bench/fold_means.py
 averages such tables over folds).
 """
+import argparse
 import json
 import statistics
 import sys
@@ -20,19 +21,24 @@ def rows(path: str) -> dict:
     return {r["subgroup"]: r for r in json.load(open(path))["rows"]}
 
 
+def at_chance(table: dict) -> int:
+    """Subgroups whose held-out target accuracy after is at or below chance."""
+    return sum(x["target_after"] <= x["chance"] + 1e-9 for x in table.values())
+
+
 def summary(table: dict) -> str:
     r = list(table.values())
     s = [x["score"] for x in r]
     low = min(r, key=lambda x: x["score"])
     mean = lambda col: statistics.mean(x["columns"][col]["after"] for x in r)    # noqa: E731
-    return (f"at chance {sum(x['target_after'] <= x['chance'] + 1e-9 for x in r)}, median {statistics.median(s):.2f}, "
+    return (f"at chance {at_chance(table)}, median {statistics.median(s):.2f}, "
             f"min {low['score']:.2f} ({low['subgroup']}), mean {statistics.mean(s):.2f}, held-out target "
             f"{mean('target'):.3f}, retain {mean('retain'):.3f}, other superclasses {mean('other_superclasses'):.3f}, "
             f"other concepts {mean('other_concepts'):.3f}, Score >= 90 / < 80: {sum(x >= 90 for x in s)} / "
             f"{sum(x < 80 for x in s)}")
 
 
-def main(defaults: str, escalate: str, rerun: str, *thresholds: str, write: str | None = None) -> None:
+def main(defaults: str, escalate: str, rerun: str, thresholds: list[float], write: str | None = None) -> None:
     base, esc, again = rows(defaults), rows(escalate), rows(rerun)
     escalated = {k for k, r in esc.items() if r.get("escalate")}
     same = [k for k in base if k not in escalated and esc[k]["score"] == base[k]["score"]]
@@ -40,7 +46,7 @@ def main(defaults: str, escalate: str, rerun: str, *thresholds: str, write: str 
           f"{sum(again[k]['score'] == esc[k]['score'] for k in again)} of {len(again)} equal; "
           f"escalated {len(escalated)}, re-run {len(escalated & set(again))}")
     print(f"defaults: {summary(base)}")
-    for t in [None] + [float(x) for x in thresholds]:
+    for t in [None, *thresholds]:
         table, moved = {}, []
         for k in base:
             fires = k in escalated and (t is None or again[k]["escalate"][0]["against_target"] >= t - 1e-9)
@@ -58,6 +64,11 @@ def main(defaults: str, escalate: str, rerun: str, *thresholds: str, write: str 
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    out = args[args.index("--write") + 1] if "--write" in args else None
-    main(*[a for i, a in enumerate(args) if "--write" not in args[max(i - 1, 0):i + 1]], write=out)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("defaults")
+    ap.add_argument("escalate")
+    ap.add_argument("rerun")
+    ap.add_argument("thresholds", nargs="*", type=float)
+    ap.add_argument("--write", default=None, help="the last threshold's table as a sweep.json")
+    a = ap.parse_args()
+    main(a.defaults, a.escalate, a.rerun, a.thresholds, a.write)

@@ -35,13 +35,14 @@ def sweep_requests(gallery: Gallery, superclass: str | None = None, every: int =
     scs = [superclass] if superclass else gallery.superclasses()
     reqs = [ForgetRequest(sc, sg, style) for sc in scs for sg in gallery.subgroups(sc)]
     if subgroups is not None:
-        unknown = sorted(set(subgroups) - {r.subgroup for r in reqs})
+        wanted = set(subgroups)
+        unknown = sorted(wanted - {r.subgroup for r in reqs})
         if unknown:
             raise ValueError(f"no subgroup {', '.join(map(repr, unknown))} in the gallery"
                              + (f"'s superclass {superclass!r}" if superclass else "")
                              + "; the names are the gallery's subgroup folders (e.g. "
                              + ", ".join(r.subgroup for r in reqs[:3]) + ")")
-        reqs = [r for r in reqs if r.subgroup in set(subgroups)]
+        reqs = [r for r in reqs if r.subgroup in wanted]
     return reqs[offset::every]
 
 
