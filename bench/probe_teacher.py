@@ -56,7 +56,7 @@ def main(every: int = 8, offset: int = 0) -> None:
             threshold, q, gate, gamma = cell
             readout = SubgroupReadout.fit(ctx, forget, retain, q, threshold, gate)
             if cell == GRID[0]:
-                aucs.append(auc(feats["target"] @ readout.direction, feats["retain"] @ readout.direction))
+                aucs.append(auc(readout.read(feats["target"]), readout.read(feats["retain"])))
                 line.append(f"AUC {aucs[-1]:.3f}")
             acc = {k: ctx.superclass_accuracy(teacher_of(ctx, f, gamma, readout).features, labels[k])
                    for k, f in feats.items()}

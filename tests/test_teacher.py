@@ -16,7 +16,7 @@ def test_the_readout_separates_the_forget_examples_from_their_siblings(bundle, p
     forget, retain = _features(ctx, poodle_task.forget), _features(ctx, poodle_task.retain)
     readout = SubgroupReadout.fit(ctx, forget, retain, quantile=0.5)
     assert readout is not None
-    r_forget, r_retain = forget @ readout.direction, retain @ readout.direction
+    r_forget, r_retain = readout.read(forget), readout.read(retain)
     assert float(r_forget.mean()) > readout.threshold > float(r_retain.median())
     assert float((readout.gate(forget) > 0).float().mean()) > 0.9     # the model's own poodles pass the gate
     assert float((readout.gate(retain) > 0).float().mean()) < 0.5     # most siblings do not
@@ -68,7 +68,7 @@ def test_a_saturating_gate_gives_the_full_edit_from_the_forget_images_median_on(
     forget, retain = _features(ctx, poodle_task.forget), _features(ctx, poodle_task.retain)
     linear = SubgroupReadout.fit(ctx, forget, retain, quantile=0.9, threshold="retain")
     sat = SubgroupReadout.fit(ctx, forget, retain, quantile=0.9, threshold="retain", gate="saturating")
-    r_retain, r_forget = retain @ sat.direction, forget @ sat.direction
+    r_retain, r_forget = sat.read(retain), sat.read(forget)
     assert sat.threshold == linear.threshold == pytest.approx(float(torch.quantile(r_retain, 0.9)))
     assert float((linear.gate(retain) > 0).float().mean()) == pytest.approx(0.1, abs=0.02)   # the retain tail only
     g = sat.gate(forget)
@@ -82,8 +82,29 @@ def test_a_saturating_gate_gives_the_full_edit_from_the_forget_images_median_on(
                                                     + float(torch.quantile(r_forget, 0.1))))
 
 
+def test_the_margin_readout_is_the_subgroup_score_over_the_closest_sibling(bundle, poodle_task):
+    """``readout = "margin"``: r(x) = ĝ₀(x)·t_sub − max ĝ₀(x)·t_sibling, the stand-ins' criterion;
+    the mean readout is the difference-of-means direction. Both fit their threshold the same way."""
+    from clipforget.stages.synthesize import subgroup_texts
+    ctx = Context(bundle, poodle_task)
+    forget, retain = _features(ctx, poodle_task.forget), _features(ctx, poodle_task.retain)
+    texts, i = subgroup_texts(ctx)
+    siblings = torch.cat([texts[:i], texts[i + 1:]]).float()
+    mean = SubgroupReadout.fit(ctx, forget, retain, quantile=0.5)
+    margin = SubgroupReadout.fit(ctx, forget, retain, quantile=0.5, kind="margin")
+    expected = forget @ texts[i].float() - (forget @ siblings.t()).max(1).values
+    assert torch.allclose(margin.read(forget), expected, atol=1e-6)
+    assert torch.allclose(mean.read(forget), forget @ (texts[i].float() - siblings.mean(0)), atol=1e-6)
+    assert not torch.allclose(margin.read(forget), mean.read(forget))
+    rf, rr = margin.read(forget), margin.read(retain)
+    assert margin.threshold == pytest.approx(0.5 * (float(torch.quantile(rr, 0.5)) + float(torch.quantile(rf, 0.1))))
+    assert float((margin.gate(forget) > 0).float().mean()) > 0.9 > float((margin.gate(retain) > 0).float().mean())
+
+
 def test_teacher_config_names_a_bad_gate():
     from clipforget.stages.teacher import TeacherConfig
+    with pytest.raises(ValueError, match="teacher.readout"):
+        TeacherConfig(readout="max")
     with pytest.raises(ValueError, match="teacher.gate"):
         TeacherConfig(gate="step")
     with pytest.raises(ValueError, match="teacher.threshold"):

@@ -226,7 +226,7 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
     if cfg.teacher.edit > 0:               # the original's features are encoded once, then edited
         forget_feats = original_features(ctx, forget_in)
         readout = SubgroupReadout.fit(ctx, forget_feats, original.features, cfg.teacher.quantile,
-                                      cfg.teacher.threshold, cfg.teacher.gate)
+                                      cfg.teacher.threshold, cfg.teacher.gate, cfg.teacher.readout)
     if readout is not None:
         teacher = teacher_of(ctx, original.features, cfg.teacher.edit, readout)
         if cfg.teacher.forget_rows:

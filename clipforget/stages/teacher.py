@@ -14,6 +14,9 @@ from ..embed import ENCODE_BATCH
 from .synthesize import subgroup_texts
 
 
+READOUTS = ("mean", "margin")
+
+
 @dataclass
 class TeacherConfig:
     """The edited teacher [recon]: distillation pulls towards the original model's features moved
@@ -26,6 +29,7 @@ class TeacherConfig:
     gate: str = "linear"             # the edit's weight: linear γ·relu(r − b) | saturating γ·min(1, relu(r − b) /
                                      # (median forget readout − b)): the full γ from the forget images' median on
     forget_rows: bool = True         # also distil the forget images (examples, stand-ins) towards it
+    readout: str = "mean"            # r(x): mean ĝ₀(x)·(t_sub − mean t_sibling) | margin s(x, t_sub) − max s(x, t_sibling)
 
     def __post_init__(self):
         if self.edit < 0:
@@ -36,6 +40,8 @@ class TeacherConfig:
             raise ValueError(f"teacher.threshold must be 'midway' or 'retain', got {self.threshold!r}")
         if self.gate not in ("linear", "saturating"):
             raise ValueError(f"teacher.gate must be 'linear' or 'saturating', got {self.gate!r}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"teacher.readout must be one of {READOUTS}, got {self.readout!r}")
 
 
 @dataclass
@@ -52,36 +58,46 @@ def original_features(ctx, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SubgroupReadout:
-    """The original model's own word on "is this the subgroup": r(x) = ĝ₀(x)·(t_sub − mean t_sibling)
-    over the subgroup's and its retain subgroups' prompts, and a threshold b between the forget
-    images' readouts and the retain images' [recon]."""
-    direction: torch.Tensor
+    """The original model's own word on "is this the subgroup", over the subgroup's prompt t_sub and
+    its retain subgroups' t_sibling: ``mean`` r(x) = ĝ₀(x)·(t_sub − mean t_sibling), or ``margin``
+    r(x) = ĝ₀(x)·t_sub − max ĝ₀(x)·t_sibling (the stand-ins' criterion); and a threshold b between the
+    forget images' readouts and the retain images' [recon]."""
+    texts: torch.Tensor                # the subgroup's prompt (row 0), then its siblings'
     threshold: float
     saturate_at: float | None = None   # a saturating gate reaches 1 this far above the threshold
+    kind: str = "mean"
 
     @staticmethod
     @torch.no_grad()
     def fit(ctx, forget_feats: torch.Tensor, retain_feats: torch.Tensor, quantile: float = 0.5,
-            threshold: str = "midway", gate: str = "linear") -> "SubgroupReadout | None":
-        """``threshold`` and ``gate`` as in :class:`TeacherConfig`."""
+            threshold: str = "midway", gate: str = "linear", kind: str = "mean") -> "SubgroupReadout | None":
+        """``threshold``, ``gate`` and ``kind`` (the readout) as in :class:`TeacherConfig`."""
         if ctx.task.request.subgroup is None:
             return None
         texts, i = subgroup_texts(ctx)
         if len(texts) < 2:             # no sibling to read the subgroup against
             return None
-        others = torch.cat([texts[:i], texts[i + 1:]])
-        a = (texts[i] - others.mean(0)).float()
-        rf, rr = forget_feats @ a, retain_feats @ a
+        texts = torch.cat([texts[i:i + 1], texts[:i], texts[i + 1:]])
+        readout = SubgroupReadout(texts, 0.0, None, kind)
+        rf, rr = readout.read(forget_feats), readout.read(retain_feats)
         b = float(torch.quantile(rr, quantile))
         if threshold == "midway":
             b = 0.5 * (b + float(torch.quantile(rf, 0.1)))
-        saturate_at = max(float(rf.median()) - b, 1e-6) if gate == "saturating" else None
-        return SubgroupReadout(a, b, saturate_at)
+        readout.threshold = b
+        readout.saturate_at = max(float(rf.median()) - b, 1e-6) if gate == "saturating" else None
+        return readout
+
+    def read(self, feats: torch.Tensor) -> torch.Tensor:
+        """r(x) of normalised features, one per row."""
+        if self.kind == "mean":        # one direction: t_sub − mean t_sibling
+            return feats @ (self.texts[0] - self.texts[1:].mean(0)).float()
+        texts = self.texts.float()
+        return feats @ texts[0] - (feats @ texts[1:].t()).max(1).values
 
     def gate(self, feats: torch.Tensor) -> torch.Tensor:
         """The edit's weight per row (times γ): relu(r − b), or with a saturating gate
         min(1, relu(r − b) / saturate_at)."""
-        g = torch.relu(feats @ self.direction - self.threshold)
+        g = torch.relu(self.read(feats) - self.threshold)
         return g if self.saturate_at is None else torch.clamp(g / self.saturate_at, max=1.0)
 
 
