@@ -3,7 +3,7 @@
 held-out columns, edited as the teacher edits them — ĝ₀(x) − γ·relu(r(x) − b)·t_c, r the original's
 own subgroup readout, b fitted on the forget examples and the retain training images — and
 classified among the superclass prompts. Not a weight edit: what the method can at best be taught.
-Each cell of the grid is a teacher setting (``remind.teacher``: threshold, quantile, gate, edit γ).
+Each cell of the grid is a teacher setting (``remind.teacher``: threshold, quantile, gate, edit γ, readout).
 
     python bench/probe_teacher.py [EVERY] [OFFSET]     # every EVERY-th subgroup (default 8) from OFFSET
 
@@ -22,14 +22,17 @@ from clipforget.models import load_clip
 from clipforget.stages.teacher import SubgroupReadout, original_features, teacher_of
 from clipforget.sweep import sweep_requests
 
-# (threshold, quantile, gate, γ): the first four as first measured, the default, then the saturating gate
-GRID = [("midway", q, "linear", g) for q in (0.5, 0.9) for g in (10.0, 20.0)] + [
-    ("midway", 0.5, "linear", 5.0), ("retain", 0.8, "saturating", 1.0), ("retain", 0.9, "saturating", 1.0)]
+# (threshold, quantile, gate, γ, readout): the first four as first measured, the default, then the
+# saturating gate; then the margin readout (remind.teacher.readout) at the default gate and at γ 10
+GRID = [("midway", q, "linear", g, "mean") for q in (0.5, 0.9) for g in (10.0, 20.0)] + [
+    ("midway", 0.5, "linear", 5.0, "mean"), ("retain", 0.8, "saturating", 1.0, "mean"),
+    ("retain", 0.9, "saturating", 1.0, "mean"), ("midway", 0.5, "linear", 5.0, "margin"),
+    ("midway", 0.5, "linear", 10.0, "margin")]
 
 
 def label(cell) -> str:
-    threshold, q, gate, gamma = cell
-    return f"{threshold} q{q} {gate} γ{gamma:g}"
+    threshold, q, gate, gamma, readout = cell
+    return f"{threshold} q{q} {gate} γ{gamma:g}" + ("" if readout == "mean" else f" {readout}")
 
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -53,8 +56,8 @@ def main(every: int = 8, offset: int = 0) -> None:
         forget, retain = original_features(ctx, ctx.inputs(task.forget)), original_features(ctx, ctx.inputs(task.retain))
         line = [f"{req.label:34s}"]
         for cell in GRID:
-            threshold, q, gate, gamma = cell
-            readout = SubgroupReadout.fit(ctx, forget, retain, q, threshold, gate)
+            threshold, q, gate, gamma, kind = cell
+            readout = SubgroupReadout.fit(ctx, forget, retain, q, threshold, gate, kind)
             if cell == GRID[0]:
                 aucs.append(auc(readout.read(feats["target"]), readout.read(feats["retain"])))
                 line.append(f"AUC {aucs[-1]:.3f}")
