@@ -29,7 +29,7 @@ from clipforget.eval.score import score
 from clipforget.methods.base import Context
 from clipforget.models import load_clip
 from clipforget.stages.synthesize import subgroup_texts
-from clipforget.stages.teacher import original_features
+from clipforget.stages.teacher import READOUTS, SubgroupReadout, original_features
 
 EDIT = 2.0          # how far a gated view moves against the superclass direction: enough to lose it
 RETAIN_KEPT = (0.95, 0.9, 0.8)   # the summary counts subgroups forgotten at these retain ratios or better
@@ -37,13 +37,6 @@ RETAIN_KEPT = (0.95, 0.9, 0.8)   # the summary counts subgroups forgotten at the
 
 def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
-
-
-def readouts(ctx, texts: torch.Tensor):
-    """The two readouts as functions of normalised features; the subgroup's prompt is row 0."""
-    a = (texts[0] - texts[1:].mean(0)).float()
-    return {"mean": lambda f: f @ a,
-            "margin": lambda f: f @ texts[0].float() - (f @ texts[1:].float().t()).max(1).values}
 
 
 def oracle_edit(ctx, feats: torch.Tensor, r: torch.Tensor, bar: float) -> torch.Tensor:
@@ -56,10 +49,11 @@ def probe(ctx, task) -> dict:
     feats = {k: original_features(ctx, ctx.inputs(task.test[c].views)) for k, c in cols.items()}
     labels = {k: task.test[c].labels for k, c in cols.items()}
     before = {k: ctx.superclass_accuracy(feats[k], labels[k]) for k in cols}
-    texts, _ = subgroup_texts(ctx)
+    texts, _ = subgroup_texts(ctx)                     # the subgroup's prompt first, then its siblings'
     out = {"before": before}
-    for name, read in readouts(ctx, texts).items():
-        r = {k: read(f) for k, f in feats.items()}
+    for name in READOUTS:
+        readout = SubgroupReadout(texts, threshold=0.0, kind=name)
+        r = {k: readout.read(f) for k, f in feats.items()}
         logits = feats["target"] @ ctx.superclass_emb.float().t()
         known = logits.argmax(1) == labels["target"].to(logits.device)
         bar = float(r["target"][known].min()) if known.any() else float("inf")
@@ -94,14 +88,14 @@ def main() -> None:
         print(f"{req.label:34s} " + "  ".join(
             f"{n}: AUC {res[n]['auc']:.3f} target {res[n]['after']['target']:.2f} retain "
             f"{res['before']['retain']:.2f}->{res[n]['after']['retain']:.2f} other {res[n]['after']['other']:.2f} "
-            f"Score<={res[n]['score']:.1f}" for n in ("mean", "margin")), flush=True)
+            f"Score<={res[n]['score']:.1f}" for n in READOUTS), flush=True)
     method = None
     if args.rows:
         rows = json.load(open(args.rows))["rows"]
         method = {r["subgroup"]: r["target_after"] <= r["chance"] + 1e-9 for r in rows}
     print(f"\n{len(results)} subgroups, fold {args.fold}; the oracle edit gates every held-out target view "
           f"the original recognises (EDIT {EDIT})")
-    for name in ("mean", "margin"):
+    for name in READOUTS:
         res = [r[name] for r in results.values()]
         kept = ", ".join(f"retain kept >= {k:.2f} in {sum(r['retain_kept'] >= k for r in res)}" for k in RETAIN_KEPT)
         print(f"{name}: AUC median {statistics.median(r['auc'] for r in res):.3f}; {kept}; "
