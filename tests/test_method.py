@@ -284,6 +284,27 @@ def test_remind_stops_once_retain_is_back_and_forget_stays_forgotten(bundle, poo
     assert changed <= set(forgot.layers)          # scope: only the layers the forget stage edited
 
 
+def test_remind_can_judge_retain_on_the_held_out_calibration_files(bundle, poodle_task):
+    """``check_retain = "calibration"``: the stop and the best check read retain on D_m's retain files
+    (never trained on): the goal is the original's accuracy there less the tolerance, and a stop
+    returns the model whose accuracy on them it checked. (A tolerance of 1 makes the first check
+    that finds D_f forgotten stop the run.)"""
+    ctx = Context(bundle, poodle_task)
+    forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8))
+    held_out = poodle_task.calib["retain"]
+    original = ctx.accuracy(held_out.views, ctx.original)
+    cfg = RemindConfig(align=AlignConfig(enabled=False), check_retain="calibration", retain_tolerance=1.0,
+                       loop=LoopConfig(steps=20, lr=5e-4, check_every=2))
+    info = remind_stage(ctx, cfg, forgot)
+    assert info["retain_goal"] == pytest.approx(original - 1.0, abs=1e-6)
+    last = info["checks"][-1]
+    assert last["step"] == info["steps"] < cfg.loop.steps and last["forget_acc"] <= info["forget_goal"]
+    assert ctx.accuracy(held_out.views) == pytest.approx(last["retain_acc"], abs=1e-6)
+    assert ctx.accuracy(held_out.views) != pytest.approx(ctx.accuracy(poodle_task.retain), abs=1e-3)   # not the training rows
+    with pytest.raises(ValueError, match="check_retain"):
+        RemindConfig(check_retain="test")
+
+
 def test_remind_without_originals_trains_on_the_aligned_images_only(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
     forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=2, lr=1e-3)))

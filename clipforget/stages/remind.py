@@ -65,6 +65,8 @@ class RemindConfig:
                                      # original's and the forget set is still forgotten [recon]; None: all steps
     check_calibration: bool = False  # "still forgotten" also asks it of D_m's held-out forget images (never trained
                                      # on; they only say when to stop and which check to keep) [recon]
+    check_retain: str = "train"      # the retain accuracy the stop and the best check read: train (the
+                                     # training rows) | calibration (D_m's held-out retain files) [recon]
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, lr=5e-4, grad_clip=1.0, check_every=2))
 
     def __post_init__(self):
@@ -82,6 +84,8 @@ class RemindConfig:
             raise ValueError(f"forget_goal must be in [0, 1] or None, got {self.forget_goal}")
         if self.retain_tolerance is not None and not 0 <= self.retain_tolerance <= 1:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
+        if self.check_retain not in ("train", "calibration"):
+            raise ValueError(f"check_retain must be 'train' or 'calibration', got {self.check_retain!r}")
         if self.forget_loss not in FORGET_LOSSES:
             raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {self.forget_loss!r}")
 
@@ -270,10 +274,15 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
                 loss = distilled(loss, feats, forget_teacher, fi.to(device))
         return loss
 
-    check_x = retain_x[:rows.n_check]
-    retain_labels = task.superclass_labels(task.retain)[rows.source[:rows.n_check]]
-    retain_goal = float((original.logits[:rows.n_check].argmax(-1).cpu() == retain_labels).float().mean()) - \
-        (cfg.retain_tolerance or 0)
+    held_out = task.calib.get("retain") if cfg.check_retain == "calibration" else None
+    if held_out is not None:              # D_m's retain files: never trained on, so overfitting shows
+        check_x, retain_labels = enc.prepare(ctx.inputs(held_out.views)), held_out.labels
+        retain_goal = ctx.superclass_accuracy(original_features(ctx, ctx.inputs(held_out.views)), retain_labels)
+    else:
+        check_x = retain_x[:rows.n_check]
+        retain_labels = task.superclass_labels(task.retain)[rows.source[:rows.n_check]]
+        retain_goal = float((original.logits[:rows.n_check].argmax(-1).cpu() == retain_labels).float().mean())
+    retain_goal -= cfg.retain_tolerance or 0
     forget_goal = ctx.chance if cfg.forget_goal is None else cfg.forget_goal
     margin = forget.margin if forget is not None else 0.0       # forgotten as the forget stage defined it
     checks: list[dict] = []
