@@ -275,7 +275,7 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         return loss
 
     held_out = task.calib.get("retain") if cfg.check_retain == "calibration" else None
-    if held_out is not None:              # D_m's retain files: never trained on, so overfitting shows
+    if held_out is not None:              # D_m's retain files, never trained on
         check_x, retain_labels = enc.prepare(ctx.inputs(held_out.views)), held_out.labels
         retain_goal = ctx.superclass_accuracy(original_features(ctx, ctx.inputs(held_out.views)), retain_labels)
     else:
