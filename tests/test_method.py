@@ -305,6 +305,23 @@ def test_remind_can_judge_retain_on_the_held_out_calibration_files(bundle, poodl
         RemindConfig(check_retain="test")
 
 
+def test_remind_can_sample_retain_rows_in_the_forget_examples_styles_more_often(bundle, poodle_task):
+    from clipforget.stages.remind import style_matched
+    source = torch.arange(len(poodle_task.retain))
+    assert style_matched(poodle_task, source, 1.0) is None                  # uniform: the default
+    w = style_matched(poodle_task, source, 3.0)
+    styles = {it.style for it in poodle_task.forget.items}
+    matched = torch.tensor([it.style in styles for it in poodle_task.retain.items])
+    assert matched.any() and (~matched).any()
+    assert bool((w[matched] == 3.0).all()) and bool((w[~matched] == 1.0).all())
+    ctx = Context(bundle, poodle_task)
+    info = remind_stage(ctx, RemindConfig(align=AlignConfig(enabled=False), style_matched_weight=3.0,
+                                          loop=LoopConfig(steps=2, lr=1e-4)))
+    assert info["steps"] == 2 and ctx.current_delta()
+    with pytest.raises(ValueError, match="style_matched_weight"):
+        RemindConfig(style_matched_weight=0.0)
+
+
 def test_remind_without_originals_trains_on_the_aligned_images_only(bundle, poodle_task):
     ctx = Context(bundle, poodle_task)
     forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=2, lr=1e-3)))

@@ -67,6 +67,8 @@ class RemindConfig:
                                      # on; they only say when to stop and which check to keep) [recon]
     check_retain: str = "train"      # the retain accuracy the stop and the best check read: train (the
                                      # training rows) | calibration (D_m's held-out retain files) [recon]
+    style_matched_weight: float = 1.0  # retain rows drawn in a style of the forget examples are sampled this
+                                     # many times as often as the others (1: uniform) [recon]
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, lr=5e-4, grad_clip=1.0, check_every=2))
 
     def __post_init__(self):
@@ -84,6 +86,8 @@ class RemindConfig:
             raise ValueError(f"forget_goal must be in [0, 1] or None, got {self.forget_goal}")
         if self.retain_tolerance is not None and not 0 <= self.retain_tolerance <= 1:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
+        if self.style_matched_weight <= 0:
+            raise ValueError(f"style_matched_weight must be > 0, got {self.style_matched_weight}")
         if self.check_retain not in ("train", "calibration"):
             raise ValueError(f"check_retain must be 'train' or 'calibration', got {self.check_retain!r}")
         if self.forget_loss not in FORGET_LOSSES:
@@ -110,6 +114,16 @@ def training_rows(retain: torch.Tensor, aligned: torch.Tensor, chosen: torch.Ten
     if keep_originals:
         return TrainingRows([retain, aligned], torch.cat([torch.arange(n), chosen]), n)
     return TrainingRows([aligned], chosen, len(chosen))
+
+
+def style_matched(task, source: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Sampling weights of the training rows (``source``: the retain image of each row): ``weight`` for
+    the rows drawn in a style one of the forget examples has, 1 for the rest; None when uniform."""
+    if weight == 1.0:
+        return None
+    styles = {it.style for it in task.forget.items}
+    matched = torch.tensor([task.retain.items[i].style in styles for i in source.tolist()])
+    return 1.0 + (weight - 1.0) * matched.float()
 
 
 def trained_parameters(visual: nn.Module, scope: str, forget: ForgetResult | None) -> tuple[list[str], list]:
@@ -262,8 +276,11 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
             loss = loss + cfg.feature_kd_weight * (1 - (feats * target.features[rows]).sum(-1)).mean()
         return loss
 
+    weights = style_matched(task, rows.source, cfg.style_matched_weight)
+
     def loss_fn(step):
-        idx = ctx.sample_indices(len(retain_x), cfg.batch_size).to(device)
+        idx = (ctx.sample_indices(len(retain_x), cfg.batch_size) if weights is None else
+               torch.multinomial(weights, min(cfg.batch_size, len(weights)), generator=ctx.generator)).to(device)
         img = enc(retain_x[idx])
         loss = distilled(retain_loss.of_features(img, row_source[idx]), img, teacher, idx)
         if cfg.forget_weight > 0 or forget_teacher is not None:
