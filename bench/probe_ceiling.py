@@ -30,13 +30,11 @@ from clipforget.methods.base import Context
 from clipforget.models import load_clip
 from clipforget.stages.synthesize import subgroup_texts
 from clipforget.stages.teacher import READOUTS, SubgroupReadout, original_features
+from clipforget.sweep import sweep_requests
+from probe_teacher import auc
 
 EDIT = 2.0          # how far a gated view moves against the superclass direction: enough to lose it
 RETAIN_KEPT = (0.95, 0.9, 0.8)   # the summary counts subgroups forgotten at these retain ratios or better
-
-
-def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
 
 
 def oracle_edit(ctx, feats: torch.Tensor, r: torch.Tensor, bar: float) -> torch.Tensor:
@@ -75,7 +73,6 @@ def main() -> None:
     p.add_argument("--rows", help="a sweep.json of ours at the same fold: split the summary by its held-out target")
     args = p.parse_args()
     torch.set_num_threads(1)
-    from clipforget.sweep import sweep_requests
     bundle = load_clip("embedded", None, "cpu", "fp32")
     gallery = Gallery.embedded()
     cache = ViewCache(gallery)
