@@ -11,7 +11,6 @@ gate the method is taught. Not a method.
 
     python bench/probe_linear_edit.py [EVERY] [OFFSET]     # every EVERY-th subgroup (default 8)
 """
-import statistics
 import sys
 
 import torch
@@ -24,6 +23,7 @@ from clipforget.methods.base import Context
 from clipforget.models import load_clip
 from clipforget.stages.teacher import SubgroupReadout
 from clipforget.sweep import sweep_requests
+from probe_teacher import summary_line
 
 GAMMAS = (5.0, 10.0)
 
@@ -68,10 +68,7 @@ def main(every: int = 8, offset: int = 0) -> None:
     chance = 1 / len(task.superclasses)
     print("cells: held-out target / retain / other superclasses after the edit")
     for (kind, gamma), accs in summary.items():
-        mean = {k: statistics.mean(a[k] for a in accs) for k in accs[0]}
-        print(f"{kind} γ{gamma:g}: held-out target at chance in {sum(a['target'] <= chance for a in accs)} of "
-              f"{len(accs)}; mean target {mean['target']:.3f}, retain {mean['retain']:.3f}, other superclasses "
-              f"{mean['other']:.3f}")
+        print(summary_line(f"{kind} γ{gamma:g}", accs, chance))
 
 
 if __name__ == "__main__":

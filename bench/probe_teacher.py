@@ -39,6 +39,14 @@ def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
 
 
+def summary_line(name: str, accs: list[dict], chance: float) -> str:
+    """One edit over the requests: held-out target at chance, mean target / retain / other superclasses."""
+    mean = {k: statistics.mean(a[k] for a in accs) for k in accs[0]}
+    return (f"{name}: held-out target at chance in {sum(a['target'] <= chance for a in accs)} "
+            f"of {len(accs)}; mean target {mean['target']:.3f}, retain {mean['retain']:.3f}, "
+            f"other superclasses {mean['other']:.3f}")
+
+
 def main(every: int = 8, offset: int = 0) -> None:
     torch.set_num_threads(1)
     bundle = load_clip("embedded", None, "cpu", "fp32")
@@ -70,10 +78,7 @@ def main(every: int = 8, offset: int = 0) -> None:
           "other superclasses after the edit")
     chance = 1 / len(task.superclasses)
     for cell, accs in summary.items():
-        mean = {k: statistics.mean(a[k] for a in accs) for k in accs[0]}
-        print(f"{label(cell)}: held-out target at chance in {sum(a['target'] <= chance for a in accs)} "
-              f"of {len(accs)}; mean target {mean['target']:.3f}, retain {mean['retain']:.3f}, "
-              f"other superclasses {mean['other']:.3f}")
+        print(summary_line(label(cell), accs, chance))
 
 
 if __name__ == "__main__":
