@@ -48,12 +48,12 @@ def probe(ctx, task) -> dict:
     labels = {k: task.test[c].labels for k, c in cols.items()}
     before = {k: ctx.superclass_accuracy(feats[k], labels[k]) for k in cols}
     texts, _ = subgroup_texts(ctx)                     # the subgroup's prompt first, then its siblings'
+    logits = feats["target"] @ ctx.superclass_emb.float().t()
+    known = logits.argmax(1) == labels["target"].to(logits.device)     # the target views the original recognises
     out = {"before": before}
     for name in READOUTS:
         readout = SubgroupReadout(texts, threshold=0.0, kind=name)
         r = {k: readout.read(f) for k, f in feats.items()}
-        logits = feats["target"] @ ctx.superclass_emb.float().t()
-        known = logits.argmax(1) == labels["target"].to(logits.device)
         bar = float(r["target"][known].min()) if known.any() else float("inf")
         after = {k: ctx.superclass_accuracy(oracle_edit(ctx, feats[k], r[k], bar), labels[k]) for k in cols}
         columns = {"target": {"before": before["target"], "after": after["target"]},

@@ -49,7 +49,7 @@ def main(every: int = 8, offset: int = 0) -> None:
         labels = {k: task.test[c].labels for k, c in cols.items()}
         forget, retain = raw_features(ctx, ctx.inputs(task.forget)), raw_features(ctx, ctx.inputs(task.retain))
         readout = SubgroupReadout.fit(ctx, F.normalize(forget, dim=-1), F.normalize(retain, dim=-1))
-        a = (readout.texts[0] - readout.texts[1:].mean(0)).float()
+        a = readout.direction()
         m = float(torch.cat([forget, retain]).norm(dim=-1).mean())
         t_c = ctx.coarse_emb.float()
         line = [f"{req.label:34s}"]

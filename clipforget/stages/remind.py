@@ -293,8 +293,9 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
 
     held_out = task.calib.get("retain") if cfg.check_retain == "calibration" else None
     if held_out is not None:              # D_m's retain files, never trained on
-        check_x, retain_labels = enc.prepare(ctx.inputs(held_out.views)), held_out.labels
-        retain_goal = ctx.superclass_accuracy(original_features(ctx, ctx.inputs(held_out.views)), retain_labels)
+        held_in, retain_labels = ctx.inputs(held_out.views), held_out.labels
+        check_x = enc.prepare(held_in)
+        retain_goal = ctx.superclass_accuracy(original_features(ctx, held_in), retain_labels)
     else:
         check_x = retain_x[:rows.n_check]
         retain_labels = task.superclass_labels(task.retain)[rows.source[:rows.n_check]]

@@ -87,10 +87,14 @@ class SubgroupReadout:
         readout.saturate_at = max(float(rf.median()) - b, 1e-6) if gate == "saturating" else None
         return readout
 
+    def direction(self) -> torch.Tensor:
+        """The mean readout's direction t_sub − mean t_sibling: r(x) = ĝ₀(x)·direction."""
+        return (self.texts[0] - self.texts[1:].mean(0)).float()
+
     def read(self, feats: torch.Tensor) -> torch.Tensor:
         """r(x) of normalised features, one per row."""
-        if self.kind == "mean":        # one direction: t_sub − mean t_sibling
-            return feats @ (self.texts[0] - self.texts[1:].mean(0)).float()
+        if self.kind == "mean":
+            return feats @ self.direction()
         texts = self.texts.float()
         return feats @ texts[0] - (feats @ texts[1:].t()).max(1).values
 
