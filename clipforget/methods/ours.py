@@ -67,14 +67,15 @@ class Ours(Unlearner):
 
     def unlearn(self, ctx: Context) -> None:
         cfg = self.config
-        extra = None
+        extra = keep = None
         if cfg.stand_ins.enabled:
             with ctx.stage("stand-ins"):
                 made = stand_ins(ctx, cfg.stand_ins)
             if made is not None:
-                extra = made.inputs
+                extra, keep = made.inputs, made.keep
                 ctx.info["stand_ins"] = {"images": len(made.inputs), "recognised_before": made.recognised_before,
-                                         "recognised_after": made.recognised_after}
+                                         "recognised_after": made.recognised_after,
+                                         **({"keep_ins": len(made.keep)} if made.keep is not None else {})}
         with ctx.stage("forget"):
             forgot = forget_stage(ctx, cfg.forget, extra)
             ctx.info["forget"] = forgot.to_dict()
@@ -82,7 +83,7 @@ class Ours(Unlearner):
         if edits:               # where a second remind starts: the forget stage's weights and history
             after_forget = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
             history = {k: list(v) for k, v in ctx.history.items()}
-        self._remind_and_restore(ctx, cfg.remind, forgot, extra)
+        self._remind_and_restore(ctx, cfg.remind, forgot, extra, keep)
         tried = []
         for gamma in edits:
             if not cfg.escalate.wanted(calibration_target(ctx.alpha_curve, ctx.alpha),
@@ -92,7 +93,7 @@ class Ours(Unlearner):
             ctx.set_visual(after_forget)
             ctx.history = {k: list(v) for k, v in history.items()}
             remind = replace(cfg.remind, teacher=replace(cfg.remind.teacher, edit=gamma))
-            self._remind_and_restore(ctx, remind, forgot, extra)
+            self._remind_and_restore(ctx, remind, forgot, extra, keep)
             new = self._outcome(ctx)
             tried.append({"teacher_edit": gamma, "calibration_score": new["score"], "against": kept["score"],
                           "calibration_target": calibration_target(new["curve"], new["alpha"]),
@@ -103,10 +104,10 @@ class Ours(Unlearner):
         if tried:
             ctx.info["escalate"] = tried
 
-    def _remind_and_restore(self, ctx: Context, remind, forgot, extra) -> None:
+    def _remind_and_restore(self, ctx: Context, remind, forgot, extra, keep) -> None:
         if remind.enabled:
             with ctx.stage("remind"):
-                ctx.info["remind"] = remind_stage(ctx, remind, forgot, extra)
+                ctx.info["remind"] = remind_stage(ctx, remind, forgot, extra, keep)
         with ctx.stage("restore"):
             ctx.info["restore"] = restore_stage(ctx, self.config.restore)
 

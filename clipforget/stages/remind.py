@@ -201,11 +201,12 @@ class BestCheckpoint:
 # ---- the stage ------------------------------------------------------------------------------------
 
 def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
-                 extra_forget: torch.Tensor | None = None) -> dict:
+                 extra_forget: torch.Tensor | None = None, extra_keep: torch.Tensor | None = None) -> dict:
     """Fine-tune ``ctx.model.visual`` on the retain images (and aligned copies): retain loss,
     distillation from the original, the forget objective, EMA. ``forget`` is what the forget stage
     did: its layers set ``cfg.scope`` and its margin what still counts as forgotten (None: the
-    whole tower, no margin)."""
+    whole tower, no margin). ``extra_forget``: more forget images (stand-ins); ``extra_keep``: images
+    only distilled towards the teacher (keep-ins, :func:`..synthesize.keep_ins`)."""
     task = ctx.task
     if not len(task.retain):
         log.warning("remind skipped: the retain set is empty")
@@ -251,7 +252,14 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
             forget_teacher = teacher_of(ctx, forget_feats, cfg.teacher.edit, readout)
         info["teacher"] = {"threshold": readout.threshold,
                            "retain_rows_gated": int((readout.gate(original.features) > 0).sum())}
+    keep_teacher = None
+    if extra_keep is not None:
+        keep_feats = original_features(ctx, extra_keep)
+        keep_teacher = teacher_of(ctx, keep_feats, cfg.teacher.edit, readout)
+        if readout is not None:
+            info["teacher"]["keep_rows_gated"] = int((readout.gate(keep_feats) > 0).sum())
     retain_x, forget_x = enc.prepare(x_all), enc.prepare(forget_in)
+    keep_x = enc.prepare(extra_keep) if extra_keep is not None else None
     calib = task.calib.get("target") if cfg.check_calibration else None
     calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
     del x_all                             # the trunk's output replaces it (or is it, when there is no split)
@@ -289,6 +297,9 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
             loss = loss + cfg.forget_weight * forget_objective(ctx, feats, cfg.forget_loss)
             if forget_teacher is not None:
                 loss = distilled(loss, feats, forget_teacher, fi.to(device))
+        if keep_x is not None:
+            ki = ctx.sample_indices(len(keep_x), cfg.batch_size)
+            loss = distilled(loss, enc(keep_x[ki]), keep_teacher, ki.to(device))
         return loss
 
     held_out = task.calib.get("retain") if cfg.check_retain == "calibration" else None

@@ -37,6 +37,8 @@ class StandInConfig:
     lr: float = 0.01                 # in [0, 1] pixel units
     epsilon: float = 0.1             # ‖δ‖_∞ bound, in [0, 1] pixel units
     superclass_weight: float = 1.0   # keep them the superclass ("a dog that is a poodle")
+    keep_ins: bool = False           # also the mirror images, forget examples the model takes for a sibling,
+                                     # distilled as retain rows by remind (:func:`keep_ins`) [recon]
 
     def __post_init__(self):
         if self.images < 1 or self.steps < 0:
@@ -60,6 +62,51 @@ class StandIns:
     images01: torch.Tensor        # the stand-ins in [0, 1] pixels
     recognised_before: float      # share the original model took for the subgroup before / after δ
     recognised_after: float
+    keep: torch.Tensor | None = None  # keep-ins (:func:`keep_ins`), model inputs; None: off
+
+
+def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> torch.Tensor:
+    """``x`` ([0, 1] pixels) plus a bounded δ (‖δ‖_∞ ≤ ε) that minimises ``loss_of(features)`` through
+    the FROZEN original tower (normalised features of x + δ); the perturbed images in [0, 1]."""
+    visual = ctx.original.visual
+    was = visual.training
+    visual.eval()
+    delta = torch.zeros_like(x, requires_grad=True)
+    flags = [(p, p.requires_grad) for p in visual.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+    def loss_fn(step):
+        return loss_of(F.normalize(ctx.original.encode_image(ctx.bundle.normalize((x + delta).clamp(0, 1))).float(),
+                                   dim=-1))
+
+    def project(step):
+        with torch.no_grad():
+            delta.clamp_(-cfg.epsilon, cfg.epsilon)
+
+    try:
+        optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), name,
+                 ctx.callbacks, after_step=project)
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        visual.train(was)
+    return (x + delta.detach()).clamp(0, 1)
+
+
+def superclass_kept(ctx, feats: torch.Tensor, cfg: StandInConfig) -> torch.Tensor:
+    """The term that keeps perturbed images their superclass (weight ``cfg.superclass_weight``)."""
+    if cfg.superclass_weight <= 0:
+        return feats.new_zeros(())
+    labels = torch.full((len(feats),), ctx.task.target_index, device=feats.device)
+    return cfg.superclass_weight * F.cross_entropy(ctx.logit_scale * feats @ ctx.superclass_emb.t(), labels)
+
+
+@torch.no_grad()
+def _taken_for(ctx, imgs: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """Index into ``texts`` the original model takes each image ([0, 1] pixels) for."""
+    feats = F.normalize(ctx.original.encode_image(ctx.bundle.normalize(imgs)).float(), dim=-1)
+    return (feats @ texts.t()).argmax(-1)
 
 
 def stand_ins(ctx, cfg: StandInConfig) -> StandIns | None:
@@ -67,48 +114,41 @@ def stand_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     task = ctx.task
     if not cfg.enabled or task.request.subgroup is None or not len(task.retain):
         return None
-    visual = ctx.original.visual
     device = ctx.bundle.device
     idx = ctx.sample_indices(len(task.retain), cfg.images)
     x = task.retain.images[idx].float().div(255).to(device)
     sub_emb, sub_index = subgroup_texts(ctx)
-    was = visual.training
-    visual.eval()
-    delta = torch.zeros_like(x, requires_grad=True)
     sub_labels = torch.full((len(x),), sub_index, device=device)
-    sup_labels = torch.full((len(x),), task.target_index, device=device)
-    flags = [(p, p.requires_grad) for p in visual.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-
-    def loss_fn(step):
-        feats = F.normalize(ctx.original.encode_image(ctx.bundle.normalize((x + delta).clamp(0, 1))).float(), dim=-1)
-        loss = F.cross_entropy(ctx.logit_scale * feats @ sub_emb.t(), sub_labels)
-        if cfg.superclass_weight > 0:
-            loss = loss + cfg.superclass_weight * F.cross_entropy(ctx.logit_scale * feats @ ctx.superclass_emb.t(),
-                                                                  sup_labels)
-        return loss
-
-    def project(step):
-        with torch.no_grad():
-            delta.clamp_(-cfg.epsilon, cfg.epsilon)
-
-    try:
-        optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), "stand-ins",
-                 ctx.callbacks, after_step=project)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        visual.train(was)
-    images = (x + delta.detach()).clamp(0, 1)
-
-    @torch.no_grad()
-    def recognised(imgs):
-        feats = F.normalize(ctx.original.encode_image(ctx.bundle.normalize(imgs)).float(), dim=-1)
-        return float(((feats @ sub_emb.t()).argmax(-1) == sub_index).float().mean())
-
-    before, after = recognised(x), recognised(images)
+    images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), sub_labels)
+                       + superclass_kept(ctx, f, cfg), cfg, "stand-ins")
+    before = float((_taken_for(ctx, x, sub_emb) == sub_index).float().mean())
+    after = float((_taken_for(ctx, images, sub_emb) == sub_index).float().mean())
     log.info("stand-ins: %d retain images; taken for %s by the original model %.0f%% -> %.0f%%", len(images),
              task.request.subgroup, 100 * before, 100 * after)
     dtype = next(ctx.model.visual.parameters()).dtype
-    return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after)
+    keep = keep_ins(ctx, cfg) if cfg.keep_ins else None
+    return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after, keep)
+
+
+def keep_ins(ctx, cfg: StandInConfig) -> torch.Tensor | None:
+    """The stand-ins' mirror [recon]: forget examples with a bounded δ that makes the original take
+    them for the sibling it finds closest (still the superclass) — "a poodle the model takes for
+    another dog". Remind distils them towards the teacher, which keeps what the original no longer
+    reads as the subgroup: the edit is shown the boundary from both sides, so it has to key on what
+    makes the model say the subgroup, not on what the examples look like. Model inputs, or None
+    without a sibling."""
+    texts, sub_index = subgroup_texts(ctx)
+    if len(texts) < 2:
+        return None
+    device = ctx.bundle.device
+    forget = ctx.task.forget
+    idx = ctx.sample_indices(len(forget), cfg.images)
+    x = forget.images[idx].float().div(255).to(device)
+    scores = F.normalize(ctx.original.encode_image(ctx.bundle.normalize(x)).float(), dim=-1).detach() @ texts.t()
+    scores[:, sub_index] = -float("inf")
+    nearest = scores.argmax(-1)           # the sibling each example is closest to
+    images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ texts.t(), nearest)
+                       + superclass_kept(ctx, f, cfg), cfg, "keep-ins")
+    log.info("keep-ins: %d forget examples; still taken for %s by the original model %.0f%%", len(images),
+             ctx.task.request.subgroup, 100 * float((_taken_for(ctx, images, texts) == sub_index).float().mean()))
+    return ctx.bundle.normalize(images).to(next(ctx.model.visual.parameters()).dtype)
