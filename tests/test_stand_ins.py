@@ -32,3 +32,16 @@ def test_forget_stage_forgets_the_stand_ins_with_the_examples(bundle, poodle_tas
         feats = ctx.image_features(made.inputs)
     labels = torch.full((len(feats),), poodle_task.target_index)
     assert ctx.superclass_accuracy(feats, labels) == 0.0
+
+
+def test_keep_ins_are_forget_examples_within_epsilon_the_model_no_longer_takes_for_the_subgroup(bundle, poodle_task):
+    ctx = Context(bundle, poodle_task)
+    cfg = StandInConfig(enabled=True, images=12, steps=15, epsilon=0.1, keep_ins=True)
+    made = stand_ins(ctx, cfg)
+    keep = made.keep
+    sources = poodle_task.forget.images[keep.sources].float() / 255
+    assert len(keep.inputs) == 12
+    assert float((keep.images01 - sources).abs().max()) <= cfg.epsilon + 1e-6            # a bounded perturbation
+    assert all(poodle_task.forget.items[i].subgroup == "poodle" for i in keep.sources)   # made from the examples
+    assert keep.recognised_before >= 0.5 and keep.recognised_after <= 0.25                # ... now taken for a sibling
+    assert stand_ins(ctx, StandInConfig(enabled=True, images=4, steps=2)).keep is None    # off by default

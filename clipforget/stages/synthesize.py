@@ -62,7 +62,7 @@ class StandIns:
     images01: torch.Tensor        # the stand-ins in [0, 1] pixels
     recognised_before: float      # share the original model took for the subgroup before / after δ
     recognised_after: float
-    keep: torch.Tensor | None = None  # keep-ins (:func:`keep_ins`), model inputs; None: off
+    keep: "StandIns | None" = None  # keep-ins (:func:`keep_ins`; sources index the forget set); None: off
 
 
 def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> torch.Tensor:
@@ -130,13 +130,13 @@ def stand_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after, keep)
 
 
-def keep_ins(ctx, cfg: StandInConfig) -> torch.Tensor | None:
+def keep_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     """The stand-ins' mirror [recon]: forget examples with a bounded δ that makes the original take
     them for the sibling it finds closest (still the superclass) — "a poodle the model takes for
     another dog". Remind distils them towards the teacher, which keeps what the original no longer
     reads as the subgroup: the edit is shown the boundary from both sides, so it has to key on what
-    makes the model say the subgroup, not on what the examples look like. Model inputs, or None
-    without a sibling."""
+    makes the model say the subgroup, not on what the examples look like. None without a sibling;
+    ``recognised_*``: the share taken for the subgroup among it and its siblings."""
     texts, sub_index = subgroup_texts(ctx)
     if len(texts) < 2:
         return None
@@ -149,6 +149,9 @@ def keep_ins(ctx, cfg: StandInConfig) -> torch.Tensor | None:
     nearest = scores.argmax(-1)           # the sibling each example is closest to
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ texts.t(), nearest)
                        + superclass_kept(ctx, f, cfg), cfg, "keep-ins")
-    log.info("keep-ins: %d forget examples; still taken for %s by the original model %.0f%%", len(images),
-             ctx.task.request.subgroup, 100 * float((_taken_for(ctx, images, texts) == sub_index).float().mean()))
-    return ctx.bundle.normalize(images).to(next(ctx.model.visual.parameters()).dtype)
+    before = float((_taken_for(ctx, x, texts) == sub_index).float().mean())
+    after = float((_taken_for(ctx, images, texts) == sub_index).float().mean())
+    log.info("keep-ins: %d forget examples; taken for %s by the original model %.0f%% -> %.0f%%", len(images),
+             ctx.task.request.subgroup, 100 * before, 100 * after)
+    dtype = next(ctx.model.visual.parameters()).dtype
+    return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after)
