@@ -45,3 +45,30 @@ def test_keep_ins_are_forget_examples_within_epsilon_the_model_no_longer_takes_f
     assert all(poodle_task.forget.items[i].subgroup == "poodle" for i in keep.sources)   # made from the examples
     assert keep.recognised_before >= 0.5 and keep.recognised_after <= 0.25                # ... now taken for a sibling
     assert stand_ins(ctx, StandInConfig(enabled=True, images=4, steps=2)).keep is None    # off by default
+
+
+def test_remind_distils_the_keep_ins_towards_the_teacher(bundle, poodle_task):
+    from clipforget.stages.align import AlignConfig
+    from clipforget.stages.remind import RemindConfig, remind_stage
+    from clipforget.stages.teacher import SubgroupReadout, TeacherConfig, original_features, teacher_of
+    from clipforget.train.loop import LoopConfig
+
+    keep = stand_ins(Context(bundle, poodle_task), StandInConfig(enabled=True, images=12, steps=15, keep_ins=True)).keep
+    cfg = RemindConfig(align=AlignConfig(enabled=False), teacher=TeacherConfig(edit=10.0), retain_tolerance=None,
+                       loop=LoopConfig(steps=8, lr=5e-4, check_every=8))
+
+    def remind(extra_keep):
+        ctx = Context(bundle, poodle_task)
+        forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=3, lr=1e-3)))
+        info = remind_stage(ctx, cfg, forgot, extra_keep=extra_keep)
+        with torch.no_grad():
+            return ctx, info, ctx.image_features(keep.inputs)
+
+    ctx, info, taught = remind(keep.inputs)
+    _, plain_info, plain = remind(None)
+    assert "keep_rows_gated" not in plain_info["teacher"]
+    assert 0 <= info["teacher"]["keep_rows_gated"] < len(keep.inputs)      # the teacher keeps most of them
+    readout = SubgroupReadout.fit(ctx, original_features(ctx, ctx.inputs(poodle_task.forget)),
+                                  original_features(ctx, ctx.inputs(poodle_task.retain)))
+    target = teacher_of(ctx, original_features(ctx, keep.inputs), 10.0, readout).features
+    assert float((taught * target).sum(-1).mean()) > float((plain * target).sum(-1).mean())
