@@ -103,10 +103,14 @@ def superclass_kept(ctx, feats: torch.Tensor, cfg: StandInConfig) -> torch.Tenso
 
 
 @torch.no_grad()
+def _similarities(ctx, imgs: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """The original model's cosine of each image ([0, 1] pixels) with each of ``texts``."""
+    return F.normalize(ctx.original.encode_image(ctx.bundle.normalize(imgs)).float(), dim=-1) @ texts.t()
+
+
 def _taken_for(ctx, imgs: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-    """Index into ``texts`` the original model takes each image ([0, 1] pixels) for."""
-    feats = F.normalize(ctx.original.encode_image(ctx.bundle.normalize(imgs)).float(), dim=-1)
-    return (feats @ texts.t()).argmax(-1)
+    """Index into ``texts`` the original model takes each image for."""
+    return _similarities(ctx, imgs, texts).argmax(-1)
 
 
 def stand_ins(ctx, cfg: StandInConfig) -> StandIns | None:
@@ -144,7 +148,7 @@ def keep_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     forget = ctx.task.forget
     idx = ctx.sample_indices(len(forget), cfg.images)
     x = forget.images[idx].float().div(255).to(device)
-    scores = F.normalize(ctx.original.encode_image(ctx.bundle.normalize(x)).float(), dim=-1).detach() @ texts.t()
+    scores = _similarities(ctx, x, texts)
     scores[:, sub_index] = -float("inf")
     nearest = scores.argmax(-1)           # the sibling each example is closest to
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ texts.t(), nearest)
