@@ -469,3 +469,21 @@ def test_same_seed_same_report(bundle, gallery, view_cache):
     assert all(torch.equal(a.result.delta[k], b.result.delta[k]) for k in a.result.delta)
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}   # noqa: E731 - wall time differs
     assert strip(a.report) == strip(b.report)
+
+
+def test_remind_with_a_rank_keeps_its_change_to_each_weight_matrix_low_rank(bundle, poodle_task):
+    def change_ranks(rank):
+        ctx = Context(bundle, poodle_task)
+        forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=2, lr=1e-3)))
+        start = {k: v.clone() for k, v in ctx.model.visual.state_dict().items()}
+        remind_stage(ctx, RemindConfig(ema=False, rank=rank, retain_tolerance=None, align=AlignConfig(enabled=False),
+                                       loop=LoopConfig(steps=4, lr=1e-3)), forgot)
+        ranks = {k: int(torch.linalg.matrix_rank((v - start[k]).reshape(len(v), -1).float(), rtol=1e-4))
+                 for k, v in ctx.model.visual.state_dict().items() if v.dim() >= 2 and not torch.equal(v, start[k])}
+        assert ranks                                  # remind changed some weight matrices
+        return ranks
+
+    assert max(change_ranks(1).values()) == 1
+    assert max(change_ranks(None).values()) > 1
+    with pytest.raises(ValueError, match="rank"):
+        RemindConfig(rank=0)

@@ -69,6 +69,9 @@ class RemindConfig:
                                      # training rows) | calibration (D_m's held-out retain files) [recon]
     style_matched_weight: float = 1.0  # retain rows drawn in a style of the forget examples are sampled this
                                      # many times as often as the others (1: uniform) [recon]
+    rank: int | None = None          # remind's own change to each trained weight matrix kept to this rank
+                                     # (projected on its top singular directions after every step) [recon];
+                                     # None: unrestricted
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, lr=5e-4, grad_clip=1.0, check_every=2))
 
     def __post_init__(self):
@@ -86,6 +89,8 @@ class RemindConfig:
             raise ValueError(f"forget_goal must be in [0, 1] or None, got {self.forget_goal}")
         if self.retain_tolerance is not None and not 0 <= self.retain_tolerance <= 1:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1 or None, got {self.rank}")
         if self.style_matched_weight <= 0:
             raise ValueError(f"style_matched_weight must be > 0, got {self.style_matched_weight}")
         if self.check_retain not in ("train", "calibration"):
@@ -168,6 +173,24 @@ class EMA:
     def final_state(self) -> dict:
         """The tower's state dict with the EMA weights (in the tower's dtypes)."""
         return {k: self.weights[k].to(v.dtype) if v.is_floating_point() else v for k, v in self.live.items()}
+
+
+class LowRankChange:
+    """Keeps what fine-tuning changes in each weight matrix (2-D or more: linear and conv weights,
+    read as out × rest) of rank at most ``rank`` from where the stage started: after every step the
+    change is replaced by its truncated SVD [recon]."""
+
+    def __init__(self, live: dict, names: list[str], rank: int):
+        self.live, self.rank = live, rank
+        self.start = {k: live[k].detach().clone() for k in names if live[k].dim() >= 2}
+
+    def __call__(self, step: int = 0) -> None:
+        with torch.no_grad():
+            for k, w0 in self.start.items():
+                d = (self.live[k] - w0).reshape(len(w0), -1).float()
+                u, s, vh = torch.linalg.svd(d, full_matrices=False)
+                r = self.rank
+                self.live[k].copy_(w0 + ((u[:, :r] * s[:r]) @ vh[:r]).view_as(w0).to(w0.dtype))
 
 
 class BestCheckpoint:
@@ -329,8 +352,16 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         best.offer(step, r, f <= forget_goal)
         return r >= retain_goal and f <= forget_goal
 
+    low_rank = LowRankChange(live, trained, cfg.rank) if cfg.rank is not None else None
+
+    def after_step(step):
+        if low_rank is not None:
+            low_rank(step)
+        if ema is not None:
+            ema.update(step)
+
     history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, should_stop=should_stop,
-                       after_step=ema.update if ema is not None else None)
+                       after_step=after_step)
     for p in params:
         p.requires_grad_(False)
     last = checks[-1] if checks else None
