@@ -47,7 +47,7 @@ class FakeStages:
                 return {}
         return Forgot()
 
-    def remind(self, ctx, cfg, forgot, extra):
+    def remind(self, ctx, cfg, forgot, extra, extra_keep=None):
         gamma = cfg.teacher.edit
         self.reminded.append(gamma)
         self.start_weights.append(self._weight(ctx).clone())

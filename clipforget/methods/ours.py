@@ -109,7 +109,7 @@ class Ours(Unlearner):
     def _remind_and_restore(self, ctx: Context, remind, forgot, extra, keep) -> None:
         if remind.enabled:
             with ctx.stage("remind"):
-                ctx.info["remind"] = remind_stage(ctx, remind, forgot, extra, keep)
+                ctx.info["remind"] = remind_stage(ctx, remind, forgot, extra, extra_keep=keep)
         with ctx.stage("restore"):
             ctx.info["restore"] = restore_stage(ctx, self.config.restore)
 
