@@ -72,12 +72,13 @@ class Ours(Unlearner):
             with ctx.stage("stand-ins"):
                 made = stand_ins(ctx, cfg.stand_ins)
             if made is not None:
-                extra, keep = made.inputs, (made.keep.inputs if made.keep is not None else None)
+                extra = made.inputs
                 ctx.info["stand_ins"] = {"images": len(made.inputs), "recognised_before": made.recognised_before,
-                                         "recognised_after": made.recognised_after,
-                                         **({"keep_ins": len(made.keep.inputs),
-                                             "keep_ins_recognised_after": made.keep.recognised_after}
-                                            if made.keep is not None else {})}
+                                         "recognised_after": made.recognised_after}
+                if made.keep is not None:
+                    keep = made.keep.inputs
+                    ctx.info["stand_ins"].update(keep_ins=len(made.keep.inputs),
+                                                 keep_ins_recognised_after=made.keep.recognised_after)
         with ctx.stage("forget"):
             forgot = forget_stage(ctx, cfg.forget, extra)
             ctx.info["forget"] = forgot.to_dict()

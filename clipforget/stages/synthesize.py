@@ -149,11 +149,11 @@ def keep_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     idx = ctx.sample_indices(len(forget), cfg.images)
     x = forget.images[idx].float().div(255).to(device)
     scores = _similarities(ctx, x, texts)
+    before = float((scores.argmax(-1) == sub_index).float().mean())
     scores[:, sub_index] = -float("inf")
     nearest = scores.argmax(-1)           # the sibling each example is closest to
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ texts.t(), nearest)
                        + superclass_kept(ctx, f, cfg), cfg, "keep-ins")
-    before = float((_taken_for(ctx, x, texts) == sub_index).float().mean())
     after = float((_taken_for(ctx, images, texts) == sub_index).float().mean())
     log.info("keep-ins: %d forget examples; taken for %s by the original model %.0f%% -> %.0f%%", len(images),
              ctx.task.request.subgroup, 100 * before, 100 * after)
