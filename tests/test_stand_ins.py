@@ -47,6 +47,33 @@ def test_keep_ins_are_forget_examples_within_epsilon_the_model_no_longer_takes_f
     assert stand_ins(ctx, StandInConfig(enabled=True, images=4, steps=2)).keep is None    # off by default
 
 
+def test_restyled_examples_are_forget_examples_within_epsilon_the_model_reads_in_another_style(bundle, poodle_task):
+    from clipforget.data.gallery import display
+    from clipforget.data.prompts import article
+    from clipforget.stages.synthesize import subgroup_texts
+
+    ctx = Context(bundle, poodle_task)
+    cfg = StandInConfig(enabled=True, images=12, steps=15, epsilon=0.1, restyled=True)
+    styled = stand_ins(ctx, cfg).restyled
+    sources = poodle_task.forget.images[styled.sources].float() / 255
+    assert len(styled.inputs) == 12
+    assert float((styled.images01 - sources).abs().max()) <= cfg.epsilon + 1e-6          # a bounded perturbation
+    assert all(poodle_task.forget.items[i].subgroup == "poodle" for i in styled.sources)  # made from the examples
+    assert styled.recognised_before <= 0.25 and styled.recognised_after >= 0.75          # now read in another style
+    gallery = poodle_task.gallery
+    styles = [s for s in gallery.styles() if s not in gallery.unseen_styles()]
+    texts = ctx.texts.classes([f"{article(p)} {p} of a poodle" for p in map(gallery.style_phrase, styles)])
+    with torch.no_grad():
+        feats = ctx.image_features(styled.inputs, ctx.original)
+        read_as = (feats @ texts.t()).argmax(-1).tolist()
+        sub_emb, sub_index = subgroup_texts(ctx)
+        still_poodle = float(((feats @ sub_emb.t()).argmax(-1) == sub_index).float().mean())
+    own = [poodle_task.forget.items[i].style for i in styled.sources.tolist()]
+    assert sum(styles[r] != o for r, o in zip(read_as, own)) >= 9                       # not their own style
+    assert still_poodle >= 0.75                                                        # ... and still the subgroup
+    assert stand_ins(ctx, StandInConfig(enabled=True, images=4, steps=2)).restyled is None  # off by default
+
+
 def test_remind_distils_the_keep_ins_towards_the_teacher(bundle, poodle_task):
     from clipforget.stages.align import AlignConfig
     from clipforget.stages.remind import RemindConfig, remind_stage

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from ..stages.forget import ForgetConfig, forget_stage
 from ..stages.remind import RemindConfig, remind_stage
 from ..stages.restore import RestoreConfig, calibration_score, curve_row, restore_stage
@@ -75,6 +77,10 @@ class Ours(Unlearner):
                 extra = made.inputs
                 ctx.info["stand_ins"] = {"images": len(made.inputs), "recognised_before": made.recognised_before,
                                          "recognised_after": made.recognised_after}
+                if made.restyled is not None:
+                    extra = torch.cat([extra, made.restyled.inputs])
+                    ctx.info["stand_ins"].update(restyled=len(made.restyled.inputs),
+                                                 restyled_recognised_after=made.restyled.recognised_after)
                 if made.keep is not None:
                     keep = made.keep.inputs
                     ctx.info["stand_ins"].update(keep_ins=len(made.keep.inputs),

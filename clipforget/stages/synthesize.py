@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.gallery import display
+from ..data.prompts import article
 from ..train.loop import LoopConfig, optimize
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class StandInConfig:
     superclass_weight: float = 1.0   # keep them the superclass ("a dog that is a poodle")
     keep_ins: bool = False           # also the mirror images, forget examples the model takes for a sibling,
                                      # distilled as retain rows by remind (:func:`keep_ins`) [recon]
+    restyled: bool = False           # also forget examples the model takes for the subgroup drawn in another of the
+                                     # gallery's styles, forgotten with the stand-ins (:func:`restyled`) [recon]
 
     def __post_init__(self):
         if self.images < 1 or self.steps < 0:
@@ -63,6 +66,7 @@ class StandIns:
     recognised_before: float      # share the original model took for the subgroup before / after δ
     recognised_after: float
     keep: "StandIns | None" = None  # keep-ins (:func:`keep_ins`; sources index the forget set); None: off
+    restyled: "StandIns | None" = None  # restyled examples (:func:`restyled`; sources index the forget set); None: off
 
 
 def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> torch.Tensor:
@@ -131,7 +135,8 @@ def stand_ins(ctx, cfg: StandInConfig) -> StandIns | None:
              task.request.subgroup, 100 * before, 100 * after)
     dtype = next(ctx.model.visual.parameters()).dtype
     keep = keep_ins(ctx, cfg) if cfg.keep_ins else None
-    return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after, keep)
+    styled = restyled(ctx, cfg) if cfg.restyled else None
+    return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after, keep, styled)
 
 
 def keep_ins(ctx, cfg: StandInConfig) -> StandIns | None:
@@ -157,5 +162,42 @@ def keep_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     after = float((_taken_for(ctx, images, texts) == sub_index).float().mean())
     log.info("keep-ins: %d forget examples; taken for %s by the original model %.0f%% -> %.0f%%", len(images),
              ctx.task.request.subgroup, 100 * before, 100 * after)
+    dtype = next(ctx.model.visual.parameters()).dtype
+    return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after)
+
+
+def restyled(ctx, cfg: StandInConfig) -> StandIns | None:
+    """Forget examples with a bounded δ that makes the original read each as the subgroup drawn in
+    another of the gallery's (trained) styles — "a poodle, as the model would see one drawn in
+    another style" [recon]: forgotten with the stand-ins, they carry the examples' subgroup into the
+    styles the examples lack. The style of each is drawn (seeded) among the styles other than its
+    own, read through the captions the embedded model was trained on ("a {style phrase} of a
+    {subgroup}"); the subgroup (against its siblings) and the superclass are kept. None when the
+    gallery has fewer than two trained styles; ``recognised_*``: the share read as its new style."""
+    task = ctx.task
+    gallery = task.gallery
+    unseen = set(gallery.unseen_styles())
+    styles = [s for s in gallery.styles() if s not in unseen]
+    if len(styles) < 2:
+        return None
+    device = ctx.bundle.device
+    forget = task.forget
+    idx = ctx.sample_indices(len(forget), cfg.images)
+    x = forget.images[idx].float().div(255).to(device)
+    name = display(task.request.subgroup)
+    phrases = [gallery.style_phrase(s) for s in styles]
+    style_texts = ctx.texts.classes([f"{article(p)} {p} of {article(name)} {name}" for p in phrases]).to(device)
+    own = [styles.index(forget.items[i].style) if forget.items[i].style in styles else -1 for i in idx.tolist()]
+    shift = torch.randint(1, len(styles), (len(own),), generator=ctx.generator)
+    goal = torch.tensor([(o + int(k)) % len(styles) if o >= 0 else int(k) for o, k in zip(own, shift)], device=device)
+    sub_emb, sub_index = subgroup_texts(ctx)
+    sub_labels = torch.full((len(x),), sub_index, device=device)
+    images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ style_texts.t(), goal)
+                       + F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), sub_labels)
+                       + superclass_kept(ctx, f, cfg), cfg, "restyled")
+    before = float((_taken_for(ctx, x, style_texts) == goal).float().mean())
+    after = float((_taken_for(ctx, images, style_texts) == goal).float().mean())
+    log.info("restyled: %d forget examples; read in their new style by the original model %.0f%% -> %.0f%%",
+             len(images), 100 * before, 100 * after)
     dtype = next(ctx.model.visual.parameters()).dtype
     return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after)
