@@ -32,9 +32,10 @@ from torch import nn
 from ..embed import ENCODE_BATCH, to_input
 from ..losses import RetainLoss, distillation
 from ..train.loop import LoopConfig, optimize
-from ..trunk import TrunkEncoder
+from ..trunk import Prepared, TrunkEncoder
 from .align import AlignConfig, NormStats, align_images
 from .forget import FORGET_LOSSES, ForgetResult, forget_objective
+from .synthesize import feature_stand_ins
 from .teacher import SubgroupReadout, Teacher, TeacherConfig, original_features, teacher_of, teacher_outputs
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class RemindConfig:
                                      # training rows) | calibration (D_m's held-out retain files) [recon]
     style_matched_weight: float = 1.0  # retain rows drawn in a style of the forget examples are sampled this
                                      # many times as often as the others (1: uniform) [recon]
+    feature_stand_ins: int = 0       # retain rows turned into stand-ins in the trunk's output (the input of the
+                                     # first trained layer), forgotten with the others (:func:`feature_stand_ins`) [recon]
+    feature_radius: float = 0.5      # their bound: ‖δ‖₂ ≤ this · ‖h‖₂ per row
     rank: int | None = None          # remind's own change to each trained weight matrix kept to this rank
                                      # (projected on its top singular directions after every step) [recon];
                                      # None: unrestricted
@@ -89,6 +93,8 @@ class RemindConfig:
             raise ValueError(f"forget_goal must be in [0, 1] or None, got {self.forget_goal}")
         if self.retain_tolerance is not None and not 0 <= self.retain_tolerance <= 1:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
+        if self.feature_stand_ins < 0 or self.feature_radius <= 0:
+            raise ValueError("feature_stand_ins must be >= 0 and feature_radius > 0")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {self.rank}")
         if self.style_matched_weight <= 0:
@@ -221,6 +227,12 @@ class BestCheckpoint:
                     self.ema.weights[n].copy_(self._ema[n])
 
 
+@torch.no_grad()
+def retain_x_of(enc: TrunkEncoder, x_all: torch.Tensor, n_real: int, ctx, n: int) -> Prepared:
+    """The trunk outputs of ``n`` of the real retain rows (a seeded sample of the first ``n_real``)."""
+    return enc.prepare(x_all[ctx.sample_indices(n_real, n).to(x_all.device)])
+
+
 # ---- the stage ------------------------------------------------------------------------------------
 
 def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
@@ -264,10 +276,25 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         forget_in = torch.cat([forget_in, extra_forget.to(forget_in)])
         forget_labels = torch.cat([forget_labels, torch.full((len(extra_forget),), task.target_index,
                                                              dtype=forget_labels.dtype)])
+    forget_x = enc.prepare(forget_in)
+    forget_feats = original_features(ctx, forget_in) if cfg.teacher.edit > 0 else None
+    n_fit = len(forget_in)                 # the teacher's threshold is fitted on the image rows alone
+    if cfg.feature_stand_ins:
+        sources = retain_x_of(enc, x_all, rows.n_check, ctx, cfg.feature_stand_ins)
+        if sources.start and sources.start == forget_x.start:    # where the trained layers read them
+            made = feature_stand_ins(ctx, sources, cfg.feature_radius)
+            forget_x = Prepared(torch.cat([forget_x.data, made.prepared.data]), forget_x.start)
+            forget_labels = torch.cat([forget_labels, torch.full((len(made.features),), task.target_index,
+                                                                 dtype=forget_labels.dtype)])
+            if forget_feats is not None:
+                forget_feats = torch.cat([forget_feats, made.features.to(forget_feats)])
+            info["feature_stand_ins"] = {"rows": len(made.features), "recognised_before": made.recognised_before,
+                                         "recognised_after": made.recognised_after}
+        else:
+            log.warning("feature stand-ins skipped: no frozen trunk before the trained layers to perturb the output of")
     forget_teacher = readout = None
     if cfg.teacher.edit > 0:               # the original's features are encoded once, then edited
-        forget_feats = original_features(ctx, forget_in)
-        readout = SubgroupReadout.fit(ctx, forget_feats, original.features, cfg.teacher.quantile,
+        readout = SubgroupReadout.fit(ctx, forget_feats[:n_fit], original.features, cfg.teacher.quantile,
                                       cfg.teacher.threshold, cfg.teacher.gate, cfg.teacher.readout)
     if readout is not None:
         teacher = teacher_of(ctx, original.features, cfg.teacher.edit, readout)
@@ -281,7 +308,7 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         keep_teacher = teacher_of(ctx, keep_feats, cfg.teacher.edit, readout)
         if readout is not None:
             info["teacher"]["keep_rows_gated"] = int((readout.gate(keep_feats) > 0).sum())
-    retain_x, forget_x = enc.prepare(x_all), enc.prepare(forget_in)
+    retain_x = enc.prepare(x_all)
     keep_x = enc.prepare(extra_keep) if extra_keep is not None else None
     calib = task.calib.get("target") if cfg.check_calibration else None
     calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None

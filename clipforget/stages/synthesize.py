@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..data.gallery import display
 from ..data.prompts import article
 from ..train.loop import LoopConfig, optimize
+from ..trunk import Prepared, run_stages
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +202,65 @@ def restyled(ctx, cfg: StandInConfig) -> StandIns | None:
              len(images), 100 * before, 100 * after)
     dtype = next(ctx.model.visual.parameters()).dtype
     return StandIns(ctx.bundle.normalize(images).to(dtype), idx, images.cpu(), before, after)
+
+
+@dataclass
+class FeatureStandIns:
+    prepared: Prepared            # the perturbed trunk outputs (rows to feed the trained layers)
+    features: torch.Tensor        # the original model's normalised features of them
+    recognised_before: float      # share the original took for the subgroup before / after δ
+    recognised_after: float
+
+
+def feature_stand_ins(ctx, prepared: Prepared, radius: float, steps: int = 30, lr: float = 0.05) -> FeatureStandIns:
+    """Stand-ins in the space the trained layers read [recon]: ``prepared`` (retain rows after the
+    frozen stages before the first layer remind trains) plus a δ with ‖δ‖₂ ≤ ``radius``·‖h‖₂ per row,
+    optimised through the ORIGINAL tower's remaining stages so that the model calls them the subgroup
+    and still the superclass — what, at those layers, makes the model say the subgroup, with no
+    pixel bound between. A trunk output with no negative entry (after a ReLU) stays so."""
+    visual = ctx.original.visual
+    was = visual.training
+    visual.eval()
+    h = prepared.data.detach()
+    rms = h.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-8).view(-1, *[1] * (h.dim() - 1)).to(h.dtype)
+    nonneg = bool((h >= 0).all())
+    u = torch.zeros_like(h, requires_grad=True)       # δ = u·rms(h): the bound is ‖u‖₂ ≤ radius·√D
+    bound = radius * h[0].numel() ** 0.5
+    sub_emb, sub_index = subgroup_texts(ctx)
+    labels = torch.full((len(h),), sub_index, device=h.device)
+    flags = [(p, p.requires_grad) for p in visual.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+    def moved() -> torch.Tensor:
+        x = h + u * rms
+        return x.clamp_min(0) if nonneg else x
+
+    def features(x):
+        return F.normalize(run_stages(visual, x, prepared.start).float(), dim=-1)
+
+    def project(step):
+        with torch.no_grad():
+            n = u.flatten(1).norm(dim=1).clamp_min(1e-12)
+            u.mul_((bound / n).clamp(max=1.0).view(-1, *[1] * (u.dim() - 1)))
+
+    try:
+        with torch.no_grad():
+            before = float(((features(h) @ sub_emb.t()).argmax(-1) == sub_index).float().mean())
+        def loss_fn(step):
+            f = features(moved())
+            return F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), labels) + superclass_kept(ctx, f, StandInConfig())
+
+        optimize([u], loss_fn, LoopConfig(steps=steps, lr=lr, grad_clip=None), "feature stand-ins", ctx.callbacks,
+                 after_step=project)
+        with torch.no_grad():
+            x = moved().detach()
+            feats = features(x)
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        visual.train(was)
+    after = float(((feats @ sub_emb.t()).argmax(-1) == sub_index).float().mean())
+    log.info("feature stand-ins: %d retain rows; taken for %s by the original model %.0f%% -> %.0f%%", len(x),
+             ctx.task.request.subgroup, 100 * before, 100 * after)
+    return FeatureStandIns(Prepared(x, prepared.start), feats, before, after)
