@@ -99,3 +99,41 @@ def test_remind_distils_the_keep_ins_towards_the_teacher(bundle, poodle_task):
                                   original_features(ctx, ctx.inputs(poodle_task.retain)))
     target = teacher_of(ctx, original_features(ctx, keep.inputs), 10.0, readout).features
     assert float((taught * target).sum(-1).mean()) > float((plain * target).sum(-1).mean())
+
+
+def test_feature_stand_ins_are_bounded_trunk_outputs_the_model_takes_for_the_subgroup(bundle, poodle_task):
+    from clipforget.stages.synthesize import feature_stand_ins, subgroup_texts
+    from clipforget.trunk import TrunkEncoder, run_stages
+
+    ctx = Context(bundle, poodle_task)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    enc = TrunkEncoder(bundle.model.visual, ["layer4.0.conv1"])
+    sources = enc.prepare(ctx.inputs(poodle_task.retain)[:12])
+    assert sources.start > 0                                          # the trunk: stages before layer4
+    made = feature_stand_ins(ctx, sources, radius=0.5, steps=15)
+    h, moved = sources.data, made.prepared.data
+    assert made.prepared.start == sources.start and moved.shape == h.shape
+    ratio = (moved - h).flatten(1).norm(dim=1) / h.flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= 0.5 + 1e-4 and float(ratio.min()) > 0     # moved, within the bound
+    assert bool((moved >= 0).all())                                    # a ReLU's output stays one
+    assert made.recognised_before <= 0.25 and made.recognised_after >= 0.75  # now taken for poodles
+    sub_emb, sub_index = subgroup_texts(ctx)
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(run_stages(ctx.original.visual, moved, sources.start).float(), dim=-1)
+    assert torch.allclose(feats, made.features, atol=1e-5)             # the features it reports are theirs
+    assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the original is untouched
+
+
+def test_remind_makes_feature_stand_ins_only_when_asked(bundle, poodle_task):
+    from clipforget.stages.align import AlignConfig
+    from clipforget.stages.remind import RemindConfig, remind_stage
+    from clipforget.train.loop import LoopConfig
+
+    ctx = Context(bundle, poodle_task)
+    forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=3, lr=1e-3)))
+    cfg = RemindConfig(align=AlignConfig(enabled=False), feature_stand_ins=8, retain_tolerance=None,
+                       loop=LoopConfig(steps=4, lr=5e-4, check_every=4))
+    info = remind_stage(ctx, cfg, forgot)
+    assert info["feature_stand_ins"]["rows"] == 8 and info["feature_stand_ins"]["recognised_after"] >= 0.75
+    assert "feature_stand_ins" not in remind_stage(Context(bundle, poodle_task), RemindConfig(
+        align=AlignConfig(enabled=False), retain_tolerance=None, loop=LoopConfig(steps=1)), forgot)  # off by default
