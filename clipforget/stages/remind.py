@@ -70,8 +70,9 @@ class RemindConfig:
                                      # training rows) | calibration (D_m's held-out retain files) [recon]
     style_matched_weight: float = 1.0  # retain rows drawn in a style of the forget examples are sampled this
                                      # many times as often as the others (1: uniform) [recon]
-    feature_stand_ins: int = 0       # retain rows turned into stand-ins in the trunk's output (the input of the
-                                     # first trained layer), forgotten with the others (:func:`feature_stand_ins`) [recon]
+    feature_stand_ins: int = 64      # retain rows turned into stand-ins in the trunk's output (the input of the
+                                     # first trained layer), forgotten with the others (:func:`feature_stand_ins`) [recon];
+                                     # 0: off (docs/results/sweep-ours.md: at chance 98 -> 110 of 169)
     feature_radius: float = 0.5      # their bound: ‖δ‖₂ ≤ this · ‖h‖₂ per row
     rank: int | None = None          # remind's own change to each trained weight matrix kept to this rank
                                      # (projected on its top singular directions after every step) [recon];
