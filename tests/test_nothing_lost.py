@@ -29,8 +29,8 @@ ROOT = HERE.parent
 # the stages a job reports, in order (the remind stage aligns its images first, then fine-tunes; "encode"
 # is the gallery at the calibrated α, "save" the results — the grids show from then on —, "evaluate" and
 # "report" the held-out evaluation added to them, "alpha-grid" the other points)
-STAGES = ["prepare", "data", "stand-ins", "forget", "remind", "align", "restore", "encode", "save", "evaluate",
-          "report", "alpha-grid"]
+STAGES = ["prepare", "data", "stand-ins", "forget", "remind", "align", "feature stand-ins", "restore", "encode", "save",
+          "evaluate", "report", "alpha-grid"]
 # a cancel takes effect at the job's next progress event: from "evaluate" on it keeps the results, from
 # "report" on (its next event is the α-grid's first) the report too
 RESULTS_FROM = STAGES.index("evaluate")

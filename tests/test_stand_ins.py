@@ -124,7 +124,7 @@ def test_feature_stand_ins_are_bounded_trunk_outputs_the_model_takes_for_the_sub
     assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())  # the original is untouched
 
 
-def test_remind_makes_feature_stand_ins_only_when_asked(bundle, poodle_task):
+def test_remind_makes_feature_stand_ins_unless_switched_off(bundle, poodle_task):
     from clipforget.stages.align import AlignConfig
     from clipforget.stages.remind import RemindConfig, remind_stage
     from clipforget.train.loop import LoopConfig
@@ -135,5 +135,6 @@ def test_remind_makes_feature_stand_ins_only_when_asked(bundle, poodle_task):
                        loop=LoopConfig(steps=4, lr=5e-4, check_every=4))
     info = remind_stage(ctx, cfg, forgot)
     assert info["feature_stand_ins"]["rows"] == 8 and info["feature_stand_ins"]["recognised_after"] >= 0.75
+    assert RemindConfig().feature_stand_ins > 0                                                  # on by default
     assert "feature_stand_ins" not in remind_stage(Context(bundle, poodle_task), RemindConfig(
-        align=AlignConfig(enabled=False), retain_tolerance=None, loop=LoopConfig(steps=1)), forgot)  # off by default
+        align=AlignConfig(enabled=False), feature_stand_ins=0, retain_tolerance=None, loop=LoopConfig(steps=1)), forgot)

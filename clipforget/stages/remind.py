@@ -280,10 +280,14 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
     forget_x = enc.prepare(forget_in)
     forget_feats = original_features(ctx, forget_in) if cfg.teacher.edit > 0 else None
     n_fit = len(forget_in)                 # the teacher's threshold is fitted on the image rows alone
-    if cfg.feature_stand_ins:
+    if cfg.feature_stand_ins and task.request.subgroup is not None:
         sources = retain_x_of(enc, x_all, rows.n_check, ctx, cfg.feature_stand_ins)
+        made = None
         if sources.start and sources.start == forget_x.start:    # where the trained layers read them
             made = feature_stand_ins(ctx, sources, cfg.feature_radius)
+        else:
+            log.warning("feature stand-ins skipped: no frozen trunk before the trained layers to perturb the output of")
+        if made is not None:
             forget_x = Prepared(torch.cat([forget_x.data, made.prepared.data]), forget_x.start)
             forget_labels = torch.cat([forget_labels, torch.full((len(made.features),), task.target_index,
                                                                  dtype=forget_labels.dtype)])
@@ -291,8 +295,6 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
                 forget_feats = torch.cat([forget_feats, made.features.to(forget_feats)])
             info["feature_stand_ins"] = {"rows": len(made.features), "recognised_before": made.recognised_before,
                                          "recognised_after": made.recognised_after}
-        else:
-            log.warning("feature stand-ins skipped: no frozen trunk before the trained layers to perturb the output of")
     forget_teacher = readout = None
     if cfg.teacher.edit > 0:               # the original's features are encoded once, then edited
         readout = SubgroupReadout.fit(ctx, forget_feats[:n_fit], original.features, cfg.teacher.quantile,

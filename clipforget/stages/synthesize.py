@@ -212,12 +212,19 @@ class FeatureStandIns:
     recognised_after: float
 
 
-def feature_stand_ins(ctx, prepared: Prepared, radius: float, steps: int = 30, lr: float = 0.05) -> FeatureStandIns:
+def feature_stand_ins(ctx, prepared: Prepared, radius: float, steps: int = 30,
+                      lr: float = 0.05) -> FeatureStandIns | None:
     """Stand-ins in the space the trained layers read [recon]: ``prepared`` (retain rows after the
     frozen stages before the first layer remind trains) plus a δ with ‖δ‖₂ ≤ ``radius``·‖h‖₂ per row,
     optimised through the ORIGINAL tower's remaining stages so that the model calls them the subgroup
     and still the superclass — what, at those layers, makes the model say the subgroup, with no
-    pixel bound between. A trunk output with no negative entry (after a ReLU) stays so."""
+    pixel bound between. A trunk output with no negative entry (after a ReLU) stays so. None
+    without a subgroup and a sibling to read it against (a style or whole-class request)."""
+    if ctx.task.request.subgroup is None or not len(prepared):
+        return None
+    sub_emb, sub_index = subgroup_texts(ctx)
+    if len(sub_emb) < 2:
+        return None
     visual = ctx.original.visual
     was = visual.training
     visual.eval()
@@ -226,7 +233,6 @@ def feature_stand_ins(ctx, prepared: Prepared, radius: float, steps: int = 30, l
     nonneg = bool((h >= 0).all())
     u = torch.zeros_like(h, requires_grad=True)       # δ = u·rms(h): the bound is ‖u‖₂ ≤ radius·√D
     bound = radius * h[0].numel() ** 0.5
-    sub_emb, sub_index = subgroup_texts(ctx)
     labels = torch.full((len(h),), sub_index, device=h.device)
     flags = [(p, p.requires_grad) for p in visual.parameters()]
     for p, _ in flags:
