@@ -228,12 +228,6 @@ class BestCheckpoint:
                     self.ema.weights[n].copy_(self._ema[n])
 
 
-@torch.no_grad()
-def retain_x_of(enc: TrunkEncoder, x_all: torch.Tensor, n_real: int, ctx, n: int) -> Prepared:
-    """The trunk outputs of ``n`` of the real retain rows (a seeded sample of the first ``n_real``)."""
-    return enc.prepare(x_all[ctx.sample_indices(n_real, n).to(x_all.device)])
-
-
 # ---- the stage ------------------------------------------------------------------------------------
 
 def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
@@ -277,11 +271,11 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         forget_in = torch.cat([forget_in, extra_forget.to(forget_in)])
         forget_labels = torch.cat([forget_labels, torch.full((len(extra_forget),), task.target_index,
                                                              dtype=forget_labels.dtype)])
-    forget_x = enc.prepare(forget_in)
+    retain_x, forget_x = enc.prepare(x_all), enc.prepare(forget_in)
     forget_feats = original_features(ctx, forget_in) if cfg.teacher.edit > 0 else None
     n_fit = len(forget_in)                 # the teacher's threshold is fitted on the image rows alone
     if cfg.feature_stand_ins and task.request.subgroup is not None:
-        sources = retain_x_of(enc, x_all, rows.n_check, ctx, cfg.feature_stand_ins)
+        sources = retain_x[ctx.sample_indices(rows.n_check, cfg.feature_stand_ins)]   # real retain rows
         made = None
         if sources.start and sources.start == forget_x.start:    # where the trained layers read them
             made = feature_stand_ins(ctx, sources, cfg.feature_radius)
@@ -311,7 +305,6 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         keep_teacher = teacher_of(ctx, keep_feats, cfg.teacher.edit, readout)
         if readout is not None:
             info["teacher"]["keep_rows_gated"] = int((readout.gate(keep_feats) > 0).sum())
-    retain_x = enc.prepare(x_all)
     keep_x = enc.prepare(extra_keep) if extra_keep is not None else None
     calib = task.calib.get("target") if cfg.check_calibration else None
     calib_x = enc.prepare(ctx.inputs(calib.views)) if calib is not None else None
