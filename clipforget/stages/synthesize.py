@@ -17,6 +17,7 @@ calibration files are untouched).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from ..data.gallery import display
 from ..data.prompts import article
-from ..train.loop import LoopConfig, optimize
+from ..train.loop import LoopConfig, frozen, optimize
 from ..trunk import Prepared, run_stages
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,24 @@ class StandIns:
     restyled: "StandIns | None" = None  # restyled examples (:func:`restyled`; sources index the forget set); None: off
 
 
-def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> torch.Tensor:
-    """``x`` ([0, 1] pixels) plus a bounded δ (‖δ‖_∞ ≤ ε) that minimises ``loss_of(features)`` through
-    the FROZEN original tower (normalised features of x + δ); the perturbed images in [0, 1]."""
+@contextlib.contextmanager
+def frozen_original(ctx):
+    """The original image tower in eval mode with no gradient into its weights inside the block
+    (both restored after): what every perturbation here is optimised through."""
     visual = ctx.original.visual
     was = visual.training
     visual.eval()
+    try:
+        with frozen(visual):
+            yield visual
+    finally:
+        visual.train(was)
+
+
+def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> torch.Tensor:
+    """``x`` ([0, 1] pixels) plus a bounded δ (‖δ‖_∞ ≤ ε) that minimises ``loss_of(features)`` through
+    the FROZEN original tower (normalised features of x + δ); the perturbed images in [0, 1]."""
     delta = torch.zeros_like(x, requires_grad=True)
-    flags = [(p, p.requires_grad) for p in visual.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
 
     def loss_fn(step):
         return loss_of(F.normalize(ctx.original.encode_image(ctx.bundle.normalize((x + delta).clamp(0, 1))).float(),
@@ -89,22 +98,18 @@ def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> t
         with torch.no_grad():
             delta.clamp_(-cfg.epsilon, cfg.epsilon)
 
-    try:
+    with frozen_original(ctx):
         optimize([delta], loss_fn, LoopConfig(steps=cfg.steps, lr=cfg.lr, grad_clip=None), name,
                  ctx.callbacks, after_step=project)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        visual.train(was)
     return (x + delta.detach()).clamp(0, 1)
 
 
-def superclass_kept(ctx, feats: torch.Tensor, cfg: StandInConfig) -> torch.Tensor:
-    """The term that keeps perturbed images their superclass (weight ``cfg.superclass_weight``)."""
-    if cfg.superclass_weight <= 0:
+def superclass_kept(ctx, feats: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The term that keeps perturbed images their superclass (the stand-ins': ``superclass_weight``)."""
+    if weight <= 0:
         return feats.new_zeros(())
     labels = torch.full((len(feats),), ctx.task.target_index, device=feats.device)
-    return cfg.superclass_weight * F.cross_entropy(ctx.logit_scale * feats @ ctx.superclass_emb.t(), labels)
+    return weight * F.cross_entropy(ctx.logit_scale * feats @ ctx.superclass_emb.t(), labels)
 
 
 @torch.no_grad()
@@ -129,7 +134,7 @@ def stand_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     sub_emb, sub_index = subgroup_texts(ctx)
     sub_labels = torch.full((len(x),), sub_index, device=device)
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), sub_labels)
-                       + superclass_kept(ctx, f, cfg), cfg, "stand-ins")
+                       + superclass_kept(ctx, f, cfg.superclass_weight), cfg, "stand-ins")
     before = float((_taken_for(ctx, x, sub_emb) == sub_index).float().mean())
     after = float((_taken_for(ctx, images, sub_emb) == sub_index).float().mean())
     log.info("stand-ins: %d retain images; taken for %s by the original model %.0f%% -> %.0f%%", len(images),
@@ -159,7 +164,7 @@ def keep_ins(ctx, cfg: StandInConfig) -> StandIns | None:
     scores[:, sub_index] = -float("inf")
     nearest = scores.argmax(-1)           # the sibling each example is closest to
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ texts.t(), nearest)
-                       + superclass_kept(ctx, f, cfg), cfg, "keep-ins")
+                       + superclass_kept(ctx, f, cfg.superclass_weight), cfg, "keep-ins")
     after = float((_taken_for(ctx, images, texts) == sub_index).float().mean())
     log.info("keep-ins: %d forget examples; taken for %s by the original model %.0f%% -> %.0f%%", len(images),
              ctx.task.request.subgroup, 100 * before, 100 * after)
@@ -195,7 +200,7 @@ def restyled(ctx, cfg: StandInConfig) -> StandIns | None:
     sub_labels = torch.full((len(x),), sub_index, device=device)
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ style_texts.t(), goal)
                        + F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), sub_labels)
-                       + superclass_kept(ctx, f, cfg), cfg, "restyled")
+                       + superclass_kept(ctx, f, cfg.superclass_weight), cfg, "restyled")
     before = float((_taken_for(ctx, x, style_texts) == goal).float().mean())
     after = float((_taken_for(ctx, images, style_texts) == goal).float().mean())
     log.info("restyled: %d forget examples; read in their new style by the original model %.0f%% -> %.0f%%",
@@ -226,17 +231,12 @@ def feature_stand_ins(ctx, prepared: Prepared, radius: float, steps: int = 30,
     if len(sub_emb) < 2:
         return None
     visual = ctx.original.visual
-    was = visual.training
-    visual.eval()
     h = prepared.data.detach()
     rms = h.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-8).view(-1, *[1] * (h.dim() - 1)).to(h.dtype)
     nonneg = bool((h >= 0).all())
     u = torch.zeros_like(h, requires_grad=True)       # δ = u·rms(h): the bound is ‖u‖₂ ≤ radius·√D
     bound = radius * h[0].numel() ** 0.5
     labels = torch.full((len(h),), sub_index, device=h.device)
-    flags = [(p, p.requires_grad) for p in visual.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
 
     def moved() -> torch.Tensor:
         x = h + u * rms
@@ -250,22 +250,19 @@ def feature_stand_ins(ctx, prepared: Prepared, radius: float, steps: int = 30,
             n = u.flatten(1).norm(dim=1).clamp_min(1e-12)
             u.mul_((bound / n).clamp(max=1.0).view(-1, *[1] * (u.dim() - 1)))
 
-    try:
+    with frozen_original(ctx):
         with torch.no_grad():
             before = float(((features(h) @ sub_emb.t()).argmax(-1) == sub_index).float().mean())
+
         def loss_fn(step):
             f = features(moved())
-            return F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), labels) + superclass_kept(ctx, f, StandInConfig())
+            return F.cross_entropy(ctx.logit_scale * f @ sub_emb.t(), labels) + superclass_kept(ctx, f)
 
         optimize([u], loss_fn, LoopConfig(steps=steps, lr=lr, grad_clip=None), "feature stand-ins", ctx.callbacks,
                  after_step=project)
         with torch.no_grad():
             x = moved().detach()
             feats = features(x)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        visual.train(was)
     after = float(((feats @ sub_emb.t()).argmax(-1) == sub_index).float().mean())
     log.info("feature stand-ins: %d retain rows; taken for %s by the original model %.0f%% -> %.0f%%", len(x),
              ctx.task.request.subgroup, 100 * before, 100 * after)
