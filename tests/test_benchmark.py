@@ -30,6 +30,9 @@ def test_every_ablation_is_a_valid_ours_config():
     assert off.remind.align.enabled is False and off.remind.enabled is True
     plain = config_from_dict(OursConfig, ABLATIONS["no edited teacher (γ = 0)"])
     assert plain.remind.teacher.edit == 0.0 and OursConfig().remind.teacher.edit > 0
+    pixels_only = config_from_dict(OursConfig, ABLATIONS["no feature stand-ins"])
+    assert pixels_only.remind.feature_stand_ins == 0 and OursConfig().remind.feature_stand_ins > 0
+    assert pixels_only.stand_ins.enabled is True
 
 
 def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_test(gallery):
