@@ -73,7 +73,7 @@ class RemindConfig:
     feature_stand_ins: int = 64      # retain rows turned into stand-ins in the trunk's output (the input of the
                                      # first trained layer), forgotten with the others (:func:`feature_stand_ins`) [recon];
                                      # 0: off (docs/results/sweep-ours.md: at chance 98 -> 110 of 169)
-    feature_radius: float = 0.5      # their bound: ‖δ‖₂ ≤ this · ‖h‖₂ per row
+    feature_radius: float = 0.5      # their bound: ‖δ‖₂ ≤ this · ‖h‖₂ per row (1.0 measured: level, sweep-ours.md)
     rank: int | None = None          # remind's own change to each trained weight matrix kept to this rank
                                      # (projected on its top singular directions after every step) [recon];
                                      # None: unrestricted
