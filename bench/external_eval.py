@@ -119,6 +119,8 @@ def external_eval(run_dir: str | Path, gallery=None, amp: bool = False, batch_si
     run_dir = Path(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     report, columns = run_columns(run_dir, gallery)
+    if only is not None and set(only) - set(columns):
+        raise ValueError(f"no column {sorted(set(only) - set(columns))} in this run; it has {sorted(columns)}")
     after = {**report["columns"], **report.get("trained_on", {})}
     out = {}
     with tempfile.TemporaryDirectory(prefix="clipforget-external-") as tmp:
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--templates", default=None,
                    help="'|'-separated clip-benchmark templates instead of the report's prompts, e.g. "
                         "'a photo of a {c}.' (a control: not like for like)")
+    p.add_argument("--columns", default=None,
+                   help="comma-separated columns to score, e.g. 'target,retain,forget_examples' "
+                        "(default: every column; other_concepts' hundreds of classes take most of the time)")
     p.add_argument("--json", default=None, help="write the figures here too")
     args = p.parse_args(argv)
     from clipforget.data.gallery import Gallery
@@ -189,7 +194,8 @@ def main(argv=None) -> int:
         cache = None if args.use_hub else hub_cache_from_export(run_dir / "export", Path(hub))
         results = external_eval(run_dir, gallery, amp=args.amp, batch_size=args.batch_size,
                                 device=args.device, hub_cache=cache,
-                                templates=args.templates.split("|") if args.templates else None)
+                                templates=args.templates.split("|") if args.templates else None,
+                                only=tuple(args.columns.split(",")) if args.columns else None)
     print(f"{run_dir}: the report's accuracy after unlearning vs clip-benchmark's zero-shot accuracy of the "
           f"copied export (amp {'on' if args.amp else 'off'}; prompts: "
           f"{args.templates or 'the report' + chr(39) + 's'})")

@@ -59,3 +59,10 @@ def test_the_comparison_notices_other_prompts(ccup_run, gallery, minilm_hub_cach
                                 templates=["a photo of a {c}.", "a bad photo of the {c}."])
     print(ext.table(results))
     assert max(r["images_apart"] for r in results.values()) >= 2
+
+
+def test_an_unknown_column_is_named_with_the_columns_there_are(ccup_run, gallery, minilm_hub_cache):
+    _, run_dir = ccup_run
+    ext = load_bench_module("external_eval")
+    with pytest.raises(ValueError, match=r"no column \['targets'\] in this run; it has \[.*'target'"):
+        ext.external_eval(run_dir, gallery, hub_cache=minilm_hub_cache, only=("targets",))
