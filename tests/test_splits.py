@@ -20,8 +20,9 @@ def files(views) -> set[str]:
     return {it.path for it in views.items}
 
 
-def assert_disjoint(task) -> None:
-    """No file is shared between what the method trains on (D_f, D_r), D_m and the tests, in any column."""
+def assert_disjoint(task, replay_pool: bool = True) -> None:
+    """No file is shared between what the method trains on (D_f, D_r), D_m and the tests, in any column.
+    ``replay_pool``: the gallery has files no column reads (the embedded one does)."""
     trained = files(task.forget) | files(task.retain)
     calib = {name: files(col.views) for name, col in task.calib.items()}
     test = {name: files(col.views) for name, col in task.test.items()}
@@ -34,6 +35,11 @@ def assert_disjoint(task) -> None:
         assert not paths & trained, f"calibration column {name} shares files with the training sets"
     # the trained-on column is exactly the forget examples, reported apart
     assert files(task.trained["forget_examples"].views) == files(task.forget)
+    # the replay files are read by no column, never show the request's superclass nor an unseen style
+    replay = files(task.replay)
+    assert bool(replay) == replay_pool, "replay: a sample of the files no column reads, empty only if there are none"
+    assert not replay & (trained | all_calib | set().union(*test.values()))
+    assert all(it.superclass != task.request.superclass and not it.unseen_style for it in task.replay.items)
 
 
 @pytest.mark.parametrize("request_", [ForgetRequest("dog", "poodle"), ForgetRequest("car", style="line-art"),
@@ -52,6 +58,19 @@ def test_every_column_is_disjoint_by_file(gallery, request_, small_cache):
 
 def test_whole_class_task_is_disjoint_by_file(gallery, small_cache):
     assert_disjoint(build_class_task(gallery, ClassRequest("dog"), 32, SMALL, small_cache))
+
+
+def test_replay_is_a_seeded_sample_of_its_size_and_can_be_switched_off(gallery, small_cache):
+    request = ForgetRequest("dog", "poodle")
+    a = build_task(gallery, request, 32, SMALL, small_cache)
+    b = build_task(gallery, request, 32, SMALL, ViewCache(gallery, source_size=32))
+    assert len(a.replay) == SMALL.replay_images == 128
+    assert [it.path for it in a.replay.items] == [it.path for it in b.replay.items]
+    off = build_task(gallery, request, 32, SplitConfig(**{**SMALL.__dict__, "replay_images": 0}), small_cache)
+    assert len(off.replay) == 0
+    assert off.files() == a.files()          # the columns do not depend on the replay sample
+    with pytest.raises(ValueError, match="replay_images"):
+        SplitConfig(replay_images=-1)
 
 
 @pytest.mark.parametrize("fold", [0, 1, 2])
@@ -100,7 +119,7 @@ def test_too_few_files_is_a_clear_error(tmp_path):
         build_task(g, ForgetRequest("dog", "poodle"), 32, SMALL)
     task = build_task(g, ForgetRequest("dog", "beagle"), 32, SMALL)     # 6 files: 3 test, 2 calibration, 1 example
     assert (len(task.test["target"].views), len(task.calib["target"].views), len(task.forget)) == (3, 2, 1)
-    assert_disjoint(task)
+    assert_disjoint(task, replay_pool=False)     # a folder of one superclass: every file is in some column
 
 
 def test_unseen_styles_are_only_in_their_own_column(gallery, small_cache):

@@ -78,6 +78,8 @@ class SplitConfig:
     fold: int = 0               # k-fold rotation: fold f holds out the next test_images files (fold 0 .. k-1)
     style_views: bool = False   # drawing-style changes (greyscale, colour swaps, line drawings) in the forget
                                 # examples' training views (augment.STYLE_VIEWS) [recon]
+    replay_images: int = 128    # gallery files no column reads (outside the request's superclass, in a trained
+                                # style), one view each, that remind may replay (task.replay) [recon]; 0: none
     seed: int = 0
 
     def __post_init__(self):
@@ -87,6 +89,8 @@ class SplitConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fold < 0:
             raise ValueError(f"fold must be >= 0, got {self.fold}")
+        if self.replay_images < 0:
+            raise ValueError(f"replay_images must be >= 0, got {self.replay_images}")
 
     @property
     def min_forget_images(self) -> int:

@@ -76,6 +76,13 @@ class Task:
     warnings: list[str] = field(default_factory=list)
     split: SplitConfig | None = None   # the split it was built with: with the request and the gallery, it
                                        # rebuilds every column's images (run.json records it)
+    replay: ViewSet | None = None      # files no column reads (:func:`replay_items`), for remind to replay
+
+    def files(self) -> set[str]:
+        """Paths of every file the task trains on, calibrates on or tests on (replay excluded)."""
+        sets = [self.forget, self.retain] + [c.views for c in (*self.calib.values(), *self.test.values(),
+                                                               *self.trained.values())]
+        return {it.path for v in sets for it in v.items}
 
     @property
     def coarse_text(self) -> str:
@@ -260,7 +267,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
     same_sub = [it for it in retain.test if r.subgroup and it.subgroup == r.subgroup]
     plan = cols.shared_plan(others, cfg, requested)
     # target test + calib, forget_examples, D_f, D_r; the retain columns; the shared ones
-    cols.total = 5 + bool(main) + bool(same_sub) + bool(retain.calib) + cols.shared_count(plan)
+    cols.total = 5 + bool(cfg.replay_images) + bool(main) + bool(same_sub) + bool(retain.calib) + cols.shared_count(plan)
     test = {"target": cols.superclass("target", forget.test, "test", cfg.test_views)}
     calib = {"target": cols.superclass("target", forget.calib, "calib", cfg.calib_target_views)}
     if main:
@@ -271,11 +278,31 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
         calib["retain"] = cols.superclass("retain", retain.calib, "calib", cfg.calib_views)
     cols.shared_columns(calib, test, plan)
     trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", cfg.test_views)}
-    return Task(request, gallery, image_size, cols.superclasses,
-                forget=cols.views(forget.train, "train", cfg.forget_views, STYLE_VIEWS if cfg.style_views else VIEWS),
-                retain=cols.views(retain.train, "train", cfg.train_views),
-                retain_subgroups=retain_names, calib=calib, test=test, trained=trained, warnings=warnings,
-                split=cfg)
+    return with_replay(Task(request, gallery, image_size, cols.superclasses,
+                            forget=cols.views(forget.train, "train", cfg.forget_views,
+                                              STYLE_VIEWS if cfg.style_views else VIEWS),
+                            retain=cols.views(retain.train, "train", cfg.train_views),
+                            retain_subgroups=retain_names, calib=calib, test=test, trained=trained,
+                            warnings=warnings, split=cfg), cols)
+
+
+def replay_items(gallery: Gallery, superclass: str, used: set[str], cfg: SplitConfig) -> list[Item]:
+    """A seeded sample of ``cfg.replay_images`` gallery files that no column of a task reads [recon]:
+    not in ``used`` (every file the task trains, calibrates or tests on), outside the request's
+    superclass (never another picture of what is forgotten) and in a style the model trained on (the
+    unseen-styles column keeps its meaning). On the embedded gallery these are the other-pool concepts
+    held out from the embedded model's training; a gallery with no such files has none."""
+    if not cfg.replay_images:
+        return []
+    pool = [it for it in gallery.items if it.path not in used and it.superclass != superclass
+            and not it.unseen_style]
+    return file_order(pool, cfg.seed)[:cfg.replay_images]
+
+
+def with_replay(task: Task, cols: "ColumnBuilder") -> Task:
+    items = replay_items(task.gallery, task.request.superclass, task.files(), task.split or SplitConfig())
+    task.replay = cols.views(items, "train", 1)
+    return task
 
 
 def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
@@ -304,10 +331,10 @@ def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, c
     cols.shared_columns(calib, test, cols.shared_plan(others, cfg, lambda it: it.superclass == request.superclass))
     trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", 1)}
     train_views = max(1, cfg.train_views // 4)     # the forget set is a whole class: fewer views each
-    return Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]
-                forget=cols.views(forget.train, "train", train_views),
-                retain=cols.views(retain, "train", cfg.train_views),
-                retain_subgroups=[], calib=calib, test=test, trained=trained, split=cfg)
+    return with_replay(Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]
+                            forget=cols.views(forget.train, "train", train_views),
+                            retain=cols.views(retain, "train", cfg.train_views),
+                            retain_subgroups=[], calib=calib, test=test, trained=trained, split=cfg), cols)
 
 
 def superclass_prompts(superclasses: list[str]) -> list[list[str]]:

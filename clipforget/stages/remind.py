@@ -74,6 +74,8 @@ class RemindConfig:
                                      # first trained layer), forgotten with the others (:func:`feature_stand_ins`) [recon];
                                      # 0: off (docs/results/sweep-ours.md: at chance 98 -> 110 of 169)
     feature_radius: float = 0.5      # their bound: ‖δ‖₂ ≤ this · ‖h‖₂ per row (1.0 measured: level, sweep-ours.md)
+    replay: bool = False             # distil the task's replay files (files no column reads, task.replay) towards
+                                     # the teacher too, like keep-ins: the rest of the world stays as it was [recon]
     rank: int | None = None          # remind's own change to each trained weight matrix kept to this rank
                                      # (projected on its top singular directions after every step) [recon];
                                      # None: unrestricted
@@ -299,6 +301,10 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
             forget_teacher = teacher_of(ctx, forget_feats, cfg.teacher.edit, readout)
         info["teacher"] = {"threshold": readout.threshold,
                            "retain_rows_gated": int((readout.gate(original.features) > 0).sum())}
+    if cfg.replay and task.replay is not None and len(task.replay):
+        replay = ctx.inputs(task.replay)
+        extra_keep = replay if extra_keep is None else torch.cat([extra_keep, replay.to(extra_keep)])
+        info["replay"] = len(replay)
     keep_teacher = None
     if extra_keep is not None:
         keep_feats = original_features(ctx, extra_keep)
