@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from clipforget.data.gallery import Gallery
 from clipforget.data.task import (ClassRequest, ForgetRequest, SplitConfig, ViewCache, build_class_task, build_task,
@@ -64,7 +65,9 @@ def test_replay_is_a_seeded_sample_of_its_size_and_can_be_switched_off(gallery, 
     request = ForgetRequest("dog", "poodle")
     a = build_task(gallery, request, 32, SMALL, small_cache)
     b = build_task(gallery, request, 32, SMALL, ViewCache(gallery, source_size=32))
-    assert len(a.replay) == SMALL.replay_images == 128
+    assert "replay" not in a.__dict__               # its views are made only when a method asks for them
+    assert len(a.replay) == SMALL.replay_images == 128 and a.replay.images.shape[1:] == (3, 32, 32)
+    assert torch.equal(a.replay.images, b.replay.images)
     assert [it.path for it in a.replay.items] == [it.path for it in b.replay.items]
     off = build_task(gallery, request, 32, SplitConfig(**{**SMALL.__dict__, "replay_images": 0}), small_cache)
     assert len(off.replay) == 0

@@ -15,6 +15,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -76,7 +77,16 @@ class Task:
     warnings: list[str] = field(default_factory=list)
     split: SplitConfig | None = None   # the split it was built with: with the request and the gallery, it
                                        # rebuilds every column's images (run.json records it)
-    replay: ViewSet | None = None      # files no column reads (:func:`replay_items`), for remind to replay
+    replay_items: list[Item] = field(default_factory=list)   # files no column reads (:func:`replay_items`)
+    views_of: Callable[[list[Item]], ViewSet] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def replay(self) -> ViewSet:
+        """One training view of each replay file, made the first time it is asked for (remind's
+        replay is the only reader, so a run without it never loads them)."""
+        if not self.replay_items or self.views_of is None:
+            return ViewSet(torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8), [])
+        return self.views_of(self.replay_items)
 
     def files(self) -> set[str]:
         """Paths of every file the task trains on, calibrates on or tests on (replay excluded)."""
@@ -267,7 +277,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
     same_sub = [it for it in retain.test if r.subgroup and it.subgroup == r.subgroup]
     plan = cols.shared_plan(others, cfg, requested)
     # target test + calib, forget_examples, D_f, D_r; the retain columns; the shared ones
-    cols.total = 5 + bool(cfg.replay_images) + bool(main) + bool(same_sub) + bool(retain.calib) + cols.shared_count(plan)
+    cols.total = 5 + bool(main) + bool(same_sub) + bool(retain.calib) + cols.shared_count(plan)
     test = {"target": cols.superclass("target", forget.test, "test", cfg.test_views)}
     calib = {"target": cols.superclass("target", forget.calib, "calib", cfg.calib_target_views)}
     if main:
@@ -300,8 +310,8 @@ def replay_items(gallery: Gallery, superclass: str, used: set[str], cfg: SplitCo
 
 
 def with_replay(task: Task, cols: "ColumnBuilder") -> Task:
-    items = replay_items(task.gallery, task.request.superclass, task.files(), task.split or SplitConfig())
-    task.replay = cols.views(items, "train", 1)
+    task.replay_items = replay_items(task.gallery, task.request.superclass, task.files(), task.split or SplitConfig())
+    task.views_of = lambda items: cols.cache.views(items, "train", 1, cols.image_size)
     return task
 
 

@@ -301,7 +301,7 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
             forget_teacher = teacher_of(ctx, forget_feats, cfg.teacher.edit, readout)
         info["teacher"] = {"threshold": readout.threshold,
                            "retain_rows_gated": int((readout.gate(original.features) > 0).sum())}
-    if cfg.replay and task.replay is not None and len(task.replay):
+    if cfg.replay and len(task.replay):
         replay = ctx.inputs(task.replay)
         extra_keep = replay if extra_keep is None else torch.cat([extra_keep, replay.to(extra_keep)])
         info["replay"] = len(replay)
