@@ -66,6 +66,7 @@ ABLATIONS = {
     "ours (full)": {},
     "no stand-ins": {"stand_ins": {"enabled": False}},
     "no feature stand-ins": {"remind": {"feature_stand_ins": 0}},
+    "no replay": {"remind": {"replay": False}},
     "plain Fisher (no retain ratio)": {"forget": {"layer_selection": "plain"}},
     "all layers": {"forget": {"layer_selection": "all"}},
     "no LoRA (full update)": {"forget": {"use_lora": False}},

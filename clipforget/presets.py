@@ -26,7 +26,8 @@ class Preset:
 PRESETS = {p.name: p for p in [
     Preset("quick", "bounded steps and a gallery sample: a real tower at 224 px finishes on a CPU in minutes",
            split={"train_views": 2, "forget_views": 4, "calib_views": 1, "calib_target_views": 2, "test_views": 1,
-                  "calib_other_images": 24, "calib_concept_images": 24, "max_other_images": 48},
+                  "calib_other_images": 24, "calib_concept_images": 24, "max_other_images": 48,
+                  "replay_images": 16},
            config={"ours": {"stand_ins": {"images": 8, "steps": 5},
                             "forget": {"fisher_samples": 8, "batch_size": 16, "loop": {"steps": 10}},
                             "remind": {"batch_size": 16, "loop": {"steps": 10},

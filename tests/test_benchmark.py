@@ -33,6 +33,8 @@ def test_every_ablation_is_a_valid_ours_config():
     pixels_only = config_from_dict(OursConfig, ABLATIONS["no feature stand-ins"])
     assert pixels_only.remind.feature_stand_ins == 0 and OursConfig().remind.feature_stand_ins > 0
     assert pixels_only.stand_ins.enabled is True
+    no_replay = config_from_dict(OursConfig, ABLATIONS["no replay"])
+    assert no_replay.remind.replay is False and OursConfig().remind.replay is True
 
 
 def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_test(gallery):
