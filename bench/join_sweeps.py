@@ -25,6 +25,7 @@ def main(out: str, *paths: str) -> None:
         raise SystemExit("a subgroup appears in more than one part")
     split = SplitConfig(**tables[0]["split"]) if tables[0].get("split") else None
     joined = summarise(rows, tables[0]["method"], split)
+    joined["split"] = tables[0].get("split")   # the parts' own record: fields added to SplitConfig since are not theirs
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "sweep.json").write_text(json.dumps(joined, indent=1))
     (Path(out) / "sweep.md").write_text(markdown(joined))

@@ -82,7 +82,7 @@ def test_remind_distils_the_keep_ins_towards_the_teacher(bundle, poodle_task):
 
     keep = stand_ins(Context(bundle, poodle_task), StandInConfig(enabled=True, images=12, steps=15, keep_ins=True)).keep
     cfg = RemindConfig(align=AlignConfig(enabled=False), teacher=TeacherConfig(edit=10.0), retain_tolerance=None,
-                       loop=LoopConfig(steps=8, lr=5e-4, check_every=8))
+                       replay=False, loop=LoopConfig(steps=8, lr=5e-4, check_every=8))
 
     def remind(extra_keep):
         ctx = Context(bundle, poodle_task)
