@@ -293,7 +293,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
                                               STYLE_VIEWS if cfg.style_views else VIEWS),
                             retain=cols.views(retain.train, "train", cfg.train_views),
                             retain_subgroups=retain_names, calib=calib, test=test, trained=trained,
-                            warnings=warnings, split=cfg), cols)
+                            warnings=warnings, split=cfg), cols, cfg)
 
 
 def replay_items(gallery: Gallery, superclass: str, used: set[str], cfg: SplitConfig) -> list[Item]:
@@ -309,8 +309,8 @@ def replay_items(gallery: Gallery, superclass: str, used: set[str], cfg: SplitCo
     return file_order(pool, cfg.seed)[:cfg.replay_images]
 
 
-def with_replay(task: Task, cols: "ColumnBuilder") -> Task:
-    task.replay_items = replay_items(task.gallery, task.request.superclass, task.files(), task.split or SplitConfig())
+def with_replay(task: Task, cols: "ColumnBuilder", cfg: SplitConfig) -> Task:
+    task.replay_items = replay_items(task.gallery, task.request.superclass, task.files(), cfg)
     task.views_of = lambda items: cols.cache.views(items, "train", 1, cols.image_size)
     return task
 
@@ -344,7 +344,7 @@ def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, c
     return with_replay(Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]
                             forget=cols.views(forget.train, "train", train_views),
                             retain=cols.views(retain, "train", cfg.train_views),
-                            retain_subgroups=[], calib=calib, test=test, trained=trained, split=cfg), cols)
+                            retain_subgroups=[], calib=calib, test=test, trained=trained, split=cfg), cols, cfg)
 
 
 def superclass_prompts(superclasses: list[str]) -> list[list[str]]:
