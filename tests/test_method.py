@@ -113,6 +113,62 @@ def test_restore_says_in_its_info_when_no_alpha_forgets_the_calibration_images(m
     assert "warning" not in restore.restore_stage(ctx, RestoreConfig(grid_points=2))
 
 
+def test_restore_can_ask_the_target_to_be_forgotten_by_a_logit_margin(monkeypatch):
+    """``restore.target_margin``: D_m's target views count as recognised while their superclass is
+    within the margin of the best other class, so α must go as far as forgetting them by it; the
+    margin's accuracy is shown in the curve, never counted as a column."""
+    from types import SimpleNamespace
+
+    from clipforget.stages import restore
+    from clipforget.stages.restore import MARGIN_KEY, calibration_score
+    curve = [{"alpha": 0.0, "target": 1.0, MARGIN_KEY: 1.0, "retain": 1.0},
+             {"alpha": 0.5, "target": 0.0, MARGIN_KEY: 0.5, "retain": 0.9},
+             {"alpha": 1.0, "target": 0.0, MARGIN_KEY: 0.0, "retain": 0.8}]
+    assert choose_alpha(curve, 0.0) == (0.5, True)                       # the argmax: forgotten at 0.5
+    assert choose_alpha(curve, 0.0, target_key=MARGIN_KEY) == (1.0, True)
+    plain = [{k: v for k, v in r.items() if k != MARGIN_KEY} for r in curve]
+    assert calibration_score(curve, 0.5) == calibration_score(plain, 0.5)
+    ctx = SimpleNamespace(chance=0.04, task=SimpleNamespace(trained={}), current_delta=lambda: {},
+                          text_delta=lambda: None)
+    asked = []
+    monkeypatch.setattr(restore, "alpha_curve", lambda *a: asked.append(a[-1]) or curve)
+    assert restore.restore_stage(ctx, RestoreConfig(margin=0.0))["alpha"] == 0.5
+    info = restore.restore_stage(ctx, RestoreConfig(margin=0.0, target_margin=2.0))
+    assert (info["alpha"], info["target_margin"], asked) == (1.0, 2.0, [0.0, 2.0])
+    monkeypatch.setattr(restore, "alpha_curve", lambda *a: [dict(r, **{MARGIN_KEY: 0.5}) for r in curve])
+    info = restore.restore_stage(ctx, RestoreConfig(target_margin=2.0))
+    assert not info["feasible"] and "within a logit margin of 2" in info["warning"]
+    with pytest.raises(ValueError, match="target_margin"):
+        RestoreConfig(target_margin=-1.0)
+
+
+def test_the_margin_curve_counts_views_near_their_superclass_as_recognised(bundle, poodle_task):
+    """On a real α-curve the margin's target accuracy is never below the argmax's, equals it at a
+    negligible margin, and counts exactly the views whose superclass is within the margin."""
+    from clipforget.eval.zeroshot import TextCache, column_accuracy
+    from clipforget.stages.restore import MARGIN_KEY, alpha_curve
+    from clipforget.data.task import Column
+    ctx = Context(bundle, poodle_task)
+    col = poodle_task.calib["target"]
+    emb = ctx.image_features(ctx.inputs(col.views)).detach()
+    wrong = Column("wrong", col.views, col.classes, (col.labels + 1) % len(col.classes))  # mostly misread
+    sims = emb @ TextCache(bundle).classes(col.classes).t()
+    own = sims.gather(1, wrong.labels[:, None])[:, 0]
+    gap = own - sims.scatter(1, wrong.labels[:, None], float("-inf")).max(1).values   # < 0: not recognised
+    m = float((-gap).median())
+    expected = float((gap + m > 0).float().mean())
+    plain = column_accuracy(bundle, wrong, TextCache(bundle), image_emb=emb)
+    assert plain < expected < 1
+    assert column_accuracy(bundle, wrong, TextCache(bundle), image_emb=emb, margin=m) == pytest.approx(expected)
+    for margin in (1e-9, 4.0):
+        curve = alpha_curve(ctx, {}, [0.0, 1.0], target_margin=margin)
+        for row in curve:
+            assert row[MARGIN_KEY] >= row["target"]
+            if margin < 1e-6:
+                assert row[MARGIN_KEY] == row["target"]
+    assert MARGIN_KEY not in alpha_curve(ctx, {}, [0.0])[0]
+
+
 def test_soup_endpoints():
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}

@@ -11,6 +11,7 @@ COLUMN_TITLES = {
     "other_concepts": "Other concepts",
     "unseen_styles": "Unseen styles (never trained on)",
     "forget_examples": "Forget examples (trained on; not in Score)",
+    "target_within_margin": "Target within restore's logit margin (not in Score)",
 }
 
 

@@ -63,9 +63,20 @@ def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
 
 
 def column_accuracy(bundle: ClipBundle, column: Column, texts: TextCache,
-                    model: nn.Module | None = None, image_emb: torch.Tensor | None = None) -> float:
+                    model: nn.Module | None = None, image_emb: torch.Tensor | None = None,
+                    margin: float = 0.0) -> float:
+    """Zero-shot accuracy of ``column``. With ``margin`` > 0 (cosine similarity) an image also
+    counts as recognised while its label's similarity is within ``margin`` of the best other class's
+    — a stricter test of "forgotten" (0: the argmax)."""
     emb = image_emb if image_emb is not None else encode_images(bundle, column.views.images, model)
-    return float((predict(emb, texts.classes(column.classes)) == column.labels).float().mean())
+    class_emb = texts.classes(column.classes)
+    if margin <= 0:
+        return float((predict(emb, class_emb) == column.labels).float().mean())
+    sims = (emb @ class_emb.t()).cpu()
+    labels = column.labels.cpu()
+    own = sims.gather(1, labels[:, None])[:, 0]
+    others = sims.scatter(1, labels[:, None], float("-inf")).max(1).values
+    return float((own + margin > others).float().mean())
 
 
 def evaluate_columns(bundle: ClipBundle, columns: dict[str, Column], texts: TextCache,

@@ -14,7 +14,7 @@ import torch
 
 from ..stages.forget import ForgetConfig, forget_stage
 from ..stages.remind import RemindConfig, remind_stage
-from ..stages.restore import RestoreConfig, calibration_score, curve_row, restore_stage
+from ..stages.restore import MARGIN_KEY, RestoreConfig, calibration_score, curve_row, restore_stage
 from ..stages.synthesize import StandInConfig, stand_ins
 from .base import Context, Unlearner, register_method
 
@@ -44,7 +44,9 @@ class EscalateConfig:
 
 
 def calibration_target(curve: list[dict], alpha: float) -> float:
-    return curve_row(curve, alpha)["target"]
+    """D_m's target accuracy at ``alpha`` as restore counted it (with its logit margin, if any)."""
+    row = curve_row(curve, alpha)
+    return row.get(MARGIN_KEY, row["target"])
 
 
 @dataclass
