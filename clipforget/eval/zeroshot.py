@@ -62,6 +62,15 @@ def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     return (image_emb @ class_emb.t()).argmax(-1)
 
 
+def recognised(scores: torch.Tensor, labels: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per row of ``scores`` (images × classes): is its label's score above the best other class's
+    less ``margin``? (``margin`` > 0: a view still within it counts as recognised.)"""
+    scores, labels = scores.cpu(), labels.cpu()
+    own = scores.gather(1, labels[:, None])[:, 0]
+    others = scores.scatter(1, labels[:, None], float("-inf")).max(1).values
+    return own + margin > others
+
+
 def column_accuracy(bundle: ClipBundle, column: Column, texts: TextCache,
                     model: nn.Module | None = None, image_emb: torch.Tensor | None = None,
                     margin: float = 0.0) -> float:
@@ -72,11 +81,7 @@ def column_accuracy(bundle: ClipBundle, column: Column, texts: TextCache,
     class_emb = texts.classes(column.classes)
     if margin <= 0:
         return float((predict(emb, class_emb) == column.labels).float().mean())
-    sims = (emb @ class_emb.t()).cpu()
-    labels = column.labels.cpu()
-    own = sims.gather(1, labels[:, None])[:, 0]
-    others = sims.scatter(1, labels[:, None], float("-inf")).max(1).values
-    return float((own + margin > others).float().mean())
+    return float(recognised(emb @ class_emb.t(), column.labels, margin).float().mean())
 
 
 def evaluate_columns(bundle: ClipBundle, columns: dict[str, Column], texts: TextCache,

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..data.task import Task, ViewSet
 from ..embed import ENCODE_BATCH, encode_texts, prompt_ensemble, to_input, tokenize
-from ..eval.zeroshot import TextCache
+from ..eval.zeroshot import TextCache, recognised
 from ..merge import VISUAL, StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
 from ..train.loop import Callback, NonFiniteLoss, emit
@@ -269,11 +269,8 @@ class Context:
         if not bool(torch.isfinite(features).all()):
             raise NonFiniteLoss(f"stage {self.current_stage!r}: the model's image features became NaN/inf; "
                                 "lower the learning rate of that stage or its number of steps")
-        logits = (self.logit_scale * features.to(self.superclass_emb.device) @ self.superclass_emb.t()).cpu()
-        labels = labels.cpu()
-        own = logits.gather(1, labels[:, None])[:, 0]
-        others = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
-        return float((own + margin > others).float().mean())
+        logits = self.logit_scale * features.to(self.superclass_emb.device) @ self.superclass_emb.t()
+        return float(recognised(logits, labels, margin).float().mean())
 
     @property
     def chance(self) -> float:
