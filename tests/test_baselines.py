@@ -542,7 +542,7 @@ def test_soup_backs_off_a_delta_that_destroys_the_retain_set(tiny, tiny_task, mo
     """A curve on which α = 1 forgets but wrecks the retain column: restore keeps the weakest α
     that still forgets (plus the margin), as it does for ours; forgetting nowhere -> lowest target."""
     import clipforget.stages.restore as restore
-    def wrecking(ctx, delta, alphas, text_delta=None):
+    def wrecking(ctx, delta, alphas, text_delta=None, target_margin=0.0):
         return [{"alpha": a, "target": 1.0 if a < 0.3 else 0.0, "retain": 1.0 - a, "forget_examples": 0.0}
                 for a in alphas]
     monkeypatch.setattr(restore, "alpha_curve", wrecking)
@@ -550,7 +550,7 @@ def test_soup_backs_off_a_delta_that_destroys_the_retain_set(tiny, tiny_task, mo
     soup = get_method("ga+soup")(over).run(tiny, tiny_task)
     assert soup.alpha == pytest.approx(0.4) and soup.info["restore"]["calibrated_alpha"] == pytest.approx(0.3)
     assert soup.alpha_curve == wrecking(None, None, [i / 10 for i in range(11)])
-    monkeypatch.setattr(restore, "alpha_curve", lambda ctx, d, alphas, text_delta=None: [
+    monkeypatch.setattr(restore, "alpha_curve", lambda ctx, d, alphas, text_delta=None, target_margin=0.0: [
         {"alpha": a, "target": 1.0 - 0.5 * a, "retain": 1.0} for a in alphas])
     soup = get_method("ga+soup")(over).run(tiny, tiny_task)
     assert soup.alpha == 1.0 and soup.info["restore"]["feasible"] is False
