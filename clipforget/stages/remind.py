@@ -59,6 +59,7 @@ class RemindConfig:
     ema: bool = True
     ema_decay: float = 0.5           # β; 1.0 keeps the original weights
     batch_size: int = 64
+    keep_batch: int | None = None    # keep-in and replay rows distilled each step (a third batch); None: batch_size
     bn_mode: str = "eval"            # BatchNorm during fine-tuning: eval | train
     forget_goal: float | None = None  # forget accuracy (train views, the forget stage's margin) that still counts as
                                      # forgotten while reminding; None: chance level, the bar restore then holds [recon]
@@ -99,6 +100,8 @@ class RemindConfig:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
         if self.feature_stand_ins < 0 or self.feature_radius <= 0:
             raise ValueError("feature_stand_ins must be >= 0 and feature_radius > 0")
+        if self.keep_batch is not None and self.keep_batch < 1:
+            raise ValueError(f"keep_batch must be >= 1 or None (batch_size), got {self.keep_batch}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {self.rank}")
         if self.style_matched_weight <= 0:
@@ -351,7 +354,7 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
             if forget_teacher is not None:
                 loss = distilled(loss, feats, forget_teacher, fi.to(device))
         if keep_x is not None:
-            ki = ctx.sample_indices(len(keep_x), cfg.batch_size)
+            ki = ctx.sample_indices(len(keep_x), cfg.keep_batch or cfg.batch_size)
             loss = distilled(loss, enc(keep_x[ki]), keep_teacher, ki.to(device))
         return loss
 
