@@ -28,4 +28,6 @@ def main(*paths: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or any(a.startswith("-") for a in sys.argv[1:]):
+        raise SystemExit(__doc__)
     main(*sys.argv[1:])
