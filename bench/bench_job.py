@@ -32,13 +32,15 @@ FIGURES = [("submit_to_results_s", "submit → results (grids) (s)"), ("submit_t
 
 def one_job(runs: Path) -> dict:
     """One job in this process (its first), on this checkout's clipforget."""
+    import clipforget
     from clipforget.app import AppCore
     from clipforget.app.loading import default_pick
     core = AppCore(runs_dir=runs)
     try:
         t0 = time.perf_counter()
         core.resources(timeout=600)
-        figures = {"load_s": time.perf_counter() - t0, "rss_loaded_mb": peak_rss_mb(os.getpid())}
+        figures = {"code": clipforget.__file__, "load_s": time.perf_counter() - t0,
+                   "rss_loaded_mb": peak_rss_mb(os.getpid())}
         job = core.start_job(*default_pick(core.gallery))
         t1 = time.perf_counter()
         ready = core.jobs.wait(job.id, timeout=1200, results=True)
@@ -61,7 +63,9 @@ def one_job(runs: Path) -> dict:
 def in_process(root: Path) -> dict:
     """One job in a fresh process from the checkout at ``root``; its figures."""
     runs = Path(tempfile.mkdtemp(prefix="clipforget-job-"))
-    code = (f"import sys, json, pathlib; sys.path[:0] = [{str(root)!r}, {str(ROOT / 'bench')!r}]; import bench_job; "
+    # bench_job's own import of common puts this checkout first on sys.path: ``root`` goes before it after
+    code = (f"import sys, json, pathlib; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_job; "
+            f"sys.path.insert(0, {str(root)!r}); "
             f"print('FIGURES', json.dumps(bench_job.one_job(pathlib.Path({str(runs)!r}))))")
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(root))
@@ -72,7 +76,10 @@ def in_process(root: Path) -> dict:
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("FIGURES ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"the job at {root} failed:\n{out.stderr[-3000:]}")
-    return json.loads(line.removeprefix("FIGURES "))
+    figures = json.loads(line.removeprefix("FIGURES "))
+    if not Path(figures["code"]).resolve().is_relative_to(root.resolve()):
+        raise RuntimeError(f"the job meant for {root} ran the clipforget of {figures['code']}")
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
