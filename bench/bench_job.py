@@ -63,7 +63,8 @@ def one_job(runs: Path) -> dict:
 def in_process(root: Path) -> dict:
     """One job in a fresh process from the checkout at ``root``; its figures."""
     runs = Path(tempfile.mkdtemp(prefix="clipforget-job-"))
-    # bench_job's own import of common puts this checkout first on sys.path: ``root`` goes before it after
+    # importing bench_job imports common, which puts this checkout first on sys.path: ``root`` is put
+    # first after that import, so the job imports the clipforget of ``root``
     code = (f"import sys, json, pathlib; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_job; "
             f"sys.path.insert(0, {str(root)!r}); "
             f"print('FIGURES', json.dumps(bench_job.one_job(pathlib.Path({str(runs)!r}))))")
