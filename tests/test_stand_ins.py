@@ -1,4 +1,5 @@
 """Stand-ins: sibling drawings the original model is made to take for the forgotten subgroup."""
+import pytest
 import torch
 
 from clipforget.methods.base import Context
@@ -138,3 +139,26 @@ def test_remind_makes_feature_stand_ins_unless_switched_off(bundle, poodle_task)
     assert RemindConfig().feature_stand_ins > 0                                                  # on by default
     assert "feature_stand_ins" not in remind_stage(Context(bundle, poodle_task), RemindConfig(
         align=AlignConfig(enabled=False), feature_stand_ins=0, retain_tolerance=None, loop=LoopConfig(steps=1)), forgot)
+
+
+def test_feature_stand_ins_can_come_first_from_the_styles_the_examples_leave_out(bundle, poodle_task):
+    from clipforget.stages.remind import RemindConfig, remind_stage, stand_in_sources
+    ctx = Context(bundle, poodle_task)
+    source = torch.arange(len(poodle_task.retain))
+    shown = {it.style for it in poodle_task.forget.items}
+    other = [poodle_task.retain.items[i].style not in shown for i in source.tolist()]
+    n_other = sum(other)
+    assert 0 < n_other < len(source)                          # the tiny task has rows of both kinds
+    picked = stand_in_sources(ctx, source, n_other + 2, "others")
+    assert len(picked) == len(set(picked.tolist())) == n_other + 2
+    assert all(other[i] for i in picked[:n_other].tolist())   # every row in a style the examples leave out ...
+    assert not any(other[i] for i in picked[n_other:].tolist())   # ... then the rest
+    assert len(stand_in_sources(ctx, source, 3, "any")) == 3
+    from clipforget.stages.align import AlignConfig
+    from clipforget.train.loop import LoopConfig
+    forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8, loop=LoopConfig(steps=1, lr=1e-3)))
+    info = remind_stage(ctx, RemindConfig(align=AlignConfig(enabled=False), feature_stand_ins=4, feature_styles="others",
+                                          retain_tolerance=None, loop=LoopConfig(steps=1)), forgot)
+    assert info["feature_stand_ins"]["rows"] == 4
+    with pytest.raises(ValueError, match="feature_styles"):
+        RemindConfig(feature_styles="held_out")

@@ -75,6 +75,9 @@ class RemindConfig:
                                      # first trained layer), forgotten with the others (:func:`feature_stand_ins`) [recon];
                                      # 0: off (docs/results/sweep-ours.md: at chance 98 -> 110 of 169)
     feature_radius: float = 0.5      # their bound: ‖δ‖₂ ≤ this · ‖h‖₂ per row (1.0 measured: level, sweep-ours.md)
+    feature_styles: str = "any"      # which retain rows become feature stand-ins: any | others (first those drawn
+                                     # in a style none of the forget examples has, the styles the examples leave
+                                     # out; then the rest) [recon]
     replay: bool = True              # distil the task's replay files (files no column reads, task.replay) towards
                                      # the teacher too, like keep-ins: the rest of the world stays as it was [recon];
                                      # docs/results/sweep-ours.md: mean Score +1.9 over 169, other concepts kept
@@ -100,6 +103,8 @@ class RemindConfig:
             raise ValueError(f"retain_tolerance must be in [0, 1] or None, got {self.retain_tolerance}")
         if self.feature_stand_ins < 0 or self.feature_radius <= 0:
             raise ValueError("feature_stand_ins must be >= 0 and feature_radius > 0")
+        if self.feature_styles not in ("any", "others"):
+            raise ValueError(f"feature_styles must be 'any' or 'others', got {self.feature_styles!r}")
         if self.keep_batch is not None and self.keep_batch < 1:
             raise ValueError(f"keep_batch must be >= 1 or None (batch_size), got {self.keep_batch}")
         if self.rank is not None and self.rank < 1:
@@ -142,6 +147,19 @@ def style_matched(task, source: torch.Tensor, weight: float) -> torch.Tensor | N
     styles = {it.style for it in task.forget.items}
     matched = torch.tensor([task.retain.items[i].style in styles for i in source.tolist()])
     return 1.0 + (weight - 1.0) * matched.float()
+
+
+def stand_in_sources(ctx, source: torch.Tensor, k: int, styles: str) -> torch.Tensor:
+    """Which of the training rows (``source``: the retain image of each) become feature stand-ins:
+    ``k`` at random ("any"), or ("others") first the rows drawn in a style none of the forget examples
+    has, at random, then the rest: stand-ins in the styles the examples do not show."""
+    if styles == "any":
+        return ctx.sample_indices(len(source), k)
+    task = ctx.task
+    shown = {it.style for it in task.forget.items}
+    other = torch.tensor([task.retain.items[i].style not in shown for i in source.tolist()], dtype=torch.bool)
+    order = torch.randperm(len(source), generator=ctx.generator)
+    return torch.cat([order[other[order]], order[~other[order]]])[:k]
 
 
 def trained_parameters(visual: nn.Module, scope: str, forget: ForgetResult | None) -> tuple[list[str], list]:
@@ -281,7 +299,8 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
     forget_feats = original_features(ctx, forget_in) if cfg.teacher.edit > 0 else None
     n_fit = len(forget_in)                 # the teacher's threshold is fitted on the image rows alone
     if cfg.feature_stand_ins and task.request.subgroup is not None:
-        sources = retain_x[ctx.sample_indices(rows.n_check, cfg.feature_stand_ins)]   # real retain rows
+        sources = retain_x[stand_in_sources(ctx, rows.source[:rows.n_check], cfg.feature_stand_ins,
+                                            cfg.feature_styles)]                       # real retain rows
         made = None
         if sources.start and sources.start == forget_x.start:    # where the trained layers read them
             made = feature_stand_ins(ctx, sources, cfg.feature_radius)
