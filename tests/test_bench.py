@@ -57,3 +57,21 @@ def test_load_result_percentiles():
     r.errors.append("client 0: search 3: boom")
     assert r.requests == 101 and r.summary()["errors"] == 1 and r.summary()["first_errors"] == ["client 0: search 3: boom"]
     assert LoadResult(1, 1).p99_ms != LoadResult(1, 1).p99_ms            # NaN without a success
+
+
+def test_seed_noise_counts_the_rows_the_seed_moves(tmp_path, capsys):
+    import json
+
+    def row(sub, score, target):
+        return {"superclass": "dog", "subgroup": sub, "style": None, "score": score, "target_after": target,
+                "chance": 0.04, "columns": {c: {"after": 0.5} for c in
+                                            ("target", "retain", "other_superclasses", "other_concepts")}}
+    a = [row("a", 90.0, 0.0), row("b", 80.0, 0.5), row("c", 95.0, 0.0), row("d", 70.0, 0.0)]
+    b = [row("a", 90.0, 0.0), row("b", 84.0, 0.0), row("c", 93.0, 0.2), row("d", 70.0, 0.0)]
+    for name, rows in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
+    load_bench("seed_noise").main(str(tmp_path / "a.json"), str(tmp_path / "b.json"), sample=2, draws=50)
+    out = capsys.readouterr().out
+    assert "mean +0.50" in out and "rows equal 2" in out and "max 4.00" in out
+    assert "at chance in A only: 1 (c)" in out and "at chance in B only: 1 (b)" in out
+    assert "50 random samples of 2" in out
