@@ -197,6 +197,7 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
                 _check_hub_reachable(name, pretrained)
             model, preprocess = _create(name, pretrained, precision, device, text_pretrained=False)
         arch, source = name, pretrained
+    _hf_text_precision(model, precision)
     model.eval()
     model.requires_grad_(False)   # an inference model: methods train copies, never these weights
     if channels_last is None:
@@ -212,6 +213,15 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
                       tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                       tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
                       {"load_seconds": time.perf_counter() - t0})
+
+
+def _hf_text_precision(model: nn.Module, precision: str) -> None:
+    """open_clip's fp16/bf16 casts the linear and convolution weights only; a Hugging Face text tower
+    (the embedded model's MiniLM) keeps float32 embeddings and LayerNorms, and its first linear layer
+    then fails on their output. The whole tower is cast instead."""
+    text = getattr(model, "text", None)
+    if precision != "fp32" and hasattr(text, "transformer"):
+        text.to(torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def _speed_up(visual: nn.Module) -> None:

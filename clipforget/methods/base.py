@@ -44,7 +44,7 @@ from ..embed import ENCODE_BATCH, encode_texts, prompt_ensemble, to_input, token
 from ..eval.zeroshot import TextCache, recognised
 from ..merge import VISUAL, StateDict, apply_delta, delta as state_delta
 from ..models import ClipBundle
-from ..train.loop import Callback, NonFiniteLoss, emit
+from ..train.loop import HALF_PRECISION, Callback, NonFiniteLoss, emit
 from .catalog import menu_order, method_modules
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,8 @@ class Unlearner:
 
     def run(self, bundle: ClipBundle, task: Task, callbacks: Iterable[Callback] = (),
             texts: TextCache | None = None, activation_budget: int | None = None) -> UnlearnResult:
+        if self.learned and bundle.precision == "fp16":
+            raise ValueError(f"{self.name}: {HALF_PRECISION}")
         seed = getattr(self.config, "seed", 0)
         torch.manual_seed(seed)
         ctx = Context(bundle, task, callbacks, texts, seed, edits_text=self.edits_text,

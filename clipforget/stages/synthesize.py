@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..data.gallery import display
 from ..data.prompts import article
+from ..embed import to_input
 from ..train.loop import LoopConfig, frozen, optimize
 from ..trunk import Prepared, run_stages
 
@@ -91,8 +92,8 @@ def perturbed(ctx, x: torch.Tensor, loss_of, cfg: StandInConfig, name: str) -> t
     delta = torch.zeros_like(x, requires_grad=True)
 
     def loss_fn(step):
-        return loss_of(F.normalize(ctx.original.encode_image(ctx.bundle.normalize((x + delta).clamp(0, 1))).float(),
-                                   dim=-1))
+        return loss_of(F.normalize(ctx.original.encode_image(to_input(ctx.bundle, (x + delta).clamp(0, 1),
+                                                                       ctx.original)).float(), dim=-1))
 
     def project(step):
         with torch.no_grad():
@@ -115,7 +116,7 @@ def superclass_kept(ctx, feats: torch.Tensor, weight: float = 1.0) -> torch.Tens
 @torch.no_grad()
 def _similarities(ctx, imgs: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
     """The original model's cosine of each image ([0, 1] pixels) with each of ``texts``."""
-    return F.normalize(ctx.original.encode_image(ctx.bundle.normalize(imgs)).float(), dim=-1) @ texts.t()
+    return F.normalize(ctx.original.encode_image(to_input(ctx.bundle, imgs, ctx.original)).float(), dim=-1) @ texts.t()
 
 
 def _taken_for(ctx, imgs: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,10 @@ def restyled(ctx, cfg: StandInConfig) -> StandIns | None:
     style_texts = ctx.texts.classes([f"{article(p)} {p} of {article(name)} {name}" for p in phrases]).to(device)
     own = [styles.index(forget.items[i].style) if forget.items[i].style in styles else -1 for i in idx.tolist()]
     shift = torch.randint(1, len(styles), (len(own),), generator=ctx.generator)
-    goal = torch.tensor([(o + int(k)) % len(styles) if o >= 0 else int(k) for o, k in zip(own, shift)], device=device)
+    # another style than its own; an example in no trained style may get any of them
+    anyone = torch.randint(0, len(styles), (len(own),), generator=ctx.generator) if min(own) < 0 else None
+    goal = torch.tensor([(o + int(k)) % len(styles) if o >= 0 else int(anyone[i])
+                         for i, (o, k) in enumerate(zip(own, shift))], device=device)
     sub_emb, sub_index = subgroup_texts(ctx)
     sub_labels = torch.full((len(x),), sub_index, device=device)
     images = perturbed(ctx, x, lambda f: F.cross_entropy(ctx.logit_scale * f @ style_texts.t(), goal)

@@ -57,7 +57,14 @@ class LoopConfig:
             raise ValueError(f"check_every must be >= 1, got {self.check_every}")
 
 
+HALF_PRECISION = ("fp16 weights cannot be trained: Adam's ε (1e-8) and small gradients underflow in half "
+                  "precision and the first step turns the weights to inf. Load the model in bf16 (the same "
+                  "memory: --precision bf16) or fp32 to unlearn; fp16 serves inference (eval, search)")
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+    if any(p.dtype == torch.float16 for p in params):
+        raise ValueError(HALF_PRECISION)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
