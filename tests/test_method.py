@@ -545,3 +545,41 @@ def test_remind_with_a_rank_keeps_its_change_to_each_weight_matrix_low_rank(bund
     assert max(change_ranks(None).values()) > 1
     with pytest.raises(ValueError, match="rank"):
         RemindConfig(rank=0)
+
+
+def test_remind_checks_its_final_weights_when_the_budget_runs_out(bundle, poodle_task):
+    """A budget that ends between two checks (3 steps, a check every 2, goals out of reach): the
+    final weights are checked as well, and what remind returns is the weights of one of its checks
+    (the best that kept D_f forgotten, or the final ones)."""
+    ctx = Context(bundle, poodle_task)
+    forgot = forget_stage(ctx, ForgetConfig(fisher_samples=8))
+    cfg = RemindConfig(align=AlignConfig(enabled=False), retain_tolerance=0.0,
+                       loop=LoopConfig(steps=3, lr=5e-4, check_every=2))
+    info = remind_stage(ctx, cfg, forgot)
+    assert info["steps"] == 3 and [c["step"] for c in info["checks"]] == [2, 3]
+    kept = next(c for c in info["checks"] if c["step"] == info.get("restored_check", 3))
+    assert ctx.accuracy(poodle_task.retain) == pytest.approx(kept["retain_acc"], abs=1e-6)
+
+
+def test_a_vits_alignment_reference_is_never_d_ms_held_out_forget_images(poodle_task):
+    import dataclasses
+    from clipforget.stages.remind import alignment_reference
+    calib = poodle_task.calib
+    ref = alignment_reference(poodle_task)
+    assert torch.equal(ref, calib["other_superclasses"].views.images.float() / 255)
+    only_target = dataclasses.replace(poodle_task, calib={"target": calib["target"]})
+    assert torch.equal(alignment_reference(only_target), poodle_task.retain.images.float() / 255)
+    no_others = dataclasses.replace(poodle_task, calib={"target": calib["target"], "retain": calib["retain"]})
+    assert torch.equal(alignment_reference(no_others), calib["retain"].views.images.float() / 255)
+
+
+def test_ema_returns_the_live_values_of_what_fine_tuning_did_not_move():
+    from clipforget.stages.remind import EMA
+    theta0 = {"w": torch.zeros(2), "bn.running_mean": torch.zeros(2), "n": torch.tensor(0)}
+    live = {"w": torch.ones(2), "bn.running_mean": torch.full((2,), 3.0), "n": torch.tensor(5)}
+    ema = EMA(theta0, live, ["w"], decay=0.5)
+    ema.update()
+    final = ema.final_state()
+    assert torch.equal(final["w"], torch.full((2,), 0.5))               # θ_ema = 0.5·θ₀ + 0.5·θ
+    assert torch.equal(final["bn.running_mean"], live["bn.running_mean"])   # an earlier stage's statistics kept
+    assert int(final["n"]) == 5

@@ -62,7 +62,8 @@ class RemindConfig:
     keep_batch: int | None = None    # keep-in and replay rows distilled each step (a third batch); None: batch_size
     bn_mode: str = "eval"            # BatchNorm during fine-tuning: eval | train
     forget_goal: float | None = None  # forget accuracy (train views, the forget stage's margin) that still counts as
-                                     # forgotten while reminding; None: chance level, the bar restore then holds [recon]
+                                     # forgotten while reminding; None: chance level (restore then holds D_m at
+                                     # its own restore.target_accuracy, 0 by default) [recon]
     retain_tolerance: float | None = 0.02  # stop once retain accuracy (train views) is within this of the
                                      # original's and the forget set is still forgotten [recon]; None: all steps
     check_calibration: bool = False  # "still forgotten" also asks it of D_m's held-out forget images (never trained
@@ -81,8 +82,9 @@ class RemindConfig:
     replay: bool = True              # distil the task's replay files (files no column reads, task.replay) towards
                                      # the teacher too, like keep-ins: the rest of the world stays as it was [recon];
                                      # docs/results/sweep-ours.md: mean Score +1.9 over 169, other concepts kept
-    rank: int | None = None          # remind's own change to each trained weight matrix kept to this rank
+    rank: int | None = None          # the live weights' change in each trained matrix kept to this rank
                                      # (projected on its top singular directions after every step) [recon];
+                                     # with EMA the returned average of those can have a higher rank;
                                      # None: unrestricted
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, lr=5e-4, grad_clip=1.0, check_every=2))
 
@@ -137,6 +139,14 @@ def training_rows(retain: torch.Tensor, aligned: torch.Tensor, chosen: torch.Ten
     if keep_originals:
         return TrainingRows([retain, aligned], torch.cat([torch.arange(n), chosen]), n)
     return TrainingRows([aligned], chosen, len(chosen))
+
+
+def alignment_reference(task) -> torch.Tensor:
+    """[0, 1] images whose LayerNorm moments a ViT's retain images are aligned to (it has no BatchNorm
+    statistics): D_m's other superclasses, else another of D_m's columns — never its held-out forget
+    images, which only restore reads —, else the retain images themselves."""
+    col = task.calib.get("other_superclasses") or next((c for k, c in task.calib.items() if k != "target"), None)
+    return (col.views if col is not None else task.retain).images.float() / 255.0
 
 
 def style_matched(task, source: torch.Tensor, weight: float) -> torch.Tensor | None:
@@ -202,8 +212,10 @@ class EMA:
                     self.live[n].copy_(saved[n])
 
     def final_state(self) -> dict:
-        """The tower's state dict with the EMA weights (in the tower's dtypes)."""
-        return {k: self.weights[k].to(v.dtype) if v.is_floating_point() else v for k, v in self.live.items()}
+        """The tower's state dict with the EMA weights (in the tower's dtypes) where fine-tuning moved
+        them, the live values elsewhere (e.g. BatchNorm statistics an earlier stage updated)."""
+        moving = set(self.moving)
+        return {k: self.weights[k].to(v.dtype) if k in moving else v for k, v in self.live.items()}
 
 
 class LowRankChange:
@@ -266,10 +278,7 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         log.warning("remind skipped: the retain set is empty")
         return {"skipped": "empty retain set"}
     retain = task.retain.images       # uint8; float copies are made a batch at a time
-    reference = None
-    if NormStats(ctx.original.visual).kind == "layernorm":
-        col = task.calib.get("other_superclasses") or next(iter(task.calib.values()))
-        reference = col.views.images.float() / 255.0
+    reference = alignment_reference(task) if NormStats(ctx.original.visual).kind == "layernorm" else None
     n = len(retain)
     cap = cfg.align.max_images
     chosen = torch.arange(n) if cap is None or n <= cap else ctx.sample_indices(n, cap).sort().values
@@ -416,6 +425,8 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
                        after_step=after_step)
     for p in params:
         p.requires_grad_(False)
+    if cfg.retain_tolerance is not None and history and (not checks or checks[-1]["step"] < len(history)):
+        should_stop(len(history))         # the budget ran out after the last check: the final weights are checked too
     last = checks[-1] if checks else None
     if best and last is not None and (last["forget_acc"] > forget_goal or last["retain_acc"] < best.retain_acc) \
             and len(history) > best.step:
