@@ -16,6 +16,10 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipforget.eval.score import at_or_below_chance  # noqa: E402
+
 
 def rows(path: str) -> dict:
     return {r["subgroup"]: r for r in json.load(open(path))["rows"]}
@@ -23,7 +27,7 @@ def rows(path: str) -> dict:
 
 def at_chance(table: dict) -> int:
     """Subgroups whose held-out target accuracy after is at or below chance."""
-    return sum(x["target_after"] <= x["chance"] + 1e-9 for x in table.values())
+    return sum(map(at_or_below_chance, table.values()))
 
 
 def summary(table: dict) -> str:
@@ -57,7 +61,6 @@ def main(defaults: str, escalate: str, rerun: str, thresholds: list[float], writ
               f"{sum(k in escalated and table[k] is esc[k] for k in base)}, keeps γ 10 on {len(moved)}: {summary(table)}")
         print("   " + "; ".join(moved))
     if write:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from clipforget.io import write_json
         from clipforget.sweep import summarise
         write_json(write, summarise(list(table.values()), "ours"))

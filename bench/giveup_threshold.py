@@ -11,6 +11,11 @@ infeasible (``escalate[0].against_target``: D_m's forget accuracy at the α that
 import json
 import statistics
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipforget.eval.score import at_or_below_chance  # noqa: E402
 
 
 def rows(path: str) -> dict:
@@ -20,7 +25,7 @@ def rows(path: str) -> dict:
 def summary(table: list[dict]) -> str:
     scores = [r["score"] for r in table]
     low = min(table, key=lambda r: r["score"])
-    chance = sum(r["target_after"] <= r["chance"] + 1e-9 for r in table)
+    chance = sum(map(at_or_below_chance, table))
     return (f"median {statistics.median(scores):.2f}  min {low['score']:.2f} ({low['subgroup']})  "
             f"at chance {chance}  mean {statistics.mean(scores):.2f}")
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from clipforget.data.gallery import Gallery
 from clipforget.data.task import SplitConfig, ViewCache, build_task
-from clipforget.eval.score import score
+from clipforget.eval.score import at_or_below_chance, score
 from clipforget.methods.base import Context
 from clipforget.models import load_clip
 from clipforget.stages.synthesize import subgroup_texts
@@ -89,7 +89,7 @@ def main() -> None:
     method = None
     if args.rows:
         rows = json.load(open(args.rows))["rows"]
-        method = {r["subgroup"]: r["target_after"] <= r["chance"] + 1e-9 for r in rows}
+        method = {r["subgroup"]: at_or_below_chance(r) for r in rows}
     print(f"\n{len(results)} subgroups, fold {args.fold}; the oracle edit gates every held-out target view "
           f"the original recognises (EDIT {EDIT})")
     for name in READOUTS:

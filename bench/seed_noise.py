@@ -13,11 +13,9 @@ import argparse
 import random
 import statistics
 
-from escalate_trigger import rows, summary
+from escalate_trigger import rows, summary   # also puts this checkout on sys.path
 
-
-def counted(r: dict) -> bool:
-    return r["target_after"] <= r["chance"] + 1e-9
+from clipforget.eval.score import at_or_below_chance
 
 
 def main(a: str, b: str, sample: int, draws: int) -> None:
@@ -31,16 +29,17 @@ def main(a: str, b: str, sample: int, draws: int) -> None:
     print(f"Score B − A per row: mean {statistics.mean(d):+.2f}, sd {statistics.stdev(d):.2f}, |Δ| median "
           f"{statistics.median(ad):.2f}, 90th percentile {ad[int(0.9 * (len(ad) - 1))]:.2f}, max {ad[-1]:.2f}; "
           f"rows equal {sum(x == 0 for x in d)}")
-    gained = [k for k in keys if counted(tb[k]) and not counted(ta[k])]
-    lost = [k for k in keys if counted(ta[k]) and not counted(tb[k])]
-    print(f"at chance in A only: {len(lost)} ({', '.join(lost)})\nat chance in B only: {len(gained)} ({', '.join(gained)})")
+    gained = [k for k in keys if at_or_below_chance(tb[k]) and not at_or_below_chance(ta[k])]
+    lost = [k for k in keys if at_or_below_chance(ta[k]) and not at_or_below_chance(tb[k])]
+    print(f"at chance in A only: {len(lost)} ({', '.join(lost)})")
+    print(f"at chance in B only: {len(gained)} ({', '.join(gained)})")
     if sample >= len(keys):
         return
     rng = random.Random(0)
     dc, dm = [], []
     for _ in range(draws):
         s = rng.sample(keys, sample)
-        dc.append(sum(counted(tb[k]) for k in s) - sum(counted(ta[k]) for k in s))
+        dc.append(sum(at_or_below_chance(tb[k]) for k in s) - sum(at_or_below_chance(ta[k]) for k in s))
         dm.append(statistics.mean(tb[k]["score"] - ta[k]["score"] for k in s))
     share = lambda xs, f: sum(map(f, xs)) / len(xs)      # noqa: E731
     print(f"{draws} random samples of {sample}: Δ at chance sd {statistics.pstdev(dc):.2f}, |Δ| ≥ 2 in "

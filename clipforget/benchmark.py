@@ -37,7 +37,7 @@ from typing import Iterable
 from .data.gallery import Gallery
 from .data.task import ClassRequest, ForgetRequest, SplitConfig, Task, ViewCache, build_class_task, build_task
 from .eval.report import column_title
-from .eval.score import score
+from .eval.score import at_or_below_chance, score
 from .io import save_figure, write_json, write_text
 from .methods.base import get_method, list_methods
 from .methods.catalog import SOUP_SUFFIX, soup_base
@@ -357,7 +357,7 @@ def summary_rows(results: dict[str, dict]) -> list[dict]:
                "score_sd": (sum((x - mean) ** 2 for x in scores) / len(scores)) ** 0.5,
                "score_min": min(scores), "score_max": max(scores)}
         if all("target_after" in r and "chance" in r for r in rs):
-            row["target_at_chance"] = sum(r["target_after"] <= r["chance"] + 1e-9 for r in rs)
+            row["target_at_chance"] = sum(map(at_or_below_chance, rs))
         for key in sorted({k for r in rs for k in r if k.endswith(("_after", "_ratio"))}):
             vals = [r[key] for r in rs if key in r and r[key] == r[key]]
             if vals:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from .data.gallery import Gallery
 from .data.task import ForgetRequest, SplitConfig, ViewCache
+from .eval.score import at_or_below_chance
 from .io import write_json, write_text
 from .models import ClipBundle
 from .pipeline import Evaluator, NothingToForget, forget
@@ -220,7 +221,7 @@ def summarise(rows: list[dict], method: str, split: SplitConfig | None = None) -
     rows = [r for r in rows if "skipped" not in r]
     requests = per_request(rows)
     scores = [r["score"] for r in requests]
-    at_chance = [r["target_after"] <= r["chance"] + 1e-9 for r in requests]
+    at_chance = [at_or_below_chance(r) for r in requests]
     secs = [r["seconds"] for r in rows]
     stages = sorted({k for r in rows for k in r.get("stage_seconds", {})})
     return {"method": method, "runs": len(rows), "requests": len(requests),

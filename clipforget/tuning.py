@@ -25,7 +25,7 @@ from typing import Iterable
 
 from .benchmark import PRESETS, deep_update
 from .data.task import Task
-from .eval.score import score
+from .eval.score import at_or_below_chance, score
 from .methods.base import config_from_dict, get_method, list_methods
 from .methods.catalog import soup_base
 from .models import ClipBundle
@@ -146,7 +146,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         rs = e.pop("rows")
         e["score"] = sum(r["score"] for r in rs) / len(rs)
         e["target_after"] = sum(r["target_after"] for r in rs) / len(rs)
-        e["forgets"] = all(r["target_after"] <= r["chance"] + 1e-9 for r in rs)
+        e["forgets"] = all(map(at_or_below_chance, rs))
         e["tasks"] = len(rs)
     return list(out.values())
 

@@ -10,6 +10,12 @@ images the method trained on (``forget_examples``) is reported apart and never e
 from __future__ import annotations
 
 
+def at_or_below_chance(row: dict) -> bool:
+    """A result row (sweep, bench, tuning) whose held-out target accuracy after unlearning is at or
+    below chance (``row["target_after"]``, ``row["chance"]``; 1e-9 for float noise)."""
+    return row["target_after"] <= row["chance"] + 1e-9
+
+
 def score(columns: dict[str, dict[str, float]], target: str = "target") -> float:
     """``columns``: {name: {"before": a, "after": a'}}; accuracies as fractions."""
     if target not in columns:
