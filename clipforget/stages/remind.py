@@ -149,14 +149,19 @@ def alignment_reference(task) -> torch.Tensor:
     return (col.views if col is not None else task.retain).images.float() / 255.0
 
 
+def in_example_styles(task, source: torch.Tensor) -> torch.Tensor:
+    """Whether each training row (``source``: the retain image of each) is drawn in a style one of
+    the forget examples has (bool)."""
+    styles = {it.style for it in task.forget.items}
+    return torch.tensor([task.retain.items[i].style in styles for i in source.tolist()], dtype=torch.bool)
+
+
 def style_matched(task, source: torch.Tensor, weight: float) -> torch.Tensor | None:
     """Sampling weights of the training rows (``source``: the retain image of each row): ``weight`` for
     the rows drawn in a style one of the forget examples has, 1 for the rest; None when uniform."""
     if weight == 1.0:
         return None
-    styles = {it.style for it in task.forget.items}
-    matched = torch.tensor([task.retain.items[i].style in styles for i in source.tolist()])
-    return 1.0 + (weight - 1.0) * matched.float()
+    return 1.0 + (weight - 1.0) * in_example_styles(task, source).float()
 
 
 def stand_in_sources(ctx, source: torch.Tensor, k: int, styles: str) -> torch.Tensor:
@@ -165,9 +170,7 @@ def stand_in_sources(ctx, source: torch.Tensor, k: int, styles: str) -> torch.Te
     has, at random, then the rest: stand-ins in the styles the examples do not show."""
     if styles == "any":
         return ctx.sample_indices(len(source), k)
-    task = ctx.task
-    shown = {it.style for it in task.forget.items}
-    other = torch.tensor([task.retain.items[i].style not in shown for i in source.tolist()], dtype=torch.bool)
+    other = ~in_example_styles(ctx.task, source)
     order = torch.randperm(len(source), generator=ctx.generator)
     return torch.cat([order[other[order]], order[~other[order]]])[:k]
 
@@ -401,7 +404,9 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
     checks: list[dict] = []
     best = BestCheckpoint(live, moving, ema)
 
-    def should_stop(step):
+    def check(step):
+        """Measures the weights remind would return (the EMA's), records the check and offers it as the
+        best; True once both goals are met (the loop then stops)."""
         if cfg.retain_tolerance is None or step == 0:
             return False
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
@@ -421,12 +426,12 @@ def remind_stage(ctx, cfg: RemindConfig, forget: ForgetResult | None = None,
         if ema is not None:
             ema.update(step)
 
-    history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, should_stop=should_stop,
+    history = optimize(params, loss_fn, cfg.loop, "remind", ctx.callbacks, should_stop=check,
                        after_step=after_step)
     for p in params:
         p.requires_grad_(False)
     if cfg.retain_tolerance is not None and history and (not checks or checks[-1]["step"] < len(history)):
-        should_stop(len(history))         # the budget ran out after the last check: the final weights are checked too
+        check(len(history))               # the budget ran out after the last check: the final weights are checked too
     last = checks[-1] if checks else None
     if best and last is not None and (last["forget_acc"] > forget_goal or last["retain_acc"] < best.retain_acc) \
             and len(history) > best.step:
