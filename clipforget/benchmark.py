@@ -35,7 +35,8 @@ from typing import Iterable
 
 
 from .data.gallery import Gallery
-from .data.task import ClassRequest, ForgetRequest, SplitConfig, Task, ViewCache, build_class_task, build_task
+from .data.task import (ClassRequest, ForgetRequest, SplitConfig, Task, ViewCache, build_class_task, build_task,
+                        request_files)
 from .eval.report import column_title
 from .eval.score import at_or_below_chance, score
 from .io import save_figure, write_json, write_text
@@ -93,11 +94,12 @@ def parse_request(spec: str) -> ForgetRequest | ClassRequest:
     return ForgetRequest(superclass, subgroup or None, style or None)
 
 
-def make_task(spec: str, bundle: ClipBundle, gallery: Gallery, split: SplitConfig, cache: ViewCache) -> Task:
+def make_task(spec: str, bundle: ClipBundle, gallery: Gallery, split: SplitConfig, cache: ViewCache,
+              exclude: frozenset[str] = frozenset()) -> Task:
     request = parse_request(spec)
     if isinstance(request, ClassRequest):
-        return build_class_task(gallery, request, bundle.image_size, split, cache)
-    return build_task(gallery, request, bundle.image_size, split, cache)
+        return build_class_task(gallery, request, bundle.image_size, split, cache, exclude=exclude)
+    return build_task(gallery, request, bundle.image_size, split, cache, exclude=exclude)
 
 
 # ---- rows and tables -------------------------------------------------------------------------------
@@ -406,13 +408,52 @@ def _ablation(spec, bundle, gallery, out, configs, split, callbacks, cache, eval
     return {"title": title, "rows": rows}
 
 
+def continual_tasks(specs: list[str], bundle: ClipBundle, gallery: Gallery, split: SplitConfig,
+                    cache: ViewCache) -> list[Task]:
+    """One task per request whose shared columns and replay files leave out every file the other
+    requests ask to forget (a merged model forgets them: they are no "other superclass" to keep)."""
+    wanted = [request_files(gallery, parse_request(s)) for s in specs]
+    return [make_task(s, bundle, gallery, split, cache, frozenset().union(*(w for j, w in enumerate(wanted) if j != i)))
+            for i, s in enumerate(specs)]
+
+
+def read_by(task: Task) -> set[str]:
+    """The files a run on ``task`` reads or is asked to forget: D_f, D_r, the replay files, every
+    D_m column (its α is chosen on them) and the target's held-out test files."""
+    views = [task.forget, task.retain, *(c.views for c in task.calib.values()), task.test["target"].views,
+             *(c.views for c in task.trained.values())]
+    return {it.path for v in views for it in v.items} | {it.path for it in task.replay_items}
+
+
+def without_files(task: Task, paths: set[str]) -> Task:
+    """``task`` with ``paths`` dropped from its test columns (a column left empty is dropped too, with a
+    warning): a merged model is scored on each request's columns without the files another merged run
+    trained on, calibrated on or was asked to forget, so every column stays held out for every edit."""
+    test = {}
+    for name, col in task.test.items():
+        keep = [i for i, it in enumerate(col.views.items) if it.path not in paths]
+        if not keep:
+            log.warning("continual: %s's column %s is left empty by the other requests' files; dropped",
+                        task.request.label, name)
+            continue
+        test[name] = col if len(keep) == len(col.views) else dataclasses.replace(
+            col, views=col.views.subset(keep), labels=col.labels[keep])
+    if "target" not in test:
+        raise ValueError(f"continual: every held-out target file of {task.request.label} is another request's "
+                         "file; merge requests of different subgroups")
+    return dataclasses.replace(task, test=test)
+
+
 def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, cache, evaluator, meta) -> dict:
     """Each request alone, then their deltas merged (sum: task arithmetic; average: mean of θ_i),
-    every model evaluated on every request's columns; a row's Score is the mean over requests."""
+    every model evaluated on every request's test columns less the other requests' files
+    (:func:`without_files`); a row's Score is the mean over requests."""
     specs = spec.removeprefix("continual:").split("+")
     if len(specs) < 2:
         raise ValueError(f"continual task {spec!r}: name at least two requests joined by '+'")
-    tasks = [make_task(s, bundle, gallery, split, cache) for s in specs]
+    tasks = continual_tasks(specs, bundle, gallery, split, cache)
+    # the merged models are scored on each request's test columns without the other requests' files
+    scored = [without_files(task, set().union(*(read_by(o) for o in tasks if o is not task))) for task in tasks]
     rows = []
     for m in list(methods or ["ours"]):
         run_dirs = []
@@ -427,7 +468,7 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
         for name, delta in candidates.items():
             row = {"method": name}
             scores = []
-            for s, task in zip(specs, tasks):
+            for s, task in zip(specs, scored):
                 before = evaluator.before(task)
                 after = evaluator.after(task, delta, 1.0)
                 cols = {c: {"before": before[c], "after": after[c]} for c in before}
@@ -440,7 +481,8 @@ def _continual(spec, methods, bundle, gallery, out, configs, split, callbacks, c
             rows.append(row)
     title = f"continual forgetting by merging: {' + '.join(specs)} — {bundle.arch}"
     md = [f"# {title}", "", "Cells: target accuracy after (after / before) and the Score of each request's "
-          "columns; last column: the mean Score.", "",
+          "columns (without the files another request trains on, calibrates on or forgets); last column: the "
+          "mean Score.", "",
           "| model | " + " | ".join(f"{s}: target | {s}: Score" for s in specs) + " | mean Score |",
           "|---|" + "---:|---:|" * len(specs) + "---:|"]
     for r in rows:

@@ -61,6 +61,14 @@ def texts_for(bundle: ClipBundle, delta: StateDict, model: nn.Module, texts: Tex
     return TextCache(bundle, model) if text_part(delta) else texts
 
 
+def column_size(col) -> dict[str, int]:
+    """What a report column was measured on: ``files`` (held-out image files) and ``views_per_file``
+    (augmented views of each); ``images`` stays the number of views, files × views, as the app
+    and bench/ read it (despite its name it never counted files)."""
+    files = len({it.path for it in col.views.items})
+    return {"images": len(col.views), "files": files, "views_per_file": len(col.views) // files if files else 0}
+
+
 def _columns(task: Task, split: str) -> dict:
     """The columns of ``split``: "test", "trained", "calib", or parts joined by "+" ("test+trained")."""
     return {n: c for part in split.split("+") for n, c in getattr(task, part).items()}
@@ -132,8 +140,8 @@ class Evaluator:
         alpha = result.alpha if alpha is None else alpha
         t0 = time.perf_counter()
         before, after = self.before_after(task, result.delta, alpha, "test+trained")
-        cols, trained = ({n: {"before": before[n], "after": after[n], "images": len(getattr(task, split)[n].views)}
-                          for n in getattr(task, split)} for split in ("test", "trained"))
+        cols, trained = ({n: {"before": before[n], "after": after[n], **column_size(c)}
+                          for n, c in getattr(task, split).items()} for split in ("test", "trained"))
         seconds = dict(result.seconds)
         seconds["evaluate"] = time.perf_counter() - t0
         return {"method": result.method, "request": result.request, "model": self.bundle.arch,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data.gallery import Gallery
-from .data.task import ForgetRequest, SplitConfig, ViewCache
+from .data.task import ForgetRequest, NoSuchFold, SplitConfig, ViewCache
 from .eval.score import at_or_below_chance
 from .io import write_json, write_text
 from .models import ClipBundle
@@ -82,6 +82,12 @@ def row_line(r: dict) -> str:
             f"{r['target_after']:.2f}, alpha {r['alpha']:.2f}, {r['seconds']:.1f}s")
 
 
+# why a run has no figures (a skipped row's "skip_reason"; rows written before it are "nothing_to_forget")
+SKIP_REASONS = {NothingToForget: "nothing_to_forget", NoSuchFold: "no_such_fold"}
+SKIP_TEXT = {"nothing_to_forget": "the model does not recognise before unlearning (nothing to forget)",
+             "no_such_fold": "at a fold past the subgroup's last (too few files for that many folds)"}
+
+
 class _Runner:
     """Runs requests one after another on one loaded model (shared caches)."""
 
@@ -98,10 +104,11 @@ class _Runner:
         try:
             run = forget(self.bundle, request, self.method, self.config, self.gallery,
                          dataclasses.replace(self.split, fold=fold), cache=self.cache, evaluator=self.evaluator)
-        except NothingToForget as e:
-            log.warning("skipped %s: %s", request.label, e)
+        except (NothingToForget, NoSuchFold) as e:     # any other error stops the sweep
+            log.warning("skipped %s fold %d: %s", request.label, fold, e)
             return {"superclass": request.superclass, "subgroup": request.subgroup, "style": request.style,
-                    "fold": fold, "skipped": str(e), "wall": time.perf_counter() - t0}
+                    "fold": fold, "skipped": str(e), "skip_reason": SKIP_REASONS[type(e)],
+                    "wall": time.perf_counter() - t0}
         return {**sweep_row(run, fold), "wall": time.perf_counter() - t0}
 
 
@@ -133,8 +140,9 @@ def spread_order(n: int, stride: int = 4) -> list[int]:
     return [i for k in range(stride) for i in range(k, n, stride)]
 
 
-def previous_rows(out: str | Path, method: str) -> dict[tuple, dict]:
-    """Rows of an earlier (possibly partial) sweep of ``method`` in ``out``, by request."""
+def previous_rows(out: str | Path, method: str, split: SplitConfig | None = None) -> dict[tuple, dict]:
+    """Rows of an earlier (possibly partial) sweep of ``method`` in ``out``, by request; with
+    ``split``, only if it ran with the same split (:func:`check_split`)."""
     path = Path(out) / "sweep.json"
     if not path.exists():
         return {}
@@ -148,7 +156,31 @@ def previous_rows(out: str | Path, method: str) -> dict[tuple, dict]:
     if old.get("method") != method:
         raise ValueError(f"{path} holds a sweep of {old.get('method')!r}, not {method!r}: "
                          "choose another --out, or drop --resume")
-    return {request_key(r): r for r in old.get("rows", [])}
+    rows = old.get("rows", [])
+    if split is not None:
+        check_split(path, old.get("split"), split, bool(rows))
+    return {request_key(r): r for r in rows}
+
+
+def check_split(path: Path, recorded: dict | None, split: SplitConfig, has_rows: bool = True) -> None:
+    """Refuse to resume rows that ran with another split (seed, test_images, views…): their files
+    are not the ones the new rows hold out. ``fold`` is not compared (rows are keyed by their own
+    fold). A summary written before the split was recorded is accepted, with a log line; so are
+    fields added to :class:`SplitConfig` since it was written."""
+    if recorded is None:
+        if has_rows:
+            log.info("resume: %s records no split (written before sweeps recorded it); its rows are kept as "
+                     "they are", path)
+        return
+    wanted = dataclasses.asdict(split)
+    differ = {k: (recorded[k], wanted[k]) for k in wanted if k != "fold" and k in recorded and recorded[k] != wanted[k]}
+    if differ:
+        raise ValueError(f"{path} holds a sweep run with another split: "
+                         + ", ".join(f"{k} {a!r} there, {b!r} asked for" for k, (a, b) in differ.items())
+                         + "; resume with the same --split, or choose another --out")
+    missing = sorted(k for k in wanted if k not in recorded and k != "fold")
+    if missing:
+        log.info("resume: %s records no %s (added to the split since); its rows are kept", path, ", ".join(missing))
 
 
 def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[ForgetRequest], method: str = "ours",
@@ -161,7 +193,9 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
     on a small model, two one-thread processes finish more jobs than one two-thread process).
     Runs go in :func:`spread_order`; rows come back in request order; partial results are written
     to ``out`` as they arrive, and ``resume`` keeps the rows of an earlier sweep there (same
-    method; the config is the caller's to keep the same) and runs only the missing requests.
+    method and split, else an error; the config is the caller's to keep the same) and runs only the
+    missing requests. A run at a fold past its subgroup's last is a skipped row (:class:`NoSuchFold`),
+    as is one the model does not recognise before unlearning (:class:`NothingToForget`).
     ``folds``: each request once per fold, ``split.fold`` .. ``split.fold + folds − 1``
     (:attr:`SplitConfig.fold`); a row records the fold it ran at."""
     if folds < 1:
@@ -170,7 +204,7 @@ def run_sweep(bundle: ClipBundle | None, gallery: Gallery, requests: list[Forget
     jobs = [(r, split.fold + f) for r in requests for f in range(folds)]
     rows: list[dict | None] = [None] * len(jobs)
     if resume and out:
-        old = previous_rows(out, method)
+        old = previous_rows(out, method, split)
         rows = [old.get(request_key(r, f)) for r, f in jobs]
         log.info("resume: %d of %d runs already done", sum(r is not None for r in rows), len(rows))
     todo = [i for i in spread_order(len(jobs), 4 * folds) if rows[i] is None]
@@ -235,7 +269,20 @@ def summarise(rows: list[dict], method: str, split: SplitConfig | None = None) -
                                                           if k in r.get("stage_seconds", {})) for k in stages},
             **({"split": dataclasses.asdict(split)} if split is not None else {}),
             "per_request": requests, "rows": every_row,
-            "skipped": [{k: r[k] for k in ("superclass", "subgroup", "style", "fold", "skipped")} for r in skipped]}
+            "skipped": [{**{k: r[k] for k in ("superclass", "subgroup", "style", "fold", "skipped")},
+                         "skip_reason": r.get("skip_reason", "nothing_to_forget")} for r in skipped]}
+
+
+def skipped_lines(skipped: list[dict]) -> list[str]:
+    """One line per reason a run was skipped, naming the runs (fold too when a reason is the fold)."""
+    lines = []
+    for reason, text in SKIP_TEXT.items():
+        runs = [r for r in skipped if r.get("skip_reason", "nothing_to_forget") == reason]
+        if runs:
+            fold = reason == "no_such_fold"
+            lines.append(f"- skipped {len(runs)} run(s) {text}: " + ", ".join(
+                f"{r['superclass']}/{r['subgroup'] or r['style']}" + (f" fold {r['fold']}" if fold else "") for r in runs))
+    return lines
 
 
 def markdown(summary: dict) -> str:
@@ -252,9 +299,7 @@ def markdown(summary: dict) -> str:
              (f"- median Score {summary['median_score']:.1f}, minimum {summary['min_score']:.1f}"
               if summary["median_score"] is not None else "- no run was scored"),
              f"- held-out target accuracy after <= chance in {summary['target_at_or_below_chance']} of {n}",
-             *([f"- skipped {len(summary['skipped'])} run(s) the model does not recognise before unlearning "
-                "(nothing to forget): " + ", ".join(f"{r['superclass']}/{r['subgroup'] or r['style']}"
-                                                    for r in summary["skipped"])] if summary.get("skipped") else []),
+             *skipped_lines(summary.get("skipped", [])),
              *([f"- seconds per job: median {summary['median_seconds']:.1f}, max {summary['max_seconds']:.1f}; "
                 "median per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.get("median_stage_seconds", {}).items())]
                if summary["median_seconds"] is not None else []),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import types
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_whole_class_task_forgets_every_subgroup_and_keeps_train_images_out_of_t
              and it.style in ("noto", "twemoji", "openmoji")]          # three files a subgroup: some held out
     items += [it for it in gallery.items if it.kind == "other"][:8]
     g = Gallery(gallery.root, items, "tiny")
-    split = SplitConfig(train_views=1, forget_views=1, calib_views=1, test_views=1, calib_other_images=8, calib_concept_images=4)
+    split = SplitConfig(train_views=1, forget_views=1, calib_views=1, test_views=1, calib_other_images=8, calib_concept_images=4,
+                        test_images=1)      # 3 files a subgroup: 1 training, 1 test, 1 calibration (D_m needs one)
     task = build_class_task(g, ClassRequest("dog"), 32, split, ViewCache(g, 32), retain_per_superclass=2)
     assert {it.subgroup for it in task.forget.items} == set(g.subgroups("dog"))
     assert {it.superclass for it in task.retain.items} == {"cat", "car"}
@@ -120,3 +122,47 @@ def test_a_stopped_preset_resumes_from_the_tables_it_wrote(tmp_path, monkeypatch
     assert out["rows"][0]["score"] == pytest.approx(80.0) and out["rows"][0]["target_at_chance"] == 2
     assert "| ours | **80.0** ± 10.0 | 70.0 | 2/2 |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "big-cat_leopard" / "table.json").is_file()
+
+
+def test_continual_scores_each_request_without_the_other_requests_files(gallery):
+    """A merged model is scored on each request's test columns less every file another merged run
+    trained on (D_f, D_r, replay), calibrated on (D_m) or was asked to forget: the preset's requests
+    share such files before (poodle's other-superclasses column holds gorilla drawings), none after."""
+    from clipforget.benchmark import PRESETS, continual_tasks, read_by, without_files
+
+    small = SplitConfig(train_views=1, forget_views=1, calib_views=1, calib_target_views=1, test_views=1)
+    cache = ViewCache(gallery, source_size=32)
+    specs = PRESETS["continual"][0].removeprefix("continual:").split("+")
+    bundle = types.SimpleNamespace(image_size=32)
+    tasks = continual_tasks(specs, bundle, gallery, small, cache)
+    wanted = [{it.path for it in gallery.items if it.subgroup == parse_request(s).subgroup} for s in specs]
+    for i, task in enumerate(tasks):     # another request's subgroup is in no shared column, nor replay
+        others = set().union(*(w for j, w in enumerate(wanted) if j != i))
+        shared = {it.path for n, c in {**task.calib, **task.test}.items() if n not in ("target", "retain")
+                  for it in c.views.items}
+        assert not (shared | {it.path for it in task.replay_items}) & others
+
+    def test_files(task):
+        return {it.path for c in task.test.values() for it in c.views.items}
+
+    def others_files(task):    # what the other runs read, from the tasks' own fields
+        out = set()
+        for o in tasks:
+            if o is not task:
+                out |= {it.path for v in (o.forget, o.retain, o.test["target"].views) for it in v.items}
+                out |= {it.path for c in o.calib.values() for it in c.views.items}
+                out |= {it.path for it in o.replay_items}
+        return out
+
+    assert all(test_files(t) & others_files(t) for t in tasks)     # the case the filter is for
+    for task in tasks:
+        scored = without_files(task, set().union(*(read_by(o) for o in tasks if o is not task)))
+        assert not test_files(scored) & others_files(task)
+        assert set(scored.test) == set(task.test)                  # every column keeps files
+        kept = test_files(task) - others_files(task)
+        assert test_files(scored) == kept
+        for col in scored.test.values():                          # labels follow their views
+            assert len(col.labels) == len(col.views.items)
+            assert [col.classes[i] for i in col.labels.tolist()] == [it.superclass for it in col.views.items] \
+                or col.kind == "concept"
+        assert task.test["target"].views.items == scored.test["target"].views.items

@@ -561,16 +561,17 @@ def test_remind_checks_its_final_weights_when_the_budget_runs_out(bundle, poodle
     assert ctx.accuracy(poodle_task.retain) == pytest.approx(kept["retain_acc"], abs=1e-6)
 
 
-def test_a_vits_alignment_reference_is_never_d_ms_held_out_forget_images(poodle_task):
+def test_a_vits_alignment_reference_reads_no_column(poodle_task):
+    """The LayerNorm reference is the replay files (no column reads them), else the retain images;
+    never a D_m or test file."""
     import dataclasses
     from clipforget.stages.remind import alignment_reference
-    calib = poodle_task.calib
     ref = alignment_reference(poodle_task)
-    assert torch.equal(ref, calib["other_superclasses"].views.images.float() / 255)
-    only_target = dataclasses.replace(poodle_task, calib={"target": calib["target"]})
-    assert torch.equal(alignment_reference(only_target), poodle_task.retain.images.float() / 255)
-    no_others = dataclasses.replace(poodle_task, calib={"target": calib["target"], "retain": calib["retain"]})
-    assert torch.equal(alignment_reference(no_others), calib["retain"].views.images.float() / 255)
+    assert torch.equal(ref, poodle_task.replay.images.float() / 255)
+    no_replay = dataclasses.replace(poodle_task, replay_items=[])
+    assert torch.equal(alignment_reference(no_replay), poodle_task.retain.images.float() / 255)
+    read = {it.path for c in (*poodle_task.calib.values(), *poodle_task.test.values()) for it in c.views.items}
+    assert poodle_task.replay_items and not {it.path for it in poodle_task.replay_items} & read
 
 
 def test_ema_returns_the_live_values_of_what_fine_tuning_did_not_move():

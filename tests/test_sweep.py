@@ -172,3 +172,58 @@ def test_row_line_says_what_a_run_gave_or_why_it_was_skipped():
     assert sweep.row_line(row) == "  dog/poodle fold 1: Score 91.2, held-out target 1.00 -> 0.00, alpha 0.50, 40.0s"
     skipped = {"superclass": "dog", "subgroup": "poodle", "fold": 0, "skipped": "not recognised"}
     assert sweep.row_line(skipped) == "  dog/poodle fold 0: skipped (not recognised)"
+
+
+def _fake_runs(monkeypatch, files_of):
+    """The pipeline replaced by its split alone: ``files_of[subgroup]`` files split at the run's fold
+    (a fold past the last raises as the real task would), and a fixed report otherwise."""
+    from types import SimpleNamespace
+
+    from clipforget.data.gallery import Item
+    from clipforget.data.task import SplitConfig, split_forget
+
+    def init(self, *args):
+        self.bundle = self.gallery = self.method = self.config = self.cache = self.evaluator = None
+        self.split = args[4] if len(args) > 4 and args[4] is not None else SplitConfig()
+    monkeypatch.setattr(sweep._Runner, "__init__", init)
+
+    def fake_forget(bundle, request, method, config, gallery, split, **kwargs):
+        items = [Item(f"{request.subgroup}/{i}.png", request.subgroup, "dog", request.subgroup, "", "hierarchy")
+                 for i in range(files_of[request.subgroup])]
+        split_forget(items, split, request.label)
+        report = {"score": 90.0, "alpha": 1.0, "chance": 0.04, "columns": {"target": {"before": 1.0, "after": 0.0}},
+                  "seconds": {"total": 1.0}}
+        return SimpleNamespace(report=report, task=SimpleNamespace(request=request), result=SimpleNamespace(info={}))
+    monkeypatch.setattr(sweep, "forget", fake_forget)
+
+
+def test_a_fold_past_a_subgroups_last_is_skipped_and_said_so(tmp_path, monkeypatch):
+    """9 files, 3 held out a fold: folds 0-2. ``--folds 4`` once ran fold 3 on fold 0's files and
+    counted them twice in the subgroup's mean."""
+    _fake_runs(monkeypatch, {"dog-0": 9, "dog-1": 12})
+    summary = sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, folds=4)
+    assert summary["runs"] == 7 and [(r["subgroup"], r["fold"]) for r in summary["skipped"]] == [("dog-0", 3)]
+    assert summary["skipped"][0]["skip_reason"] == "no_such_fold" and "3 fold(s)" in summary["skipped"][0]["skipped"]
+    assert {r["subgroup"]: r["folds"] for r in summary["per_request"]} == {"dog-0": 3, "dog-1": 4}
+    md = (tmp_path / "sweep.md").read_text()
+    assert "skipped 1 run(s) at a fold past the subgroup's last (too few files for that many folds): dog/dog-0 fold 3" in md
+    assert "does not recognise" not in md
+
+
+def test_resume_refuses_rows_of_another_split(tmp_path, monkeypatch, no_model, caplog):
+    from clipforget.data.task import SplitConfig
+    calls = []
+    monkeypatch.setattr(sweep._Runner, "__call__", stand_in(calls))
+    sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, split=SplitConfig(seed=0, test_images=3))
+    with pytest.raises(ValueError, match="another split: seed 0 there, 1 asked for.*same --split"):
+        sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, resume=True, split=SplitConfig(seed=1))
+    with pytest.raises(ValueError, match="test_images 3 there, 2 asked for"):
+        sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, resume=True, split=SplitConfig(test_images=2))
+    assert len(calls) == 2                                       # refused before any run
+    # a sweep written before splits were recorded: its rows are kept, and the log says why
+    old = json.loads((tmp_path / "sweep.json").read_text())
+    del old["split"]
+    (tmp_path / "sweep.json").write_text(json.dumps(old))
+    with caplog.at_level("INFO", logger="clipforget"):
+        sweep.run_sweep(object(), None, REQUESTS[:2], out=tmp_path, resume=True, split=SplitConfig(seed=1))
+    assert len(calls) == 2 and "records no split" in caplog.text

@@ -77,7 +77,8 @@ class Gallery:
     @classmethod
     def from_manifest(cls, manifest: str | Path, name: str | None = None) -> "Gallery":
         """CSV with columns path, superclass, subgroup[, style, concept, kind, unseen_style ("1"/"0")];
-        paths relative to the CSV's folder (or absolute)."""
+        paths relative to the CSV's folder (or absolute). A path listed in two rows is refused: the
+        splits are by file, and two rows of one file could put it on both sides of a split."""
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"gallery manifest {manifest} not found; build the embedded "
@@ -87,6 +88,16 @@ class Gallery:
         if rows and not {"path", "superclass", "subgroup"} <= set(rows[0]):
             raise ValueError(f"{manifest}: a manifest needs the columns path, superclass, subgroup "
                              f"(optional: style, concept, kind); found {sorted(rows[0])}")
+        rows_of: dict[str, list[int]] = {}
+        for i, r in enumerate(rows, start=2):           # row 1 is the header; "a.png" and "./a.png" are one file
+            rows_of.setdefault(os.path.normpath(r["path"]), []).append(i)
+        repeated = {path: lines for path, lines in rows_of.items() if len(lines) > 1}
+        if repeated:      # one file twice: a split boundary could fall between its rows (trained on and tested on)
+            listed = "; ".join(f"{path!r} (rows {', '.join(map(str, lines))})"
+                               for path, lines in list(repeated.items())[:8])
+            raise ValueError(f"{manifest}: {len(repeated)} path(s) listed more than once: {listed}"
+                             f"{' …' if len(repeated) > 8 else ''}; each image file must appear in one row only: "
+                             "remove the repeated rows (a file is one subgroup's or one other concept's, not both)")
         unseen = unseen_concepts([r.get("concept") or r["subgroup"] for r in rows
                                   if (r.get("kind") or "hierarchy") == "other"])
         items = []

@@ -147,28 +147,64 @@ def rotate(items: list, by: int) -> list:
     return items[by:] + items[:by]
 
 
+class NoSuchFold(ValueError):
+    """A fold past the last one a forget set has (``fold · test_images`` ≥ its files): the sweep
+    records the run as skipped instead of counting another fold's files twice."""
+
+
+def fold_count(n: int, test_images: int) -> int:
+    """Folds a pool of ``n`` files has at ``test_images`` held-out test files a fold: ceil(n / t)."""
+    return -(-n // test_images)
+
+
+def _check_fold(pool: list[Item], cfg: SplitConfig, label: str, what: str = "") -> None:
+    """Folds must not wrap: fold f holds out files f·t .. f·t + t − 1 of the seeded order, and past
+    the last fold those would be an earlier fold's again."""
+    if cfg.fold * cfg.test_images >= len(pool):
+        k = fold_count(len(pool), cfg.test_images)
+        raise NoSuchFold(f"{label}: no fold {cfg.fold}: its {len(pool)} {what}file(s) give {k} fold(s) of "
+                         f"split.test_images = {cfg.test_images} held-out test files each (folds 0 to {k - 1}); "
+                         f"pick a fold below {k} (a sweep: at most --folds {k}), or add images")
+
+
 def split_forget(items: list[Item], cfg: SplitConfig, label: str, examples: tuple[str, ...] | None = None) -> FileSplit:
     """The forget set's files: examples for the method, held-out calibration and test images.
     ``examples`` (style names or gallery paths) fixes the examples, and the other images are split
     into D_m and the test; otherwise fold ``cfg.fold`` of a seeded order holds out the next
-    ``test_images`` files for the test and the ``calib_images`` after them for D_m."""
+    ``test_images`` files for the test and the ``calib_images`` after them for D_m. A fold past the
+    last (``fold · test_images`` ≥ the files rotated: all of them, or the non-example rest) raises
+    :class:`NoSuchFold` rather than wrap onto an earlier fold's files."""
     if examples is not None:
+        if not examples:
+            raise ValueError(f"{label}: no forget examples: name at least one style or file (an empty list or "
+                             "folder names none; leave --forget-examples out for a seeded choice of the files)")
         chosen = [it for it in items if it.style in examples or it.path in examples]
         unknown = set(examples) - {it.style for it in chosen} - {it.path for it in chosen}
         if unknown:
             raise ValueError(f"forget examples {sorted(unknown)} match no image of {label}; name styles "
                              f"({', '.join(sorted({it.style for it in items if it.style})) or 'none'}) or image "
                              "paths relative to the gallery root")
-        rest = rotate(file_order([it for it in items if it not in chosen], cfg.seed), cfg.fold * cfg.test_images)
+        rest = [it for it in items if it not in chosen]
         if len(rest) < 2:
             raise ValueError(f"{label}: {len(items)} images, {len(chosen)} of them examples; at least 2 must stay "
                              "held out (1 calibration + 1 test): name fewer examples")
+        _check_fold(rest, cfg, label, "non-example ")
+        rest = rotate(file_order(rest, cfg.seed), cfg.fold * cfg.test_images)
         n_calib = min(cfg.calib_images, len(rest) - 1)
         return FileSplit(chosen, rest[:n_calib], rest[n_calib:])
     if len(items) < cfg.min_forget_images:
-        raise ValueError(f"{label} has {len(items)} image(s); forgetting with a held-out check needs at least "
-                         f"{cfg.min_forget_images} different images ({cfg.test_images} test + {cfg.calib_images} "
-                         "calibration + 1 example): add images, or lower split.test_images / split.calib_images")
+        need = (f"at least {cfg.min_forget_images} different images ({cfg.test_images} test + {cfg.calib_images} "
+                "calibration + 1 example)")
+        if cfg.min_forget_images == 3:    # 1 test + 1 calibration + 1 example: no split setting needs fewer
+            advice = "add images (3 is the minimum: no split setting needs fewer)"
+        elif len(items) < 3:
+            advice = ("add images: even at split.test_images = split.calib_images = 1 it needs 3 files "
+                      "(1 test + 1 calibration + 1 example), the minimum")
+        else:
+            advice = (f"add images, or lower split.test_images / split.calib_images so that test + calibration "
+                      f"+ 1 <= {len(items)} (the minimum is 1 each: 3 files)")
+        raise ValueError(f"{label} has {len(items)} image(s); forgetting with a held-out check needs {need}: {advice}")
+    _check_fold(items, cfg, label)
     order = rotate(file_order(items, cfg.seed), cfg.fold * cfg.test_images)
     t, c = cfg.test_images, cfg.calib_images
     return FileSplit(order[t + c:], order[t:t + c], order[:t])
@@ -176,7 +212,10 @@ def split_forget(items: list[Item], cfg: SplitConfig, label: str, examples: tupl
 
 def split_groups(items: list[Item], cfg: SplitConfig, key=lambda it: it.subgroup) -> FileSplit:
     """Retain-side files, split within each group (subgroup): the same rule as the forget set, but a
-    group with few images keeps at least one for training and gives up calibration, then test images."""
+    group with few images keeps at least one for training and gives up calibration, then test images.
+    Unlike :func:`split_forget`, a fold past a group's last one wraps (the rotation is taken modulo
+    the group's size), so a fold of the forget set never fails on a small retain group: such a group
+    may hold out the same files at two folds."""
     groups: dict[str, list[Item]] = {}
     for it in items:
         groups.setdefault(key(it), []).append(it)
@@ -193,8 +232,25 @@ def split_groups(items: list[Item], cfg: SplitConfig, key=lambda it: it.subgroup
 
 def split_pool(items: list[Item], n_calib: int, max_test: int | None, seed: int) -> FileSplit:
     """Columns that nothing trains on (other superclasses, other concepts): a seeded sample of
-    ``n_calib`` images for D_m, the rest (at most ``max_test``) for the test."""
+    ``n_calib`` images for D_m, the rest (at most ``max_test``) for the test. A pool of at most
+    ``n_calib`` files (a small folder of one's own) is halved instead — at least one file each
+    side when it has two — so the test keeps the column; a single file goes to D_m. A pool of more
+    than ``n_calib`` files (the embedded gallery's) is split as before."""
     order = file_order(items, seed)
+    if 0 < len(order) <= n_calib:
+        n_calib = max(1, len(order) // 2)
     test = order[n_calib:] if max_test is None else order[n_calib:n_calib + max_test]
     position = {it.path: i for i, it in enumerate(items)}
     return FileSplit([], order[:n_calib], sorted(test, key=lambda it: position[it.path]))
+
+
+def pool_warning(name: str, pool: list[Item], n_calib: int, field: str, split: FileSplit) -> tuple[str, bool] | None:
+    """(text, whether the Score loses the column) for a :func:`split_pool` column of a small
+    ``pool``, or None: fewer than ``n_calib`` + 1 files (``field``: the SplitConfig knob)."""
+    if n_calib <= 0 or len(pool) > n_calib:
+        return None
+    if not split.test:
+        return (f"the {name} column is missing from the Score: {len(pool)} file(s) for it, and D_m and the test "
+                f"need one each; add images to make it", True)
+    return (f"the {name} column is small: {len(pool)} files for it (split.{field} is {n_calib}), so D_m gets "
+            f"{len(split.calib)} and the test {len(split.test)}; add images for a steadier figure", False)

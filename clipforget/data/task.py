@@ -23,8 +23,8 @@ import torch
 from .augment import CLEAN, STYLE_VIEWS, VIEWS, AugmentConfig, AugmentDraw, apply, draw
 from .gallery import Gallery, Item, display
 from .prompts import class_prompts, coarse_prompt, fill
-from .request import (ClassRequest, FileSplit, ForgetRequest, SplitConfig, file_order, resolve,  # noqa: F401
-                      split_forget, split_groups, split_pool)                                # also this module's API
+from .request import (ClassRequest, FileSplit, ForgetRequest, NoSuchFold, SplitConfig, file_order,  # noqa: F401
+                      pool_warning, resolve, split_forget, split_groups, split_pool)          # also this module's API
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +213,32 @@ class ColumnBuilder:
                            "fraction": self.done / max(self.total, self.done)})
         return v
 
-    def shared_plan(self, others: list[Item], cfg: SplitConfig, exclude) -> dict:
+    def shared_plan(self, others: list[Item], cfg: SplitConfig, exclude, used: set[str] = frozenset()) -> dict:
         """The items of the shared columns (other superclasses, other concepts, unseen styles),
-        chosen before any view is made so that a task knows how many view sets it builds."""
-        return {"other_superclasses": (self.superclass, split_pool(others, cfg.calib_other_images,
+        chosen before any view is made so that a task knows how many view sets it builds. ``used``:
+        paths of the files the task trains on or holds out for its own columns — none of them goes
+        into a shared column (a gallery may list one file twice, e.g. as a subgroup's and as an
+        other concept). ``plan["warnings"]``: the columns the Score loses for want of files (a
+        small column is only logged)."""
+        concepts = [it for it in self.gallery.select(kind="other", unseen=False, unseen_style=False)
+                    if it.path not in used]
+        plan = {"other_superclasses": (self.superclass, split_pool(others, cfg.calib_other_images,
                                                                     cfg.max_other_images, cfg.seed)),
-                "other_concepts": (self.concept, split_pool(self.gallery.select(kind="other", unseen=False,
-                                                                                unseen_style=False),
-                                                            cfg.calib_concept_images, cfg.max_other_images, cfg.seed)),
+                "other_concepts": (self.concept, split_pool(concepts, cfg.calib_concept_images,
+                                                            cfg.max_other_images, cfg.seed)),
                 "unseen_styles": split_pool([it for it in self.gallery.select(kind="hierarchy", unseen_style=True)
-                                             if not exclude(it)], 0, cfg.max_other_images, cfg.seed).test}
+                                             if not exclude(it) and it.path not in used],
+                                            0, cfg.max_other_images, cfg.seed).test,
+                "warnings": []}
+        for name, pool, n_calib, knob in (("other_superclasses", others, cfg.calib_other_images, "calib_other_images"),
+                                          ("other_concepts", concepts, cfg.calib_concept_images,
+                                           "calib_concept_images")):
+            warning = pool_warning(name, pool, n_calib, knob, plan[name][1])
+            if warning is not None:
+                log.warning(warning[0])
+                if warning[1]:
+                    plan["warnings"].append(warning[0])
+        return plan
 
     @staticmethod
     def shared_count(plan: dict) -> int:
@@ -253,11 +269,14 @@ class ColumnBuilder:
 
 
 def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
-               cache: ViewCache | None = None, progress: Callable[[dict], None] | None = None) -> Task:
+               cache: ViewCache | None = None, progress: Callable[[dict], None] | None = None,
+               exclude: frozenset[str] = frozenset()) -> Task:
     """The request's images as disjoint files: forget examples D_f, retain training images D_r, the
     calibration set D_m and the test columns (held out from both). ``forget_examples`` — the files
     D_f is made of, seen through test augmentations — is reported apart, outside the Score.
-    ``progress`` gets a "data" event after each set of views (step / total view sets)."""
+    ``progress`` gets a "data" event after each set of views (step / total view sets). ``exclude``:
+    paths no shared column (other superclasses, other concepts, unseen styles) nor the replay files
+    may take — another merged request's subgroup (:func:`request_files`)."""
     cache = cache or ViewCache(gallery)
     forget_items, retain_items, retain_names, warnings = resolve(gallery, request)
     for w in warnings:
@@ -266,7 +285,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
     cols = ColumnBuilder(gallery, image_size, cache, progress)
     forget = split_forget(forget_items, cfg, r.label, r.examples)
     retain = split_groups(retain_items, cfg)
-    used = {it.path for it in forget_items} | {it.path for it in retain_items}
+    used = {it.path for it in forget_items} | {it.path for it in retain_items} | exclude
     others = [it for it in gallery.select(kind="hierarchy", unseen_style=False)
               if it.superclass != r.superclass and it.path not in used]
 
@@ -275,7 +294,8 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
 
     main = [it for it in retain.test if not (r.subgroup and it.subgroup == r.subgroup)]
     same_sub = [it for it in retain.test if r.subgroup and it.subgroup == r.subgroup]
-    plan = cols.shared_plan(others, cfg, requested)
+    plan = cols.shared_plan(others, cfg, requested, used)
+    warnings = [*warnings, *plan["warnings"]]
     # target test + calib, forget_examples, D_f, D_r; the retain columns; the shared ones
     cols.total = 5 + bool(main) + bool(same_sub) + bool(retain.calib) + cols.shared_count(plan)
     test = {"target": cols.superclass("target", forget.test, "test", cfg.test_views)}
@@ -293,7 +313,7 @@ def build_task(gallery: Gallery, request: ForgetRequest, image_size: int, cfg: S
                                               STYLE_VIEWS if cfg.style_views else VIEWS),
                             retain=cols.views(retain.train, "train", cfg.train_views),
                             retain_subgroups=retain_names, calib=calib, test=test, trained=trained,
-                            warnings=warnings, split=cfg), cols, cfg)
+                            warnings=warnings, split=cfg), cols, cfg, exclude)
 
 
 def replay_items(gallery: Gallery, superclass: str, used: set[str], cfg: SplitConfig) -> list[Item]:
@@ -309,42 +329,59 @@ def replay_items(gallery: Gallery, superclass: str, used: set[str], cfg: SplitCo
     return file_order(pool, cfg.seed)[:cfg.replay_images]
 
 
-def with_replay(task: Task, cols: "ColumnBuilder", cfg: SplitConfig) -> Task:
-    task.replay_items = replay_items(task.gallery, task.request.superclass, task.files(), cfg)
+def with_replay(task: Task, cols: "ColumnBuilder", cfg: SplitConfig, exclude: frozenset[str] = frozenset()) -> Task:
+    task.replay_items = replay_items(task.gallery, task.request.superclass, task.files() | exclude, cfg)
     task.views_of = lambda items: cols.cache.views(items, "train", 1, cols.image_size)
     return task
 
 
 def build_class_task(gallery: Gallery, request: ClassRequest, image_size: int, cfg: SplitConfig = SplitConfig(),
-                     cache: ViewCache | None = None, retain_per_superclass: int = 4) -> Task:
+                     cache: ViewCache | None = None, retain_per_superclass: int = 4,
+                     exclude: frozenset[str] = frozenset()) -> Task:
     """Forget a whole superclass (CCUP's setting). D_f: the superclass's images, split by file within
     each subgroup like a retain set; D_r: a few images of every other superclass (with their own
     texts; the "similar" data a user would keep); columns target / other superclasses / other
-    concepts / unseen styles as :func:`build_task` builds them."""
+    concepts / unseen styles as :func:`build_task` builds them (``exclude`` as there, D_r too)."""
     cache = cache or ViewCache(gallery)
     gallery.check(superclass=request.superclass)
     cols = ColumnBuilder(gallery, image_size, cache)
-    forget = split_groups(gallery.select(superclass=request.superclass, kind="hierarchy", unseen_style=False), cfg)
+    forget_items = gallery.select(superclass=request.superclass, kind="hierarchy", unseen_style=False)
+    forget = split_groups(forget_items, cfg)
     if not forget.test:
         raise ValueError(f"{request.label}: every subgroup has a single image, so none can be held out for the "
                          "test; add images")
+    if not forget.calib:     # restore would pick α on an empty target column (accuracy NaN): α = 0, silently
+        raise ValueError(f"{request.label}: no subgroup has a file left for the calibration set D_m (each keeps one "
+                         f"for training and holds out up to split.test_images = {cfg.test_images} for the test "
+                         "first), so restore has no held-out target to calibrate on; add images so that some "
+                         f"subgroup has at least {cfg.test_images + 2} files, or lower split.test_images")
     retain = []
     for s in cols.superclasses:
         if s != request.superclass:
-            retain += file_order(gallery.select(superclass=s, kind="hierarchy", unseen_style=False),
-                                 cfg.seed)[:retain_per_superclass]
-    retain_paths = {it.path for it in retain}
+            retain += file_order([it for it in gallery.select(superclass=s, kind="hierarchy", unseen_style=False)
+                                  if it.path not in exclude], cfg.seed)[:retain_per_superclass]
+    retain_paths = {it.path for it in retain} | exclude
     others = [it for it in gallery.select(kind="hierarchy", unseen_style=False)
               if it.superclass != request.superclass and it.path not in retain_paths]
     test = {"target": cols.superclass("target", forget.test, "test", 1)}
     calib = {"target": cols.superclass("target", forget.calib, "calib", 1)}
-    cols.shared_columns(calib, test, cols.shared_plan(others, cfg, lambda it: it.superclass == request.superclass))
+    plan = cols.shared_plan(others, cfg, lambda it: it.superclass == request.superclass,
+                            {it.path for it in forget_items} | retain_paths)
+    cols.shared_columns(calib, test, plan)
     trained = {"forget_examples": cols.superclass("forget_examples", forget.train, "test", 1)}
     train_views = max(1, cfg.train_views // 4)     # the forget set is a whole class: fewer views each
     return with_replay(Task(request, gallery, image_size, cols.superclasses,    # type: ignore[arg-type]
                             forget=cols.views(forget.train, "train", train_views),
                             retain=cols.views(retain, "train", cfg.train_views),
-                            retain_subgroups=[], calib=calib, test=test, trained=trained, split=cfg), cols, cfg)
+                            retain_subgroups=[], calib=calib, test=test, trained=trained,
+                            warnings=plan["warnings"], split=cfg), cols, cfg, exclude)
+
+
+def request_files(gallery: Gallery, request: ForgetRequest | ClassRequest) -> frozenset[str]:
+    """Every file of what ``request`` asks to forget (its subgroup, style or superclass; unseen styles too)."""
+    return frozenset(it.path for it in gallery.select(superclass=request.superclass,
+                                                      subgroup=getattr(request, "subgroup", None),
+                                                      style=getattr(request, "style", None)))
 
 
 def superclass_prompts(superclasses: list[str]) -> list[list[str]]:

@@ -1,6 +1,9 @@
 """``clipforget eval``: zero-shot quality of a model on a gallery's held-out augmented views."""
 from __future__ import annotations
 
+from collections import Counter
+from math import comb
+
 import torch
 
 from ..data.augment import VIEWS, AugmentConfig
@@ -78,9 +81,21 @@ def evaluate_model(bundle: ClipBundle, gallery: Gallery, views: int = 2, cache: 
     q = class_embeddings(bundle, class_prompts(sgs))
     top5 = (q @ c_emb.t()).topk(5, dim=1).indices
     hits = [any(clean.items[j].subgroup == sg for j in top5[i].tolist()) for i, sg in enumerate(sgs)]
+    per_subgroup = Counter(it.subgroup for it in clean.items)
     rows["t2i"] = {"task": "text->image hit@5", "images": len(clean), "classes": len(sgs),
-                   "chance": min(1.0, 5 * 5 / len(clean)), "clean images": sum(hits) / len(hits)}
+                   "chance": hit_chance([per_subgroup[sg] for sg in sgs], len(clean), 5),
+                   "clean images": sum(hits) / len(hits)}
     return list(rows.values())
+
+
+def hit_chance(sizes: list[int], n: int, k: int = 5) -> float:
+    """The hit@k a retrieval that ranks at random would score: for a query whose subgroup has ``m``
+    of the ``n`` images, a random k of them miss it all with probability C(n − m, k) / C(n, k);
+    the mean over the queries (``sizes``: m per query) of 1 minus that."""
+    if not sizes:
+        return float("nan")
+    k = min(k, n)
+    return sum(1 - comb(n - m, k) / comb(n, k) for m in sizes) / len(sizes) if n else 0.0
 
 
 def format_table(rows: list[dict]) -> str:

@@ -19,6 +19,15 @@ def column_title(name: str) -> str:
     return COLUMN_TITLES.get(name, display(name))
 
 
+def measured_on(column: dict) -> str:
+    """"3 files × 4 views" for a report column; a report written before ``files`` was recorded says
+    only how many views its ``images`` counted."""
+    if "files" in column:
+        files, views = column["files"], column.get("views_per_file")
+        return f"{files} file{'s' * (files != 1)}" + (f" × {views} view{'s' * (views != 1)}" if views else "")
+    return f"{column['images']} views" if "images" in column else ""
+
+
 def markdown(report: dict) -> str:
     req = report["request"]
     what = req.get("subgroup") or req["superclass"]
@@ -29,10 +38,10 @@ def markdown(report: dict) -> str:
              f"- unlearning strength α: {report['alpha']:.2f}",
              f"- Score: **{report['score']:.1f}** (0–100; 100 = target gone, everything else kept)",
              f"- chance level (1 / superclasses): {report.get('chance', float('nan')):.3f}", "",
-             "| column | images | before | after | after / before |", "|---|---:|---:|---:|---:|"]
+             "| column | measured on | before | after | after / before |", "|---|---:|---:|---:|---:|"]
     for name, c in {**report["columns"], **report.get("trained_on", {})}.items():
         ratio = c["after"] / c["before"] if c["before"] else float("nan")
-        lines.append(f"| {column_title(name)} | {c.get('images', '')} | {c['before']:.3f} | {c['after']:.3f} | {ratio:.2f} |")
+        lines.append(f"| {column_title(name)} | {measured_on(c)} | {c['before']:.3f} | {c['after']:.3f} | {ratio:.2f} |")
     lines += ["", "Every column but the forget examples is measured on held-out images: files the method never "
               "trained on (the target's are other drawings of the forgotten subgroup)."]
     secs = report.get("seconds", {})

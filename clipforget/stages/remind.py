@@ -143,10 +143,10 @@ def training_rows(retain: torch.Tensor, aligned: torch.Tensor, chosen: torch.Ten
 
 def alignment_reference(task) -> torch.Tensor:
     """[0, 1] images whose LayerNorm moments a ViT's retain images are aligned to (it has no BatchNorm
-    statistics): D_m's other superclasses, else another of D_m's columns — never its held-out forget
-    images, which only restore reads —, else the retain images themselves."""
-    col = task.calib.get("other_superclasses") or next((c for k, c in task.calib.items() if k != "target"), None)
-    return (col.views if col is not None else task.retain).images.float() / 255.0
+    statistics): the task's replay files, which no column reads, else the retain images themselves —
+    never D_m, which only restore reads."""
+    views = task.replay if len(task.replay_items) else task.retain
+    return views.images.float() / 255.0
 
 
 def in_example_styles(task, source: torch.Tensor) -> torch.Tensor:
