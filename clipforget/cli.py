@@ -110,13 +110,14 @@ def _examples(spec: str | None, gallery) -> tuple[str, ...] | None:
 
 def cmd_forget(args) -> int:
     from .data.task import ForgetRequest, resolve, split_forget
-    from .io import check_writable
+    from .io import check_out_dir, check_writable
     from .pipeline import Evaluator, forget
     from .presets import get_preset
-    from .runfolder import save_run
-    out = check_writable(args.out)                      # every check that is cheap comes before the model
+    from .runfolder import inputs, save_run
+    check_writable(args.out)                            # every check that is cheap comes before the model
     config = _config(args.method, args)
     gallery = _gallery(args)
+    out = check_out_dir(args.out, inputs(args.model, args.pretrained, gallery))   # no input, no folder of yours
     retain = tuple(args.retain.split(",")) if args.retain else None
     request = ForgetRequest(args.superclass, args.subgroup, args.style, retain, _examples(args.forget_examples, gallery))
     split = _split(args.split, args.preset)
@@ -253,8 +254,9 @@ def cmd_sweep(args) -> int:
         raise ValueError("--resume needs --out (the folder of the sweep to continue)")
     if args.out:
         check_writable(args.out)
-    if args.resume:
-        previous_rows(args.out, args.method)  # another method's sweep, or an unreadable sweep.json
+    split = _split(args.split, args.preset)
+    if args.resume:                           # another method's or split's sweep, or an unreadable sweep.json
+        previous_rows(args.out, args.method, split)
     config = _config(args.method, args)
     gallery = _gallery(args)
     reqs = sweep_requests(gallery, args.superclass, args.every, args.style, args.offset, args.subgroup)
@@ -265,13 +267,14 @@ def cmd_sweep(args) -> int:
     spec = ModelSpec(args.model, args.pretrained, args.device, args.precision, args.allow_pickle)
     s = run_sweep(bundle if args.workers <= 1 else None, gallery, reqs, args.method, config, args.out,
                   lambda r: print(row_line(r), flush=True), workers=args.workers, model_spec=spec,
-                  gallery_spec=args.gallery, resume=args.resume, folds=args.folds, split=_split(args.split, args.preset))
+                  gallery_spec=args.gallery, resume=args.resume, folds=args.folds, split=split)
     if s["median_score"] is None:
-        print(f"no request was scored: the model recognised none of them ({len(s['skipped'])} skipped)")
+        print(f"no request was scored ({len(s['skipped'])} skipped: see sweep.md or the log for why)")
         return 1
     print(f"median Score {s['median_score']:.1f}, min {s['min_score']:.1f}, held-out target <= chance in "
           f"{s['target_at_or_below_chance']}/{s['requests']}, median {s['median_seconds']:.1f}s per job"
-          + (f"; {len(s['skipped'])} skipped (not recognised before unlearning)" if s["skipped"] else ""))
+          + (f"; {len(s['skipped'])} skipped (" + ", ".join(sorted({r['skip_reason'].replace('_', ' ')
+                                                                   for r in s['skipped']})) + ")" if s["skipped"] else ""))
     return 0
 
 
@@ -304,21 +307,21 @@ def cmd_list_methods(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .io import check_writable
+    from .io import check_out_dir
     from .models import export_open_clip
     from .pipeline import edited_model, merge_runs
-    from .runfolder import DELTA, has_delta
-    check_writable(args.out)
+    from .runfolder import DELTA, has_delta, inputs
+    out = check_out_dir(args.out, inputs(args.model, args.pretrained, runs=args.runs))
     missing = [r for r in args.runs if not has_delta(r)]
     if missing:
         raise FileNotFoundError(f"no {DELTA} in {', '.join(map(str, missing))}; pass run folders "
                                 "written by `clipforget forget`")
+    delta = merge_runs(args.runs, args.mode)            # an unreadable delta fails before the model loads
     bundle = _bundle(args)
-    delta = merge_runs(args.runs, args.mode)
     model = edited_model(bundle, delta, 1.0)
-    export_open_clip(bundle, model.state_dict(), args.out, {"merged_runs": [str(r) for r in args.runs],
-                                                           "mode": args.mode})
-    print(f"wrote {args.out} (open_clip export of {len(args.runs)} merged forget edits)")
+    export_open_clip(bundle, model.state_dict(), out, {"merged_runs": [str(r) for r in args.runs],
+                                                      "mode": args.mode}, keep=inputs(runs=args.runs))
+    print(f"wrote {out} (open_clip export of {len(args.runs)} merged forget edits)")
     return 0
 
 

@@ -61,10 +61,31 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def _umask_now() -> int | None:
+    """The process umask read from /proc (Linux), without setting it; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# elsewhere the umask can only be read by setting it; done once, at import, not while the app's
+# threads create folders (a moment of umask 0 makes their folders world-writable)
+_UMASK_AT_IMPORT = _umask_now()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = os.umask(0o022)
+    os.umask(_UMASK_AT_IMPORT)
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The umask to give new files and folders the modes the user expects (mkstemp / mkdtemp make
+    them 0600 / 0700); read without changing the process umask, which other threads rely on."""
+    mask = _umask_now()
+    return _UMASK_AT_IMPORT if mask is None else mask
 
 
 @contextlib.contextmanager
@@ -85,6 +106,7 @@ def atomic_path(path: str | Path):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)          # the rename itself is durable: report.json marks a run done
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -170,11 +192,93 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
         return json.loads(f.read(size)), 8 + size
 
 
+def _absolute(path: str | Path) -> Path:
+    """``path`` made absolute and normalised ('.', '..' resolved), symlinks kept: '.' gets a name."""
+    return Path(os.path.abspath(path))
+
+
+def project_folder(path: str | Path) -> bool:
+    """Whether the existing folder ``path`` may be replaced by :func:`atomic_dir`: an empty folder,
+    or one this project wrote — a run folder (its run.json or report.json: clipforget/runfolder.py)
+    or an open_clip export (its open_clip_config.json has a "clipforget" entry: models.py)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()) or (path / "run.json").is_file() or (path / "report.json").is_file():
+        return True
+    try:
+        return "clipforget" in json.loads((path / "open_clip_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_target(path: Path) -> None:
+    """Raise :class:`OutputError` unless the folder ``path`` (absolute) may be written by a swap."""
+    cwd = Path(os.getcwd())
+    real = Path(os.path.realpath(path))
+    if real == cwd or real in cwd.parents:
+        raise OutputError(errno.EINVAL, f"the output folder {path} is the current folder or holds it; "
+                          "choose a new folder for --out (e.g. runs/NAME)")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(errno.EEXIST, f"{path} exists and is not a folder; choose another --out or remove it")
+    if path.exists() and not project_folder(path):
+        raise OutputError(errno.EEXIST, f"{path} exists and is not a clipforget run folder; choose another "
+                          "--out or remove it")
+
+
+def check_apart(path: str | Path, keep=()) -> None:
+    """Raise :class:`OutputError` when the output folder ``path`` is, holds or lies inside one of
+    the inputs in ``keep`` — (what, path) pairs: a model folder, a checkpoint, a gallery's image
+    folders, a run —, which writing it would replace or mix into (inputs are never overwritten)."""
+    out = Path(os.path.realpath(path))
+    for what, p in keep:
+        q = Path(os.path.realpath(p))
+        rel = "is" if out == q else "holds" if out in q.parents else "lies inside" if q in out.parents else None
+        if rel:
+            raise OutputError(errno.EINVAL, f"the output folder {path} {rel} the {what} {p}, an input, which is "
+                              "never overwritten; choose another --out outside the inputs")
+
+
+def check_out_dir(path: str | Path, keep=()) -> Path:
+    """What writing the folder ``path`` with :func:`atomic_dir` checks, made before any work: it is
+    writable, apart from the inputs in ``keep`` (:func:`check_apart`), not the current folder, and
+    new, empty or a folder this project wrote. Returns it absolute."""
+    check_writable(path)
+    path = _absolute(path)
+    check_apart(path, keep)
+    _check_target(path)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root``: what a folder swap publishes is on disk first."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary sibling folder; on success it replaces ``path`` (an existing ``path`` is
-    only removed once the new one is complete). On failure nothing is left behind."""
-    path = Path(path)
+    only removed once the new one is complete, and only when it is empty or a folder this project
+    wrote: :func:`project_folder`; anything else is refused before the work starts). Every file is
+    synced to disk before the swap. On failure nothing is left behind."""
+    path = _absolute(path)
+    _check_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
@@ -183,7 +287,9 @@ def atomic_dir(path: str | Path):
         raise _explain(path, e) from e
     try:
         yield tmp
-        if path.exists():
+        _sync_tree(tmp)
+        if path.exists() or path.is_symlink():
+            _check_target(path)          # it may have appeared while the work ran
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             path.rename(old)
             try:
@@ -194,6 +300,7 @@ def atomic_dir(path: str | Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
+        _fsync_dir(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OutputError):

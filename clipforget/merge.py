@@ -44,13 +44,17 @@ def delta(theta0: StateDict, theta1: StateDict) -> StateDict:
 
 
 def apply_delta(theta0: StateDict, d: StateDict, alpha: float = 1.0) -> StateDict:
-    """θ₀ + α·Δ; entries without a delta are returned unchanged (same tensor)."""
+    """θ₀ + α·Δ; entries without a delta are returned unchanged (same tensor). A delta of another
+    model (a key θ₀ lacks, a tensor of another shape) is a ``ValueError`` that says so."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (unlearning strength) must be in [0, 1], got {alpha}")
     out = dict(theta0)
     for k, v in d.items():
-        if k not in theta0:
-            raise KeyError(f"delta entry {k!r} is not a weight of this model")
+        if k not in theta0 or theta0[k].shape != v.shape:
+            what = "is not a weight of this model" if k not in theta0 else \
+                f"has shape {tuple(v.shape)}, the model's weight {tuple(theta0[k].shape)}"
+            raise ValueError(f"delta entry {k!r} {what}: the delta was made from another model; apply it "
+                             "to the model its run was made from (its run.json names it: --model, --pretrained)")
         out[k] = (theta0[k].float() + alpha * v.to(theta0[k].device)).to(theta0[k].dtype)
     return out
 

@@ -181,6 +181,13 @@ def load_clip(name: str = EMBEDDED, pretrained: str | None = None, device: str |
                 **_local_text_tower(Path(name.removeprefix("local-dir:"))))
         except (FileNotFoundError, ValueError) as e:
             raise ModelLoadError(f"cannot load {name}: {e}") from e
+        except Exception as e:         # a truncated or corrupt checkpoint, or one of other shapes
+            from safetensors import SafetensorError
+            if not isinstance(e, (SafetensorError, pickle.UnpicklingError, EOFError)) and \
+                    "Error(s) in loading" not in str(e):
+                raise
+            raise ModelLoadError(f"cannot load {name}: its checkpoint is damaged or does not fit its "
+                                 f"open_clip_config.json ({str(e)[:300]}); export the model again") from e
         arch, source = name, name
     else:
         if name not in open_clip.list_models():
@@ -379,7 +386,7 @@ def trainable_state_dict(model: nn.Module, arch: str) -> dict[str, torch.Tensor]
 
 
 def export_open_clip(bundle: ClipBundle, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
-                     extra: dict | None = None) -> Path:
+                     extra: dict | None = None, keep=()) -> Path:
     """Write a self-contained open_clip export: ``open_clip_config.json``, ``open_clip_model.safetensors``
     and, for a Hugging Face text tower, its ``config.json`` and tokenizer files. No path of this
     machine is written, so the folder can be copied anywhere.
@@ -390,9 +397,15 @@ def export_open_clip(bundle: ClipBundle, state_dict: dict[str, torch.Tensor], ou
     :data:`MINILM_HUB_ID`), as in open_clip's own configs: plain open_clip reads that 1 KB
     ``config.json`` from the hub or the local Hugging Face cache (its weights are in the export);
     ``load_clip("local-dir:OUT")`` reads it from the folder and needs neither.
+
+    ``out_dir`` may not be, hold or lie inside the bundle's model folder or checkpoint, nor the
+    inputs in ``keep`` ((what, path) pairs, e.g. the merged runs): :func:`clipforget.io.check_apart`.
     """
-    from .io import atomic_dir, save_safetensors
+    from .io import atomic_dir, check_apart, save_safetensors
+    from .runfolder import inputs
     import open_clip
+
+    check_apart(out_dir, [*inputs(bundle.arch, bundle.pretrained), *keep])
 
     if bundle.arch.startswith("local-dir:"):
         cfg = json.loads((Path(bundle.arch.removeprefix("local-dir:")) / "open_clip_config.json").read_text())["model_cfg"]

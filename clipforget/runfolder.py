@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data.request import ForgetRequest
-from .io import atomic_dir, save_safetensors, write_json, write_text
+from .io import atomic_dir, check_apart, save_safetensors, write_json, write_text
 
 if TYPE_CHECKING:
     from .models import ClipBundle
@@ -67,12 +67,33 @@ CERTIFICATE_MD = "certificate.md"
 
 def save_run(run: "Run", bundle: "ClipBundle", out: str | Path, export: bool = True) -> Path:
     """Write report.json, report.md, delta.safetensors, run.json and (optionally) an open_clip
-    export of the unlearned model at the chosen α — all or nothing (atomic folder swap)."""
+    export of the unlearned model at the chosen α — all or nothing (atomic folder swap). Refused
+    before any work when ``out`` is, holds or lies inside one of the run's inputs (:func:`inputs`), or
+    is an existing folder this project did not write (``io.project_folder``)."""
     out = Path(out)
+    check_apart(out, inputs(bundle.arch, bundle.pretrained, run.task.gallery))   # never over its inputs
     with atomic_dir(out) as tmp:
         _write_results(run.result, bundle, run.task, run.report.get("seed"), tmp)
         _write_report(run, bundle, tmp, export)
     return out
+
+
+def inputs(model: str | None = None, pretrained: str | None = None, gallery=None, runs=()) -> list[tuple[str, Path]]:
+    """What an output folder must keep apart from (``io.check_apart``): the model's folder
+    (``local-dir:``), its checkpoint file (the shipped one of an embedded model by default), the
+    folders of the gallery's images and the runs read. Cheap: no model is loaded."""
+    from .models import EMBEDDED_MODELS
+    keep: list[tuple[str, Path]] = []
+    if model and model.startswith("local-dir:"):
+        keep.append(("model folder", Path(model.removeprefix("local-dir:"))))
+    if not pretrained and model in EMBEDDED_MODELS:
+        pretrained = str(EMBEDDED_MODELS[model][1])
+    if pretrained and Path(pretrained).is_file():
+        keep.append(("checkpoint", Path(pretrained)))
+    if gallery is not None:
+        keep += [("gallery's image folder", gallery.root / d)
+                 for d in sorted({str(Path(it.path).parent) for it in gallery.items})]
+    return keep + [("run", Path(r)) for r in runs]
 
 
 def write_results(unlearned: "Unlearned", bundle: "ClipBundle", folder: str | Path) -> None:
@@ -253,9 +274,9 @@ def has_alpha_grid(run_dir: str | Path) -> bool:
 
 
 def has_delta(path: str | Path) -> bool:
-    """A run folder with its delta, or a delta file itself."""
+    """A run folder with its delta, or a delta file itself (a .safetensors file)."""
     path = Path(path)
-    return (path / DELTA).is_file() or path.is_file()
+    return (path / DELTA).is_file() or (path.is_file() and path.suffix == ".safetensors")
 
 
 def read_report(run_dir: str | Path) -> dict:
@@ -276,9 +297,15 @@ def load_delta(path: str | Path) -> tuple[dict, dict]:
     path = Path(path)
     if path.is_dir():
         path = path / DELTA
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable delta ({e}): it is damaged or no delta; pass a run "
+                         "folder written by `clipforget forget`, or its delta.safetensors") from None
 
 
 def load_text_delta(path: str | Path) -> dict:
@@ -355,11 +382,16 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
 
 def load_run_model(record: RunRecord, device: str = "auto") -> "ClipBundle":
-    """The original model a run was made from (the embedded model's weights are found in this
-    installation when the recorded path no longer exists)."""
+    """The original model a run was made from (the shipped weights of an embedded model — a file of
+    their name — are found in this installation when the recorded path, another installation's, no
+    longer exists; other weights that are gone are an error: θ₀ would be another model)."""
     from .models import EMBEDDED_ARCHS, EMBEDDED_MODELS, load_clip
     if record.model in EMBEDDED_MODELS or record.model in EMBEDDED_ARCHS:
         name = EMBEDDED_ARCHS.get(record.model, record.model)
         weights = record.pretrained if record.pretrained and Path(record.pretrained).is_file() else None
+        shipped = EMBEDDED_MODELS[name][1]
+        if record.pretrained and weights is None and Path(record.pretrained).name != shipped.name:
+            raise FileNotFoundError(f"run {record.path} was made from the {name} weights {record.pretrained}, "
+                                    f"which no longer exist; pass them with --model {name} --pretrained PATH")
         return load_clip(name, weights, device)
     return load_clip(record.model, record.pretrained, device)

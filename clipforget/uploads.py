@@ -93,6 +93,12 @@ def check_image(path: Path, shown: str, cfg: UploadConfig) -> Image.Image:
     try:
         with Image.open(path) as probe:
             fmt = probe.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own guard, above ours (a warning only where warnings are turned into errors)
+        limit = min(cfg.max_pixels, Image.MAX_IMAGE_PIXELS or cfg.max_pixels)
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise UploadError(f"{shown!r} has {f'{int(n[1]):,}' if n else 'too many'} pixels, more than the limit of "
+                          f"{limit:,} pixels per image — downscale it") from None
     except UnidentifiedImageError:
         raise UploadError(f"{shown!r} is not an image (its content is not a known image format); upload "
                           f"{', '.join(cfg.formats)} files") from None

@@ -413,3 +413,126 @@ def test_disk_full_while_saving_leaves_the_old_result_and_no_half_files(tiny_bun
         save_run(tiny_run, tiny_bundle, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists() and tree(tmp_path)[0] == "run"
     json.loads(report)
+
+
+# ---- the inputs are never an output -----------------------------------------------------------------
+
+def _fake_run(folder, delta=None):
+    from clipforget.io import save_safetensors
+    save_safetensors(delta or {"visual.nope": torch.zeros(2)}, folder / "delta.safetensors", {"alpha": 1.0})
+    write_json(folder / "run.json", {"method": "ours"})
+    return folder
+
+
+def test_an_output_folder_over_an_input_is_refused_before_the_model_loads(tiny_world, tmp_path, capsys, no_model,
+                                                                          monkeypatch):
+    """`--out` that is, holds or lies inside the model folder, the checkpoint's folder or the gallery once
+    replaced it after the run (the swap removed the original); so did `--out .`, after an hour of training.
+    Each is refused in a second, naming the input, and every input is left as it was."""
+    world = shutil.copytree(tiny_world, tmp_path / "world")
+    image_folder = next(p for p in sorted(world.rglob("*.png"))).parent
+    ckpt_dir = tmp_path / "ckpts"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "w.safetensors").write_bytes(b"weights")
+    export = tmp_path / "export"
+    export.mkdir()
+    write_json(export / "open_clip_config.json", {"model_cfg": {}, "clipforget": {"arch": "x"}})
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "keep.txt").write_text("keep me")
+    before = tree(tmp_path)
+    request = ["--superclass", "dog", "--subgroup", "poodle"]
+    for out, args, message in [
+            (world, [], f"the output folder {world} holds the gallery's image folder"),
+            (image_folder, [], f"the output folder {image_folder} is the gallery's image folder"),
+            (image_folder / "run", [], "lies inside the gallery's image folder"),
+            (ckpt_dir, ["--pretrained", str(ckpt_dir / "w.safetensors")],
+             f"the output folder {ckpt_dir} holds the checkpoint {ckpt_dir / 'w.safetensors'}, an input, which is "
+             "never overwritten; choose another --out outside the inputs"),
+            (export, ["--model", f"local-dir:{export}"], f"the output folder {export} is the model folder"),
+            (theirs, [], f"{theirs} exists and is not a clipforget run folder; choose another --out or remove it")]:
+        argv = ["forget", "--gallery", str(world), "--out", str(out), *request, *args]
+        if "--model" not in args:
+            argv += ["--model", TINY_MODEL]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    monkeypatch.chdir(tmp_path / "cwd")
+    code, err = cli(capsys, world, ".", *request)
+    assert code == 2 and "the output folder" in err and "is the current folder or holds it" in err, err
+    assert tree(tmp_path) == before
+
+
+def test_merge_refuses_to_write_over_a_run_it_merges(tmp_path, capsys, no_model):
+    runs = tmp_path / "runs"
+    a, b = _fake_run(runs / "a"), _fake_run(runs / "b")
+    before = tree(tmp_path)
+    for out, message in ((a, f"the output folder {a} is the run {a}"), (runs, f"{runs} holds the run"),
+                         (a / "merged", "lies inside the run")):
+        assert cli_main(["merge", str(a), str(b), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "choose another --out" in err, err
+    assert tree(tmp_path) == before
+
+
+def test_merge_of_files_that_are_no_deltas_says_what_to_pass(tmp_path, capsys, no_model):
+    run = _fake_run(tmp_path / "a")
+    write_json(run / "report.json", {})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "delta.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    for path, message in ((run / "report.json", f"no delta.safetensors in {run / 'report.json'}; pass run folders"),
+                          (bad, f"{bad / 'delta.safetensors'} is not a readable delta (")):
+        assert cli_main(["merge", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert "a run folder written by `clipforget forget`, or its delta.safetensors" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_runs_of_another_model_is_explained(tiny_ckpt, tmp_path, capsys):
+    conv = "visual.conv1.weight"
+    shape = open_clip.create_model("test-tiny-rn").state_dict()[conv].shape
+    for delta, message in (({"visual.nope.weight": torch.zeros(2)}, "delta entry 'nope.weight' is not a weight of this model"),
+                           ({conv: torch.zeros(3, *shape[1:])}, "delta entry 'conv1.weight' has shape (3, ")):
+        shutil.rmtree(tmp_path / "a", ignore_errors=True)
+        run = _fake_run(tmp_path / "a", delta)
+        code = cli_main(["merge", str(run), "--model", TINY_MODEL, "--pretrained", str(tiny_ckpt),
+                         "--device", "cpu", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "the delta was made from another model" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_writers_refuse_an_input_folder(tiny_bundle, tiny_run, tmp_path):
+    """save_run and export_open_clip check their own inputs too (the app and scripts call them)."""
+    import dataclasses
+    from clipforget.models import export_open_clip
+    ckpt = tmp_path / "ckpts" / "tiny.safetensors"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_bundle.pretrained, ckpt)
+    bundle = dataclasses.replace(tiny_bundle, pretrained=str(ckpt))
+    with pytest.raises(OutputError, match="holds the checkpoint"):
+        save_run(tiny_run, bundle, ckpt.parent)
+    with pytest.raises(OutputError, match="holds the checkpoint"):
+        export_open_clip(bundle, bundle.model.state_dict(), ckpt.parent)
+    with pytest.raises(OutputError, match="is the run"):
+        export_open_clip(bundle, bundle.model.state_dict(), tmp_path / "r", keep=[("run", tmp_path / "r")])
+    assert tree(tmp_path) == ["ckpts", "ckpts/tiny.safetensors"] and file_hash(ckpt) == file_hash(tiny_bundle.pretrained)
+    save_run(tiny_run, bundle, tmp_path / "run")           # a run folder of this project is rewritten
+    save_run(tiny_run, bundle, tmp_path / "run", export=False)
+    assert not (tmp_path / "run" / "export").exists() and (tmp_path / "run" / "run.json").is_file()
+
+
+def test_a_damaged_export_folder_is_explained(tmp_path, capsys):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    write_json(folder / "open_clip_config.json", {"model_cfg": open_clip.get_model_config(TINY_MODEL)})
+    (folder / "open_clip_model.safetensors").write_bytes(b"\xff" * 23)
+    assert cli_main(["eval", "--model", f"local-dir:{folder}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load local-dir:" in err and "its checkpoint is damaged" in err and "export the model again" in err
+    assert "Traceback" not in err

@@ -103,6 +103,24 @@ def test_a_folder_without_a_run_is_refused(tmp_path):
     assert cli_main(["certify", str(tmp_path)]) == 2
 
 
+def test_a_run_whose_own_embedded_weights_are_gone_is_refused(tmp_path, monkeypatch):
+    """θ₀ is the model the run was made from: weights trained by the user that are gone are an error,
+    never silently the shipped ones (another installation's shipped file is found here)."""
+    from types import SimpleNamespace
+
+    from clipforget.runfolder import load_run_model
+    loaded = []
+    monkeypatch.setattr("clipforget.models.load_clip", lambda name, weights, device: loaded.append((name, weights)))
+    gone = SimpleNamespace(path=tmp_path / "run", model="embedded", pretrained=str(tmp_path / "my-weights.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"was made from the embedded weights .*my-weights.safetensors, which no "
+                                                r"longer exist; pass them with --model embedded --pretrained PATH"):
+        load_run_model(gone, "cpu")
+    assert not loaded
+    load_run_model(SimpleNamespace(path=tmp_path, model="embedded", pretrained="/elsewhere/clipforget/weights/"
+                                   "embedded.safetensors"), "cpu")
+    assert loaded == [("embedded", None)]                     # the shipped weights of this installation
+
+
 # ---- a real run vs a sham ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,22 @@ def test_decompression_bomb_is_refused(tmp_path):
         store_uploads([("bomb.png", bomb)], tmp_path)
 
 
+def test_an_image_over_pillows_own_limit_is_refused_with_the_limit(tmp_path, monkeypatch):
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS itself, with DecompressionBombError (not
+    an OSError), and warns over it (an error where warnings are): both are an UploadError giving the
+    limit, and nothing is stored. The limit is lowered here; a real one needs a 180 Mpx image."""
+    import warnings
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UploadError, match="'huge' has 10,000 pixels, more than the limit of 1,000 pixels per "
+                                          "image — downscale it"):
+        store_uploads([("huge.png", _png(size=(100, 100), mode="1"))], tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(UploadError, match="'big' has 1,600 pixels, more than the limit of 1,000 pixels"):
+            store_uploads([("big.png", _png(size=(40, 40)))], tmp_path)
+    assert _stored(tmp_path) == []
+
+
 def test_corrupted_image_is_refused(tmp_path):
     data = _png(size=(64, 64))
     with pytest.raises(UploadError, match="truncated|corrupted|could not be read"):
