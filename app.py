@@ -102,6 +102,17 @@ def _port(value: str) -> int:
     return port
 
 
+def _alpha_points(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of α points (2 or more)") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n} α points cannot make a slider: give 2 or more (α = 0 and 1 at least; "
+                                         f"default {DEFAULT_ALPHA_POINTS})")
+    return n
+
+
 def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> argparse.Namespace:
     """The app's options. ``--host``/``--port`` default to Gradio's own ``GRADIO_SERVER_NAME`` /
     ``GRADIO_SERVER_PORT`` when set (127.0.0.1 and 7860 otherwise); a flag given wins."""
@@ -120,8 +131,8 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
                    help=f"port (default: $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when there is one, else the CPU) | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--alpha-points", type=int, default=DEFAULT_ALPHA_POINTS,
-                   help=f"α values precomputed per job, evenly over 0..1, plus the calibrated α (default: {DEFAULT_ALPHA_POINTS})")
+    p.add_argument("--alpha-points", type=_alpha_points, default=DEFAULT_ALPHA_POINTS,
+                   help=f"α values precomputed per job, evenly over 0..1 (2 or more), plus the job's α (default: {DEFAULT_ALPHA_POINTS})")
     args = p.parse_args(argv)
     if args.port is None:
         try:

@@ -160,6 +160,10 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
+        """A job from its job.json; a TypeError for anything but a JSON object (a damaged record:
+        the callers treat it as they treat one that does not parse)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a job record must be a JSON object, got {json.dumps(d, default=str)[:40]}")
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names})
 

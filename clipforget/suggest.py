@@ -110,9 +110,23 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "clipforget"
 
 
+def weights_stamp(source: str | None) -> str:
+    """Size and mtime of the weights a model was loaded from (``ClipBundle.pretrained``): a
+    checkpoint file, or every file of a ``local-dir:`` export folder (its weights and config). A
+    cache keyed by it is not reused once they are rewritten; "" for a pretrained tag."""
+    if not source:
+        return ""
+    source = str(source)
+    if source.startswith("local-dir:"):
+        folder = Path(source.removeprefix("local-dir:"))
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        return ";".join(f"{p.name}:{p.stat().st_size}-{p.stat().st_mtime_ns}" for p in files)
+    src = Path(source)
+    return f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src.is_file() else ""
+
+
 def _cache_key(bundle: ClipBundle, gallery: Gallery) -> str:
-    src = Path(str(bundle.pretrained)) if bundle.pretrained else None
-    stamp = f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src is not None and src.is_file() else ""
+    stamp = weights_stamp(bundle.pretrained)
     text = (f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|{gallery.content_hash}|"
             f"{gallery.root.resolve()}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,32 @@ from .alphas import DEFAULT_ALPHA_POINTS, alpha_points
 from .data.request import ForgetRequest, SplitConfig
 from .io import atomic_dir
 from .jobs import Job, Progress, Ready
+
+
+# ---- which model a job was made with --------------------------------------------------------------
+
+def model_id(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """The app's ``--model``/``--pretrained`` as a job records them: a ``local-dir:`` folder and a
+    weights file by their absolute path (the same weights however the app was started), a tag as is."""
+    if model.startswith("local-dir:"):
+        model = "local-dir:" + str(Path(model.removeprefix("local-dir:")).expanduser().resolve())
+    if pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return model, pretrained or None
+
+
+def check_same_model(spec: dict, model: str, pretrained: str | None, job_id: str, what: str = "reopen it") -> None:
+    """Refuse a job made with another model than this app's (``spec``: the job's, which records
+    ``model`` and ``pretrained``; a spec without them predates the record and is taken as it is):
+    its delta and gallery embeddings belong to that model's weights, not to these."""
+    if not spec.get("model"):
+        return
+    made, here = model_id(spec["model"], spec.get("pretrained")), model_id(model, pretrained)
+    if made != here:
+        def say(m):
+            return f"--model {m[0]}" + (f" --pretrained {m[1]}" if m[1] else "")
+        raise ValueError(f"job {job_id} was made with the model {say(made)}; this app runs {say(here)}: "
+                         f"start the app with {say(made)} to {what}")
 
 
 # ---- the forget job ------------------------------------------------------------------------------
@@ -37,7 +64,7 @@ class Resources:
 
 
 class ForgetWork:
-    """The work function of a forget job: unlearn, encode the gallery at the calibrated α and save
+    """The work function of a forget job: unlearn, encode the gallery at the job's α and save
     the results (delta, run.json, that α point) — shown at once: the job is ``ready`` — then the
     rest: evaluate and add the report and export to the run folder (the metrics show), then the
     α-grid's other points, one at a time, each added to the run folder as it is done.
@@ -47,6 +74,9 @@ class ForgetWork:
 
     def __init__(self, resources: Callable[[], Resources], alpha_points: int = DEFAULT_ALPHA_POINTS,
                  activation_budget: int | None = JOB_ACTIVATION_BUDGET):
+        if isinstance(alpha_points, bool) or not isinstance(alpha_points, Integral) or alpha_points < 2:
+            raise ValueError(f"alpha points (α values precomputed per job) must be a whole number >= 2 "
+                             f"(α = 0 and 1 at least), got {alpha_points!r}")
         self.resources = resources
         self.alpha_points = alpha_points
         self.activation_budget = activation_budget
@@ -70,9 +100,9 @@ class ForgetWork:
                        evaluator=self._evaluator, activation_budget=self.activation_budget)
         t_forget = time.perf_counter() - t0
         # α = 0 is θ₀ exactly: its embeddings are the original ones, so the grid starts above 0
-        calibrated = round(float(made.result.alpha), 6)
-        alphas = [a for a in alpha_points(self.alpha_points, (calibrated,)) if a > 0]
-        first = [a for a in alphas if a == calibrated]           # the right grid at the calibrated α
+        used = round(float(made.result.alpha), 6)         # the α the results are at (restore's, with its margin)
+        alphas = [a for a in alpha_points(self.alpha_points, (used,)) if a > 0]
+        first = [a for a in alphas if a == used]                 # the right grid at that α
         t1 = time.perf_counter()
         # the gallery's trunk is kept between points in a temporary file, not in the app's memory
         # (a delta without image-tower entries — a text-tower method — reuses the original embeddings)
@@ -94,7 +124,11 @@ class ForgetWork:
         except BaseException:
             grid.release()
             raise
-        summary = {"alpha": made.result.alpha, "forget_seconds": t_forget, "alpha_grid_planned": len(alphas) + 1,
+        # "alpha" is the α used: restore's calibrated α plus its margin (stages/restore.py)
+        restore = made.result.info.get("restore") or {}
+        summary = {"alpha": made.result.alpha, **({"calibrated_alpha": restore["calibrated_alpha"]}
+                                                  if "calibrated_alpha" in restore else {}),
+                   "forget_seconds": t_forget, "alpha_grid_planned": len(alphas) + 1,
                    "calibrated_point_seconds": t_first, "shared_trunk": grid.shared_trunk,
                    "stage_seconds": dict(made.result.seconds)}
         del points
@@ -151,13 +185,17 @@ class CertifyWork:
 
     ``resources()`` returns the loaded model, gallery and pixel cache (:class:`Resources`)."""
 
-    def __init__(self, resources: Callable[[], Resources], config: dict | None = None):
+    def __init__(self, resources: Callable[[], Resources], config: dict | None = None,
+                 model: tuple[str, str | None] | None = None):
         self.resources = resources
         self.config = config            # CertifyConfig fields for every job (None: the defaults)
+        self.model = model              # (model, pretrained) of the app: θ₀ of every certificate
 
     def __call__(self, job: Job, progress: Progress, job_dir: Path) -> dict:
         from .certify import CertifyConfig, certify, save_certificate
 
+        if self.model is not None:      # the run's delta is applied to this θ₀: it must be the run's
+            check_same_model(job.spec, *self.model, job.spec.get("of_job") or job.id, "certify it")
         progress({"stage": "certify: prepare", "step": 0, "total": 0, "fraction": 0.0})
         res = self.resources()
         run_dir = Path(job.spec["run_dir"])

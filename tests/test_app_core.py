@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -111,6 +112,74 @@ def test_one_gallery_trunk_per_runs_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {p.name for p in gone})
     drop_other_trunks(tmp_path, None)                 # a model without a trunk: none is kept
     assert not list(tmp_path.glob("trunk-*"))
+
+
+def test_a_rewritten_local_dir_model_is_encoded_again(tmp_path):
+    """A ``local-dir:`` model's weights are the folder's files: exported again (same name, new
+    weights), the cached original embeddings and gallery trunk are not reused."""
+    from clipforget.app.loading import original_key
+    folder = tmp_path / "export"
+    folder.mkdir()
+    weights = folder / "open_clip_model.safetensors"
+    weights.write_bytes(b"a" * 10)
+    (folder / "open_clip_config.json").write_text("{}")
+    bundle = SimpleNamespace(arch=f"local-dir:{folder}", pretrained=f"local-dir:{folder}", image_size=32)
+    gallery = SimpleNamespace(content_hash="h", root=tmp_path)
+    key = original_key(bundle, gallery)
+    assert original_key(bundle, gallery) == key                       # the same folder: the cache is used
+    weights.write_bytes(b"b" * 11)
+    assert original_key(bundle, gallery) != key
+    key = original_key(bundle, gallery)
+    weights.write_bytes(b"c" * 11)                                     # the same size, written later
+    t = weights.stat().st_mtime_ns + 2_000_000_000
+    os.utime(weights, ns=(t, t))
+    assert original_key(bundle, gallery) != key
+
+
+def _manifest(folder: Path, rows: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.csv").write_text("path,superclass,subgroup,kind\n" + rows)
+    return folder / "manifest.csv"
+
+
+def test_partial_cache_files_of_a_killed_app_are_removed_when_it_starts(tmp_path):
+    """Ctrl-C during the first gallery encode leaves the trunk's temporary file (up to 448 MB) in
+    the runs folder's cache, as a kill mid-write leaves a card's: the next app removes them, and
+    only them."""
+    from clipforget.app import AppCore
+    cache = tmp_path / "runs" / ".cache"
+    partial = [".trunk-0123-2.safetensors.k2j4.tmp", ".original-0123.safetensors.x9.tmp", "cards/.ab.png.q1.tmp",
+               "marked/.cd.png.z7.tmp"]
+    kept = ["trunk-0123-2.safetensors", "original-0123.safetensors", "cards/ab.png", "marked/cd.png"]
+    for name in partial + kept:
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_bytes(b"x")
+    core = AppCore(gallery=str(_manifest(tmp_path / "g", "a.png,dog,poodle,\n")), runs_dir=tmp_path / "runs",
+                   load=False)
+    try:
+        assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) == sorted(kept)
+    finally:
+        core.close()
+
+
+def test_a_gallery_without_superclasses_is_a_clear_error_at_start_up(tmp_path):
+    """A manifest of concepts only has no first pick for the page: the app says so before it
+    builds the page (before: IndexError while building it, outside main's error handling)."""
+    from clipforget.app import AppCore
+    from clipforget.app.loading import default_pick
+    from clipforget.data.gallery import Gallery
+    manifest = _manifest(tmp_path / "g", "a.png,,,concept\n")
+    message = ("the gallery 'g' has no superclass/subgroup images (1 images, none in the hierarchy): the app forgets "
+               "a subgroup of a superclass. Start it with a folder root/superclass/subgroup/*.jpg, or a manifest")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        default_pick(Gallery.open(str(manifest)))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AppCore(gallery=str(manifest), runs_dir=tmp_path / "runs", load=False)
+    assert not (tmp_path / "runs").exists()                 # refused before the runs folder is made
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--gallery", str(manifest), "--runs-dir",
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 1 and f"clipforget app: error: {message}" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
@@ -313,6 +382,106 @@ def test_a_run_folder_of_the_single_file_grid_still_loads(tmp_path):
     assert runfolder.alpha_grid_points(run) == [0.5, 1.0] and runfolder.is_complete(run, alpha_grid=True)
     loaded, made_on = runfolder.load_alpha_grid(run)
     assert made_on == "h" and torch.equal(loaded[1.0], grid[1])
+
+
+def _retrieval(run: Path, spec: dict | None = None, model=("embedded", None), summary: dict | None = None):
+    """The app's Retrieval over one job's run folder, with stand-ins for the loader and registry
+    (a 5-image gallery of hash "h"; no model: the job's delta has no text tower)."""
+    from clipforget.app.retrieval import Retrieval
+    gallery = type("Gallery", (), {"content_hash": "h", "__len__": lambda self: 5})()
+    loader = SimpleNamespace(gallery=gallery, original_index=fx.build(_unit(5, 4, seed=9)), model_name=model[0],
+                             pretrained=model[1], resources=lambda timeout=None: SimpleNamespace(bundle=None))
+    job = SimpleNamespace(spec=spec if spec is not None else {"model": "embedded", "pretrained": None},
+                          summary=summary or {})
+    jobs = SimpleNamespace(run_dir=lambda job_id: run, get=lambda job_id: job)
+    return Retrieval(loader, jobs, run.parent / "cache")
+
+
+def _grid_run(tmp_path, alphas=(0.5, 1.0), saved=(0.5,)) -> Path:
+    from clipforget import runfolder
+    from clipforget.io import save_safetensors
+    run = tmp_path / "run"
+    run.mkdir()
+    save_safetensors({"visual.x": torch.zeros(1)}, run / runfolder.DELTA)
+    write_json(run / runfolder.RUN_JSON, {})
+    runfolder.plan_alpha_grid(run, list(alphas), "h", 5)
+    for a in saved:
+        runfolder.save_alpha_point(run, a, _unit(5, 4, seed=int(a * 10)), "h")
+    return run
+
+
+def test_a_point_saved_while_the_grid_loads_is_picked_up_next_time(tmp_path, monkeypatch):
+    """The grid's last point is saved by the job while a handler loads the others: the cache entry
+    is not complete without it, so the next call loads it (before: marked complete from the folder,
+    the point was never loaded and the slider snapped to a neighbour)."""
+    from clipforget import runfolder
+    run = _grid_run(tmp_path)
+    r = _retrieval(run)
+    build = fx.build
+
+    def build_then_the_last_point_lands(emb):
+        out = build(emb)
+        if 1.0 not in runfolder.alpha_grid_points(run):
+            runfolder.save_alpha_point(run, 1.0, _unit(5, 4, seed=10), "h")
+        return out
+    monkeypatch.setattr(fx, "build", build_then_the_last_point_lands)
+    first = r.grid("a" * 32)
+    monkeypatch.setattr(fx, "build", build)
+    assert runfolder.alpha_grid_complete(run) and first.points == [0.0, 0.5] and not first.complete
+    state = r.alpha_points("a" * 32)
+    assert state["ready"] == [0.0, 0.5, 1.0] and state["complete"] and state["computing"] == 0
+
+
+def test_a_job_of_another_model_is_refused_with_what_to_start(tmp_path):
+    """Its α-grid holds one model's image embeddings: searching them with another model's text
+    embeddings would be nonsense. The page says which model to start the app with."""
+    from clipforget.work import check_same_model
+    run = _grid_run(tmp_path, saved=(0.5, 1.0))
+    r = _retrieval(run, spec={"model": "embedded", "pretrained": None}, model=("embedded-vit", None))
+    with pytest.raises(ValueError, match="made with the model --model embedded; this app runs --model embedded-vit: "
+                                         "start the app with --model embedded to reopen it"):
+        r.grid("a" * 32)
+    assert _retrieval(run, spec={}, model=("embedded-vit", None)).grid("a" * 32).complete     # not recorded: as is
+    ckpt = tmp_path / "w.safetensors"
+    ckpt.write_bytes(b"x")
+    # the same weights file named relative or absolute is the same model; another file is not
+    check_same_model({"model": "RN50", "pretrained": str(ckpt)}, "RN50", os.path.relpath(ckpt), "a" * 32)
+    with pytest.raises(ValueError, match=f"start the app with --model RN50 --pretrained {ckpt} to reopen it"):
+        check_same_model({"model": "RN50", "pretrained": str(ckpt)}, "RN50", "openai", "a" * 32)
+
+
+def test_certify_refuses_a_run_of_another_model(tmp_path):
+    """The certificate applies the run's delta to the app's model as θ₀: refused, before anything
+    loads, when that is not the model the run was made with."""
+    from clipforget.work import CertifyWork
+
+    def no_model():
+        raise AssertionError("the model was asked for before the check")
+    work = CertifyWork(no_model, model=("embedded-vit", None))
+    job = Job("c" * 32, "certificate", {"run_dir": str(tmp_path), "of_job": "a" * 32, "model": "embedded",
+                                        "pretrained": None}, kind="certify")
+    with pytest.raises(ValueError, match=f"job {'a' * 32} was made with the model --model embedded; .*"
+                                         "start the app with --model embedded to certify it"):
+        work(job, lambda event: None, tmp_path)
+
+
+def test_the_alpha_shown_is_named_as_used_not_as_calibrated(tmp_path):
+    """A job's α is restore's calibrated α plus its margin: the page names both for what they are."""
+    from clipforget.app.page.handlers import _score
+    from clipforget.app.views import alpha_label
+    assert alpha_label(0.7, 0.6) == "α used = 0.70 (calibrated α 0.60 + restore's margin)"
+    assert alpha_label(0.6, 0.6) == "α used = calibrated α = 0.60" and alpha_label(0.7) == "α used = 0.70"
+    line = _score({"score": 80.0, "method": "ours", "alpha": 0.7},
+                  {"status": "done", "summary": {"alpha": 0.7, "calibrated_alpha": 0.6, "alpha_grid_points": 3}})
+    assert "α used = 0.70 (calibrated α 0.60 + restore's margin)" in line and "calibrated α = 0.70" not in line
+    run = _grid_run(tmp_path, alphas=(0.7, 1.0), saved=(0.7, 1.0))
+    r = _retrieval(run, summary={"alpha": 0.7, "calibrated_alpha": 0.6})
+    r.text_embedding = lambda query: _unit(1, 4, seed=3)[0].numpy()
+    r.forgotten_paths = lambda job_id: set()
+    r._hits = lambda idx, q, k, forgotten: []
+    res = r.search("a dog", "a" * 32, None, k=3)
+    assert res["alpha_shown"] == 0.7 and res["alpha_used"] == 0.7 and res["alpha_calibrated"] == 0.6
+    assert "; α used = 0.70 (calibrated α 0.60 + restore's margin);" in res["alpha_note"]
 
 
 # ---- a job whose results come before its end (Ready) ----------------------------------------------
@@ -544,8 +713,12 @@ def test_finished_job_forgets_for_its_query_and_alpha_zero_is_original(core, fin
     s = finished_job.summary
     assert s["alpha_grid_points"] >= 3 and s["alpha_grid_seconds"] > 0 and s["shared_trunk"]
     q = core.default_query("dog", "poodle")
-    res = core.search(q, finished_job.id, None, k=12)                 # at the calibrated α
+    res = core.search(q, finished_job.id, None, k=12)                 # at the job's α
     assert res["alpha_shown"] == pytest.approx(s["alpha"])
+    # the job's α is restore's calibrated α plus its margin (α itself where no α was feasible)
+    assert s["alpha"] in (s["calibrated_alpha"], min(1.0, round(s["calibrated_alpha"] + 0.1, 6)))
+    assert res["alpha_calibrated"] == s["calibrated_alpha"] and "α used = " in res["alpha_note"]
+    assert core.jobs.get(finished_job.id).spec["model"] == "embedded"
     assert res["recall_left"] > 0 and res["recall_right"] < res["recall_left"]
     assert any(h["forgotten"] for h in res["left"]) and "FORGOTTEN" in next(
         h["caption"] for h in res["left"] if h["forgotten"])
@@ -579,6 +752,39 @@ def test_slider_sends_the_right_grid_only_when_its_point_changes(core, finished_
     assert f"showing α = {near:.2f};" in moved["alpha_md"]
     back = h.slide(q, q, finished_job.id, 0.0, moved["shown_right"])                   # α = 0: the original
     assert [c for c in back["right"]] == first["left"]
+
+
+def test_the_result_handlers_show_the_library_s_message(tmp_path):
+    """Gradio 6 shows any exception but gr.Error as a bare "Error": the handlers that fill a job's
+    results — the grid watcher a generator, which stays one — turn the library's errors into
+    gr.Error with their message (once: an inner handler's gr.Error passes unchanged)."""
+    import inspect
+
+    import gradio as gr
+
+    from clipforget.app.page.handlers import Handlers
+    why = "job x was run on another gallery; start the app with that gallery to reopen it"
+
+    def refuse(*args, **kwargs):
+        raise ValueError(why)
+    st = {"status": "done", "results": True, "text": "", "summary": {"alpha": 1.0}}
+    core = SimpleNamespace(job_status=lambda job_id: st, alpha_points=refuse, search=refuse, history=lambda: [],
+                           evaluated=lambda job_id: False)
+    page = SimpleNamespace(**{n: n for n in ("history", "status_md", "plot", "score_md", "table", "points_md",
+                                            "alpha", "dl_model", "dl_md", "dl_json", "progress_md", "left",
+                                            "left_md", "right", "right_md", "alpha_md", "shown_query",
+                                            "shown_right")})
+    h = Handlers(core, page)
+    assert inspect.isgeneratorfunction(h.watch_grid) and inspect.isgeneratorfunction(h.watcher(page.progress_md))
+    for call in (lambda: h.show("a" * 32, "a dog"), lambda: h.slide("a dog", "a dog", "a" * 32, 0.5, None),
+                 lambda: list(h.watch_grid("a" * 32))):
+        with pytest.raises(gr.Error) as e:
+            call()
+        assert e.value.message == why
+    st["status"] = "ready"                   # the watcher's loop, while the job still runs
+    with pytest.raises(gr.Error) as e:
+        list(h.watch_grid("a" * 32))
+    assert e.value.message == why
 
 
 def _wait_for_stage(core, job, stage: str, timeout: float = 600) -> None:

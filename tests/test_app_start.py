@@ -48,6 +48,28 @@ def test_bad_port_flag_is_a_clear_error(app, capsys):
     assert "99999 is not a port number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value, message", [("1", "1 α points cannot make a slider: give 2 or more"),
+                                            ("0", "0 α points cannot make a slider"),
+                                            ("-3", "-3 α points cannot make a slider"),
+                                            ("six", "'six' is not a whole number of α points")])
+def test_too_few_alpha_points_are_refused_at_start_up(app, value, message, capsys):
+    """Every job would otherwise train fully, then fail on its α-grid."""
+    with pytest.raises(SystemExit) as e:
+        app.parse_args(["--alpha-points", value], environ={})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--alpha-points" in err and message in err, err
+    assert app.parse_args(["--alpha-points", "2"], environ={}).alpha_points == 2
+
+
+@pytest.mark.parametrize("points", [1, 0, 2.5, True])
+def test_a_forget_job_runner_refuses_too_few_alpha_points(points):
+    """The same check where the app's core (and a script) makes its job runner: before any job."""
+    from clipforget.work import ForgetWork
+    with pytest.raises(ValueError, match="alpha points .* must be a whole number >= 2"):
+        ForgetWork(lambda: None, points)
+    assert ForgetWork(lambda: None, 2).alpha_points == 2
+
+
 def test_device_defaults_to_auto_as_in_the_cli(app):
     assert app.parse_args([], environ={}).device == "auto"
     assert build_parser().parse_args(["forget", "--superclass", "dog", "--out", "x"]).device == "auto"

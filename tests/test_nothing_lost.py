@@ -322,6 +322,23 @@ def test_restart_sweeps_temporary_files_and_unreadable_records(tmp_path):
         reg.close()
 
 
+@pytest.mark.parametrize("text", ["null", "[]", '"done"', "3"])
+def test_a_job_record_that_is_not_an_object_is_unreadable_not_fatal(tmp_path, text):
+    """A job.json that parses but holds no object is damaged like one that does not parse: the
+    registry starts, lists the other jobs and names the record's folder for that id."""
+    done = Job("d" * 32, "done before", {}, status="done", started=1.0, finished=2.0)
+    write_json(tmp_path / done.id / "job.json", done.to_dict())
+    (tmp_path / ("a" * 32)).mkdir()
+    (tmp_path / ("a" * 32) / "job.json").write_text(text)
+    reg = JobRegistry(tmp_path, lambda *a: {})
+    try:
+        assert [j.id for j in reg.jobs()] == [done.id]
+        with pytest.raises(JobError, match=r"is unreadable \(a job record must be a JSON object.*delete that folder"):
+            reg.get("a" * 32)
+    finally:
+        reg.close()
+
+
 def test_one_app_per_runs_folder(tmp_path):
     reg = JobRegistry(tmp_path, lambda *a: {})
     with pytest.raises(RunsDirBusy, match=f"in use by another clipforget app \\(pid {os.getpid()}\\); stop it, "

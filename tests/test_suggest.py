@@ -200,3 +200,26 @@ def test_app_upload_examples_for_a_retain_suggestion(core, gallery, tmp_path):
     bad.write_text("<script>alert(1)</script>" * 10)
     with pytest.raises(UploadError, match="not an image"):
         core.suggest_uploads(paths[:2] + [str(bad)], "dog")
+
+
+def test_the_cache_key_follows_a_local_dir_model_s_files(tmp_path):
+    """A ``local-dir:`` export folder rewritten in place (same path, new weights) gets new gallery
+    embeddings: the key stamps the folder's files, as it stamps a checkpoint file."""
+    import os
+    from types import SimpleNamespace
+
+    from clipforget.suggest import _cache_key, weights_stamp
+    folder = tmp_path / "export"
+    folder.mkdir()
+    weights = folder / "open_clip_model.safetensors"
+    weights.write_bytes(b"a" * 10)
+    bundle = SimpleNamespace(arch=f"local-dir:{folder}", pretrained=f"local-dir:{folder}", image_size=32)
+    gallery = SimpleNamespace(content_hash="h", root=tmp_path)
+    key = _cache_key(bundle, gallery)
+    assert _cache_key(bundle, gallery) == key
+    weights.write_bytes(b"b" * 10)
+    t = weights.stat().st_mtime_ns + 2_000_000_000
+    os.utime(weights, ns=(t, t))
+    assert _cache_key(bundle, gallery) != key
+    st = weights.stat()
+    assert weights_stamp(str(weights)) == f"{st.st_size}-{st.st_mtime_ns}" and weights_stamp("openai") == ""

@@ -21,11 +21,11 @@ from ..alphas import DEFAULT_ALPHA_POINTS
 from ..data.gallery import Gallery
 from ..data.request import ForgetRequest, SplitConfig
 from ..jobs import Job, JobError, JobRegistry
-from ..work import CertifyWork, ForgetWork, Resources
+from ..work import CertifyWork, ForgetWork, Resources, check_same_model, model_id
 from ..methods.catalog import builtin_methods
 from . import cards, results, views
 from . import retain as retain_sets
-from .loading import ModelLoader
+from .loading import ModelLoader, default_pick, remove_partials
 from .retrieval import Retrieval
 
 
@@ -39,13 +39,16 @@ class AppCore:
                  certify_config: dict | None = None, allow_pickle: bool = False, load: bool = True):
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.gallery = Gallery.open(gallery)
+        default_pick(self.gallery)            # the page's first pick: a gallery without one says so here
         self.runs_dir = Path(runs_dir).resolve()
         self.cache_dir = self.runs_dir / ".cache"
         self.job_config = job_config          # default method config of jobs (None: the method's defaults)
         self.job_split = job_split            # SplitConfig fields of jobs (None: defaults); tests shrink it
         self.loader = ModelLoader(model, pretrained, device, self.gallery, self.cache_dir, allow_pickle, job_split)
         self.jobs = JobRegistry(self.runs_dir, {"forget": ForgetWork(self.resources, alpha_points),
-                                                "certify": CertifyWork(self.resources, certify_config)})
+                                                "certify": CertifyWork(self.resources, certify_config,
+                                                                       (model, pretrained))})
+        remove_partials(self.cache_dir)       # the runs folder is this app's now (the registry's lock)
         self.retrieval = Retrieval(self.loader, self.jobs, self.cache_dir, max_text_cache)
         self.suggester = retain_sets.RetainSuggester(self.gallery, self.resources, self.runs_dir)
         if load:
@@ -145,7 +148,8 @@ class AppCore:
         queries = self.suggested_queries(superclass, subgroup, style)
         spec = {"request": req.to_dict(), "method": method, "config": config or self.job_config,
                 "split": self.job_split,
-                "model": self.model_name, "pretrained": self.pretrained, "gallery": self.gallery.name,
+                **dict(zip(("model", "pretrained"), model_id(self.model_name, self.pretrained))),
+                "gallery": self.gallery.name,
                 "query": queries[0], "queries": queries}
         return self.jobs.submit(spec, f"{req.label} ({req.superclass}) · {method}")
 
@@ -181,8 +185,10 @@ class AppCore:
         forget_job = self.jobs.get(job_id)
         if forget_job.kind != "forget":
             raise JobError(f"job {job_id} is a {forget_job.kind} job; certify a forget job")
+        check_same_model(forget_job.spec, self.model_name, self.pretrained, job_id, "certify it")
         run = self.jobs.run_dir(job_id)
-        spec = {"run_dir": str(run), "of_job": job_id, "config": config, "request": forget_job.spec.get("request")}
+        spec = {"run_dir": str(run), "of_job": job_id, "config": config, "request": forget_job.spec.get("request"),
+                **{k: forget_job.spec[k] for k in ("model", "pretrained") if k in forget_job.spec}}
         return self.jobs.submit(spec, f"certificate of {forget_job.label}", kind="certify")
 
     def certificate(self, job_id: str) -> dict | None:
@@ -240,7 +246,8 @@ class AppCore:
     def alpha_plot(self, job_id: str, report: dict | None = None) -> Path:
         """The α-curve's PNG, drawn once from the report (``report``: already read, not read again)."""
         path = self.jobs.job_dir(job_id) / "alpha_curve.png"
-        return path if path.is_file() else results.alpha_plot(report or self.report(job_id), path)
+        return path if path.is_file() else results.alpha_plot(report or self.report(job_id), path,
+                                                              self.jobs.get(job_id).summary.get("calibrated_alpha"))
 
     def evaluation(self, job_id: str) -> dict:
         """What the page shows of an evaluated job — metrics table, α-curve and downloads — from one

@@ -21,6 +21,11 @@ def default_pick(gallery: Gallery) -> tuple[str, str | None]:
     """The (superclass, subgroup) the page offers first: dog / poodle when the gallery has them,
     else its first superclass and that one's first subgroup."""
     superclasses = gallery.superclasses()
+    if not superclasses:
+        raise ValueError(f"the gallery {gallery.name!r} has no superclass/subgroup images ({len(gallery)} images, "
+                         "none in the hierarchy): the app forgets a subgroup of a superclass. Start it with a "
+                         "folder root/superclass/subgroup/*.jpg, or a manifest whose rows name a superclass and a "
+                         "subgroup (kind empty or 'hierarchy')")
     sc = "dog" if "dog" in superclasses else superclasses[0]
     subs = gallery.subgroups(sc)
     return sc, ("poodle" if "poodle" in subs else subs[0]) if subs else None
@@ -36,6 +41,31 @@ def drop_other_trunks(cache_dir: Path, keep: Path | None) -> list[Path]:
         p.unlink(missing_ok=True)
         log.info("removed the gallery trunk of another model or gallery: %s", p.name)
     return gone
+
+
+def remove_partials(cache_dir: Path) -> list[Path]:
+    """Temporary files an app killed mid-write left in its cache (``atomic_file``'s
+    ``.NAME.*.tmp``, e.g. a gallery trunk cut short by Ctrl-C during the first encode: up to
+    448 MB), in it and its folders (cards, marked images). Called when an app starts, while it holds
+    the runs folder (no other process writes there). Returns what was removed."""
+    cache_dir = Path(cache_dir)
+    gone = [p for p in cache_dir.rglob(".*.tmp") if p.is_file()] if cache_dir.is_dir() else []
+    for p in gone:
+        try:
+            p.unlink(missing_ok=True)
+            log.info("removed a temporary file an earlier app left in its cache: %s", p.relative_to(cache_dir))
+        except OSError as e:        # a cache file the app cannot remove: it is only space
+            log.warning("could not remove %s: %s", p, e)
+    return gone
+
+
+def original_key(bundle, gallery: Gallery) -> str:
+    """The cache key of a model's original gallery embeddings and trunk: the model, its weights —
+    a checkpoint file's or a ``local-dir:`` folder's files' size and mtime, so rewritten weights are
+    encoded again — and the gallery."""
+    from ..suggest import weights_stamp
+    return hashlib.sha256(f"{bundle.arch}|{bundle.pretrained}|{weights_stamp(bundle.pretrained)}|{bundle.image_size}|"
+                          f"{gallery.content_hash}|{gallery.root}".encode()).hexdigest()[:16]
 
 
 class NotReady(RuntimeError):
@@ -142,10 +172,7 @@ class ModelLoader:
         from ..index import GalleryTrunk
         from ..stages.forget import candidate_layers
         from ..trunk import split_index
-        src = Path(bundle.pretrained) if bundle.pretrained and Path(str(bundle.pretrained)).is_file() else None
-        stamp = f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src else ""
-        key = hashlib.sha256(f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|"
-                             f"{self.gallery.content_hash}|{self.gallery.root}".encode()).hexdigest()[:16]
+        key = original_key(bundle, self.gallery)
         path = self.cache_dir / f"original-{key}.safetensors"
         # the trunk file is float32: a half-precision model encodes its gallery as before
         fp32 = next(bundle.model.visual.parameters()).dtype == torch.float32

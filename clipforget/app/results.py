@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import runfolder
 from ..eval.report import column_title
 from ..io import atomic_file
+from .views import alpha_label
 
 
 def metrics_table(report: dict) -> dict:
@@ -20,8 +21,9 @@ def metrics_table(report: dict) -> dict:
             "score": report["score"], "alpha": report["alpha"], "method": report["method"]}
 
 
-def alpha_plot(report: dict, path: Path) -> Path:
-    """PNG of calibration accuracy per column vs α, the calibrated α marked (made once)."""
+def alpha_plot(report: dict, path: Path, calibrated: float | None = None) -> Path:
+    """PNG of calibration accuracy per column vs α, the α used marked (made once); ``calibrated``:
+    the calibrated α it was chosen from, marked too when known (the α used adds restore's margin)."""
     if path.is_file():
         return path
     import matplotlib
@@ -40,8 +42,11 @@ def alpha_plot(report: dict, path: Path) -> Path:
         ax.text(0.5, 0.5, f"method {report['method']!r} has no α-curve (α = {report['alpha']:.2f})",
                 ha="center", va="center", transform=ax.transAxes)
     ax.axvline(report["alpha"], color="k", ls="--", lw=1)
-    ax.annotate(f"calibrated α = {report['alpha']:.2f}", (report["alpha"], 0.04), xytext=(4, 0),
-                textcoords="offset points", fontsize=8)
+    right = report["alpha"] > 0.6          # the label on the side with room for it
+    ax.annotate(alpha_label(report["alpha"], calibrated), (report["alpha"], 0.04), xytext=(-4 if right else 4, 0),
+                textcoords="offset points", fontsize=8, ha="right" if right else "left")
+    if calibrated is not None and abs(calibrated - report["alpha"]) > 1e-9:
+        ax.axvline(calibrated, color="gray", ls=":", lw=1)
     if report.get("chance"):
         ax.axhline(report["chance"], color="gray", ls=":", lw=1, label="chance")
     ax.set(xlabel="unlearning strength α (0 = original, 1 = unlearned)", ylabel="zero-shot accuracy",

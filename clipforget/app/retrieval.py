@@ -1,6 +1,6 @@
 """Text-to-image search in two FAISS indexes: the original encoder, and a job's encoder at the
 computed α nearest the slider. A job's run folder holds its α-grid of gallery embeddings
-(:mod:`clipforget.runfolder`) — from the calibrated α when its results appear, the other points as
+(:mod:`clipforget.runfolder`) — from the job's α when its results appear, the other points as
 they are encoded — so moving the slider is a search, never a re-encode. Query embeddings come from
 the original text tower, cached per query; for a job whose delta edits the text tower (CLIP-LIP)
 the right grid's query is embedded by that text tower at the shown α (:class:`~clipforget.index.TextAlpha`,
@@ -22,8 +22,10 @@ from ..data.gallery import display
 from ..data.request import ForgetRequest, resolve
 from ..jobs import JobRegistry
 from ..threads import single_threaded
+from ..work import check_same_model
 from .cards import marked
 from .loading import ModelLoader
+from .views import alpha_label
 
 MAX_K = 100                     # images per search grid, at most
 MAX_QUERY = 300                 # characters of a query, at most (text towers read ~77 tokens anyway)
@@ -92,6 +94,8 @@ class Retrieval:
                 self._grids.move_to_end(job_id)
                 if entry.complete:
                     return entry
+            else:       # its embeddings are those of the model it was made with: refuse another's
+                check_same_model(self.jobs.get(job_id).spec, self.loader.model_name, self.loader.pretrained, job_id)
             run = self.jobs.run_dir(job_id)
             res = self.loader.resources(timeout=120)     # loaded: torch is imported (single_threaded)
             with single_threaded():
@@ -115,7 +119,10 @@ class Retrieval:
             entry.indexes[a] = faiss_index.build(emb)
         plan = runfolder.alpha_grid_plan(run)
         entry.planned = sorted(set(plan["alphas"]) | set(entry.indexes)) if plan else entry.points
-        entry.complete = runfolder.alpha_grid_complete(run)
+        # complete when this entry holds every planned point — never from a second look at the
+        # folder: a point saved since the listing above would make it complete without that point
+        entry.complete = (run / runfolder.LEGACY_ALPHA_GRID).is_file() or (
+            plan is not None and {round(float(a), 6) for a in plan["alphas"]} <= {round(a, 6) for a in entry.indexes})
         self._grids[job_id] = entry
         while len(self._grids) > MAX_GRIDS:
             self._grids.popitem(last=False)
@@ -149,19 +156,22 @@ class Retrieval:
         if job_id:
             g = self.grid(job_id)
             points, indexes = g.points, g.indexes
-            calibrated = float(self.jobs.get(job_id).summary.get("alpha", 1.0))
-            wanted = calibrated if alpha is None else float(alpha)
+            summary = self.jobs.get(job_id).summary
+            used = float(summary.get("alpha", 1.0))           # the job's α: calibrated + restore's margin
+            calibrated = summary.get("calibrated_alpha")
+            wanted = used if alpha is None else float(alpha)
             if not 0.0 <= wanted <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {wanted}")
             shown = nearest(points, wanted)
             q_right = q if g.text is None or shown == 0.0 else self.edited_text_embedding(query, g, shown)
-            out.update(alpha_requested=wanted, alpha_shown=shown, alpha_points=points, alpha_calibrated=calibrated,
+            out.update(alpha_requested=wanted, alpha_shown=shown, alpha_points=points, alpha_used=used,
+                       alpha_calibrated=calibrated,
                        right=self._hits(indexes[shown], q_right, k, forgotten), text_edited=g.text is not None)
             out["recall_right"] = recall(out["right"], forgotten)
             out["alpha_planned"], out["alpha_complete"] = g.planned, g.complete
             out["alpha_note"] = (f"showing α = {shown:.2f}" + ("" if abs(shown - wanted) < 1e-9 else
                                  f" (nearest computed point to {wanted:.2f})") +
-                                 f"; calibrated α = {calibrated:.2f}; {len(points)} precomputed points"
+                                 f"; {alpha_label(used, calibrated)}; {len(points)} precomputed points"
                                  + ("" if g.complete else f" so far, {len(g.planned) - len(points)} computing"))
         out["seconds"] = time.perf_counter() - t0
         return out

@@ -69,6 +69,18 @@ def _done_forget(job: Job) -> str:
     return f"Job `{job.id[:8]}` {job.label}: done in {job.seconds:.0f}s · {score} · α = {s.get('alpha', 1.0):.2f} · {grid}"
 
 
+def alpha_label(used: float, calibrated: float | None = None) -> str:
+    """The strength a job's results are at, for people. The job's α (report.json's ``alpha``) is
+    the calibrated α plus restore's margin (capped at 1), not the calibrated α itself
+    (clipforget/stages/restore.py): ``calibrated`` (the job summary's ``calibrated_alpha``) is
+    named beside it when known."""
+    if calibrated is None:
+        return f"α used = {used:.2f}"
+    if abs(used - calibrated) < 1e-9:
+        return f"α used = calibrated α = {used:.2f}"
+    return f"α used = {used:.2f} (calibrated α {calibrated:.2f} + restore's margin)"
+
+
 def alpha_points_text(state: dict, job: Job) -> str:
     """Which α points the slider can show: ``α points ready: 0, 0.4, 1.0 (computing 3 more)``;
     for a job that ended without the rest, why they are missing."""

@@ -12,7 +12,7 @@ def register(core) -> None:
 
     def search_api(query: str, job_id: str = "", alpha: float = -1.0, k: int = K) -> dict:
         """Top-k gallery images for a query: original encoder, and unlearned at α in [0, 1] for a
-        finished job (α = -1: the job's calibrated α)."""
+        finished job (α = -1: the job's α, its calibrated α plus restore's margin)."""
         return errors(core.search)(query, job_id or None, None if alpha == -1 else alpha, int(k))
 
     def start_job_api(superclass: str, subgroup: str = "", style: str = "", method: str = "ours",

@@ -3,24 +3,44 @@
 :func:`wire` connects them to the widgets of :class:`.layout.Page`."""
 from __future__ import annotations
 
+import inspect
 import time
 
 import gradio as gr
 
 from ...jobs import WORKING, JobBusy, JobError
 from ..loading import NotReady
+from ..views import alpha_label
 from .layout import ALL_STYLES, Page
 
 K = 12                      # images per grid
 PRIVATE = {"api_visibility": "private"}     # the page's events are not API endpoints (see api.py)
 
 
+LIBRARY_ERRORS = (ValueError, JobBusy, JobError, NotReady)
+
+
 def errors(fn):
-    """Turn the library's errors into gr.Error messages the page shows."""
+    """Turn the library's errors into gr.Error messages the page shows (Gradio 6 shows any other
+    exception as a bare "Error"). A generator handler stays a generator function — Gradio streams
+    what it yields only then — whose errors while it runs are turned the same way."""
+    if inspect.isgeneratorfunction(fn):
+        def streamed(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:                # already for the page (a wrapped handler it called)
+                raise
+            except LIBRARY_ERRORS as e:
+                raise gr.Error(str(e)) from None
+        streamed.__name__ = fn.__name__
+        return streamed
+
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, JobBusy, JobError, NotReady) as e:
+        except gr.Error:                    # already for the page (a wrapped handler it called)
+            raise
+        except LIBRARY_ERRORS as e:
             raise gr.Error(str(e)) from None
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -61,8 +81,8 @@ def _score(table: dict, st: dict) -> str:
         grid = "the α-grid's other points are computing (the slider gains them as they arrive)"
     else:
         grid = f"α-grid incomplete ({s.get('unfinished', 'not computed')})"
-    return (f"**Score {table['score']:.1f}** / 100 · method `{table['method']}` · calibrated α = "
-            f"{table['alpha']:.2f} · {grid}")
+    return (f"**Score {table['score']:.1f}** / 100 · method `{table['method']}` · "
+            f"{alpha_label(table['alpha'], s.get('calibrated_alpha'))} · {grid}")
 
 
 class Handlers:
@@ -142,8 +162,9 @@ class Handlers:
                     return
                 yield {output: st["progress_text"]}
                 time.sleep(0.5)
-        return watch
+        return errors(watch)
 
+    @errors
     def watch_grid(self, job_id):
         """After the grids are shown: the job's progress (its evaluation, then the α-grid: as text, a
         progress overlay would cover the α points and the status), its metrics, plot and downloads
@@ -201,6 +222,7 @@ class Handlers:
                 p.right: _grid(res["right"]) if done else [], p.right_md: _recall(res, "right") if done else "",
                 p.alpha_md: _alpha_note(res), p.shown_query: res["query"], p.shown_right: _shown(res)}
 
+    @errors
     def slide(self, shown, query, job_id, alpha, right):
         """The right grid at the new α for the query both grids show (not a query typed since and
         not searched yet: the left grid would not match). A move that stays nearest to the computed
@@ -214,6 +236,7 @@ class Handlers:
                 self.p.alpha_md: _alpha_note(res), self.p.shown_right: _shown(res)}
 
     # ---- results -------------------------------------------------------------------------------
+    @errors
     def show(self, job_id, query):
         """Fill the results of a job with results (or clear them): the grids at once, the report's
         widgets when it is there (:meth:`watch_grid` fills them when it comes later)."""
