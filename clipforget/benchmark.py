@@ -43,7 +43,7 @@ from .io import save_figure, write_json, write_text
 from .methods.base import get_method, list_methods
 from .methods.catalog import SOUP_SUFFIX, soup_base
 from .models import ClipBundle
-from .pipeline import Evaluator, Run, Unlearned, evaluate, merge_runs
+from .pipeline import Evaluator, Run, Unlearned, check_recognised, evaluate, merge_runs
 from .presets import deep_update
 from .runfolder import save_run, scaled_delta
 from .train.loop import Callback
@@ -296,6 +296,7 @@ def run_bench(task_name: str, methods: list[str] | None, bundle: ClipBundle, gal
     for m in methods:
         get_method(m)      # unknown names fail before any work, with a suggestion
     task = make_task(spec, bundle, gallery, split, cache)
+    check_recognised(evaluator, task)        # before any method runs: a Score needs something to forget
     label = task.request.label
     chance = 1 / len(task.superclasses)
     rows, plots = [], []

@@ -196,10 +196,8 @@ def unlearn(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", co
     unlearner = get_method(method)(config)
     # the cheap check first: the target column alone (memoised: the report reuses it), before training
     # and before the other columns are encoded
-    if check and evaluator.before(task, names=["target"])["target"] <= 0:
-        raise NothingToForget(f"the model does not recognise {request.label} as {request.superclass!r} (zero-shot "
-                         "accuracy 0 on its test images before unlearning), so there is nothing to forget; "
-                         "check the model and its weights, or pick another subgroup")
+    if check:
+        check_recognised(evaluator, task)
     result = unlearner.run(bundle, task, callbacks, evaluator.texts, activation_budget)
     result.seconds["data"] = t_data
     return Unlearned(result, task, getattr(unlearner.config, "seed", 0), time.perf_counter() - t0)
@@ -230,6 +228,16 @@ def forget(bundle: ClipBundle, request: ForgetRequest, method: str = "ours", con
 
 class NothingToForget(ValueError):
     """The model does not recognise the request's held-out target images before unlearning."""
+
+
+def check_recognised(evaluator: Evaluator, task: Task) -> None:
+    """Raise :class:`NothingToForget` when the original model recognises none of the task's held-out
+    target images (the target column alone is encoded, and memoised for the report)."""
+    if evaluator.before(task, names=["target"])["target"] <= 0:
+        r = task.request
+        raise NothingToForget(f"the model does not recognise {r.label} as {r.superclass!r} (zero-shot "
+                              "accuracy 0 on its test images before unlearning), so there is nothing to forget; "
+                              "check the model and its weights, or pick another subgroup")
 
 
 def merge_runs(run_dirs: list[str | Path], mode: str = "sum") -> StateDict:

@@ -166,3 +166,20 @@ def test_continual_scores_each_request_without_the_other_requests_files(gallery)
             assert [col.classes[i] for i in col.labels.tolist()] == [it.superclass for it in col.views.items] \
                 or col.kind == "concept"
         assert task.test["target"].views.items == scored.test["target"].views.items
+
+
+def test_a_target_the_model_does_not_recognise_stops_the_bench_before_any_method(gallery, tmp_path, monkeypatch):
+    """No method runs (and no table with a Score of None is written) when the original model
+    recognises none of the held-out target images: NothingToForget, with the pipeline's advice."""
+    from clipforget import benchmark
+    from clipforget.pipeline import Evaluator, NothingToForget
+
+    monkeypatch.setattr(Evaluator, "before", lambda self, task, split="test", names=None: {"target": 0.0})
+    ran = []
+    monkeypatch.setattr(benchmark, "run_methods", lambda *a, **k: ran.append(a) or {})
+    bundle = types.SimpleNamespace(image_size=32, arch="stand-in")
+    small = SplitConfig(train_views=1, forget_views=1, calib_views=1, calib_target_views=1, test_views=1)
+    with pytest.raises(NothingToForget, match="nothing to forget"):
+        benchmark.run_bench("dog/poodle", ["ga"], bundle, gallery, tmp_path / "out", split=small,
+                            cache=ViewCache(gallery, source_size=32))
+    assert not ran and not (tmp_path / "out").exists()
