@@ -856,7 +856,8 @@ def test_grids_show_before_the_evaluation(core, gated_evaluation):
 @pytest.mark.slow
 def test_results_plot_table_export(core, finished_job):
     table = core.metrics_table(finished_job.id)
-    assert table["headers"][0] == "column" and table["rows"][0][0].startswith("Target")
+    assert table["headers"][:2] == ["column", "measured on"] and table["rows"][0][0].startswith("Target")
+    assert re.fullmatch(r"\d+ files? × \d+ views?", table["rows"][0][1])     # files, not augmented views alone
     assert 0 <= table["score"] <= 100
     png = core.alpha_plot(finished_job.id)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 from .. import runfolder
-from ..eval.report import column_title
+from ..eval.report import column_title, measured_on
 from ..io import atomic_file
 from .views import alpha_label
 
@@ -15,9 +15,9 @@ from .views import alpha_label
 def metrics_table(report: dict) -> dict:
     """The report's columns (accuracy before / after) and the Score."""
     columns = {**report["columns"], **report.get("trained_on", {})}     # held out, then the trained-on examples
-    rows = [[column_title(n), c.get("images", ""), round(c["before"], 3), round(c["after"], 3),
+    rows = [[column_title(n), measured_on(c), round(c["before"], 3), round(c["after"], 3),
              round(c["after"] / c["before"], 2) if c["before"] else None] for n, c in columns.items()]
-    return {"headers": ["column", "images", "before", "after", "ratio"], "rows": rows,
+    return {"headers": ["column", "measured on", "before", "after", "ratio"], "rows": rows,
             "score": report["score"], "alpha": report["alpha"], "method": report["method"]}
 
 
