@@ -3,6 +3,7 @@
 :func:`wire` connects them to the widgets of :class:`.layout.Page`."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 
@@ -20,28 +21,31 @@ PRIVATE = {"api_visibility": "private"}     # the page's events are not API endp
 LIBRARY_ERRORS = (ValueError, JobBusy, JobError, NotReady)
 
 
+@contextlib.contextmanager
+def _for_the_page():
+    """The library's errors inside the block become gr.Error messages the page shows (Gradio 6
+    shows any other exception as a bare "Error"); a gr.Error already made passes as it is."""
+    try:
+        yield
+    except gr.Error:                        # already for the page (a wrapped handler it called)
+        raise
+    except LIBRARY_ERRORS as e:
+        raise gr.Error(str(e)) from None
+
+
 def errors(fn):
-    """Turn the library's errors into gr.Error messages the page shows (Gradio 6 shows any other
-    exception as a bare "Error"). A generator handler stays a generator function — Gradio streams
-    what it yields only then — whose errors while it runs are turned the same way."""
+    """Wrap a handler in :func:`_for_the_page`. A generator handler stays a generator function —
+    Gradio streams what it yields only then — whose errors while it runs are turned the same way."""
     if inspect.isgeneratorfunction(fn):
         def streamed(*args, **kwargs):
-            try:
+            with _for_the_page():
                 yield from fn(*args, **kwargs)
-            except gr.Error:                # already for the page (a wrapped handler it called)
-                raise
-            except LIBRARY_ERRORS as e:
-                raise gr.Error(str(e)) from None
         streamed.__name__ = fn.__name__
         return streamed
 
     def wrapped(*args, **kwargs):
-        try:
+        with _for_the_page():
             return fn(*args, **kwargs)
-        except gr.Error:                    # already for the page (a wrapped handler it called)
-            raise
-        except LIBRARY_ERRORS as e:
-            raise gr.Error(str(e)) from None
     wrapped.__name__ = fn.__name__
     return wrapped
 
