@@ -87,7 +87,7 @@ class GalleryEmbeddings:
                 cache_dir: str | Path | None = None) -> "GalleryEmbeddings":
         """Encode the gallery; with ``cache_dir``, reuse (or store) the result there, keyed by the
         model, its weights file (size and mtime) and the gallery's content hash."""
-        path = Path(cache_dir) / f"gallery-{_cache_key(bundle, gallery)}.safetensors" if cache_dir else None
+        path = Path(cache_dir) / f"gallery-{model_gallery_key(bundle, gallery)}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
             from safetensors.torch import load_file
             emb = load_file(str(path))["embeddings"]
@@ -125,7 +125,10 @@ def weights_stamp(source: str | None) -> str:
     return f"{src.stat().st_size}-{src.stat().st_mtime_ns}" if src.is_file() else ""
 
 
-def _cache_key(bundle: ClipBundle, gallery: Gallery) -> str:
+def model_gallery_key(bundle: ClipBundle, gallery: Gallery) -> str:
+    """The cache key of what a model computes on a gallery (its embeddings, the app's trunk and
+    index): the model, its weights (:func:`weights_stamp`: rewritten weights are encoded again),
+    the image size and the gallery (its content and folder). One key for every such cache."""
     stamp = weights_stamp(bundle.pretrained)
     text = (f"{bundle.arch}|{bundle.pretrained}|{stamp}|{bundle.image_size}|{gallery.content_hash}|"
             f"{gallery.root.resolve()}")

@@ -114,28 +114,6 @@ def test_one_gallery_trunk_per_runs_folder(tmp_path):
     assert not list(tmp_path.glob("trunk-*"))
 
 
-def test_a_rewritten_local_dir_model_is_encoded_again(tmp_path):
-    """A ``local-dir:`` model's weights are the folder's files: exported again (same name, new
-    weights), the cached original embeddings and gallery trunk are not reused."""
-    from clipforget.app.loading import original_key
-    folder = tmp_path / "export"
-    folder.mkdir()
-    weights = folder / "open_clip_model.safetensors"
-    weights.write_bytes(b"a" * 10)
-    (folder / "open_clip_config.json").write_text("{}")
-    bundle = SimpleNamespace(arch=f"local-dir:{folder}", pretrained=f"local-dir:{folder}", image_size=32)
-    gallery = SimpleNamespace(content_hash="h", root=tmp_path)
-    key = original_key(bundle, gallery)
-    assert original_key(bundle, gallery) == key                       # the same folder: the cache is used
-    weights.write_bytes(b"b" * 11)
-    assert original_key(bundle, gallery) != key
-    key = original_key(bundle, gallery)
-    weights.write_bytes(b"c" * 11)                                     # the same size, written later
-    t = weights.stat().st_mtime_ns + 2_000_000_000
-    os.utime(weights, ns=(t, t))
-    assert original_key(bundle, gallery) != key
-
-
 def _manifest(folder: Path, rows: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.csv").write_text("path,superclass,subgroup,kind\n" + rows)

@@ -202,24 +202,32 @@ def test_app_upload_examples_for_a_retain_suggestion(core, gallery, tmp_path):
         core.suggest_uploads(paths[:2] + [str(bad)], "dog")
 
 
-def test_the_cache_key_follows_a_local_dir_model_s_files(tmp_path):
+def test_the_cache_key_follows_a_local_dir_model_s_files(tmp_path, monkeypatch):
     """A ``local-dir:`` export folder rewritten in place (same path, new weights) gets new gallery
-    embeddings: the key stamps the folder's files, as it stamps a checkpoint file."""
+    embeddings, in the retain suggestions' cache and the app's alike (one key): the key stamps the
+    folder's files, as it stamps a checkpoint file; a gallery named by a relative path is the same gallery."""
     import os
+    from pathlib import Path
     from types import SimpleNamespace
 
-    from clipforget.suggest import _cache_key, weights_stamp
+    from clipforget.suggest import model_gallery_key, weights_stamp
     folder = tmp_path / "export"
     folder.mkdir()
     weights = folder / "open_clip_model.safetensors"
     weights.write_bytes(b"a" * 10)
+    (folder / "open_clip_config.json").write_text("{}")
     bundle = SimpleNamespace(arch=f"local-dir:{folder}", pretrained=f"local-dir:{folder}", image_size=32)
     gallery = SimpleNamespace(content_hash="h", root=tmp_path)
-    key = _cache_key(bundle, gallery)
-    assert _cache_key(bundle, gallery) == key
-    weights.write_bytes(b"b" * 10)
+    key = model_gallery_key(bundle, gallery)
+    assert model_gallery_key(bundle, gallery) == key                  # the same folder: the cache is used
+    monkeypatch.chdir(tmp_path.parent)
+    assert model_gallery_key(bundle, SimpleNamespace(content_hash="h", root=Path(tmp_path.name))) == key
+    weights.write_bytes(b"b" * 11)
+    assert model_gallery_key(bundle, gallery) != key
+    key = model_gallery_key(bundle, gallery)
+    weights.write_bytes(b"c" * 11)                                     # the same size, written later
     t = weights.stat().st_mtime_ns + 2_000_000_000
     os.utime(weights, ns=(t, t))
-    assert _cache_key(bundle, gallery) != key
+    assert model_gallery_key(bundle, gallery) != key
     st = weights.stat()
     assert weights_stamp(str(weights)) == f"{st.st_size}-{st.st_mtime_ns}" and weights_stamp("openai") == ""

@@ -3,7 +3,6 @@ thread: the page is served first (it needs only the gallery's names), and the mo
 open_clip, faiss) is imported here when loading starts, never at import."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -57,15 +56,6 @@ def remove_partials(cache_dir: Path) -> list[Path]:
         except OSError as e:        # a cache file the app cannot remove: it is only space
             log.warning("could not remove %s: %s", p, e)
     return gone
-
-
-def original_key(bundle, gallery: Gallery) -> str:
-    """The cache key of a model's original gallery embeddings and trunk: the model, its weights —
-    a checkpoint file's or a ``local-dir:`` folder's files' size and mtime, so rewritten weights are
-    encoded again — and the gallery."""
-    from ..suggest import weights_stamp
-    return hashlib.sha256(f"{bundle.arch}|{bundle.pretrained}|{weights_stamp(bundle.pretrained)}|{bundle.image_size}|"
-                          f"{gallery.content_hash}|{gallery.root}".encode()).hexdigest()[:16]
 
 
 class NotReady(RuntimeError):
@@ -171,8 +161,9 @@ class ModelLoader:
         from ..embed import encode_images
         from ..index import GalleryTrunk
         from ..stages.forget import candidate_layers
+        from ..suggest import model_gallery_key
         from ..trunk import split_index
-        key = original_key(bundle, self.gallery)
+        key = model_gallery_key(bundle, self.gallery)
         path = self.cache_dir / f"original-{key}.safetensors"
         # the trunk file is float32: a half-precision model encodes its gallery as before
         fp32 = next(bundle.model.visual.parameters()).dtype == torch.float32
