@@ -85,8 +85,8 @@ class GalleryEmbeddings:
     @classmethod
     def compute(cls, bundle: ClipBundle, gallery: Gallery, batch: int = 512,
                 cache_dir: str | Path | None = None) -> "GalleryEmbeddings":
-        """Encode the gallery; with ``cache_dir``, reuse (or store) the result there, keyed by the
-        model, its weights file (size and mtime) and the gallery's content hash."""
+        """Encode the gallery; with ``cache_dir``, reuse (or store) the result there, keyed by
+        :func:`model_gallery_key` (the model, its weights' size and mtime, the gallery)."""
         path = Path(cache_dir) / f"gallery-{model_gallery_key(bundle, gallery)}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
             from safetensors.torch import load_file
